@@ -1,0 +1,99 @@
+"""Default configuration: every key guidedflow reads, with its meaning.
+
+Other configs import this one and override what they change. Override any key on the command
+line, e.g. `--config.train.num_steps=2000 --config.sampling.guidance_scale=3`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  """Returns the default config (Fashion-MNIST-sized DiT; see fashion_mnist.py for the tuned one)."""
+  config = ml_collections.ConfigDict()
+
+  # ---- Model: u_θ(x|y) / s_θ(x|y) / ε_θ(x|y) depending on loss.parameterization.
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'dit'            # 'dit' | 'unet'
+  config.model.variant = 'T/4'         # DiT variant 'S/2', 'B/4', 'XL/2', 'T/2', ... (dit only)
+  config.model.unet_channels = (32, 64, 128)   # U-Net channels per resolution (unet only)
+  config.model.unet_num_residual_layers = 2    # residual blocks per U-Net stage (unet only)
+  config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16' (accelerators)
+  config.model.param_dtype = 'float32'  # parameter dtype
+
+  # ---- Probability path x_t = α_t z + β_t ε (t = 0 noise, t = 1 data).
+  config.path = ml_collections.ConfigDict()
+  config.path.schedule = 'linear'      # 'linear' (CondOT) | 'cosine' | 'vp'
+
+  # ---- Training objective.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.parameterization = 'velocity'  # 'velocity' → guided CFM; 'score' | 'noise' → guided DSM
+  config.loss.label_dropout = 0.1      # η: probability of replacing y by the null label ∅
+  config.loss.time_sampler = 'uniform'  # 'uniform' (the lecture's) | 'logit_normal' (SD3)
+  config.loss.logit_normal_mean = 0.0  # logit_normal only
+  config.loss.logit_normal_std = 1.0   # logit_normal only
+  config.loss.dsm_weighting = 'noise'  # DSM only: 'none' (raw ‖s_θ − s‖²) | 'noise' (× β², ε-MSE)
+  config.loss.t_eps = 1e-3             # distance kept from the singular end of [0, 1]
+
+  # ---- Data.
+  config.input = ml_collections.ConfigDict()
+  config.input.dataset = 'fashion_mnist'  # 'fashion_mnist' | 'tfds:<name>' (array_record)
+  config.input.data_dir = config_dict.placeholder(str)  # None: /usr/share/datasets/fashion-mnist (or TFDS default)
+  config.input.image_key = 'image'     # feature names (TFDS datasets)
+  config.input.label_key = 'label'
+  config.input.num_classes = 10
+  config.input.train_split = 'train'
+  config.input.eval_split = 'test'
+
+  # ---- Training loop.
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 20_000
+  config.train.batch_size = 128        # global batch, split over processes and devices
+  config.train.seed = 0
+  config.train.log_every_steps = 100
+  config.train.sample_every_steps = 5_000   # sample grid (PNG + TensorBoard); 0 = only at the end
+
+  # ---- Optimizer: AdamW, linear warm-up, optional cosine decay, global-norm clipping, EMA.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 3e-4
+  config.optim.warmup_steps = 500
+  config.optim.schedule = 'constant'   # after warm-up: 'constant' | 'cosine' (to lr × final_lr_factor)
+  config.optim.final_lr_factor = 0.1   # cosine only
+  config.optim.weight_decay = 0.0
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.grad_clip_norm = 1.0    # 0 disables clipping
+  config.optim.ema_decay = 0.999       # EMA of parameters; sampling uses the EMA weights
+  config.optim.ema_warmup = True       # decay_t = min(ema_decay, (1 + t) / (10 + t))
+
+  # ---- Sampling (training-time grids and --mode=sample).
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.method = 'heun'      # 'euler' | 'heun' | 'euler_maruyama'
+  config.sampling.num_steps = 50
+  config.sampling.guidance_scale = 2.0  # w: (1 − w)·u(x|∅) + w·u(x|y); 1 = conditional, 0 = unconditional
+  config.sampling.guidance_interval = config_dict.placeholder(tuple)  # None or (t_lo, t_hi): w applies only there, 1 outside
+  config.sampling.sigma_schedule = 'constant'  # euler_maruyama: 'constant' | 'decreasing' | 'path'
+  config.sampling.sigma = 0.0          # euler_maruyama noise level σ
+  config.sampling.num_samples = 1000   # --mode=sample: total samples, balanced over classes
+  config.sampling.batch_size = 500     # samples per compiled sampler call
+  config.sampling.seed = 0
+  config.sampling.grid_guidance_scales = (1.0, 2.0, 4.0)  # grid columns: one block per w
+  config.sampling.grid_samples_per_class = 4  # images per (class, w) cell of the grid
+  config.sampling.grid_classes = config_dict.placeholder(tuple)  # None: every class; or a tuple of class ids (grid rows)
+
+  # ---- Device mesh (axes data, fsdp, tensor; -1 = all remaining devices).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.shape = (-1, 1, 1)
+
+  # ---- Checkpoints (orbax) in <workdir>/checkpoints.
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 1_000
+  config.checkpoint.max_to_keep = 3
+
+  # ---- Evaluation (--mode=evaluate and periodic).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.guidance_scales = (1.0, 2.0, 4.0)
+  config.eval.num_batches = 20         # held-out loss: batches of train.batch_size (0 = whole split)
+  config.eval.every_steps = 0          # periodic held-out loss during training; 0 = only at the end
+
+  return config

@@ -1,0 +1,61 @@
+"""Image utilities at the file edges: float [−1, 1] ↔ uint8, sample grids, PNG files."""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images):
+  """Maps float images in [−1, 1] (any shape ending in C) to uint8 [0, 255], clipping outside."""
+  images = np.asarray(images, dtype=np.float32)
+  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images, *, rows, cols, pad=1, pad_value=255):
+  """Tiles `rows * cols` uint8 NHWC images (row-major) into one HWC image with `pad` pixels apart."""
+  images = np.asarray(images)
+  n, h, w, c = images.shape
+  if n != rows * cols:
+    raise ValueError(f'make_grid: got {n} images for a {rows}x{cols} grid.')
+  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), pad_value, np.uint8)
+  for i in range(n):
+    r, q = divmod(i, cols)
+    top, left = pad + r * (h + pad), pad + q * (w + pad)
+    grid[top:top + h, left:left + w] = images[i]
+  return grid
+
+
+def make_guidance_grid(blocks, *, num_classes, samples_per_class, gap=4):
+  """One row per class, one block of columns per guidance scale, blocks `gap` pixels apart.
+
+  Args:
+    blocks: list (one per guidance scale) of uint8 arrays (num_classes * samples_per_class,
+      H, W, C), ordered class-major (all samples of class 0 first).
+    num_classes: rows of the grid.
+    samples_per_class: columns within each block.
+    gap: extra white columns between blocks.
+
+  Returns:
+    uint8 HWC grid.
+  """
+  tiles = [make_grid(b, rows=num_classes, cols=samples_per_class) for b in blocks]
+  height, channels = tiles[0].shape[0], tiles[0].shape[2]
+  spacer = np.full((height, gap, channels), 255, np.uint8)
+  parts = []
+  for i, tile in enumerate(tiles):
+    if i:
+      parts.append(spacer)
+    parts.append(tile)
+  return np.concatenate(parts, axis=1)
+
+
+def save_png(path, image, *, upscale=1):
+  """Writes a uint8 HWC image (C = 1 or 3) to `path`, optionally upscaled by pixel repetition."""
+  image = np.asarray(image, np.uint8)
+  if upscale > 1:
+    image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
+  if image.shape[-1] == 1:
+    image = image[..., 0]
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(image).save(path)

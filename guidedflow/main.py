@@ -1,0 +1,60 @@
+"""Entry point: python -m guidedflow.main --config configs/x.py --workdir DIR [--mode=...]."""
+
+import json
+import logging as pylogging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from guidedflow import checkpointing
+from guidedflow import input_pipeline
+from guidedflow import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/fashion_mnist.py or configs/fashion_mnist.py:unet.',
+    lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples and TensorBoard logs.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate'],
+                  'train: train (resuming from --workdir); sample: write samples.npz + grid.png '
+                  'from the latest EMA checkpoint; evaluate: print metrics as JSON.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+# Errors whose message already says what is wrong and how to fix it: no traceback.
+_USER_ERRORS = (train.ConfigError, train.TrainingError, input_pipeline.DataError,
+                checkpointing.CheckpointMismatchError, train.CheckpointNotFoundError)
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of orbax (dozens of lines per save); keeps its warnings and errors."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__, jax.process_index(),
+               jax.process_count(), jax.devices())
+  config = FLAGS.config
+  try:
+    if FLAGS.mode == 'train':
+      train.train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == 'sample':
+      print(json.dumps(train.sample_and_save(config, FLAGS.workdir)))
+    else:
+      print(json.dumps(train.evaluate(config, FLAGS.workdir), indent=2))
+  except _USER_ERRORS as e:
+    logging.error('%s: %s', type(e).__name__, e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,607 @@
+"""Training program: train_and_evaluate(config, workdir), plus the sample and evaluate modes.
+
+Wires the math (paths, losses, sampling), the model, the data pipeline, the mesh and the
+checkpoints together. One jitted step with donated state; the train state is a plain pytree
+(step, params, optimizer state, EMA params) so that orbax saves and restores it sharded.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from guidedflow import checkpointing
+from guidedflow import images as images_lib
+from guidedflow import input_pipeline
+from guidedflow import losses
+from guidedflow import models
+from guidedflow import paths
+from guidedflow import sampling
+from guidedflow import sharding
+
+_ALLOWED = {
+    'model.name': ('dit', 'unet'),
+    'model.dtype': ('float32', 'bfloat16'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'path.schedule': ('linear', 'cosine', 'vp'),
+    'loss.parameterization': ('velocity', 'score', 'noise'),
+    'loss.time_sampler': ('uniform', 'logit_normal'),
+    'loss.dsm_weighting': ('none', 'noise'),
+    'optim.schedule': ('constant', 'cosine'),
+    'sampling.method': ('euler', 'heun', 'euler_maruyama'),
+    'sampling.sigma_schedule': ('constant', 'decreasing', 'path'),
+}
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key and the allowed values."""
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """--mode=sample/evaluate on a workdir without a checkpoint."""
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def validate_config(config):
+  """Checks the config before anything is built; raises ConfigError naming key and fix."""
+  for key, allowed in _ALLOWED.items():
+    value = _get(config, key)
+    if value not in allowed:
+      raise ConfigError(f'config.{key}={value!r} is not one of {allowed}.')
+  positive = ('train.num_steps', 'train.batch_size', 'train.log_every_steps',
+              'sampling.num_steps', 'sampling.num_samples', 'sampling.batch_size',
+              'checkpoint.every_steps', 'checkpoint.max_to_keep', 'input.num_classes',
+              'sampling.grid_samples_per_class')
+  for key in positive:
+    value = _get(config, key)
+    if not isinstance(value, int) or value < 1:
+      raise ConfigError(f'config.{key}={value!r} must be a positive integer.')
+  if not 0.0 <= config.loss.label_dropout < 1.0:
+    raise ConfigError(f'config.loss.label_dropout={config.loss.label_dropout} must be in [0, 1) '
+                      '(it is the probability η of training on the null label).')
+  if config.optim.learning_rate <= 0:
+    raise ConfigError(f'config.optim.learning_rate={config.optim.learning_rate} must be > 0.')
+  if not 0.0 <= config.optim.ema_decay < 1.0:
+    raise ConfigError(f'config.optim.ema_decay={config.optim.ema_decay} must be in [0, 1).')
+  for key in ('sampling.guidance_scale',):
+    if not math.isfinite(_get(config, key)):
+      raise ConfigError(f'config.{key} must be a finite number.')
+  if not config.sampling.grid_guidance_scales:
+    raise ConfigError('config.sampling.grid_guidance_scales must name at least one scale.')
+  interval = config.sampling.guidance_interval
+  if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
+    raise ConfigError(f'config.sampling.guidance_interval={interval!r} must be None or '
+                      '(t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1.')
+  batch, processes = config.train.batch_size, jax.process_count()
+  if batch % processes:
+    raise ConfigError(f'config.train.batch_size={batch} must be divisible by the number of '
+                      f'processes ({processes}).')
+
+
+# ----------------------------------------------------------------------------- model & state
+
+
+def _dtype(name):
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
+
+
+def model_constructor(config, image_shape):
+  """Returns a zero-argument function that builds the configured model for `image_shape`."""
+  height, width, channels = image_shape
+  if height != width:
+    raise ConfigError(f'The data has {height}x{width} images; the models take square images.')
+  kwargs = {}
+  if config.model.name == 'dit':
+    kwargs['variant'] = config.model.variant
+  else:
+    kwargs['channels'] = tuple(config.model.unet_channels)
+    kwargs['num_residual_layers'] = config.model.unet_num_residual_layers
+
+  def construct():
+    return models.create_model(
+        config.model.name, input_size=height, in_channels=channels,
+        num_classes=config.input.num_classes, dtype=_dtype(config.model.dtype),
+        param_dtype=_dtype(config.model.param_dtype),
+        rngs=nnx.Rngs(config.train.seed), **kwargs)
+
+  return construct
+
+
+def learning_rate_schedule(config):
+  """Linear warm-up (the first step already uses lr / warmup_steps), then constant or cosine."""
+  optim, total = config.optim, config.train.num_steps
+  peak = optim.learning_rate
+  warmup = min(optim.warmup_steps, total)
+  if optim.schedule == 'cosine':
+    after = optax.cosine_decay_schedule(peak, max(total - warmup, 1), optim.final_lr_factor)
+  else:
+    after = optax.constant_schedule(peak)
+  if warmup < 1:
+    return after
+  ramp = optax.linear_schedule(peak / warmup, peak, max(warmup - 1, 1))
+  return optax.join_schedules([ramp, after], [warmup])
+
+
+def make_optimizer(config):
+  optim = config.optim
+  parts = []
+  if optim.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+  parts.append(optax.adamw(learning_rate_schedule(config), b1=optim.b1, b2=optim.b2,
+                           weight_decay=optim.weight_decay))
+  return optax.chain(*parts)
+
+
+class Trainer:
+  """Holds what the compiled functions close over: graph, optimizer, mesh, path and config.
+
+  The train state is a dict pytree:
+    step: int32 scalar, the number of updates applied.
+    params, ema_params: nnx.State of the model's parameters.
+    opt_state: optax state.
+    nonfinite_step: int32 scalar, −1 or the first step whose loss or gradient was not finite
+      (updates stop there, so the state stays the last good one).
+  """
+
+  def __init__(self, config, image_shape, mesh):
+    self.config = config
+    self.image_shape = tuple(image_shape)
+    self.mesh = mesh
+    self.num_classes = config.input.num_classes
+    self.null_label = config.input.num_classes
+    self.path = paths.get_path(config.path.schedule)
+    self.tx = make_optimizer(config)
+    self.lr_schedule = learning_rate_schedule(config)
+    self._construct = model_constructor(config, image_shape)
+    abstract_model = nnx.eval_shape(self._construct)
+    self.graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.replicated = sharding.replicated(mesh)
+    self._train_step = None
+    self._sample = None
+
+  # -- state
+
+  def init_state(self):
+    """Initialises params (sharded on the mesh), optimizer state and EMA under jit."""
+    # Logical axis names are resolved by `sharding`, not by an ambient mesh context.
+    model = sharding.create_sharded_model(self._construct, self.mesh)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    self.rest = rest
+    with jax.set_mesh(self.mesh):
+
+      @jax.jit
+      def init(params):
+        return {
+            'step': jnp.zeros((), jnp.int32),
+            'params': params,
+            'opt_state': self.tx.init(params),
+            'ema_params': jax.tree.map(jnp.copy, params),
+            'nonfinite_step': jnp.full((), -1, jnp.int32),
+        }
+
+      return init(params)
+
+  def abstract_state(self, state):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+  def model_fn(self, params):
+    model = nnx.merge(self.graphdef, params, self.rest)
+    return lambda x, t, y: model(x, t, y)
+
+  def param_count(self, state):
+    return sum(x.size for x in jax.tree.leaves(state['params']))
+
+  # -- training
+
+  def loss(self, params, batch, key):
+    config = self.config.loss
+    return losses.loss_fn(
+        self.model_fn(params), batch, key, path=self.path,
+        parameterization=config.parameterization, null_label=self.null_label,
+        label_dropout=config.label_dropout, time_sampler=config.time_sampler,
+        time_sampler_kwargs=(dict(mean=config.logit_normal_mean, std=config.logit_normal_std)
+                             if config.time_sampler == 'logit_normal' else None),
+        dsm_weighting=config.dsm_weighting, t_eps=config.t_eps)
+
+  def _step(self, state, batch, base_key):
+    step = state['step']
+    key = jax.random.fold_in(base_key, step)
+    (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
+        state['params'], batch, key)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    decay = jnp.asarray(self.config.optim.ema_decay, jnp.float32)
+    if self.config.optim.ema_warmup:
+      stepf = step.astype(jnp.float32)
+      decay = jnp.minimum(decay, (1.0 + stepf) / (10.0 + stepf))
+    ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
+                       state['ema_params'], params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    ok = finite & (state['nonfinite_step'] < 0)
+    new_state = {
+        'step': step + 1,
+        'params': params,
+        'opt_state': opt_state,
+        'ema_params': ema,
+        'nonfinite_step': state['nonfinite_step'],
+    }
+    # Once a step is non-finite, every later update is dropped: the state stays the last good one.
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    new_state['nonfinite_step'] = jnp.where(
+        (state['nonfinite_step'] < 0) & ~finite, step, state['nonfinite_step'])
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=self.lr_schedule(step))
+    return new_state, metrics
+
+  def train_step(self, state, batch, base_key):
+    if self._train_step is None:
+      state_shardings = jax.tree.map(lambda x: x.sharding, state)
+      self._train_step = jax.jit(
+          self._step, donate_argnums=(0,),
+          in_shardings=(state_shardings, self.batch_sharding, self.replicated),
+          out_shardings=(state_shardings, self.replicated))
+    with jax.set_mesh(self.mesh):
+      return self._train_step(state, batch, base_key)
+
+  # -- sampling
+
+  def sample(self, params, key, labels, guidance_scale, *, num_steps=None, method=None,
+             sigma_schedule=None, sigma=None):
+    """Samples images (float, [−1, 1]) for int `labels` with the configured sampler."""
+    config = self.config.sampling
+    options = dict(
+        num_steps=num_steps or config.num_steps, method=method or config.method,
+        sigma_schedule=sigma_schedule or config.sigma_schedule,
+        guidance_interval=(tuple(config.guidance_interval)
+                           if config.guidance_interval is not None else None))
+    sigma = config.sigma if sigma is None else sigma
+    sampling.validate_sampling_args(
+        parameterization=self.config.loss.parameterization, null_label=self.null_label,
+        guidance_scale=guidance_scale, labels=np.asarray(labels), **options)
+    if self._sample is None:
+      self._sample = {}
+    cache_key = tuple(sorted(options.items()))
+    if cache_key not in self._sample:
+      def run(params, key, labels, guidance_scale, sigma):
+        samples, info = sampling.sample(
+            self.model_fn(params), key, labels, shape=self.image_shape, path=self.path,
+            parameterization=self.config.loss.parameterization, null_label=self.null_label,
+            guidance_scale=guidance_scale, sigma=sigma, **options)
+        return samples, info['nfe']
+      self._sample[cache_key] = jax.jit(run)
+    with jax.set_mesh(self.mesh):
+      labels = jax.device_put(jnp.asarray(labels, jnp.int32), self.replicated)
+      samples, nfe = self._sample[cache_key](params, key, labels,
+                                             jnp.float32(guidance_scale), jnp.float32(sigma))
+    return samples, int(nfe)
+
+  def guidance_grid(self, params, key, scales):
+    """uint8 grid: one row per class, one block of columns per guidance scale (same noise)."""
+    per_class = self.config.sampling.grid_samples_per_class
+    classes = self.config.sampling.grid_classes
+    classes = np.arange(self.num_classes) if classes is None else np.asarray(classes)
+    labels = np.repeat(classes, per_class).astype(np.int32)
+    blocks = []
+    for w in scales:
+      samples, _ = self.sample(params, key, labels, float(w))
+      blocks.append(images_lib.to_uint8(_to_host(samples)))
+    return images_lib.make_guidance_grid(blocks, num_classes=len(classes),
+                                         samples_per_class=per_class)
+
+  # -- held-out loss
+
+  def eval_loss(self, params, dataset, num_batches):
+    """Held-out training objective (same t, ε, dropout draws for every call), padding masked."""
+    config = self.config
+    if not hasattr(self, '_eval_loss'):
+      self._eval_loss = jax.jit(lambda p, b, k: self.loss(p, b, k)[0])
+    total, count = 0.0, 0.0
+    key = jax.random.PRNGKey(config.train.seed + 1)
+    for i, batch in enumerate(input_pipeline.eval_batches(
+        dataset, config.train.batch_size, num_batches=num_batches or None,
+        sharding=self.batch_sharding)):
+      with jax.set_mesh(self.mesh):
+        total += float(self._eval_loss(params, batch, jax.random.fold_in(key, i)))
+      count += 1
+    return total / max(count, 1)
+
+
+def _to_host(x):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _setup(config, workdir, *, split):
+  validate_config(config)
+  dataset = input_pipeline.create_dataset(config.input, split)
+  input_pipeline.check_image_shape(dataset.image_shape, **_model_size_constraint(config))
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  trainer = Trainer(config, dataset.image_shape, mesh)
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
+      save_interval_steps=config.checkpoint.every_steps)
+  return dataset, trainer, ckpt
+
+
+def _model_size_constraint(config):
+  """What the configured model needs of the image size (checked against the data)."""
+  if config.model.name == 'dit':
+    name, _, patch = config.model.variant.partition('/')
+    if name not in models.VARIANTS:
+      raise ConfigError(f'config.model.variant={config.model.variant!r}: unknown DiT size '
+                        f'{name!r}; allowed: {sorted(models.VARIANTS)} (e.g. "S/2", "T/4").')
+    if patch and not patch.isdigit():
+      raise ConfigError(f'config.model.variant={config.model.variant!r}: the patch size after '
+                        '"/" must be an integer.')
+    return {'patch_size': int(patch) if patch else models.VARIANTS[name].get('patch_size')}
+  return {'downsample_factor': 2 ** (len(config.model.unet_channels) - 1)}
+
+
+def _restore_latest(trainer, ckpt, workdir):
+  """Restores the newest checkpoint into a fresh state; None when the workdir has none."""
+  state = trainer.init_state()
+  step = ckpt.latest_step()
+  if step is None:
+    return state, None
+  state, data_state = ckpt.restore(trainer.abstract_state(state), step=step)
+  logging.info('Restored checkpoint at step %d from %s.', step, workdir)
+  return state, data_state
+
+
+class _Writer:
+  """TensorBoard scalars and images (tensorboardX; no TensorFlow), on process 0 only."""
+
+  def __init__(self, logdir):
+    self._writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(logdir)
+
+  def scalars(self, step, values):
+    if self._writer:
+      for name, value in values.items():
+        self._writer.add_scalar(name, value, step)
+
+  def image(self, step, name, image):
+    if self._writer:
+      self._writer.add_image(name, image, step, dataformats='HWC')
+
+  def close(self):
+    if self._writer:
+      self._writer.close()
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train_and_evaluate(config, workdir):
+  """Trains (resuming from `workdir` if it holds a checkpoint), samples and evaluates.
+
+  Returns:
+    The final train state.
+  """
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  dataset, trainer, ckpt = _setup(config, workdir, split=config.input.train_split)
+  state, data_state = _restore_latest(trainer, ckpt, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  start_step = int(state['step'])
+  logging.info('Model %s: %.3fM parameters; data %s %s (%d examples); mesh %s.',
+               config.model.name, trainer.param_count(state) / 1e6, config.input.dataset,
+               dataset.image_shape, dataset.num_examples, dict(trainer.mesh.shape))
+  iterator = input_pipeline.BatchIterator(
+      dataset, global_batch_size=config.train.batch_size, seed=config.train.seed,
+      sharding=trainer.batch_sharding, start_step=start_step)
+  if data_state is not None:
+    iterator.set_state(data_state)
+  writer = _Writer(os.path.join(workdir, 'tensorboard'))
+  base_key = jax.random.PRNGKey(config.train.seed)
+  sample_key = jax.random.PRNGKey(config.sampling.seed)
+  num_steps = config.train.num_steps
+  log_every = config.train.log_every_steps
+  pending, t_log, step_log = [], time.time(), start_step
+  timings = {'setup_s': time.time() - t_start, 'compile_s': 0.0, 'sample_s': 0.0}
+  t_train = time.time()
+  step = start_step
+
+  def save(step, force=False):
+    check_finite(state, step)
+    ckpt.save(step, state, data_state=iterator.get_state(), config=config.to_dict(), force=force)
+
+  def check_finite(state, step):
+    bad = int(state['nonfinite_step'])
+    if bad >= 0:
+      last = ckpt.latest_step()
+      raise TrainingError(
+          f'Non-finite loss or gradient at step {bad + 1} (update {bad}); training stopped. '
+          f'The last good checkpoint (step {last}) is kept in {workdir}/checkpoints. Lower '
+          'config.optim.learning_rate, enable config.optim.grad_clip_norm, or check the data.')
+
+  while step < num_steps:
+    batch = next(iterator)
+    if step == start_step:
+      t_compile = time.time()
+    state, metrics = trainer.train_step(state, batch, base_key)
+    step += 1
+    if step == start_step + 1:
+      jax.block_until_ready(state)
+      timings['compile_s'] = time.time() - t_compile
+      t_log = time.time()
+      step_log = step
+      logging.info('First step (compile + run) took %.1f s.', timings['compile_s'])
+    pending.append(metrics)
+    if step % log_every == 0 or step == num_steps:
+      check_finite(state, step)
+      summary = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+      pending = []
+      now = time.time()
+      steps_per_s = (step - step_log) / max(now - t_log, 1e-9) if step > step_log else 0.0
+      t_log, step_log = now, step
+      eta = (num_steps - step) / steps_per_s if steps_per_s else float('nan')
+      logging.info(
+          'step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s  %.0f img/s  ETA %s',
+          step, num_steps, summary['loss'], summary['grad_norm'], summary['learning_rate'],
+          steps_per_s, steps_per_s * config.train.batch_size, _format_seconds(eta))
+      writer.scalars(step, {f'train/{k}': v for k, v in summary.items()})
+      writer.scalars(step, {'train/steps_per_s': steps_per_s,
+                            'train/images_per_s': steps_per_s * config.train.batch_size})
+    sample_every = config.train.sample_every_steps
+    if sample_every and step % sample_every == 0 and step < num_steps:
+      t0 = time.time()
+      _write_grid(trainer, state, sample_key, workdir, writer, step)
+      timings['sample_s'] += time.time() - t0
+    if config.eval.every_steps and step % config.eval.every_steps == 0:
+      writer.scalars(step, {'eval/loss_ema': _heldout_loss(trainer, state, config)})
+    if ckpt.should_stop(step):
+      logging.warning('Preemption signal received: saving step %d and exiting.', step)
+      save(step, force=True)
+      ckpt.wait_until_finished()
+      ckpt.close()
+      writer.close()
+      return state
+    if step < num_steps and step % config.checkpoint.every_steps == 0:
+      save(step, force=True)
+
+  timings['train_s'] = time.time() - t_train - timings['sample_s'] - timings['compile_s']
+  if step > start_step:
+    save(step, force=True)
+  t0 = time.time()
+  _write_grid(trainer, state, sample_key, workdir, writer, step)
+  timings['sample_s'] += time.time() - t0
+  t0 = time.time()
+  heldout = _heldout_loss(trainer, state, config)
+  timings['eval_s'] = time.time() - t0
+  writer.scalars(step, {'eval/loss_ema': heldout})
+  ckpt.wait_until_finished()
+  ckpt.close()
+  writer.close()
+  trained = step - start_step
+  timings['total_s'] = time.time() - t_start
+  logging.info('Done: %d steps this run (%.0f img/s); held-out loss (EMA) %.4f; timings %s.',
+               trained, trained * config.train.batch_size / max(timings['train_s'], 1e-9),
+               heldout, {k: round(v, 1) for k, v in timings.items()})
+  return state
+
+
+def _heldout_loss(trainer, state, config):
+  eval_set = input_pipeline.create_dataset(config.input, config.input.eval_split)
+  return trainer.eval_loss(state['ema_params'], eval_set, config.eval.num_batches)
+
+
+def _write_grid(trainer, state, key, workdir, writer, step):
+  grid = trainer.guidance_grid(state['ema_params'], key,
+                               trainer.config.sampling.grid_guidance_scales)
+  if jax.process_index() == 0:
+    images_lib.save_png(os.path.join(workdir, 'samples', f'grid_step{step:07d}.png'), grid,
+                        upscale=2)
+    images_lib.save_png(os.path.join(workdir, 'samples', 'grid_latest.png'), grid, upscale=2)
+  writer.image(step, 'samples/guidance_grid', grid)
+  logging.info('Wrote sample grid at step %d (rows: classes; column blocks: w = %s).', step,
+               ', '.join(str(w) for w in trainer.config.sampling.grid_guidance_scales))
+
+
+def _format_seconds(seconds):
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+# ----------------------------------------------------------------------------- sample / evaluate
+
+
+def _load_for_inference(config, workdir, split):
+  dataset, trainer, ckpt = _setup(config, workdir, split=split)
+  if ckpt.latest_step() is None:
+    raise CheckpointNotFoundError(
+        f'No checkpoint in {workdir}/checkpoints. Train first: python -m guidedflow.main '
+        f'--config <config> --workdir {workdir}')
+  state, _ = _restore_latest(trainer, ckpt, workdir)
+  ckpt.close()
+  return dataset, trainer, state
+
+
+def sample_and_save(config, workdir):
+  """--mode=sample: writes <workdir>/samples/samples.npz and grid.png from the EMA weights.
+
+  Returns:
+    Dict with the sampler settings, the number of samples, NFE and seconds taken.
+  """
+  _, trainer, state = _load_for_inference(config, workdir, config.input.train_split)
+  sconfig = config.sampling
+  num, batch = sconfig.num_samples, min(sconfig.batch_size, sconfig.num_samples)
+  labels = (np.arange(num) % trainer.num_classes).astype(np.int32)  # balanced classes
+  key = jax.random.PRNGKey(sconfig.seed)
+  outputs, t0, nfe = [], time.time(), 0
+  for i, start in enumerate(range(0, num, batch)):
+    chunk = labels[start:start + batch]
+    padded = np.pad(chunk, (0, batch - len(chunk)))  # one compiled shape for every call
+    samples, nfe = trainer.sample(state['ema_params'], jax.random.fold_in(key, i), padded,
+                                  sconfig.guidance_scale)
+    outputs.append(images_lib.to_uint8(_to_host(samples))[:len(chunk)])
+    logging.info('Sampled %d/%d images.', min(start + batch, num), num)
+  seconds = time.time() - t0
+  images = np.concatenate(outputs)
+  out_dir = os.path.join(workdir, 'samples')
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(os.path.join(out_dir, 'samples.npz'), images=images, labels=labels)
+    order = np.argsort(labels, kind='stable')  # grid: one row per class
+    per_class = min(num // trainer.num_classes, 10)
+    if per_class:
+      rows = np.stack([images[order][labels[order] == c][:per_class]
+                       for c in range(trainer.num_classes)])
+      grid = images_lib.make_grid(rows.reshape((-1,) + rows.shape[2:]),
+                                  rows=trainer.num_classes, cols=per_class)
+      images_lib.save_png(os.path.join(out_dir, 'grid.png'), grid, upscale=2)
+  result = {
+      'num_samples': num, 'nfe': nfe, 'seconds': round(seconds, 2),
+      'method': sconfig.method, 'num_steps': sconfig.num_steps,
+      'guidance_scale': sconfig.guidance_scale, 'sigma_schedule': sconfig.sigma_schedule,
+      'sigma': sconfig.sigma, 'seed': sconfig.seed, 'step': int(state['step']),
+      'output': os.path.join(out_dir, 'samples.npz'),
+  }
+  logging.info('Samples: %s', json.dumps(result))
+  return result
+
+
+def evaluate(config, workdir):
+  """--mode=evaluate: held-out loss of the raw and EMA weights, as a JSON-able dict."""
+  dataset, trainer, state = _load_for_inference(config, workdir, config.input.eval_split)
+  num_batches = config.eval.num_batches
+  result = {
+      'step': int(state['step']),
+      'split': config.input.eval_split,
+      'num_batches': num_batches,
+      'loss_ema': trainer.eval_loss(state['ema_params'], dataset, num_batches),
+      'loss': trainer.eval_loss(state['params'], dataset, num_batches),
+      'parameterization': config.loss.parameterization,
+  }
+  return result

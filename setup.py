@@ -1,0 +1,40 @@
+"""Install guidedflow: `pip install -e .` (runtime) or `pip install -e '.[test]'` (tests)."""
+
+import setuptools
+
+# Ranges tested: Python 3.11 resolves jax/jaxlib 0.10.2 + flax 0.12.8; Python 3.12 resolves
+# jax 0.12 + flax 0.12.12. Both run the full test suite.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.13",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "tensorflow-datasets>=4.9.10,<5",
+    "grain>=0.2.18,<0.3",
+    "ml-collections>=1.1.0,<2",
+    "numpy>=1.26,<3",
+    "absl-py>=2.1,<3",
+    "pillow>=10,<14",
+    "tensorboardX>=2.6.2,<3",
+    "matplotlib>=3.8,<4",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest>=8,<10",
+        "pytest-xdist>=3.5,<4",
+        "chex>=0.1.90,<0.2",
+    ],
+}
+
+setuptools.setup(
+    name="guidedflow",
+    version="0.1.0",
+    description="Guided flow matching and diffusion (classifier-free guidance) in JAX + Flax NNX.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["guidedflow", "guidedflow.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

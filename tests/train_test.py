@@ -1,0 +1,221 @@
+"""Training program: config validation, NaN stop, checkpoint round trip, exact resume, CLI modes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from guidedflow import checkpointing
+from guidedflow import input_pipeline
+from guidedflow import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+  env = dict(os.environ)
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir or ''
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  return env
+
+
+def _main(workdir, *args, mode='train', check=True, **kwargs):
+  cmd = [sys.executable, '-m', 'guidedflow.main', '--config', 'configs/tiny.py',
+         f'--workdir={workdir}', f'--mode={mode}', *args]
+  return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                        check=check, timeout=600, **kwargs)
+
+
+def _leaves(tree):
+  return [np.array(x) for x in jax.tree.leaves(tree)]  # copies: the train step donates its input
+
+
+def _restore(workdir, config=None):
+  config = config or tiny.get_config()
+  _, trainer, ckpt = train._setup(config, str(workdir), split='train')
+  state, data_state = train._restore_latest(trainer, ckpt, str(workdir))
+  ckpt.close()
+  return state, data_state
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize('key,value,needle', [
+    ('model.name', 'resnet', "model.name='resnet'"),
+    ('loss.parameterization', 'x0', "loss.parameterization='x0'"),
+    ('sampling.method', 'rk4', "sampling.method='rk4'"),
+    ('train.num_steps', 0, 'train.num_steps=0'),
+    ('loss.label_dropout', 1.5, 'loss.label_dropout=1.5'),
+    ('sampling.guidance_scale', float('nan'), 'sampling.guidance_scale'),
+])
+def test_config_validation_names_the_key(key, value, needle):
+  config = tiny.get_config()
+  group, name = key.split('.')
+  config[group][name] = value
+  with pytest.raises(train.ConfigError, match=None) as info:
+    train.validate_config(config)
+  assert needle in str(info.value)
+
+
+def test_all_configs_validate():
+  from configs import default, fashion_mnist, imagenet256_latent  # pylint: disable=g-import-not-at-top
+  for config in (default.get_config(), fashion_mnist.get_config(), fashion_mnist.get_config('dit'),
+                 tiny.get_config(), imagenet256_latent.get_config()):
+    train.validate_config(config)
+
+
+# ----------------------------------------------------------------------------- in-process training
+
+
+@pytest.fixture(scope='module')
+def trainer_and_state():
+  config = tiny.get_config()
+  dataset, trainer, ckpt = train._setup(config, '/tmp/unused-guidedflow-workdir', split='train')
+  ckpt.close()
+  return config, dataset, trainer
+
+
+def test_train_step_decreases_loss_and_updates_ema(trainer_and_state):
+  config, dataset, trainer = trainer_and_state
+  state = trainer.init_state()
+  it = input_pipeline.BatchIterator(dataset, global_batch_size=8, seed=0,
+                                    sharding=trainer.batch_sharding)
+  batch = next(it)
+  key = jax.random.PRNGKey(0)
+  params0 = _leaves(state['params'])
+  state, m0 = trainer.train_step(state, batch, key)
+  assert int(state['step']) == 1 and int(state['nonfinite_step']) == -1
+  assert np.isfinite(float(m0['loss'])) and float(m0['grad_norm']) > 0
+  assert any(not np.array_equal(a, b) for a, b in zip(params0, _leaves(state['params'])))
+  # EMA warm-up: decay_0 = min(0.999, 1/10) = 0.1, so ema = 0.1 p0 + 0.9 p1.
+  for e, p0, p1 in zip(_leaves(state['ema_params']), params0, _leaves(state['params'])):
+    np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_freezes_state_and_names_the_step(trainer_and_state):
+  _, dataset, trainer = trainer_and_state
+  state = trainer.init_state()
+  it = input_pipeline.BatchIterator(dataset, global_batch_size=8, seed=0,
+                                    sharding=trainer.batch_sharding)
+  key = jax.random.PRNGKey(0)
+  state, _ = trainer.train_step(state, next(it), key)
+  good = _leaves(state['params'])
+  bad = next(it)
+  bad = dict(bad, image=bad['image'] * jnp.nan)
+  state, metrics = trainer.train_step(state, bad, key)
+  assert not np.isfinite(float(metrics['loss']))
+  assert int(state['nonfinite_step']) == 1
+  state, _ = trainer.train_step(state, next(it), key)  # later good batches change nothing
+  for a, b in zip(good, _leaves(state['params'])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nan_stop_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.unlock()
+  config.train.num_steps = 6
+  config.checkpoint.every_steps = 2
+  original = input_pipeline.BatchIterator.__next__
+
+  def poisoned(self):
+    batch = original(self)
+    if self.get_state()['step'] == 4:  # the 4th batch (step index 3) is NaN
+      batch = dict(batch, image=batch['image'] * jnp.nan)
+    return batch
+
+  monkeypatch.setattr(input_pipeline.BatchIterator, '__next__', poisoned)
+  with pytest.raises(train.TrainingError, match='step 4') as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert 'last good checkpoint (step 2)' in str(info.value)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
+  assert ckpt.latest_step() == 2
+  ckpt.close()
+
+
+def test_checkpoint_round_trip_restores_state_and_iterator(tmp_path):
+  config = tiny.get_config()
+  state = train.train_and_evaluate(config, str(tmp_path))
+  restored, data_state = _restore(tmp_path)
+  assert data_state['step'] == config.train.num_steps
+  for a, b in zip(_leaves(state), _leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  # A different model shape in the same workdir is refused with a clear error.
+  other = tiny.get_config()
+  other.unlock()
+  other.model.variant = 'test/4'
+  with pytest.raises(checkpointing.CheckpointMismatchError):
+    _restore(tmp_path, other)
+  assert os.path.exists(tmp_path / 'samples' / 'grid_latest.png')
+
+
+# ----------------------------------------------------------------------------- CLI (subprocess)
+
+
+def test_main_trains_samples_and_evaluates(tmp_path):
+  workdir = tmp_path / 'run'
+  out = _main(workdir, '--config.train.num_steps=2')
+  assert 'step 2/2' in out.stderr, out.stderr[-3000:]
+  assert os.path.isdir(workdir / 'tensorboard')
+  out = _main(workdir, '--config.sampling.num_samples=25', '--config.sampling.batch_size=10',
+              mode='sample')
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['num_samples'] == 25 and result['nfe'] > 0
+  data = np.load(workdir / 'samples' / 'samples.npz')
+  assert data['images'].dtype == np.uint8 and data['images'].shape == (25, 28, 28, 1)
+  assert data['labels'].dtype == np.int32
+  np.testing.assert_array_equal(np.bincount(data['labels'], minlength=10),
+                                [3, 3, 3, 3, 3, 2, 2, 2, 2, 2])  # balanced
+  assert os.path.exists(workdir / 'samples' / 'grid.png')
+  out = _main(workdir, mode='evaluate')
+  metrics = json.loads(out.stdout[out.stdout.index('{'):])
+  assert metrics['step'] == 2 and np.isfinite(metrics['loss_ema'])
+
+
+def test_main_errors_are_clear(tmp_path):
+  out = _main(tmp_path / 'empty', mode='sample', check=False)
+  assert out.returncode == 1 and 'No checkpoint' in out.stderr and 'Traceback' not in out.stderr
+  out = _main(tmp_path / 'x', '--config.input.data_dir=/nonexistent', check=False)
+  assert out.returncode == 1 and 'dataset-fashion-mnist' in out.stderr
+  assert 'Traceback' not in out.stderr
+  out = _main(tmp_path / 'x', '--config.sampling.method=rk4', check=False)
+  assert out.returncode == 1 and 'sampling.method' in out.stderr
+
+
+def test_exact_resume_after_sigterm(tmp_path):
+  """N steps straight == N/2-ish steps, SIGTERM, resume to N: bitwise equal state."""
+  num_steps = 40
+  args = [f'--config.train.num_steps={num_steps}', '--config.checkpoint.every_steps=1000',
+          '--config.train.log_every_steps=1']
+  _main(tmp_path / 'straight', *args)
+  cmd = [sys.executable, '-m', 'guidedflow.main', '--config', 'configs/tiny.py',
+         f'--workdir={tmp_path / "split"}', *args]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if f'step 5/{num_steps}' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  _, rest = proc.communicate(timeout=300)
+  assert proc.returncode == 0, ''.join(lines) + rest
+  assert 'Preemption' in rest, rest[-2000:]
+  stopped, data_state = _restore(tmp_path / 'split')
+  stopped_at = int(stopped['step'])
+  assert 5 <= stopped_at < num_steps and data_state['step'] == stopped_at
+  _main(tmp_path / 'split', *args)  # resumes from the checkpoint
+  a, _ = _restore(tmp_path / 'straight')
+  b, _ = _restore(tmp_path / 'split')
+  assert int(a['step']) == int(b['step']) == num_steps
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_array_equal(x, y)
