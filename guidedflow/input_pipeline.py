@@ -1,0 +1,581 @@
+"""Input pipeline: Fashion-MNIST idx files, TFDS array_record sources, deterministic batches.
+
+Data flow: a `Dataset` (random access by example index) → `BatchIterator` (global batch of
+step `s` is a pure function of `(seed, s)`, each process takes its contiguous slice) → jax
+arrays, optionally assembled into one global array with `jax.make_array_from_process_local_data`.
+The iterator's state is `{'step', 'seed', ...}` (JSON); the checkpoint stores it, and a resumed
+iterator yields bitwise the same batches as the uninterrupted stream.
+
+Images come out as float32 NHWC in [-1, 1] (uint8 data → `x / 127.5 - 1`; float data passes
+through unchanged), labels as int32 in [0, num_classes).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import logging
+import os
+import threading
+import zlib
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+# split → (images file, labels file), without the optional '.gz'.
+_FASHION_MNIST_FILES = {
+    'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+    'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
+}
+_IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions.
+_IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension.
+_INSTALL_HINT = (
+    'Install it with `apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu; files go to '
+    f'{FASHION_MNIST_DIR}), or set --config.input.data_dir=DIR to a directory containing '
+    '{files} (gzip-compressed or not).')
+
+
+class DataError(ValueError):
+  """Data missing or malformed; the message says what is wrong and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST idx files.
+
+
+def _fashion_mnist_hint(split: str) -> str:
+  names = ', '.join(f'{name}.gz' for name in _FASHION_MNIST_FILES[split])
+  return _INSTALL_HINT.format(files=names)
+
+
+def _find_idx_file(data_dir: str, name: str, split: str) -> str:
+  for candidate in (name + '.gz', name):
+    path = os.path.join(data_dir, candidate)
+    if os.path.isfile(path):
+      return path
+  if not os.path.isdir(data_dir):
+    raise DataError(f'Fashion-MNIST directory {data_dir} does not exist. '
+                    + _fashion_mnist_hint(split))
+  raise DataError(f'Fashion-MNIST file {name}.gz (or {name}) is missing from {data_dir}. '
+                  + _fashion_mnist_hint(split))
+
+
+def _read_bytes(path: str, split: str) -> bytes:
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f'Cannot read {path}: {e}. ' + _fashion_mnist_hint(split)) from None
+  if raw[:2] != b'\x1f\x8b':  # Not gzip: an uncompressed idx file.
+    if path.endswith('.gz'):
+      raise DataError(
+          f'{path} is not a gzip file (it does not start with the gzip signature 1f 8b); the '
+          'file is corrupt. Re-install it (`apt-get install --reinstall -y '
+          'dataset-fashion-mnist`) or replace it with a good copy.')
+    return raw
+  try:
+    return gzip.decompress(raw)
+  except (OSError, EOFError, zlib.error) as e:
+    raise DataError(
+        f'{path} is a corrupt or truncated gzip file ({type(e).__name__}: {e}). Re-install it '
+        '(`apt-get install --reinstall -y dataset-fashion-mnist`) or replace it with a good '
+        'copy.') from None
+
+
+def _parse_idx(path: str, data: bytes, *, magic: int, ndim: int) -> np.ndarray:
+  """Parses an unsigned-byte idx file with `ndim` dimensions; checks magic and size."""
+  header_bytes = 4 + 4 * ndim
+  if len(data) < header_bytes:
+    raise DataError(
+        f'{path} is truncated: its header needs {header_bytes} bytes but the file has '
+        f'{len(data)} (after decompression). Re-download or re-install the file.')
+  found_magic = int.from_bytes(data[:4], 'big')
+  if found_magic != magic:
+    raise DataError(
+        f'{path} has the wrong idx magic number: expected {magic} (0x{magic:08x}, '
+        f'{"images" if ndim == 3 else "labels"} file) but found {found_magic} '
+        f'(0x{found_magic:08x}). The file is corrupt or an images/labels file was swapped; '
+        'check the file names or re-install `dataset-fashion-mnist`.')
+  dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
+  expected = header_bytes + int(np.prod(dims))
+  if len(data) != expected:
+    what = 'truncated' if len(data) < expected else 'too long'
+    raise DataError(
+        f'{path} is {what}: its header declares shape {dims}, i.e. {expected} bytes, but the '
+        f'file has {len(data)} bytes (after decompression). Re-download or re-install the '
+        'file.')
+  return np.frombuffer(data, dtype=np.uint8, offset=header_bytes).reshape(dims)
+
+
+def load_fashion_mnist(data_dir: str | None = None,
+                       split: str = 'train') -> tuple[np.ndarray, np.ndarray]:
+  """Reads Fashion-MNIST (or any MNIST-format idx pair) from `data_dir`.
+
+  Args:
+    data_dir: directory with `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`; None means
+      `/usr/share/datasets/fashion-mnist` (Debian package `dataset-fashion-mnist`).
+    split: 'train' (60k) or 'test' (10k, the `t10k` files).
+
+  Returns:
+    images uint8 (N, 28, 28, 1) and labels int32 (N,).
+
+  Raises:
+    DataError: files missing, corrupt gzip, wrong magic number, truncated, count mismatch.
+  """
+  data_dir = FASHION_MNIST_DIR if data_dir is None else os.fspath(data_dir)
+  if split not in _FASHION_MNIST_FILES:
+    raise DataError(f'Unknown Fashion-MNIST split {split!r}: use one of '
+                    f'{sorted(_FASHION_MNIST_FILES)} (--config.input.train_split / eval_split).')
+  images_name, labels_name = _FASHION_MNIST_FILES[split]
+  images_path = _find_idx_file(data_dir, images_name, split)
+  labels_path = _find_idx_file(data_dir, labels_name, split)
+  images = _parse_idx(images_path, _read_bytes(images_path, split),
+                      magic=_IDX_IMAGES_MAGIC, ndim=3)
+  labels = _parse_idx(labels_path, _read_bytes(labels_path, split),
+                      magic=_IDX_LABELS_MAGIC, ndim=1)
+  if images.shape[0] != labels.shape[0]:
+    raise DataError(
+        f'Fashion-MNIST {split} split: {images_path} holds {images.shape[0]} images but '
+        f'{labels_path} holds {labels.shape[0]} labels; the files come from different '
+        'datasets or versions. Re-install `dataset-fashion-mnist` or fix --config.input.data_dir.')
+  return images[..., None], labels.astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets: random access by example index.
+
+
+class Dataset:
+  """Random-access dataset: `get_batch(indices)` gathers examples in the given order."""
+
+  name: str
+  split: str
+  num_examples: int
+  image_shape: tuple[int, int, int]
+  num_classes: int
+
+  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Returns {'image': (n, H, W, C) in the stored dtype, 'label': int32 (n,)}."""
+    raise NotImplementedError
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def __repr__(self) -> str:
+    return (f'{type(self).__name__}({self.name!r}, split={self.split!r}, '
+            f'num_examples={self.num_examples}, image_shape={self.image_shape}, '
+            f'num_classes={self.num_classes})')
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  if labels.size == 0:
+    return
+  low, high = int(labels.min()), int(labels.max())
+  if low < 0 or high >= num_classes:
+    raise DataError(
+        f'{where} has labels in [{low}, {high}] but --config.input.num_classes={num_classes} '
+        f'allows only [0, {num_classes - 1}]. Set --config.input.num_classes={high + 1} '
+        '(labels must be 0..K-1; index K is the null label of classifier-free guidance) or '
+        'check --config.input.label_key.')
+
+
+def _as_nhwc(images: np.ndarray, where: str) -> np.ndarray:
+  if images.ndim == 3:  # (N, H, W) grey images.
+    return images[..., None]
+  if images.ndim != 4:
+    raise DataError(f'{where}: expected images of shape (H, W) or (H, W, C) per example, got '
+                    f'{images.shape[1:]}. Check --config.input.image_key.')
+  return images
+
+
+class ArrayDataset(Dataset):
+  """In-memory dataset (numpy arrays); `get_batch` is one vectorised gather."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, *, num_classes: int,
+               name: str = 'arrays', split: str = 'train'):
+    where = f'Dataset {name!r} split {split!r}'
+    images = _as_nhwc(np.asarray(images), where)
+    labels = np.asarray(labels)
+    if labels.shape != (images.shape[0],):
+      raise DataError(f'{where}: {images.shape[0]} images but labels of shape {labels.shape}; '
+                      'need one integer label per image.')
+    if not np.issubdtype(labels.dtype, np.integer):
+      raise DataError(f'{where}: labels have dtype {labels.dtype}; need integer class ids.')
+    _check_labels(labels, num_classes, where)
+    self.images = images
+    self.labels = labels.astype(np.int32)
+    self.name, self.split = name, split
+    self.num_examples = int(images.shape[0])
+    self.image_shape = tuple(int(d) for d in images.shape[1:])
+    self.num_classes = int(num_classes)
+
+  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    indices = np.asarray(indices, dtype=np.int64)
+    return {'image': self.images[indices], 'label': self.labels[indices]}
+
+
+class TfdsDataset(Dataset):
+  """A TFDS dataset prepared in array_record format, read through a random-access source."""
+
+  def __init__(self, source: Any, *, name: str, split: str, image_key: str, label_key: str,
+               num_classes: int, image_shape: tuple[int, ...] | None = None):
+    self.source = source
+    self.name, self.split = name, split
+    self.image_key, self.label_key = image_key, label_key
+    self.num_examples = len(source)
+    self.num_classes = int(num_classes)
+    if self.num_examples == 0:
+      raise DataError(f'TFDS dataset {name!r} split {split!r} is empty; choose another split '
+                      '(--config.input.train_split / eval_split).')
+    if image_shape is None or any(d is None for d in image_shape):
+      image_shape = np.shape(self._read([0])[image_key])[1:]  # Shape of the first example.
+    image_shape = tuple(int(d) for d in image_shape)
+    self.image_shape = image_shape + (1,) if len(image_shape) == 2 else image_shape
+    self._lock = threading.Lock()  # array_record readers are not documented as thread-safe.
+
+  def _read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    keys = [int(i) for i in indices]
+    getitems = getattr(self.source, '__getitems__', None)
+    records = getitems(keys) if getitems is not None else [self.source[k] for k in keys]
+    out = {}
+    for key in (self.image_key, self.label_key):
+      try:
+        out[key] = np.stack([np.asarray(r[key]) for r in records])
+      except KeyError:
+        raise DataError(
+            f'TFDS dataset {self.name!r} has no feature {key!r}; its features are '
+            f'{sorted(records[0])}. Set --config.input.image_key / label_key.') from None
+    return out
+
+  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    with self._lock:
+      raw = self._read(indices)
+    where = f'TFDS dataset {self.name!r} split {self.split!r}'
+    images = _as_nhwc(raw[self.image_key], where)
+    if images.shape[1:] != self.image_shape:
+      raise DataError(f'{where}: example images have shapes {self.image_shape} and '
+                      f'{images.shape[1:]}; all images must share one shape (resize when '
+                      'preparing the dataset).')
+    labels = raw[self.label_key]
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+      raise DataError(f'{where}: feature {self.label_key!r} is {labels.dtype} of shape '
+                      f'{labels.shape[1:]} per example; need a scalar integer class id. Set '
+                      '--config.input.label_key.')
+    _check_labels(labels, self.num_classes, where)
+    return {'image': images, 'label': labels.astype(np.int32)}
+
+
+def load_tfds_source(name: str, split: str, data_dir: str | None = None) -> tuple[Any, Any]:
+  """Opens a prepared TFDS dataset (array_record) as a random-access source; no network.
+
+  Returns:
+    (source, builder): `source[i]` / `source.__getitems__(indices)` give feature dicts.
+  """
+  import tensorflow_datasets as tfds  # Heavy import; only TFDS users pay for it.
+
+  how_to_prepare = (
+      f'Prepare it in array_record format first, e.g. `tfds build {name} '
+      '--file_format=array_record' + (f' --data_dir={data_dir}`' if data_dir else '`')
+      + ' (or builder.download_and_prepare(file_format="array_record")), and pass the same '
+      'directory as --config.input.data_dir (None = $TFDS_DATA_DIR or ~/tensorflow_datasets).')
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # DatasetNotFoundError and friends: show the short reason only.
+    reason = (str(e).strip() or type(e).__name__).splitlines()[0].rstrip('.')
+    raise DataError(f'TFDS dataset {name!r} not found in data_dir={data_dir!r}: '
+                    f'{reason}. {how_to_prepare}') from None
+  if not builder.is_prepared():
+    raise DataError(f'TFDS dataset {name!r} is not prepared in {builder.data_dir}. '
+                    + how_to_prepare)
+  try:
+    source = builder.as_data_source(split=split)
+  except NotImplementedError as e:  # Prepared as tfrecord: no random access.
+    raise DataError(f'TFDS dataset {name!r} in {builder.data_dir} has no random-access '
+                    f'format ({str(e).splitlines()[0]}). {how_to_prepare}') from None
+  except ValueError as e:  # Unknown split.
+    raise DataError(f'TFDS dataset {name!r}: {e} Set --config.input.train_split / '
+                    'eval_split.') from None
+  return source, builder
+
+
+def _tfds_dataset(name: str, split: str, data_dir: str | None, image_key: str, label_key: str,
+                  num_classes: int) -> TfdsDataset:
+  source, builder = load_tfds_source(name, split, data_dir)
+  features = builder.info.features
+  image_shape = None
+  try:
+    image_shape = tuple(features[image_key].shape)
+  except (KeyError, AttributeError, TypeError):
+    if image_key not in features.keys():
+      raise DataError(f'TFDS dataset {name!r} has no feature {image_key!r}; its features are '
+                      f'{sorted(features.keys())}. Set --config.input.image_key.') from None
+  if label_key not in features.keys():
+    raise DataError(f'TFDS dataset {name!r} has no feature {label_key!r}; its features are '
+                    f'{sorted(features.keys())}. Set --config.input.label_key.')
+  declared = getattr(features[label_key], 'num_classes', None)
+  if declared is not None and declared > num_classes:
+    raise DataError(
+        f'TFDS dataset {name!r} declares {declared} classes in {label_key!r} but '
+        f'--config.input.num_classes={num_classes}. Set --config.input.num_classes={declared}.')
+  return TfdsDataset(source, name=name, split=split, image_key=image_key, label_key=label_key,
+                     num_classes=num_classes, image_shape=image_shape)
+
+
+def _cfg(config: Any, key: str, default: Any) -> Any:
+  if isinstance(config, Mapping):
+    return config.get(key, default)
+  return getattr(config, key, default)
+
+
+def create_dataset(input_config: Any, split: str) -> Dataset:
+  """Builds the dataset named by `input_config.dataset` for `split`.
+
+  Args:
+    input_config: the config's `input` group (ConfigDict, dict or any attribute object) with
+      `dataset` ('fashion_mnist' | 'tfds:<name>'), `data_dir`, `image_key`, `label_key`,
+      `num_classes`.
+    split: split name, e.g. `input_config.train_split` ('train') or `eval_split` ('test'); TFDS
+      slicing like 'train[:90%]' works for TFDS datasets.
+  """
+  dataset = _cfg(input_config, 'dataset', 'fashion_mnist')
+  data_dir = _cfg(input_config, 'data_dir', None)
+  num_classes = int(_cfg(input_config, 'num_classes', 10))
+  if dataset == 'fashion_mnist':
+    images, labels = load_fashion_mnist(data_dir, split)
+    return ArrayDataset(images, labels, num_classes=num_classes, name=dataset, split=split)
+  if isinstance(dataset, str) and dataset.startswith('tfds:') and len(dataset) > 5:
+    return _tfds_dataset(dataset[5:], split, data_dir, _cfg(input_config, 'image_key', 'image'),
+                         _cfg(input_config, 'label_key', 'label'), num_classes)
+  raise DataError(f'Unknown dataset {dataset!r}: set --config.input.dataset to '
+                  "'fashion_mnist' or 'tfds:<name>' (a TFDS dataset prepared as array_record).")
+
+
+def check_image_shape(image_shape: Sequence[int], *, patch_size: int | None = None,
+                      downsample_factor: int | None = None) -> None:
+  """Raises DataError when the model cannot take images of `image_shape` (H, W, C).
+
+  Args:
+    image_shape: (H, W, C) of the data.
+    patch_size: DiT patch size; H and W must be multiples of it.
+    downsample_factor: total U-Net downsampling (2 ** (number of stages - 1)); H and W must be
+      multiples of it.
+  """
+  if len(image_shape) != 3:
+    raise DataError(f'Images must be (H, W, C); the data gives {tuple(image_shape)}. Check '
+                    '--config.input.image_key.')
+  height, width, _ = (int(d) for d in image_shape)
+  if patch_size is not None and (height % patch_size or width % patch_size):
+    divisors = [p for p in (1, 2, 4, 7, 8, 14, 16) if height % p == 0 and width % p == 0]
+    raise DataError(
+        f'Images are {height}x{width} but the DiT patch size is {patch_size}, which does not '
+        f'divide both sides. Choose a variant whose patch size divides them (e.g. '
+        f'--config.model.variant=<size>/<p> with p in {divisors}) or another dataset.')
+  if downsample_factor is not None and (height % downsample_factor or width % downsample_factor):
+    raise DataError(
+        f'Images are {height}x{width} but the U-Net downsamples by {downsample_factor}, which '
+        'does not divide both sides. Use fewer stages in --config.model.unet_channels (each '
+        'stage after the first halves the resolution) or another dataset.')
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches.
+
+
+def _to_model_images(images: np.ndarray) -> np.ndarray:
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
+  return images.astype(np.float32, copy=False)
+
+
+def _process_slice(global_batch_size: int, process_index: int | None,
+                   process_count: int | None) -> tuple[int, int]:
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise DataError(f'Global batch size {global_batch_size} is not divisible by the number '
+                    f'of processes {process_count}; set --config.train.batch_size to a multiple '
+                    f'of {process_count}.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
+  local = global_batch_size // process_count
+  return process_index * local, (process_index + 1) * local
+
+
+def _to_jax(batch: dict[str, np.ndarray], sharding: Any) -> dict[str, jax.Array]:
+  if sharding is None:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+  out = {}
+  for key, value in batch.items():
+    if value.ndim < len(sharding.spec):  # Labels, masks: shard the batch axis only.
+      spec = jax.sharding.PartitionSpec(*sharding.spec[:value.ndim])
+      value_sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
+    else:
+      value_sharding = sharding
+    out[key] = jax.make_array_from_process_local_data(value_sharding, value)
+  return out
+
+
+class BatchIterator:
+  """Infinite, deterministic, resumable iterator of shuffled training batches.
+
+  The stream is the concatenation of epochs; epoch `e` is the permutation drawn by
+  `np.random.default_rng([seed, e])`. Step `s` reads stream positions `[s*B, (s+1)*B)` (a batch
+  may straddle two epochs, so every example appears exactly once per epoch). Every process
+  computes the same global indices and gathers only its slice `[p*B/P, (p+1)*B/P)`.
+
+  Args:
+    dataset: a `Dataset`.
+    global_batch_size: B, summed over all processes.
+    seed: shuffling seed.
+    sharding: optional `NamedSharding` for the image batch (batch axis first); the global batch
+      is assembled with `jax.make_array_from_process_local_data`; labels use its first axis
+      entries. None: arrays on the default device (process-local batches).
+    start_step: first step to produce.
+    process_index, process_count: default `jax.process_index()`, `jax.process_count()`.
+    prefetch: batches prepared ahead in one background thread (0 disables; None: 2 for
+      file-backed datasets, 0 for in-memory ones, whose ~60 µs gathers gain nothing from a
+      thread). Batches are a pure function of the step, so prefetching never changes them.
+  """
+
+  def __init__(self, dataset: Dataset, *, global_batch_size: int, seed: int, sharding=None,
+               start_step: int = 0, process_index: int | None = None,
+               process_count: int | None = None, prefetch: int | None = None):
+    if global_batch_size <= 0:
+      raise ValueError(f'global_batch_size must be positive, got {global_batch_size}.')
+    if dataset.num_examples == 0:
+      raise DataError(f'{dataset!r} is empty.')
+    self.dataset = dataset
+    self.global_batch_size = int(global_batch_size)
+    self.seed = int(seed)
+    self.sharding = sharding
+    self.step = int(start_step)
+    self._lo, self._hi = _process_slice(self.global_batch_size, process_index, process_count)
+    self._permutations: dict[int, np.ndarray] = {}
+    self._perm_lock = threading.Lock()
+    if prefetch is None:
+      prefetch = 0 if isinstance(dataset, ArrayDataset) else 2
+    self._prefetch = int(prefetch)
+    self._executor = (concurrent.futures.ThreadPoolExecutor(1, 'batch_prefetch')
+                      if self._prefetch > 0 else None)
+    self._pending: dict[tuple[int, int], concurrent.futures.Future] = {}
+
+  # -- pure functions of (seed, step) -----------------------------------------------------------
+
+  def _permutation(self, seed: int, epoch: int) -> np.ndarray:
+    with self._perm_lock:
+      perm = self._permutations.get((seed, epoch))
+      if perm is None:
+        perm = np.random.default_rng([seed, epoch]).permutation(self.dataset.num_examples)
+        if len(self._permutations) >= 4:  # A batch touches at most a few consecutive epochs.
+          self._permutations.pop(min(self._permutations))
+        self._permutations[(seed, epoch)] = perm
+      return perm
+
+  def global_indices(self, step: int, seed: int | None = None) -> np.ndarray:
+    """Dataset indices of the whole global batch of `step` (same on every process)."""
+    seed = self.seed if seed is None else seed
+    n = self.dataset.num_examples
+    positions = np.arange(step * self.global_batch_size, (step + 1) * self.global_batch_size,
+                          dtype=np.int64)
+    epochs, offsets = np.divmod(positions, n)
+    indices = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+      where = epochs == epoch
+      indices[where] = self._permutation(seed, int(epoch))[offsets[where]]
+    return indices
+
+  def host_batch(self, step: int, seed: int | None = None) -> dict[str, np.ndarray]:
+    """This process's slice of the batch of `step` as numpy (images float32 in [-1, 1])."""
+    indices = self.global_indices(step, seed)[self._lo:self._hi]
+    batch = self.dataset.get_batch(indices)
+    return {'image': _to_model_images(batch['image']), 'label': batch['label']}
+
+  # -- iteration ----------------------------------------------------------------------------------
+
+  def _get_host_batch(self, step: int) -> dict[str, np.ndarray]:
+    if self._executor is None:
+      return self.host_batch(step)
+    future = self._pending.pop((self.seed, step), None)
+    # Drop stale work (after set_state) and keep `prefetch` future steps in flight.
+    for key in [k for k in self._pending if k[0] != self.seed or not step < k[1]]:
+      self._pending.pop(key).cancel()
+    for ahead in range(step + 1, step + 1 + self._prefetch):
+      if (self.seed, ahead) not in self._pending:
+        self._pending[(self.seed, ahead)] = self._executor.submit(self.host_batch, ahead,
+                                                                  self.seed)
+    return future.result() if future is not None else self.host_batch(step)
+
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    batch = _to_jax(self._get_host_batch(self.step), self.sharding)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    """JSON-able state; the next batch is the one of `step`."""
+    return {'step': self.step, 'seed': self.seed, 'global_batch_size': self.global_batch_size,
+            'num_examples': self.dataset.num_examples}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Continues the stream described by `state` (from `get_state`, e.g. via a checkpoint)."""
+    for key, current in (('global_batch_size', self.global_batch_size),
+                         ('num_examples', self.dataset.num_examples)):
+      if key in state and int(state[key]) != current:
+        logging.warning('Resuming a data stream saved with %s=%s, now %s: the batches differ '
+                        'from the uninterrupted run.', key, state[key], current)
+    self.step = int(state['step'])
+    self.seed = int(state.get('seed', self.seed))
+
+  def close(self) -> None:
+    if self._executor is not None:
+      for future in self._pending.values():
+        future.cancel()
+      self._pending.clear()
+      self._executor.shutdown(wait=True)
+      self._executor = None
+
+  def __enter__(self) -> 'BatchIterator':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except  # Interpreter shutdown.
+      pass
+
+
+def eval_batches(dataset: Dataset, batch_size: int, *, sharding=None,
+                 num_batches: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict[str, jax.Array]]:
+  """Yields the split in order, in fixed-shape batches, for held-out metrics.
+
+  The last partial batch is padded (with copies of the first examples) to `batch_size`; each
+  batch carries `mask` (float32, 1 = real example, 0 = padding): average losses as
+  `sum(loss * mask) / sum(mask)`. Fixed shapes mean one compile. Processes split each global
+  batch as `BatchIterator` does.
+
+  Args:
+    dataset: a `Dataset`.
+    batch_size: global batch size.
+    sharding: as in `BatchIterator`.
+    num_batches: stop after this many batches; None or 0 = the whole split.
+    process_index, process_count: default `jax.process_index()`, `jax.process_count()`.
+  """
+  lo, hi = _process_slice(batch_size, process_index, process_count)
+  total = -(-dataset.num_examples // batch_size)
+  if num_batches:
+    total = min(total, num_batches)
+  for b in range(total):
+    positions = np.arange(b * batch_size, (b + 1) * batch_size)[lo:hi]
+    mask = (positions < dataset.num_examples).astype(np.float32)
+    batch = dataset.get_batch(np.where(mask > 0, positions, positions % dataset.num_examples))
+    yield _to_jax({'image': _to_model_images(batch['image']), 'label': batch['label'],
+                   'mask': mask}, sharding)
