@@ -1,0 +1,267 @@
+"""DiT (Peebles & Xie, 2023) with adaLN-Zero conditioning on time and class label, in flax.nnx.
+
+The network maps `(x, t, y)` → a prediction with the shape of `x` (velocity, score or noise,
+whichever the loss asks for). Conventions (DESIGN.md §1): `t ∈ [0, 1]` with `t = 1` data (DiT
+and SiT use the opposite direction; the network does not care, it only sees `t`); labels
+`y ∈ {0..K−1}` and the null label `∅ = K`, an extra row of the label table.
+
+Precision: matmuls run in `dtype` (bf16 on accelerators); the residual stream, LayerNorm
+statistics, the adaLN modulation and the attention softmax stay in float32, and the output is
+float32 whatever `dtype` is, so the loss is computed in f32.
+
+Logical axis names on parameters (mapped to mesh axes by `guidedflow.sharding`):
+'embed' (model width), 'mlp' (MLP hidden, time-MLP hidden), 'heads' (fused heads × head_dim of
+q/k/v and of the attention output projection's input), 'modulation' (the adaLN 6·width / 2·width
+outputs), 'patch' (p·p·C patch features), 'classes' (label-table rows), None (small dims).
+"""
+
+import dataclasses
+import math
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from guidedflow.models.layers import (as_hw, layer_norm_f32, partitioned,
+                                      sincos_2d_position_embedding, timestep_embedding)
+
+# Width / depth / heads of each size; the patch size is written after a slash: 'XL/2', 'S/4'.
+# S, B, L, XL are the DiT paper's; T is a CPU-sized model for 28×28 Fashion-MNIST (use T/4 —
+# 49 tokens — or T/2 — 196 tokens, ~4× the cost); 'test' is for unit tests only.
+VARIANTS = {
+    'test': dict(width=32, depth=1, num_heads=2),
+    'T': dict(width=256, depth=6, num_heads=4),
+    'S': dict(width=384, depth=12, num_heads=6),
+    'B': dict(width=768, depth=12, num_heads=12),
+    'L': dict(width=1024, depth=24, num_heads=16),
+    'XL': dict(width=1152, depth=28, num_heads=16),
+}
+STANDARD_PATCH_SIZES = (2, 4, 8)
+TIME_FREQUENCY_DIM = 256  # sinusoid size fed to the time MLP (as in DiT)
+TIME_SCALE = 1000.0       # t ∈ [0, 1] is scaled by this before the sinusoid (see timestep_embedding)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Resolved architecture of one DiT instance."""
+  width: int
+  depth: int
+  num_heads: int
+  patch_size: int
+  mlp_ratio: float
+  input_size: tuple[int, int]
+  in_channels: int
+  num_classes: int
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+  @property
+  def mlp_dim(self) -> int:
+    return int(self.width * self.mlp_ratio)
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size * self.patch_size * self.in_channels
+
+
+def resolve_config(variant: str = 'S/2', *, input_size: int | Sequence[int], in_channels: int,
+                   num_classes: int, width: int | None = None, depth: int | None = None,
+                   num_heads: int | None = None, patch_size: int | None = None,
+                   mlp_ratio: float | None = None) -> DiTConfig:
+  """Parses `variant` ('S/2', 'T/4', 'test/7'), applies overrides and checks the shapes."""
+  match = re.fullmatch(r'(\w+?)(?:/(\d+))?', variant)
+  if match is None or match.group(1) not in VARIANTS:
+    raise ValueError(f"Unknown DiT variant {variant!r}; expected NAME or NAME/PATCH with NAME in "
+                     f"{sorted(VARIANTS)} (e.g. 'S/2', 'XL/2', 'T/4').")
+  name = match.group(1)
+  sizes = dict(VARIANTS[name])
+  if match.group(2) is not None:
+    sizes['patch_size'] = int(match.group(2))
+  overrides = dict(width=width, depth=depth, num_heads=num_heads, patch_size=patch_size,
+                   mlp_ratio=mlp_ratio)
+  sizes.update({k: v for k, v in overrides.items() if v is not None})
+  sizes.setdefault('mlp_ratio', 4.0)
+  if 'patch_size' not in sizes:
+    raise ValueError(f"DiT variant {variant!r} has no patch size: write '{name}/2' or pass "
+                     'patch_size=...')
+  config = DiTConfig(input_size=as_hw(input_size), in_channels=int(in_channels),
+                     num_classes=int(num_classes), **sizes)
+
+  h, w = config.input_size
+  p = config.patch_size
+  if p < 1 or h % p or w % p:
+    fits = [q for q in range(1, min(h, w) + 1) if h % q == 0 and w % q == 0 and q > 1]
+    standard = [q for q in STANDARD_PATCH_SIZES if q in fits]
+    hint = (f"; e.g. variant '{name}/{(standard or fits)[0]}'" if (standard or fits) else '')
+    raise ValueError(f'DiT input size {h}×{w} is not divisible by patch size {p} (variant '
+                     f'{variant!r}). Patch sizes that divide {h}×{w}: {fits or "none > 1"}{hint}.')
+  if config.width % config.num_heads:
+    raise ValueError(f'DiT width {config.width} is not divisible by num_heads {config.num_heads}.')
+  if config.width % 4:
+    raise ValueError(f'DiT width must be divisible by 4 (2-D sin-cos embedding), got '
+                     f'{config.width}.')
+  return config
+
+
+def _dense(d_in: int, d_out: int, names: tuple, *, dtype, param_dtype, rngs: nnx.Rngs,
+           kernel_init=nnx.initializers.xavier_uniform(), zero: bool = False) -> nnx.Linear:
+  """nnx.Linear with logical names on kernel and bias; `zero` zero-initialises both."""
+  kernel_init = nnx.initializers.zeros_init() if zero else kernel_init
+  return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                    kernel_init=partitioned(kernel_init, names),
+                    bias_init=partitioned(nnx.initializers.zeros_init(), names[1:]))
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  return x * (1.0 + scale) + shift
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention; logits and softmax in f32."""
+
+  def __init__(self, width: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.dtype = dtype
+    # Fused q/k/v laid out as (heads, 3, head_dim) along the output so that splitting the output
+    # over a 'tensor' mesh axis keeps whole heads (q, k and v of a head) on one device.
+    self.qkv = _dense(width, 3 * width, ('embed', 'heads'), dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+    self.proj = _dense(width, width, ('heads', 'embed'), dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, tokens, width = x.shape
+    head_dim = width // self.num_heads
+    qkv = self.qkv(x).reshape(batch, tokens, self.num_heads, 3, head_dim)  # (B, N, H, 3, Dh)
+    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]            # (B, N, H, Dh)
+    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)                # (B, H, N, N)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(batch, tokens, width)
+    return self.proj(out)
+
+
+class DiTBlock(nnx.Module):
+  """Transformer block with adaLN-Zero: shift/scale before, gate after attention and MLP."""
+
+  def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.attn = Attention(width, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = _dense(width, mlp_dim, ('embed', 'mlp'), dtype=dtype, param_dtype=param_dtype,
+                      rngs=rngs)
+    self.fc2 = _dense(mlp_dim, width, ('mlp', 'embed'), dtype=dtype, param_dtype=param_dtype,
+                      rngs=rngs)
+    # adaLN-Zero: zero modulation makes every block the identity at initialisation.
+    self.modulation = _dense(width, 6 * width, ('embed', 'modulation'), dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs, zero=True)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    # x: (B, N, D) float32 residual stream; c: (B, D) conditioning.
+    mod = self.modulation(nnx.silu(c)).astype(jnp.float32)[:, None, :]  # (B, 1, 6D)
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
+    h = _modulate(layer_norm_f32(x), shift_a, scale_a).astype(self.dtype)
+    x = x + gate_a * self.attn(h).astype(jnp.float32)
+    h = _modulate(layer_norm_f32(x), shift_m, scale_m).astype(self.dtype)
+    h = self.fc2(nnx.gelu(self.fc1(h), approximate=True))
+    return x + gate_m * h.astype(jnp.float32)
+
+
+class DiT(nnx.Module):
+  """Diffusion Transformer with adaLN-Zero, conditioned on time t ∈ [0, 1] and label y.
+
+  Args:
+    variant: 'S/2', 'B/4', 'XL/2', 'T/4', 'test/2', ... (see `VARIANTS`; any patch size that
+      divides the image works, e.g. 'S/7' on 28×28).
+    input_size: image height = width, or (height, width).
+    in_channels: image channels (the output has the same number).
+    num_classes: K; the label table has K + 1 rows, row K is the null label ∅.
+    dtype: compute dtype of the matmuls (float32 or bfloat16).
+    param_dtype: dtype of the parameters.
+    rngs: initialisation randomness.
+    width, depth, num_heads, patch_size, mlp_ratio: override the variant's values.
+
+  Call: `model(x, t, y)` with x (B, H, W, C), t (B,) in [0, 1], y (B,) int in [0, K] → float32
+  (B, H, W, C). All-zero at initialisation (adaLN-Zero and zero final projection).
+  """
+
+  def __init__(self, variant: str = 'S/2', *, input_size: int | Sequence[int], in_channels: int,
+               num_classes: int, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+               width: int | None = None, depth: int | None = None,
+               num_heads: int | None = None, patch_size: int | None = None,
+               mlp_ratio: float | None = None):
+    cfg = resolve_config(variant, input_size=input_size, in_channels=in_channels,
+                         num_classes=num_classes, width=width, depth=depth, num_heads=num_heads,
+                         patch_size=patch_size, mlp_ratio=mlp_ratio)
+    self.config = cfg
+    self.dtype = dtype
+    d = cfg.width
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # Linear on flattened p×p×C patches: the same map (and parameter count) as DiT's p×p conv.
+    self.patch_embed = _dense(cfg.patch_dim, d, ('patch', 'embed'), **kw)
+    small_normal = nnx.initializers.normal(0.02)
+    self.time_mlp1 = _dense(TIME_FREQUENCY_DIM, d, (None, 'mlp'), kernel_init=small_normal, **kw)
+    self.time_mlp2 = _dense(d, d, ('mlp', 'embed'), kernel_init=small_normal, **kw)
+    self.label_embed = nnx.Embed(cfg.num_classes + 1, d, dtype=dtype, param_dtype=param_dtype,
+                                 embedding_init=partitioned(small_normal, ('classes', 'embed')),
+                                 rngs=rngs)
+    self.blocks = nnx.List([DiTBlock(d, cfg.num_heads, cfg.mlp_dim, **kw)
+                            for _ in range(cfg.depth)])
+    self.final_modulation = _dense(d, 2 * d, ('embed', 'modulation'), zero=True, **kw)
+    self.final_proj = _dense(d, cfg.patch_dim, ('embed', 'patch'), zero=True, **kw)
+
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+    cfg = self.config
+    batch, height, width, channels = x.shape
+    if (height, width) != cfg.input_size or channels != cfg.in_channels:
+      raise ValueError(f'DiT built for {cfg.input_size}×{cfg.in_channels}, got x of shape '
+                       f'{x.shape}.')
+    p = cfg.patch_size
+    gh, gw = cfg.grid
+    # Patchify: (B, H, W, C) → (B, gh·gw, p·p·C).
+    x = x.reshape(batch, gh, p, gw, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(batch, gh * gw, cfg.patch_dim).astype(self.dtype)
+    pos = sincos_2d_position_embedding(cfg.width, gh, gw)                  # (N, D) constant
+    h = self.patch_embed(x).astype(jnp.float32) + pos[None]                # (B, N, D) f32
+
+    t_emb = timestep_embedding(t, TIME_FREQUENCY_DIM, time_scale=TIME_SCALE)  # (B, 256) f32
+    t_emb = self.time_mlp2(nnx.silu(self.time_mlp1(t_emb.astype(self.dtype))))
+    c = t_emb.astype(jnp.float32) + self.label_embed(y).astype(jnp.float32)  # (B, D)
+
+    for block in self.blocks:
+      h = block(h, c)
+
+    shift, scale = jnp.split(self.final_modulation(nnx.silu(c)).astype(jnp.float32)[:, None],
+                             2, axis=-1)
+    h = _modulate(layer_norm_f32(h), shift, scale).astype(self.dtype)
+    out = self.final_proj(h).astype(jnp.float32)                           # (B, N, p·p·C)
+    # Unpatchify: (B, gh·gw, p·p·C) → (B, H, W, C).
+    out = out.reshape(batch, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    return out.reshape(batch, height, width, channels)
+
+  def flops_per_example(self) -> int:
+    """Forward FLOPs for one image: 2 × multiply-adds of all matmuls, attention included."""
+    return dit_flops(self.config)
+
+
+def dit_flops(cfg: DiTConfig) -> int:
+  """Analytic forward FLOPs (2·MACs of matmuls; norms, softmax, activations not counted)."""
+  n, d, f, pd = cfg.num_tokens, cfg.width, cfg.mlp_dim, cfg.patch_dim
+  per_block = (n * d * 3 * d      # q, k, v
+               + 2 * n * n * d    # q·kᵀ and probs·v over all heads
+               + n * d * d        # attention output projection
+               + 2 * n * d * f    # MLP
+               + d * 6 * d)       # adaLN modulation (once per example, not per token)
+  macs = (n * pd * d                                  # patch embedding
+          + TIME_FREQUENCY_DIM * d + d * d            # time MLP
+          + cfg.depth * per_block
+          + d * 2 * d + n * d * pd)                   # final modulation and projection
+  return 2 * macs

@@ -1,0 +1,80 @@
+"""Small pieces shared by the networks: logical-axis initialisers, f32 norms, time embeddings."""
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+
+def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
+  """Wraps `init` so the created `nnx.Param` carries logical axis names `names`.
+
+  The names are *logical* ('embed', 'mlp', ...), not mesh axes: `guidedflow.sharding` maps them
+  to a mesh with its rules. Eager sharding (flax's default since 0.12) would try to place the
+  array on mesh axes of these names at creation, so it is switched off per parameter; models
+  are placed on a mesh by `sharding.create_sharded_model` (init under `jax.jit`).
+  """
+  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+def layer_norm_f32(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm without affine parameters over the last axis; statistics and result in f32."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def timestep_embedding(t: jax.Array, dim: int, *, time_scale: float = 1000.0,
+                       max_period: float = 10_000.0) -> jax.Array:
+  """Sinusoidal embedding of times `t` (B,) in [0, 1] → (B, dim) float32.
+
+  `t` is multiplied by `time_scale` first, so t ∈ [0, 1] covers the same phase range as DDPM's
+  integer steps 0..1000 that the DiT frequencies (max_period 10⁴) were designed for; without it
+  the low frequencies would barely move across [0, 1]. Layout [cos | sin] as in DiT.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (time_scale * t.astype(jnp.float32))[:, None] * freqs[None, :]  # (B, half)
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def sincos_2d_position_embedding(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding (MAE/DiT), shape (grid_h·grid_w, dim), float32.
+
+  Half the channels encode the row, half the column; `dim` must be divisible by 4. Computed in
+  numpy so that it is a compile-time constant, not a parameter.
+  """
+  if dim % 4:
+    raise ValueError(f'2-D sin-cos position embedding needs width divisible by 4, got {dim}.')
+
+  def one_d(pos: np.ndarray, d: int) -> np.ndarray:
+    omega = 1.0 / 10_000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+    out = np.einsum('m,d->md', pos.reshape(-1).astype(np.float64), omega)  # (M, d/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing='ij')
+  emb = np.concatenate([one_d(rows, dim // 2), one_d(cols, dim // 2)], axis=1)
+  return emb.astype(np.float32)
+
+
+def param_count(model: nnx.Module) -> int:
+  """Number of scalars in the model's `nnx.Param`s (works on `nnx.eval_shape` models too)."""
+  params = nnx.state(model, nnx.Param)
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def as_hw(input_size: int | Sequence[int]) -> tuple[int, int]:
+  """`28` or `(28, 28)` → `(28, 28)`."""
+  if isinstance(input_size, int):
+    return input_size, input_size
+  h, w = input_size
+  return int(h), int(w)

@@ -1,0 +1,237 @@
+"""The lecture's simplified U-Net (MIT 6.S184 lab style), conditioned on time t and label y.
+
+Encoders (residual blocks, then a stride-2 conv: channels up, resolution down), a midcoder,
+and decoders (2× bilinear upsampling + conv, then residual blocks) with the encoder outputs
+added back as skip connections. Each residual block adds a per-channel bias computed from the
+time embedding (Gaussian Fourier features) and one from the label embedding (a table with
+K + 1 rows, row K = null label ∅). With channels (32, 64, 128) a 28×28 image goes
+28 → 14 → 7 and back.
+
+Differences from the lab, on purpose: GroupNorm (statistics in f32) instead of BatchNorm, so
+the network has no batch state and treats conditional/unconditional halves of a CFG batch
+independently; pre-activation order norm → SiLU → conv; and a zero-initialised final conv, so
+the output is exactly 0 at initialisation (as the DiT's). The output is float32.
+
+Logical axis names: conv kernels (None, None, 'conv_in', 'conv_out'); dense kernels
+('embed', 'conv_out') for the adapters; label table ('classes', None).
+"""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from guidedflow.models.layers import as_hw, partitioned
+
+
+def _conv(c_in: int, c_out: int, *, strides: int = 1, dtype, param_dtype, rngs: nnx.Rngs,
+          zero: bool = False) -> nnx.Conv:
+  kernel_init = nnx.initializers.zeros_init() if zero else nnx.initializers.lecun_normal()
+  return nnx.Conv(c_in, c_out, (3, 3), strides=strides, padding='SAME', dtype=dtype,
+                  param_dtype=param_dtype, rngs=rngs,
+                  kernel_init=partitioned(kernel_init, (None, None, 'conv_in', 'conv_out')),
+                  bias_init=partitioned(nnx.initializers.zeros_init(), ('conv_out',)))
+
+
+def _norm(channels: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
+  # Up to 8 groups; flax computes GroupNorm statistics in at least float32.
+  groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+  return nnx.GroupNorm(channels, num_groups=groups, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs,
+                       scale_init=partitioned(nnx.initializers.ones_init(), (None,)),
+                       bias_init=partitioned(nnx.initializers.zeros_init(), (None,)))
+
+
+class Adapter(nnx.Module):
+  """Embedding → per-channel bias: Linear, SiLU, Linear (one per residual block)."""
+
+  def __init__(self, embed_dim: int, channels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = nnx.Linear(embed_dim, embed_dim, **kw,
+                          kernel_init=partitioned(nnx.initializers.lecun_normal(), (None, None)),
+                          bias_init=partitioned(nnx.initializers.zeros_init(), (None,)))
+    self.fc2 = nnx.Linear(embed_dim, channels, **kw,
+                          kernel_init=partitioned(nnx.initializers.lecun_normal(),
+                                                  (None, 'conv_out')),
+                          bias_init=partitioned(nnx.initializers.zeros_init(), ('conv_out',)))
+
+  def __call__(self, emb: jax.Array) -> jax.Array:
+    return self.fc2(nnx.silu(self.fc1(emb)))[:, None, None, :]  # (B, 1, 1, C)
+
+
+class ResidualLayer(nnx.Module):
+  """x + conv(silu(norm(conv(silu(norm(x))) + t_bias + y_bias)))."""
+
+  def __init__(self, channels: int, t_embed_dim: int, y_embed_dim: int, *, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = _norm(channels, **kw)
+    self.conv1 = _conv(channels, channels, **kw)
+    self.t_adapter = Adapter(t_embed_dim, channels, **kw)
+    self.y_adapter = Adapter(y_embed_dim, channels, **kw)
+    self.norm2 = _norm(channels, **kw)
+    self.conv2 = _conv(channels, channels, **kw)
+
+  def __call__(self, x: jax.Array, t_emb: jax.Array, y_emb: jax.Array) -> jax.Array:
+    h = self.conv1(nnx.silu(self.norm1(x)))
+    h = h + self.t_adapter(t_emb) + self.y_adapter(y_emb)
+    h = self.conv2(nnx.silu(self.norm2(h)))
+    return x + h
+
+
+class Encoder(nnx.Module):
+  """Residual blocks at `c_in`, then a stride-2 conv to `c_out` (resolution halves)."""
+
+  def __init__(self, c_in: int, c_out: int, num_residual_layers: int, t_embed_dim: int,
+               y_embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.res_blocks = nnx.List([ResidualLayer(c_in, t_embed_dim, y_embed_dim, **kw)
+                                for _ in range(num_residual_layers)])
+    self.downsample = _conv(c_in, c_out, strides=2, **kw)
+
+  def __call__(self, x, t_emb, y_emb):
+    for block in self.res_blocks:
+      x = block(x, t_emb, y_emb)
+    return self.downsample(x)
+
+
+class Midcoder(nnx.Module):
+  """Residual blocks at the lowest resolution."""
+
+  def __init__(self, channels: int, num_residual_layers: int, t_embed_dim: int,
+               y_embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.res_blocks = nnx.List([
+        ResidualLayer(channels, t_embed_dim, y_embed_dim, dtype=dtype, param_dtype=param_dtype,
+                      rngs=rngs) for _ in range(num_residual_layers)])
+
+  def __call__(self, x, t_emb, y_emb):
+    for block in self.res_blocks:
+      x = block(x, t_emb, y_emb)
+    return x
+
+
+class Decoder(nnx.Module):
+  """2× bilinear upsampling + conv to `c_out`, then residual blocks at `c_out`."""
+
+  def __init__(self, c_in: int, c_out: int, num_residual_layers: int, t_embed_dim: int,
+               y_embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.upsample_conv = _conv(c_in, c_out, **kw)
+    self.res_blocks = nnx.List([ResidualLayer(c_out, t_embed_dim, y_embed_dim, **kw)
+                                for _ in range(num_residual_layers)])
+
+  def __call__(self, x, t_emb, y_emb):
+    b, h, w, c = x.shape
+    x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method='bilinear')
+    x = self.upsample_conv(x)
+    for block in self.res_blocks:
+      x = block(x, t_emb, y_emb)
+    return x
+
+
+class FourierEncoder(nnx.Module):
+  """Gaussian Fourier features of t ∈ [0, 1]: √2·[sin(2πwt), cos(2πwt)], w ~ N(0, 1) learned."""
+
+  def __init__(self, dim: int, *, param_dtype, rngs: nnx.Rngs):
+    if dim % 2:
+      raise ValueError(f't_embed_dim must be even, got {dim}.')
+    self.weights = nnx.Param(
+        partitioned(nnx.initializers.normal(1.0), (None,))(rngs.params(), (dim // 2,),
+                                                           param_dtype))
+
+  def __call__(self, t: jax.Array) -> jax.Array:
+    freqs = 2.0 * jnp.pi * t.astype(jnp.float32)[:, None] * self.weights[...].astype(jnp.float32)
+    return jnp.sqrt(2.0) * jnp.concatenate([jnp.sin(freqs), jnp.cos(freqs)], axis=-1)  # (B, dim)
+
+
+class UNet(nnx.Module):
+  """Simplified U-Net for `(x, t, y)` → prediction of the shape of x, float32.
+
+  Args:
+    input_size: image height = width, or (height, width); each must be divisible by
+      2**(len(channels) − 1).
+    in_channels: image channels (the output has the same number).
+    num_classes: K; the label table has K + 1 rows, row K is the null label ∅.
+    dtype, param_dtype: compute and parameter dtypes.
+    rngs: initialisation randomness.
+    channels: channels per resolution level, e.g. (32, 64, 128): 28 → 14 → 7.
+    num_residual_layers: residual blocks per encoder, midcoder and decoder.
+    t_embed_dim, y_embed_dim: sizes of the time and label embeddings.
+  """
+
+  def __init__(self, *, input_size: int | Sequence[int], in_channels: int, num_classes: int,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+               channels: Sequence[int] = (32, 64, 128), num_residual_layers: int = 2,
+               t_embed_dim: int = 40, y_embed_dim: int = 40):
+    self.input_size = as_hw(input_size)
+    self.in_channels = int(in_channels)
+    self.num_classes = int(num_classes)
+    self.channels = tuple(int(c) for c in channels)
+    self.num_residual_layers = int(num_residual_layers)
+    self.dtype = dtype
+    factor = 2 ** (len(self.channels) - 1)
+    h, w = self.input_size
+    if h % factor or w % factor:
+      fits = [n for n in range(1, len(self.channels) + 1) if h % 2 ** (n - 1) == 0
+              and w % 2 ** (n - 1) == 0]
+      raise ValueError(f'U-Net input size {h}×{w} is not divisible by {factor} = 2^(number of '
+                       f'downsamplings) for channels={self.channels}; use at most {max(fits)} '
+                       'channel levels or a size divisible by it.')
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    c0 = self.channels[0]
+    self.init_conv = _conv(self.in_channels, c0, **kw)
+    self.init_norm = _norm(c0, **kw)
+    self.time_embedder = FourierEncoder(t_embed_dim, param_dtype=param_dtype, rngs=rngs)
+    self.label_embed = nnx.Embed(
+        self.num_classes + 1, y_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        embedding_init=partitioned(nnx.initializers.normal(1.0), ('classes', None)))
+    pairs = list(zip(self.channels[:-1], self.channels[1:]))
+    self.encoders = nnx.List([Encoder(a, b, num_residual_layers, t_embed_dim, y_embed_dim, **kw)
+                              for a, b in pairs])
+    self.midcoder = Midcoder(self.channels[-1], num_residual_layers, t_embed_dim, y_embed_dim,
+                             **kw)
+    self.decoders = nnx.List([Decoder(b, a, num_residual_layers, t_embed_dim, y_embed_dim, **kw)
+                              for a, b in reversed(pairs)])
+    self.final_conv = _conv(c0, self.in_channels, zero=True, **kw)
+
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+    if tuple(x.shape[1:3]) != self.input_size or x.shape[3] != self.in_channels:
+      raise ValueError(f'U-Net built for {self.input_size}×{self.in_channels}, got x of shape '
+                       f'{x.shape}.')
+    t_emb = self.time_embedder(t).astype(self.dtype)  # (B, t_embed_dim)
+    y_emb = self.label_embed(y)                       # (B, y_embed_dim)
+    x = nnx.silu(self.init_norm(self.init_conv(x.astype(self.dtype))))
+    residuals = []
+    for encoder in self.encoders:
+      x = encoder(x, t_emb, y_emb)
+      residuals.append(x)
+    x = self.midcoder(x, t_emb, y_emb)
+    for decoder in self.decoders:
+      x = decoder(x + residuals.pop(), t_emb, y_emb)
+    return self.final_conv(x).astype(jnp.float32)
+
+  def flops_per_example(self) -> int:
+    """Forward FLOPs for one image: 2 × multiply-adds of convs and dense layers."""
+    h, w = self.input_size
+    t_dim = self.time_embedder.weights.shape[0] * 2
+    y_dim = self.label_embed.embedding.shape[1]
+
+    def conv(hw, c_in, c_out):
+      return hw * 9 * c_in * c_out
+
+    def res(hw, c):
+      return 2 * conv(hw, c, c) + t_dim * t_dim + t_dim * c + y_dim * y_dim + y_dim * c
+
+    nr = self.num_residual_layers
+    hw = h * w
+    macs = conv(hw, self.in_channels, self.channels[0])
+    for c_in, c_out in zip(self.channels[:-1], self.channels[1:]):
+      macs += nr * res(hw, c_in) + conv(hw // 4, c_in, c_out)
+      hw //= 4
+    macs += nr * res(hw, self.channels[-1])
+    for c_in, c_out in zip(self.channels[::-1][:-1], self.channels[::-1][1:]):
+      hw *= 4
+      macs += conv(hw, c_in, c_out) + nr * res(hw, c_out)
+    macs += conv(hw, self.channels[0], self.in_channels)
+    return 2 * macs

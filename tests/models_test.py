@@ -1,0 +1,251 @@
+"""Tests for guidedflow.models: shapes, zero init, null label, parameter counts, precision."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from guidedflow import models
+from guidedflow.models import dit as dit_lib
+from guidedflow.models.layers import param_count
+
+NUM_CLASSES = 10
+TINY_UNET = dict(channels=(8, 16), num_residual_layers=1, t_embed_dim=8, y_embed_dim=8)
+
+
+def _tiny_dit(dtype=jnp.float32, param_dtype=jnp.float32, seed=0):
+  return models.create_model('dit', variant='test/7', input_size=28, in_channels=3,
+                             num_classes=NUM_CLASSES, dtype=dtype, param_dtype=param_dtype,
+                             rngs=nnx.Rngs(seed))
+
+
+def _tiny_unet(input_size=28, dtype=jnp.float32, seed=0):
+  return models.create_model('unet', input_size=input_size, in_channels=3,
+                             num_classes=NUM_CLASSES, dtype=dtype, rngs=nnx.Rngs(seed),
+                             **TINY_UNET)
+
+
+def _inputs(batch=4, size=28, channels=3, seed=1):
+  kx, kt, ky = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (batch, size, size, channels))
+  t = jax.random.uniform(kt, (batch,))
+  y = jax.random.randint(ky, (batch,), 0, NUM_CLASSES + 1)
+  return x, t, y
+
+
+def _perturb(model, scale=0.05, seed=7):
+  """Adds noise to every parameter, so zero-initialised layers stop hiding the rest."""
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  noisy = [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
+  nnx.update(model, jax.tree.unflatten(treedef, noisy))
+  return model
+
+
+@nnx.jit
+def _forward(model, x, t, y):
+  return model(x, t, y)
+
+
+@pytest.fixture(scope='module')
+def dit_model():
+  return _tiny_dit()
+
+
+@pytest.fixture(scope='module')
+def perturbed_dit():
+  return _perturb(_tiny_dit())
+
+
+@pytest.fixture(scope='module')
+def perturbed_unet():
+  return _perturb(_tiny_unet())
+
+
+# ---- Shapes and dtypes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('family', sorted(dit_lib.VARIANTS))
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_dit_every_family_shapes_on_28x28_patch7(family, dtype):
+  """Abstract build + forward: any family works on an odd image size and channel count."""
+  model = nnx.eval_shape(lambda: models.create_model(
+      'dit', variant=f'{family}/7', input_size=28, in_channels=3, num_classes=NUM_CLASSES,
+      dtype=dtype, rngs=nnx.Rngs(0)))
+  x = jax.ShapeDtypeStruct((2, 28, 28, 3), dtype)
+  t = jax.ShapeDtypeStruct((2,), jnp.float32)
+  y = jax.ShapeDtypeStruct((2,), jnp.int32)
+  graphdef, state = nnx.split(model)
+  out = jax.eval_shape(lambda s, *a: nnx.merge(graphdef, s)(*a), state, x, t, y)
+  assert out.shape == (2, 28, 28, 3)
+  assert out.dtype == jnp.float32
+  assert model.config.grid == (4, 4)
+  assert model.label_embed.embedding.shape == (NUM_CLASSES + 1, model.config.width)
+
+
+def test_dit_forward_is_zero_at_init(dit_model):
+  out = _forward(dit_model, *_inputs())
+  chex.assert_shape(out, (4, 28, 28, 3))
+  chex.assert_type(out, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+@pytest.mark.parametrize('size', [28, 32])
+def test_unet_shapes_and_zero_init(size):
+  model = _tiny_unet(input_size=size)
+  out = _forward(model, *_inputs(size=size))
+  chex.assert_shape(out, (4, size, size, 3))
+  chex.assert_type(out, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+  assert model.label_embed.embedding.shape == (NUM_CLASSES + 1, TINY_UNET['y_embed_dim'])
+
+
+def test_outputs_depend_on_t_and_y(perturbed_dit, perturbed_unet):
+  x, t, y = _inputs()
+  for model in (perturbed_dit, perturbed_unet):
+    base = _forward(model, x, t, y)
+    assert float(jnp.abs(base).max()) > 1e-3
+    assert float(jnp.abs(base - _forward(model, x, 1.0 - t, y)).max()) > 1e-4
+    y_null = jnp.full_like(y, NUM_CLASSES)
+    assert float(jnp.abs(base - _forward(model, x, t, y_null)).max()) > 1e-4
+
+
+# ---- Null label -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('make', [_tiny_dit, _tiny_unet], ids=['dit', 'unet'])
+def test_null_row_trains_and_differs_from_class_rows(make):
+  """One Adam step on a batch with null labels updates row K, and only rows that were used."""
+  model = _perturb(make())
+  before = np.asarray(model.label_embed.embedding[...])
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+  x, t, _ = _inputs(batch=6)
+  y = jnp.array([0, 1, 2, NUM_CLASSES, NUM_CLASSES, 1])
+  target = jax.random.normal(jax.random.key(3), x.shape)
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean((m(x, t, y) - target) ** 2))(model)
+    optimizer.update(model, grads)
+
+  step(model, optimizer)
+  after = np.asarray(model.label_embed.embedding[...])
+  null_row = after[NUM_CLASSES]
+  assert np.abs(null_row - before[NUM_CLASSES]).max() > 1e-4  # ∅ received gradient
+  np.testing.assert_array_equal(after[3:NUM_CLASSES], before[3:NUM_CLASSES])  # unused classes
+  distances = np.abs(after[:NUM_CLASSES] - null_row).max(axis=1)
+  assert distances.min() > 1e-3
+
+
+# ---- Parameter counts and FLOPs ---------------------------------------------------------------
+
+# DiT paper: S/2 33M, B/2 130M, L/2 458M, XL/2 675M (32×32×4 latents, 1000 classes).
+PAPER_PARAMS = {'S/2': 33e6, 'B/2': 130e6, 'L/2': 458e6, 'XL/2': 675e6}
+EXACT_PARAMS = {'S/2': 32_858_896, 'B/2': 130_303_504, 'L/2': 457_824_272, 'XL/2': 674_816_272}
+# DiT paper "Gflops" are multiply-adds: S/2 6.06, XL/2 118.6 at 256×256 (32×32 latents).
+PAPER_GMACS = {'S/2': 6.06, 'B/2': 23.01, 'L/2': 80.71, 'XL/2': 118.64}
+
+
+@pytest.mark.parametrize('variant', sorted(PAPER_PARAMS))
+def test_dit_parameter_counts_match_paper(variant):
+  model = nnx.eval_shape(lambda: models.create_model(
+      'dit', variant=variant, input_size=32, in_channels=4, num_classes=1000, rngs=nnx.Rngs(0)))
+  count = param_count(model)
+  assert abs(count / PAPER_PARAMS[variant] - 1) < 0.01
+  assert count == EXACT_PARAMS[variant]
+  flops = models.flops_per_example('dit', variant=variant, input_size=32, in_channels=4,
+                                   num_classes=1000)
+  assert flops == model.flops_per_example()
+  assert abs(flops / 2e9 / PAPER_GMACS[variant] - 1) < 0.01
+
+
+def test_analytic_flops_close_to_xla_count(perturbed_dit, perturbed_unet):
+  """The analytic count (matmuls only) is within 15% of XLA's count of the whole forward."""
+  x, t, y = _inputs(batch=2)
+  for model in (perturbed_dit, perturbed_unet):
+    graphdef, state = nnx.split(model)
+    lowered = jax.jit(lambda s: nnx.merge(graphdef, s)(x, t, y)).lower(state)
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert 0.85 < model.flops_per_example() * 2 / cost['flops'] < 1.15
+
+
+# ---- Gradients and precision ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('which', ['dit', 'unet'])
+def test_gradients_are_finite_and_reach_every_parameter(which, perturbed_dit, perturbed_unet):
+  model = perturbed_dit if which == 'dit' else perturbed_unet
+  x, t, y = _inputs()
+  grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x, t, y) ** 2)))(model)
+  leaves = jax.tree.leaves(grads)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+  assert sum(int(jnp.any(g != 0)) for g in leaves) == len(leaves)
+
+
+@pytest.mark.parametrize('which', ['dit', 'unet'])
+def test_bf16_compute_close_to_f32(which):
+  make = _tiny_dit if which == 'dit' else _tiny_unet
+  f32 = _perturb(make())
+  bf16 = _perturb(make(dtype=jnp.bfloat16))
+  for a, b in zip(jax.tree.leaves(nnx.state(f32, nnx.Param)),
+                  jax.tree.leaves(nnx.state(bf16, nnx.Param))):
+    assert b.dtype == jnp.float32  # param_dtype stays f32
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  inputs = _inputs()
+  out32 = _forward(f32, *inputs)
+  out16 = _forward(bf16, *inputs)
+  chex.assert_type(out16, jnp.float32)
+  # bf16 has an 8-bit mantissa (relative step 2^-8 ≈ 0.4%); a few layers compound it to ~1–3%.
+  rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
+  assert rel < 0.03, rel
+
+
+def test_bf16_params():
+  model = _tiny_dit(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype('bfloat16')}
+  chex.assert_type(_forward(model, *_inputs()), jnp.float32)
+
+
+# ---- Errors, metadata, factory ----------------------------------------------------------------
+
+
+def test_dit_indivisible_size_raises_with_hint():
+  with pytest.raises(ValueError, match=r"30×30 is not divisible by patch size 4.*'S/2'"):
+    dit_lib.DiT('S/4', input_size=30, in_channels=1, num_classes=10, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'not divisible by 4'):
+    models.create_model('unet', input_size=30, in_channels=1, num_classes=10,
+                        rngs=nnx.Rngs(0), channels=(8, 16, 32))
+
+
+def test_unknown_names_raise():
+  with pytest.raises(ValueError, match=r"allowed: \['dit', 'unet'\]"):
+    models.create_model('vit', input_size=28, in_channels=1, num_classes=10, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='Unknown DiT variant'):
+    dit_lib.resolve_config('M/2', input_size=28, in_channels=1, num_classes=10)
+
+
+def test_overrides_apply():
+  cfg = dit_lib.resolve_config('S/2', input_size=(28, 32), in_channels=1, num_classes=10,
+                               width=64, depth=2, num_heads=4, patch_size=4, mlp_ratio=2.0)
+  assert (cfg.width, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.mlp_dim) == (64, 2, 4, 4, 128)
+  assert cfg.grid == (7, 8)
+
+
+@pytest.mark.parametrize('which', ['dit', 'unet'])
+def test_every_param_has_logical_names(which, dit_model):
+  model = dit_model if which == 'dit' else nnx.eval_shape(_tiny_unet)
+  names = jax.tree.leaves(
+      jax.tree.map(lambda v: (v.get_metadata().get('out_sharding'), v.shape),
+                   nnx.state(model, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable)),
+      is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2)
+  assert names
+  for logical, shape in names:
+    assert logical is not None and len(logical) == len(shape), (logical, shape)
+  if which == 'dit':
+    assert dit_model.blocks[0].fc1.kernel.get_metadata()['out_sharding'] == ('embed', 'mlp')
+    assert dit_model.blocks[0].attn.qkv.kernel.get_metadata()['out_sharding'] == ('embed', 'heads')

@@ -1,0 +1,179 @@
+"""Tests for guidedflow.sharding on 8 simulated CPU devices.
+
+conftest.py imports jax with one CPU device, so the multi-device checks run in one child
+process that sets XLA_FLAGS before importing jax and reports what it saw as JSON.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from guidedflow import sharding
+
+_CHILD = textwrap.dedent(r'''
+    import json, os
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from guidedflow import sharding
+    from guidedflow.models import create_model
+
+    cache = os.environ.get('GUIDEDFLOW_JAX_CACHE')
+    if cache:
+      jax.config.update('jax_compilation_cache_dir', cache)
+      jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+    def spec(a):
+      return [list(e) if isinstance(e, tuple) else e for e in a.sharding.spec]
+
+    def dit():
+      return create_model('dit', variant='test/4', input_size=16, in_channels=4,
+                          num_classes=10, width=64, rngs=nnx.Rngs(0))
+
+    report = {'num_devices': jax.device_count()}
+    for shape in [(2, 4, 1), (1, 4, 2)]:
+      mesh = sharding.make_mesh(shape)
+      model = sharding.create_sharded_model(dit, mesh)
+      block = model.blocks[0]
+      fc1 = block.fc1.kernel[...]
+      report[str(shape)] = {
+          'mesh': dict(mesh.shape),
+          'fc1': spec(fc1), 'fc1_shard': list(fc1.addressable_shards[0].data.shape),
+          'fc2': spec(block.fc2.kernel[...]),
+          'qkv': spec(block.attn.qkv.kernel[...]),
+          'proj': spec(block.attn.proj.kernel[...]),
+          'modulation': spec(block.modulation.kernel[...]),
+          'label': spec(model.label_embed.embedding[...]),
+          'patch': spec(model.patch_embed.kernel[...]),
+      }
+      # Sharded forward (batch over data × fsdp) equals the same model on one device.
+      params = nnx.state(model, nnx.Param)
+      leaves, treedef = jax.tree.flatten(params)
+      keys = jax.random.split(jax.random.key(1), len(leaves))
+      nnx.update(model, jax.tree.unflatten(
+          treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]))
+      host_state = jax.device_get(nnx.state(model))
+      local = nnx.merge(nnx.graphdef(model), jax.device_put(host_state, jax.devices()[0]))
+      x = jax.random.normal(jax.random.key(2), (8, 16, 16, 4))
+      t = jnp.linspace(0.0, 1.0, 8)
+      y = jnp.arange(8) % 11
+      forward = nnx.jit(lambda m, x, t, y: m(x, t, y))
+      out = forward(model, jax.device_put(x, sharding.batch_sharding(mesh)),
+                    jax.device_put(t, sharding.batch_sharding(mesh)),
+                    jax.device_put(y, sharding.batch_sharding(mesh)))
+      ref = forward(local, x, t, y)
+      report[str(shape)]['forward_max_diff'] = float(np.abs(np.asarray(out) - np.asarray(ref)).max())
+      report[str(shape)]['forward_max'] = float(jnp.abs(ref).max())
+      report[str(shape)]['out_devices'] = len(out.sharding.device_set)
+
+    mesh = sharding.make_mesh((1, 4, 2))
+    unet = sharding.create_sharded_model(lambda: create_model(
+        'unet', input_size=16, in_channels=1, num_classes=10, channels=(8, 16),
+        num_residual_layers=1, rngs=nnx.Rngs(0)), mesh)
+    report['unet_down'] = spec(unet.encoders[0].downsample.kernel[...])
+    report['unet_final'] = spec(unet.final_conv.kernel[...])  # 1 output channel: replicated
+
+    # Indivisible dims replicate; a mesh axis is not used twice in one spec.
+    rules = (('classes', 'fsdp'),) + sharding.DEFAULT_RULES
+    for num_classes in (10, 7):  # 11 rows (not divisible by 4) and 8 rows
+      abstract = nnx.eval_shape(lambda: create_model(
+          'dit', variant='test/4', input_size=16, in_channels=4, num_classes=num_classes,
+          width=64, rngs=nnx.Rngs(0)))
+      shardings = sharding.state_shardings(nnx.state(abstract), mesh, rules)
+      report[f'label_{num_classes}'] = [
+          list(e) if isinstance(e, tuple) else e
+          for e in shardings['label_embed']['embedding'].get_value().spec]
+
+    for bad in [(3, 1, 1), (-1, 3, 1), (2, 2)]:
+      try:
+        sharding.make_mesh(bad)
+        report[f'error_{bad}'] = None
+      except ValueError as e:
+        report[f'error_{bad}'] = str(e)
+    report['auto_shape'] = dict(sharding.make_mesh((-1, 2, 2)).shape)
+    print('REPORT' + json.dumps(report))
+''')
+
+
+@pytest.fixture(scope='module')
+def report():
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  env['GUIDEDFLOW_JAX_CACHE'] = os.path.abspath(
+      os.path.join(os.path.dirname(__file__), '..', '.jax_cache'))
+  result = subprocess.run([sys.executable, '-c', _CHILD], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-4000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith('REPORT')][-1]
+  return json.loads(line[len('REPORT'):])
+
+
+def test_eight_devices(report):
+  assert report['num_devices'] == 8
+
+
+@pytest.mark.parametrize('shape', ['(2, 4, 1)', '(1, 4, 2)'])
+def test_large_kernels_are_sharded(report, shape):
+  r = report[shape]
+  assert r['fc1'] == ['fsdp', 'tensor']
+  assert r['fc2'] == ['tensor', 'fsdp']
+  assert r['qkv'] == ['fsdp', 'tensor']
+  assert r['proj'] == ['tensor', 'fsdp']
+  assert r['modulation'] == ['fsdp', 'tensor']
+  assert r['label'] == [None, 'fsdp']
+  assert r['patch'] == [None, 'fsdp']
+  # (64, 256) kernel: width over fsdp = 4, MLP hidden over tensor.
+  assert r['fc1_shard'] == [64 // 4, 256 // r['mesh']['tensor']]
+
+
+@pytest.mark.parametrize('shape', ['(2, 4, 1)', '(1, 4, 2)'])
+def test_sharded_forward_matches_single_device(report, shape):
+  r = report[shape]
+  assert r['forward_max'] > 1e-3
+  assert r['forward_max_diff'] < 1e-4 * max(1.0, r['forward_max'])
+  assert r['out_devices'] == 8
+
+
+def test_unet_conv_kernels(report):
+  assert report['unet_down'] == [None, None, 'fsdp', 'tensor']
+  assert report['unet_final'] == [None, None, 'fsdp', None]
+
+
+def test_indivisible_dims_replicate_and_axes_not_reused(report):
+  assert report['label_10'] == [None, 'fsdp']   # 11 rows: not divisible by fsdp = 4
+  assert report['label_7'] == ['fsdp', None]    # 8 rows take fsdp; width can't reuse it
+
+
+def test_make_mesh(report):
+  assert 'needs 3 devices, but 8 are available' in report['error_(3, 1, 1)']
+  assert 'not divisible by 3' in report['error_(-1, 3, 1)']
+  assert 'must have 3 entries' in report['error_(2, 2)']
+  assert report['auto_shape'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
+
+
+# ---- Single-process checks (no devices needed) ------------------------------------------------
+
+
+def test_logical_to_mesh_spec():
+  assert sharding.logical_to_mesh_spec(('embed', 'mlp')) == P('fsdp', 'tensor')
+  assert sharding.logical_to_mesh_spec(('mlp', 'heads')) == P('tensor', None)  # no reuse
+  assert sharding.logical_to_mesh_spec((None, None, 'conv_in', 'conv_out')) == P(
+      None, None, 'fsdp', 'tensor')
+  assert sharding.logical_to_mesh_spec(('classes', 'unknown')) == P(None, None)
+  assert sharding.logical_to_mesh_spec(None) == P()
+  assert sharding.logical_to_mesh_spec(('embed',), rules=(('embed', ('data', 'fsdp')),)) == P(
+      ('data', 'fsdp'))
+
+
+def test_single_device_mesh_and_shardings():
+  mesh = sharding.make_mesh()
+  assert mesh.axis_names == sharding.MESH_AXES
+  assert sharding.batch_sharding(mesh).spec == P(('data', 'fsdp'))
+  assert sharding.replicated(mesh).spec == P()
