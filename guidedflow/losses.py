@@ -66,6 +66,15 @@ def _validate(label_dropout, t_eps):
     raise ValueError(f't_eps must be in [0, 0.5), got {t_eps}.')
 
 
+def _mean(squared_error, batch):
+  """Mean over elements; with `batch['mask']` (1 = real, 0 = padding) padded samples get 0 weight."""
+  if 'mask' not in batch:
+    return jnp.mean(squared_error)
+  mask = jnp.asarray(batch['mask'], jnp.float32)
+  per_sample = jnp.mean(squared_error.reshape(squared_error.shape[0], -1), axis=1)
+  return jnp.sum(per_sample * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def _draw(batch, key, *, path, null_label, label_dropout, time_sampler, time_sampler_kwargs,
           t_eps):
   """Shared draws: (z, y ← ∅ w.p. η, t, eps, x_t); t is clipped to [0, 1 − t_eps]."""
@@ -93,7 +102,8 @@ def cfm_loss(model_fn, batch, key, *, path, null_label, label_dropout=0.1,
 
   Args:
     model_fn: (x, t, y) -> velocity, shape of x; t has shape (B,).
-    batch: {'image': float (B, ...), 'label': int (B,)}.
+    batch: {'image': float (B, ...), 'label': int (B,)}, optionally 'mask' (B,) float, 1 = real
+      example, 0 = padding (padded examples do not count in the mean).
     key: PRNG key.
     path: GaussianPath or schedule name.
     null_label: index of ∅.
@@ -112,7 +122,7 @@ def cfm_loss(model_fn, batch, key, *, path, null_label, label_dropout=0.1,
       time_sampler=time_sampler, time_sampler_kwargs=time_sampler_kwargs, t_eps=t_eps)
   target = path.conditional_velocity_from_noise(z, eps, t)
   prediction = model_fn(x, t, labels)
-  loss = jnp.mean(jnp.square(prediction - target))
+  loss = _mean(jnp.square(prediction - target), batch)
   return loss, dict(metrics, loss=loss)
 
 
@@ -127,7 +137,7 @@ def dsm_loss(model_fn, batch, key, *, path, null_label, parameterization='noise'
 
   Args:
     model_fn: (x, t, y) -> score or noise prediction (per `parameterization`), shape of x.
-    batch: {'image': float (B, ...), 'label': int (B,)}.
+    batch: {'image': float (B, ...), 'label': int (B,)}, optionally 'mask' as in `cfm_loss`.
     key: PRNG key.
     path: GaussianPath or schedule name.
     null_label: index of ∅.
@@ -157,7 +167,7 @@ def dsm_loss(model_fn, batch, key, *, path, null_label, parameterization='noise'
     score = (prediction if parameterization == 'score'
              else path.score_from_noise(prediction, t))
     residual = score - path.conditional_score_from_noise(eps, t)
-  loss = jnp.mean(jnp.square(residual))
+  loss = _mean(jnp.square(residual), batch)
   return loss, dict(metrics, loss=loss)
 
 

@@ -30,10 +30,13 @@ _USER_ERRORS = (train.ConfigError, train.TrainingError, input_pipeline.DataError
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops INFO chatter of orbax (dozens of lines per save); keeps its warnings and errors."""
+  """Drops INFO chatter of orbax (dozens of lines per save) and JAX's backend probing
+  ("Unable to initialize backend 'tpu'" on every machine without one); keeps warnings/errors."""
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+    if record.levelno >= pylogging.WARNING:
+      return True
+    return not ('/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
 
 
 def main(argv):

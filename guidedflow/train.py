@@ -320,10 +320,12 @@ class Trainer:
     for i, batch in enumerate(input_pipeline.eval_batches(
         dataset, config.train.batch_size, num_batches=num_batches or None,
         sharding=self.batch_sharding)):
+      # Each batch's loss is the mean over its real examples; weight it by their number.
+      weight = float(np.sum(_to_host(batch['mask'])))
       with jax.set_mesh(self.mesh):
-        total += float(self._eval_loss(params, batch, jax.random.fold_in(key, i)))
-      count += 1
-    return total / max(count, 1)
+        total += weight * float(self._eval_loss(params, batch, jax.random.fold_in(key, i)))
+      count += weight
+    return total / max(count, 1.0)
 
 
 def _to_host(x):

@@ -169,3 +169,29 @@ def test_bad_arguments_raise(kwargs, argument):
   full.update(kwargs)
   with pytest.raises(ValueError, match=argument):
     call(**full)
+
+
+@pytest.mark.parametrize('parameterization', ['velocity', 'noise'])
+def test_mask_weights_out_padding(parameterization):
+  """Padded rows (mask 0) do not count: their content cannot change the loss, and the masked
+  loss is the mean of the real rows' per-sample losses."""
+  batch_size, real = 16, 10
+  images = jax.random.normal(jax.random.PRNGKey(3), (batch_size, 4, 4, 1))
+  mask = (jnp.arange(batch_size) < real).astype(jnp.float32)
+  labels = jnp.arange(batch_size, dtype=jnp.int32) % NUM_CLASSES
+  model_fn = lambda x, t, y: 0.5 * x  # pylint: disable=unnecessary-lambda-assignment
+  kw = dict(path='linear', parameterization=parameterization, null_label=NULL)
+  key = jax.random.PRNGKey(4)
+  loss_fn = functools.partial(losses.loss_fn, model_fn, key=key, **kw)
+
+  masked, _ = loss_fn({'image': images, 'label': labels, 'mask': mask})
+  garbage = images.at[real:].set(1e3)
+  masked_garbage, _ = loss_fn({'image': garbage, 'label': labels, 'mask': mask})
+  np.testing.assert_allclose(masked, masked_garbage, rtol=1e-6)
+  # All-ones mask = the unmasked mean.
+  full, _ = loss_fn({'image': images, 'label': labels})
+  full_masked, _ = loss_fn({'image': images, 'label': labels, 'mask': jnp.ones(batch_size)})
+  np.testing.assert_allclose(full, full_masked, rtol=1e-6)
+  # Unmasked, the garbage rows dominate.
+  unmasked_garbage, _ = loss_fn({'image': garbage, 'label': labels})
+  assert float(unmasked_garbage) > 100 * float(masked)
