@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "pillow>=10,<14",
     "tensorboardX>=2.6.2,<3",
     "matplotlib>=3.8,<4",
+    "ml-dtypes>=0.5,<1",  # bfloat16 in torch_weights.py without importing jax
 ]
 
 EXTRAS_REQUIRE = {
@@ -24,6 +25,10 @@ EXTRAS_REQUIRE = {
         "pytest>=8,<10",
         "pytest-xdist>=3.5,<4",
         "chex>=0.1.90,<0.2",
+        # tests/notebook_test.py executes notebooks/quickstart.ipynb.
+        "nbclient>=0.10,<0.12",
+        "nbformat>=5.10,<6",
+        "ipykernel>=6.29,<8",
     ],
 }
 

@@ -11,6 +11,9 @@ from ml_collections import config_dict
 def get_config():
   """Returns the default config (Fashion-MNIST-sized DiT; see fashion_mnist.py for the tuned one)."""
   config = ml_collections.ConfigDict()
+  # What guidedflow.main runs: 'generate' (this file: train/sample/evaluate a generative model)
+  # | 'classifier' (the feature network for the sample metrics; configs/fmnist_classifier.py).
+  config.task = 'generate'
 
   # ---- Model: u_θ(x|y) / s_θ(x|y) / ε_θ(x|y) depending on loss.parameterization.
   config.model = ml_collections.ConfigDict()
@@ -92,8 +95,22 @@ def get_config():
 
   # ---- Evaluation (--mode=evaluate and periodic).
   config.eval = ml_collections.ConfigDict()
-  config.eval.guidance_scales = (1.0, 2.0, 4.0)
+  # --mode=evaluate samples `samples_per_class` images per class from the EMA weights and
+  # measures them with a feature network against the real eval split: FD, per-class FD,
+  # precision/recall, density/coverage, class accuracy (see guidedflow/evaluate.py).
+  config.eval.feature_network = 'fmnist_classifier'  # 'fmnist_classifier' | 'inception_v3' | 'none' (held-out loss only)
+  config.eval.classifier_workdir = 'runs/fmnist_classifier'  # made by: python -m guidedflow.main --config configs/fmnist_classifier.py --workdir runs/fmnist_classifier
+  config.eval.inception_weights = config_dict.placeholder(str)  # inception_v3: path to pt_inception-2015-12-05-6726825d.pth
+  config.eval.reference_path = config_dict.placeholder(str)  # None: <workdir>/eval/reference_<split>_<network>_<n>.npz (cached)
+  config.eval.num_real_images = 10_000  # real images for the reference (eval split) and the floor (train split)
+  config.eval.samples_per_class = 100  # generated images per class for each evaluated setting
+  config.eval.guidance_scales = config_dict.placeholder(tuple)  # None: sampling.guidance_scale; several = guidance sweep, e.g. 1,1.5,2,3,4
+  config.eval.num_steps = config_dict.placeholder(tuple)  # steps sweep (quality vs NFE), e.g. 5,10,20,50; None: no sweep
+  config.eval.methods = config_dict.placeholder(tuple)  # samplers of the steps sweep; None: (sampling.method,)
+  config.eval.nearest_k = 3            # k of the k-NN precision/recall and density/coverage
+  config.eval.grid_rows_per_class = 2  # guidance_grid.png: rows per class, one column per w
   config.eval.num_batches = 20         # held-out loss: batches of train.batch_size (0 = whole split)
-  config.eval.every_steps = 0          # periodic held-out loss during training; 0 = only at the end
+  config.eval.every_steps = 0          # periodic evaluation during training (TensorBoard); 0 = only at the end
+  config.eval.periodic_samples_per_class = 20  # samples per class of the periodic evaluation (0: held-out loss only)
 
   return config

@@ -67,4 +67,6 @@ def get_config(variant='XL/2'):
   config.sampling.grid_samples_per_class = 4
   config.sampling.grid_classes = (88, 207, 279, 360, 387, 417, 812, 933, 974, 979)  # as DiT
   config.eval.guidance_scales = (1.0, 1.5, 2.0, 4.0)
+  config.eval.feature_network = 'inception_v3'  # FID; set --config.eval.inception_weights=PATH
+  config.eval.samples_per_class = 50  # 50k samples, the standard FID-50k
   return config

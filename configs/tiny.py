@@ -22,4 +22,5 @@ def get_config():
   config.sampling.grid_samples_per_class = 1
   config.checkpoint.every_steps = 2
   config.eval.num_batches = 2
+  config.eval.feature_network = 'none'  # tests that need one train a tiny classifier
   return config

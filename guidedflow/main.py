@@ -11,8 +11,12 @@ import jax
 from ml_collections import config_flags
 
 from guidedflow import checkpointing
+from guidedflow import evaluate
+from guidedflow import evaluation
 from guidedflow import input_pipeline
 from guidedflow import train
+from guidedflow import train_classifier
+from guidedflow.models import inception
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -26,7 +30,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 # Errors whose message already says what is wrong and how to fix it: no traceback.
 _USER_ERRORS = (train.ConfigError, train.TrainingError, input_pipeline.DataError,
-                checkpointing.CheckpointMismatchError, train.CheckpointNotFoundError)
+                checkpointing.CheckpointMismatchError, train.CheckpointNotFoundError,
+                train_classifier.ConfigError, train_classifier.TrainingError,
+                train_classifier.FeatureNetworkNotFoundError,
+                evaluation.ReferenceMismatchError, evaluate.EvaluationSetupError,
+                inception.InceptionWeightsNotFoundError)
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -39,6 +47,18 @@ class _QuietLibraries(pylogging.Filter):
     return not ('/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
 
 
+def _run_classifier(config):
+  """config.task='classifier': the feature network of the sample metrics."""
+  if FLAGS.mode == 'train':
+    print(json.dumps(train_classifier.train_and_evaluate(config, FLAGS.workdir)))
+  elif FLAGS.mode == 'evaluate':
+    print(json.dumps(train_classifier.evaluate(config, FLAGS.workdir), indent=2))
+  else:
+    raise train_classifier.ConfigError(
+        f"--mode={FLAGS.mode} does not apply to config.task='classifier' (the feature network "
+        'for the sample metrics): use --mode=train or --mode=evaluate.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -47,7 +67,9 @@ def main(argv):
                jax.process_count(), jax.devices())
   config = FLAGS.config
   try:
-    if FLAGS.mode == 'train':
+    if config.get('task', 'generate') == 'classifier':
+      _run_classifier(config)
+    elif FLAGS.mode == 'train':
       train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == 'sample':
       print(json.dumps(train.sample_and_save(config, FLAGS.workdir)))

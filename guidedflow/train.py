@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from guidedflow import checkpointing
+from guidedflow import evaluate as evaluate_lib
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
 from guidedflow import losses
@@ -38,6 +39,7 @@ _ALLOWED = {
     'optim.schedule': ('constant', 'cosine'),
     'sampling.method': ('euler', 'heun', 'euler_maruyama'),
     'sampling.sigma_schedule': ('constant', 'decreasing', 'path'),
+    'eval.feature_network': ('none', 'fmnist_classifier', 'inception_v3'),
 }
 
 
@@ -90,6 +92,23 @@ def validate_config(config):
   if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
     raise ConfigError(f'config.sampling.guidance_interval={interval!r} must be None or '
                       '(t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1.')
+  for key in ('eval.samples_per_class', 'eval.num_real_images', 'eval.nearest_k',
+              'eval.grid_rows_per_class'):
+    value = _get(config, key)
+    if not isinstance(value, int) or value < 1:
+      raise ConfigError(f'config.{key}={value!r} must be a positive integer.')
+  for w in config.eval.guidance_scales or ():
+    if not isinstance(w, (int, float)) or not math.isfinite(w):
+      raise ConfigError(f'config.eval.guidance_scales={config.eval.guidance_scales!r} must be '
+                        'numbers, e.g. --config.eval.guidance_scales=1,1.5,2,3,4')
+  for n in config.eval.num_steps or ():
+    if not isinstance(n, int) or n < 1:
+      raise ConfigError(f'config.eval.num_steps={config.eval.num_steps!r} must be positive '
+                        'integers, e.g. --config.eval.num_steps=5,10,20,50')
+  for method in config.eval.methods or ():
+    if method not in _ALLOWED['sampling.method']:
+      raise ConfigError(f'config.eval.methods={config.eval.methods!r}: {method!r} is not one of '
+                        f"{_ALLOWED['sampling.method']}.")
   batch, processes = config.train.batch_size, jax.process_count()
   if batch % processes:
     raise ConfigError(f'config.train.batch_size={batch} must be divisible by the number of '
@@ -424,6 +443,7 @@ def train_and_evaluate(config, workdir):
   if data_state is not None:
     iterator.set_state(data_state)
   writer = _Writer(os.path.join(workdir, 'tensorboard'))
+  periodic_eval = _PeriodicEval(config, workdir, trainer)
   base_key = jax.random.PRNGKey(config.train.seed)
   sample_key = jax.random.PRNGKey(config.sampling.seed)
   num_steps = config.train.num_steps
@@ -480,7 +500,13 @@ def train_and_evaluate(config, workdir):
       _write_grid(trainer, state, sample_key, workdir, writer, step)
       timings['sample_s'] += time.time() - t0
     if config.eval.every_steps and step % config.eval.every_steps == 0:
-      writer.scalars(step, {'eval/loss_ema': _heldout_loss(trainer, state, config)})
+      t0 = time.time()
+      scalars = {'eval/loss_ema': _heldout_loss(trainer, state, config)}
+      scalars.update(periodic_eval(state))
+      writer.scalars(step, scalars)
+      logging.info('eval at step %d: %s (%.1f s)', step,
+                   ', '.join(f'{k[5:]} {v:.4g}' for k, v in scalars.items()), time.time() - t0)
+      timings['sample_s'] += time.time() - t0
     if ckpt.should_stop(step):
       logging.warning('Preemption signal received: saving step %d and exiting.', step)
       save(step, force=True)
@@ -512,6 +538,33 @@ def train_and_evaluate(config, workdir):
   return state
 
 
+class _PeriodicEval:
+  """Sample metrics during training (small N); skipped, with one warning, without a network."""
+
+  def __init__(self, config, workdir, trainer):
+    self.config, self.workdir, self.trainer = config, workdir, trainer
+    self.enabled = (config.eval.feature_network != 'none' and
+                    config.eval.periodic_samples_per_class > 0)
+    self.evaluator = None
+
+  def __call__(self, state):
+    if not self.enabled:
+      return {}
+    if self.evaluator is None:
+      try:
+        eval_set = input_pipeline.create_dataset(self.config.input, self.config.input.eval_split)
+        self.evaluator = evaluate_lib.Evaluator(self.config, self.workdir, self.trainer, eval_set)
+      except FileNotFoundError as e:  # no classifier / Inception weights: keep training
+        logging.warning('Periodic sample metrics disabled: %s', e)
+        self.enabled = False
+        return {}
+    row, _, _ = self.evaluator.evaluate(
+        state['ema_params'], samples_per_class=self.config.eval.periodic_samples_per_class,
+        guidance_scale=self.config.sampling.guidance_scale)
+    return {f'eval/{k}': float(row[k]) for k in ('fd', 'precision', 'recall', 'accuracy')
+            if row.get(k) is not None}
+
+
 def _heldout_loss(trainer, state, config):
   eval_set = input_pipeline.create_dataset(config.input, config.input.eval_split)
   return trainer.eval_loss(state['ema_params'], eval_set, config.eval.num_batches)
@@ -539,7 +592,12 @@ def _format_seconds(seconds):
 # ----------------------------------------------------------------------------- sample / evaluate
 
 
-def _load_for_inference(config, workdir, split):
+def load_for_inference(config, workdir, split):
+  """(dataset of `split`, Trainer, newest train state) of a workdir; for sampling/evaluation.
+
+  Raises:
+    CheckpointNotFoundError: the workdir holds no checkpoint.
+  """
   dataset, trainer, ckpt = _setup(config, workdir, split=split)
   if ckpt.latest_step() is None:
     raise CheckpointNotFoundError(
@@ -556,7 +614,7 @@ def sample_and_save(config, workdir):
   Returns:
     Dict with the sampler settings, the number of samples, NFE and seconds taken.
   """
-  _, trainer, state = _load_for_inference(config, workdir, config.input.train_split)
+  _, trainer, state = load_for_inference(config, workdir, config.input.train_split)
   sconfig = config.sampling
   num, batch = sconfig.num_samples, min(sconfig.batch_size, sconfig.num_samples)
   labels = (np.arange(num) % trainer.num_classes).astype(np.int32)  # balanced classes
@@ -595,8 +653,11 @@ def sample_and_save(config, workdir):
 
 
 def evaluate(config, workdir):
-  """--mode=evaluate: held-out loss of the raw and EMA weights, as a JSON-able dict."""
-  dataset, trainer, state = _load_for_inference(config, workdir, config.input.eval_split)
+  """--mode=evaluate: held-out loss, and sample-quality metrics and sweeps (evaluate.py).
+
+  With `config.eval.feature_network='none'` only the held-out loss of the raw and EMA weights.
+  """
+  dataset, trainer, state = load_for_inference(config, workdir, config.input.eval_split)
   num_batches = config.eval.num_batches
   result = {
       'step': int(state['step']),
@@ -606,4 +667,7 @@ def evaluate(config, workdir):
       'loss': trainer.eval_loss(state['params'], dataset, num_batches),
       'parameterization': config.loss.parameterization,
   }
+  if config.eval.feature_network != 'none':
+    train_set = input_pipeline.create_dataset(config.input, config.input.train_split)
+    result.update(evaluate_lib.run(config, workdir, trainer, state, dataset, train_set))
   return result

@@ -1,0 +1,352 @@
+"""--mode=evaluate: sample from a trained model, measure sample quality, sweep w and the steps.
+
+The metrics themselves live in `evaluation.py`; this module runs them on a trained checkpoint:
+
+* a feature network (`config.eval.feature_network`): the Fashion-MNIST classifier guidedflow
+  trains itself (`configs/fmnist_classifier.py`) or Inception-v3 with user-provided weights;
+* reference features of the real held-out split (and of `num_real_images` training images for
+  the real-data floor), computed once and cached under `<workdir>/eval/`;
+* samples per class from the EMA weights with the configured sampler, measured by Fréchet
+  distance (FD, overall and per class), k-NN precision/recall, density/coverage and the class
+  accuracy of the samples under the classifier.
+
+`config.eval.guidance_scales` with several values runs a guidance sweep (table, figure, grid with
+one column per w); `config.eval.num_steps` runs a steps sweep (quality against NFE) for each of
+`config.eval.methods`. Everything lands in `<workdir>/eval/` next to the JSON printed by main.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import numpy as np
+
+from guidedflow import evaluation
+from guidedflow import images as images_lib
+
+FEATURE_NETWORKS = ('fmnist_classifier', 'inception_v3')
+
+
+class EvaluationSetupError(ValueError):
+  """Something evaluation needs is missing or misconfigured; the message names the fix."""
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def load_feature_network(config):
+  """The configured feature network, or a clear error naming the command that makes it."""
+  name = config.eval.feature_network
+  if name == 'fmnist_classifier':
+    from guidedflow import train_classifier  # pylint: disable=g-import-not-at-top
+    return train_classifier.load_feature_network(config.eval.classifier_workdir)
+  if name == 'inception_v3':
+    from guidedflow.models import inception  # pylint: disable=g-import-not-at-top
+    return inception.load_inception(config.eval.inception_weights or '')
+  raise EvaluationSetupError(f'config.eval.feature_network={name!r} is not one of '
+                             f'{FEATURE_NETWORKS}.')
+
+
+def _real_images(dataset, num_images):
+  """The first `num_images` images of a split as uint8 NHWC (deterministic), with labels."""
+  num_images = min(num_images, dataset.num_examples)
+  batch = dataset.get_batch(np.arange(num_images))
+  images = np.asarray(batch['image'])
+  if images.dtype != np.uint8:
+    images = images_lib.to_uint8(images.astype(np.float32) / 127.5 - 1.0)
+  return images, np.asarray(batch['label'], np.int32)
+
+
+def reference_features(config, network, dataset, workdir, num_images):
+  """Features (+ logits, labels) of real images of `dataset`, cached in <workdir>/eval/."""
+  num_images = min(num_images, dataset.num_examples)
+  meta = {'dataset': config.input.dataset, 'split': dataset.split,
+          'feature_network': network.name, 'num_images': int(num_images),
+          'feature_fingerprint': _fingerprint(network, dataset.image_shape)}
+  path = os.path.join(workdir, 'eval', f'reference_{dataset.split}_{network.name}_'
+                      f'{num_images}.npz')
+  if dataset.split == config.input.eval_split and config.eval.reference_path:
+    path = config.eval.reference_path
+  if not os.path.exists(path):
+    t0 = time.time()
+    images, labels = _real_images(dataset, num_images)
+    out = evaluation.compute_features(network, images)
+    if jax.process_index() == 0:
+      evaluation.save_reference(path, features=out['features'], logits=out['logits'],
+                                labels=labels, meta=meta)
+    logging.info('Reference features of %d %s images (%s) computed in %.1f s -> %s.',
+                 num_images, dataset.split, network.name, time.time() - t0, path)
+    return {'features': out['features'], 'logits': out['logits'], 'labels': labels,
+            'path': path, **_stats(out['features'])}
+  ref = evaluation.load_reference(path, expect_meta=meta)
+  ref = dict(ref)
+  ref['path'] = path
+  if 'mu' not in ref:
+    ref.update(_stats(ref['features']))
+  return ref
+
+
+def _fingerprint(network, image_shape):
+  """Identifies the network's weights (a retrained classifier must not reuse old references):
+  its features of two fixed probe images, to 4 significant digits."""
+  height, width, channels = image_shape
+  ramp = np.linspace(0, 255, height * width * channels).reshape(height, width, channels)
+  probe = np.stack([ramp, ramp[::-1, ::-1]]).astype(np.uint8)
+  features = np.asarray(network(probe)['features'], np.float64)
+  return f'{np.abs(features).sum():.4g}/{features[:, 0].sum():.4g}'
+
+
+def _stats(features):
+  mu, sigma = evaluation.feature_statistics(features)
+  return {'mu': mu, 'sigma': sigma}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+class Evaluator:
+  """Samples with a trainer's sampler and measures the samples against cached real features."""
+
+  def __init__(self, config, workdir, trainer, eval_dataset, train_dataset=None):
+    self.config = config
+    self.trainer = trainer
+    self.network = load_feature_network(config)
+    self.reference = reference_features(config, self.network, eval_dataset, workdir,
+                                        config.eval.num_real_images)
+    self.train_dataset = train_dataset
+    self.workdir = workdir
+
+  def real_data_floor(self):
+    """FD of `num_real_images` training images vs the held-out reference; real accuracy."""
+    result = {'accuracy': None, 'fd': None}
+    ref = self.reference
+    if ref.get('logits') is not None and ref.get('labels') is not None:
+      result['accuracy'] = evaluation.classification_accuracy(ref['logits'], ref['labels'])
+    if self.train_dataset is not None:
+      train_ref = reference_features(self.config, self.network, self.train_dataset,
+                                     self.workdir, self.config.eval.num_real_images)
+      result['fd'] = evaluation.frechet_distance(train_ref['mu'], train_ref['sigma'],
+                                                 ref['mu'], ref['sigma'])
+      result['num_train_images'] = int(train_ref['features'].shape[0])
+    result['num_eval_images'] = int(ref['features'].shape[0])
+    return result
+
+  def generate(self, params, samples_per_class, guidance_scale, *, method=None, num_steps=None,
+               seed=None):
+    """uint8 samples, balanced over classes, with the same noise for every w (same seed)."""
+    config = self.config.sampling
+    num_classes = self.trainer.num_classes
+    labels = np.tile(np.arange(num_classes, dtype=np.int32), samples_per_class)
+    num = len(labels)
+    batch = min(config.batch_size, num)
+    key = jax.random.PRNGKey(config.seed if seed is None else seed)
+    outputs, nfe, t_first, t0 = [], 0, 0.0, time.time()
+    for i, start in enumerate(range(0, num, batch)):
+      chunk = labels[start:start + batch]
+      padded = np.pad(chunk, (0, batch - len(chunk)))  # one compiled shape for every call
+      t_call = time.time()
+      samples, nfe = self.trainer.sample(params, jax.random.fold_in(key, i), padded,
+                                         float(guidance_scale), method=method,
+                                         num_steps=num_steps)
+      outputs.append(images_lib.to_uint8(_to_host(samples))[:len(chunk)])
+      if i == 0:
+        t_first = time.time() - t_call
+    seconds = time.time() - t0
+    steady = seconds - t_first  # throughput without the first call (it includes the compile)
+    images_per_s = (num - min(batch, num)) / steady if num > batch and steady > 0 else (
+        num / max(seconds, 1e-9))
+    return np.concatenate(outputs), labels, {'nfe': nfe, 'sample_seconds': round(seconds, 2),
+                                             'images_per_s': round(images_per_s, 2)}
+
+  def measure(self, images, labels):
+    """Metrics of uint8 `images` with intended class `labels` against the reference."""
+    out = evaluation.compute_features(self.network, images)
+    ref = self.reference
+    features = out['features']
+    mu, sigma = evaluation.feature_statistics(features)
+    metrics = {'fd': evaluation.frechet_distance(mu, sigma, ref['mu'], ref['sigma'])}
+    if ref.get('labels') is not None:
+      per_class = []
+      for c in range(self.trainer.num_classes):
+        fake, real = features[labels == c], ref['features'][ref['labels'] == c]
+        if len(fake) > 1 and len(real) > 1:
+          per_class.append(round(evaluation.fid_from_features(real, fake), 4))
+        else:
+          per_class.append(None)
+      metrics['fd_per_class'] = per_class
+    # k-NN metrics compare sets of equal size: a fixed random subset of the reference.
+    rng = np.random.default_rng(0)
+    real = ref['features']
+    if len(real) > len(features):
+      real = real[np.sort(rng.choice(len(real), len(features), replace=False))]
+    k = self.config.eval.nearest_k
+    metrics.update(evaluation.precision_recall(real, features, k=k))
+    metrics.update(evaluation.density_coverage(real, features, k=k))
+    if out.get('logits') is not None:
+      metrics['accuracy'] = evaluation.classification_accuracy(out['logits'], labels)
+    return {key: (round(float(v), 5) if isinstance(v, (float, np.floating)) else v)
+            for key, v in metrics.items()}
+
+  def evaluate(self, params, *, samples_per_class, guidance_scale, method=None, num_steps=None):
+    """Samples and measures one sampler setting; returns (row dict, uint8 images, labels)."""
+    sconfig = self.config.sampling
+    images, labels, timing = self.generate(params, samples_per_class, guidance_scale,
+                                           method=method, num_steps=num_steps)
+    row = {
+        'guidance_scale': float(guidance_scale), 'method': method or sconfig.method,
+        'num_steps': int(num_steps or sconfig.num_steps), 'sigma_schedule': sconfig.sigma_schedule,
+        'sigma': float(sconfig.sigma),
+        'guidance_interval': (list(sconfig.guidance_interval)
+                              if sconfig.guidance_interval is not None else None),
+        'seed': int(sconfig.seed), 'num_samples': int(len(labels)), **timing,
+    }
+    row.update(self.measure(images, labels))
+    return row, images, labels
+
+
+def _to_host(x):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+# ----------------------------------------------------------------------------- sweeps + files
+
+
+_COLUMNS = (('guidance_scale', 'w'), ('method', 'method'), ('num_steps', 'steps'),
+            ('nfe', 'NFE'), ('fd', 'FD'), ('precision', 'precision'), ('recall', 'recall'),
+            ('density', 'density'), ('coverage', 'coverage'), ('accuracy', 'accuracy'),
+            ('images_per_s', 'img/s'))
+
+
+def markdown_table(rows):
+  """A markdown table of sweep rows (the columns every row has)."""
+  columns = [(key, title) for key, title in _COLUMNS if all(key in r for r in rows)]
+  lines = ['| ' + ' | '.join(title for _, title in columns) + ' |',
+           '|' + '|'.join('---' for _ in columns) + '|']
+  for r in rows:
+    cells = []
+    for key, _ in columns:
+      value = r[key]
+      cells.append(f'{value:.4g}' if isinstance(value, float) else str(value))
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def _plot(path, rows, x_key, x_label, title, group_key=None, log_x=False):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  groups = {}
+  for r in rows:
+    groups.setdefault(r[group_key] if group_key else '', []).append(r)
+  right = [k for k in ('accuracy', 'precision', 'recall', 'coverage') if k in rows[0]]
+  fig, axes = plt.subplots(1, 1 + bool(right), figsize=(10 if right else 5, 3.6))
+  axes = np.atleast_1d(axes)
+  for name, group in groups.items():
+    xs = [r[x_key] for r in group]
+    axes[0].plot(xs, [r['fd'] for r in group], 'o-', label=f'FD {name}'.strip())
+    for k in right:
+      axes[1].plot(xs, [r[k] for r in group], 'o-', label=f'{k} {name}'.strip())
+  axes[0].set_ylabel('FD (lower is better)')
+  axes[0].set_yscale('log')
+  for ax in axes:
+    ax.set_xlabel(x_label)
+    if log_x:
+      ax.set_xscale('log')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  if right:
+    axes[1].set_ylim(0, 1.02)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _write(path, text):
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      f.write(text)
+
+
+def run(config, workdir, trainer, state, eval_dataset, train_dataset, *, guidance=True):
+  """Evaluation for --mode=evaluate; returns the JSON-able result (also written to files).
+
+  `guidance=False` skips the guidance part (single w or sweep) and runs only the steps sweep.
+  """
+  evaluator = Evaluator(config, workdir, trainer, eval_dataset, train_dataset)
+  params = state['ema_params']
+  out_dir = os.path.join(workdir, 'eval')
+  per_class = config.eval.samples_per_class
+  scales = tuple(config.eval.guidance_scales or (config.sampling.guidance_scale,))
+  result = {'step': int(state['step']), 'feature_network': evaluator.network.name,
+            'reference': evaluator.reference['path'],
+            'samples_per_class': per_class, 'real_data': evaluator.real_data_floor()}
+  logging.info('Real data: %s', json.dumps(result['real_data']))
+
+  rows, grid_columns = [], []
+  for w in (scales if guidance else ()):
+    row, images, labels = evaluator.evaluate(params, samples_per_class=per_class,
+                                             guidance_scale=w)
+    logging.info('w=%g: %s', w, json.dumps({k: row[k] for k in row if k != 'fd_per_class'}))
+    rows.append(row)
+    grid_columns.append(_first_per_class(images, labels, trainer.num_classes,
+                                         config.eval.grid_rows_per_class))
+  if len(rows) == 1:
+    result.update(rows[0])
+  elif rows:
+    result['guidance_sweep'] = rows
+    _write(os.path.join(out_dir, 'guidance_sweep.json'), json.dumps(rows, indent=2))
+    _write(os.path.join(out_dir, 'guidance_sweep.md'), markdown_table(rows))
+    if jax.process_index() == 0:
+      _plot(os.path.join(out_dir, 'guidance_sweep.png'), rows, 'guidance_scale',
+            'guidance scale w', f'{config.input.dataset}: quality vs w '
+            f'({rows[0]["method"]}, {rows[0]["num_steps"]} steps, {rows[0]["num_samples"]} '
+            'samples)')
+      grid = _column_grid(grid_columns)
+      images_lib.save_png(os.path.join(out_dir, 'guidance_grid.png'), grid, upscale=2)
+    logging.info('Guidance sweep:\n%s', markdown_table(rows))
+
+  if config.eval.num_steps:
+    methods = tuple(config.eval.methods or (config.sampling.method,))
+    step_rows = []
+    for method in methods:
+      if method == 'euler_maruyama' and not config.sampling.sigma:
+        logging.warning('euler_maruyama with config.sampling.sigma=0 is the Euler ODE sampler; '
+                        'set --config.sampling.sigma (and sigma_schedule) for an SDE.')
+      for num_steps in config.eval.num_steps:
+        row, _, _ = evaluator.evaluate(params, samples_per_class=per_class,
+                                       guidance_scale=config.sampling.guidance_scale,
+                                       method=method, num_steps=int(num_steps))
+        logging.info('%s %d steps: %s', method, num_steps,
+                     json.dumps({k: row[k] for k in row if k != 'fd_per_class'}))
+        step_rows.append(row)
+    result['steps_sweep'] = step_rows
+    _write(os.path.join(out_dir, 'steps_sweep.json'), json.dumps(step_rows, indent=2))
+    _write(os.path.join(out_dir, 'steps_sweep.md'), markdown_table(step_rows))
+    if jax.process_index() == 0:
+      _plot(os.path.join(out_dir, 'steps_sweep.png'), step_rows, 'nfe', 'NFE per sample',
+            f'{config.input.dataset}: quality vs NFE (w = {config.sampling.guidance_scale})',
+            group_key='method', log_x=True)
+    logging.info('Steps sweep:\n%s', markdown_table(step_rows))
+
+  _write(os.path.join(out_dir, 'evaluate.json'), json.dumps(result, indent=2))
+  return result
+
+
+def _first_per_class(images, labels, num_classes, rows_per_class):
+  """(num_classes * rows_per_class) images: the first samples of each class, class-major."""
+  picked = [images[labels == c][:rows_per_class] for c in range(num_classes)]
+  return np.concatenate(picked)
+
+
+def _column_grid(columns):
+  """Grid with one column per guidance scale; rows are samples (class-major)."""
+  stacked = np.stack(columns, axis=1)  # (rows, w, H, W, C)
+  rows, cols = stacked.shape[:2]
+  return images_lib.make_grid(stacked.reshape((-1,) + stacked.shape[2:]), rows=rows, cols=cols)

@@ -1,0 +1,157 @@
+"""--mode=evaluate plumbing: reference cache, metrics of real images, sweeps and their files.
+
+The feature network here is a fixed random projection of the pixels with a nearest-centroid
+classifier on top (fitted on the reference images), so these tests do not depend on a trained
+classifier; `classifier_test.py` covers the real one and `evaluation_test.py` the metrics.
+"""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import tiny
+from guidedflow import evaluate
+from guidedflow import evaluation
+from guidedflow import input_pipeline
+from guidedflow import train
+
+NUM_REAL = 200
+
+
+class PixelFeatures:
+  """Random projection of the pixels (16-d) + nearest-centroid logits."""
+
+  def __init__(self, name='pixels'):
+    self.name = name
+    self.projection = np.random.default_rng(0).normal(size=(28 * 28, 16)).astype(np.float32)
+    self.centroids = None
+    self.calls = 0
+
+  def _features(self, images):
+    return (images.reshape(len(images), -1).astype(np.float32) / 255.0) @ self.projection
+
+  def fit(self, images, labels):
+    features = self._features(images)
+    self.centroids = np.stack([features[labels == c].mean(0) for c in range(10)])
+
+  def __call__(self, images):
+    self.calls += 1
+    features = self._features(images)
+    logits = -((features[:, None, :] - self.centroids[None]) ** 2).sum(-1)
+    return {'features': features, 'logits': logits.astype(np.float32)}
+
+
+def _config(**eval_overrides):
+  config = tiny.get_config()
+  config.eval.feature_network = 'fmnist_classifier'  # replaced by PixelFeatures below
+  config.eval.num_real_images = NUM_REAL
+  config.eval.samples_per_class = 2
+  config.eval.grid_rows_per_class = 1
+  for key, value in eval_overrides.items():
+    setattr(config.eval, key, value)
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny checkpoint (2 steps) and its trainer/state, shared by the tests."""
+  workdir = str(tmp_path_factory.mktemp('evaluate'))
+  config = tiny.get_config()
+  config.train.num_steps = 2
+  train.train_and_evaluate(config, workdir)
+  eval_set, trainer, state = train.load_for_inference(config, workdir, 'test')
+  network = PixelFeatures()
+  real, labels = evaluate._real_images(eval_set, NUM_REAL)  # pylint: disable=protected-access
+  network.fit(real, labels)
+  return workdir, eval_set, trainer, state, network
+
+
+@pytest.fixture
+def network(trained, monkeypatch):
+  net = trained[4]
+  monkeypatch.setattr(evaluate, 'load_feature_network', lambda config: net)
+  return net
+
+
+def test_real_images_measure_as_perfect_samples(trained, network, tmp_path):
+  _, eval_set, trainer, _, _ = trained
+  evaluator = evaluate.Evaluator(_config(), str(tmp_path), trainer, eval_set)
+  real, labels = evaluate._real_images(eval_set, NUM_REAL)  # pylint: disable=protected-access
+  metrics = evaluator.measure(real, labels)
+  assert metrics['fd'] < 1e-6
+  assert metrics['precision'] == 1.0 and metrics['recall'] == 1.0
+  assert metrics['coverage'] == 1.0
+  assert max(fd for fd in metrics['fd_per_class'] if fd is not None) < 1e-6
+  floor = evaluator.real_data_floor()
+  # The samples' accuracy is the classifier's accuracy on the real images: the same number.
+  assert metrics['accuracy'] == pytest.approx(floor['accuracy'], abs=1e-6)
+  assert floor['accuracy'] > 0.4  # nearest centroid on pixels is well above chance (0.1)
+  shuffled = evaluator.measure(real, np.random.default_rng(1).permutation(labels))
+  assert shuffled['accuracy'] < floor['accuracy'] - 0.2
+  assert shuffled['fd'] < 1e-6  # FD ignores the labels; per-class FD does not
+  assert max(shuffled['fd_per_class']) > 10 * max(1e-9, max(metrics['fd_per_class']))
+
+
+def test_reference_is_cached_and_checked(trained, network, tmp_path):
+  _, eval_set, trainer, _, _ = trained
+  config = _config()
+  calls = network.calls
+  evaluate.Evaluator(config, str(tmp_path), trainer, eval_set)
+  first = network.calls - calls
+  assert first > 1  # the fingerprint probe + the reference images
+  evaluate.Evaluator(config, str(tmp_path), trainer, eval_set)
+  assert network.calls - calls == first + 1  # second time: only the probe; loaded from eval/
+  path = os.path.join(tmp_path, 'eval', f'reference_test_pixels_{NUM_REAL}.npz')
+  assert os.path.exists(path)
+  other = PixelFeatures(name='inception_v3')
+  other.centroids = network.centroids
+  config = _config(reference_path=path)
+  with pytest.raises(evaluation.ReferenceMismatchError, match='feature_network'):
+    evaluate.reference_features(config, other, eval_set, str(tmp_path), NUM_REAL)
+  # Same name, other weights (a retrained classifier): the fingerprint differs.
+  retrained = PixelFeatures()
+  retrained.projection, retrained.centroids = retrained.projection * 1.5, network.centroids
+  with pytest.raises(evaluation.ReferenceMismatchError, match='feature_fingerprint'):
+    evaluate.reference_features(config, retrained, eval_set, str(tmp_path), NUM_REAL)
+
+
+def test_guidance_and_steps_sweeps_write_tables_figures_and_grid(trained, network, tmp_path):
+  _, eval_set, trainer, state, _ = trained
+  config = _config(guidance_scales=(1.0, 3.0), num_steps=(1, 2), methods=('euler', 'heun'))
+  train_set = input_pipeline.create_dataset(config.input, 'train')
+  result = evaluate.run(config, str(tmp_path), trainer, state, eval_set, train_set)
+  out = os.path.join(tmp_path, 'eval')
+
+  sweep = result['guidance_sweep']
+  assert [r['guidance_scale'] for r in sweep] == [1.0, 3.0]
+  for r in sweep:
+    assert r['num_samples'] == 20 and r['method'] == config.sampling.method
+    assert 0 <= r['precision'] <= 1 and 0 <= r['recall'] <= 1 and np.isfinite(r['fd'])
+    assert len(r['fd_per_class']) == 10
+  assert json.load(open(os.path.join(out, 'guidance_sweep.json'))) == sweep
+  table = open(os.path.join(out, 'guidance_sweep.md')).read().splitlines()
+  assert table[0].startswith('| w |') and len(table) == 2 + len(sweep)
+  figure = Image.open(os.path.join(out, 'guidance_sweep.png'))
+  assert figure.size[0] > 400 and figure.size[1] > 200
+  grid = np.asarray(Image.open(os.path.join(out, 'guidance_grid.png')))
+  assert grid.shape[:2] == (2 * (10 * (28 + 1) + 1), 2 * (2 * (28 + 1) + 1))  # 10 rows, 2 w
+
+  # Steps sweep: NFE counts the CFG doubling (Euler 2N, Heun 2(2N − 1)).
+  nfe = {(r['method'], r['num_steps']): r['nfe'] for r in result['steps_sweep']}
+  assert nfe == {('euler', 1): 2, ('euler', 2): 4, ('heun', 1): 2, ('heun', 2): 6}
+  assert os.path.exists(os.path.join(out, 'steps_sweep.png'))
+  assert json.load(open(os.path.join(out, 'evaluate.json')))['step'] == 2
+  floor = result['real_data']
+  assert floor['num_train_images'] == NUM_REAL and floor['fd'] > 0
+
+
+def test_bad_eval_config_is_refused():
+  config = _config(methods=('rk4',))
+  with pytest.raises(train.ConfigError, match='eval.methods'):
+    train.validate_config(config)
+  config = _config(num_steps=(0,))
+  with pytest.raises(train.ConfigError, match='eval.num_steps'):
+    train.validate_config(config)
