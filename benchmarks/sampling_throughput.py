@@ -81,6 +81,7 @@ def main():
                       help=f'comma-separated subset of {sorted(CASES)} (default: unet,dit-T/4)')
   parser.add_argument('--methods', default=','.join(METHODS))
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--batch', type=int, default=None, help='override every case\'s batch')
   args = parser.parse_args()
 
   if args.smoke:
@@ -90,7 +91,8 @@ def main():
     cases = {k: cases[k] for k in (args.cases or 'unet,dit-T/4').split(',')}
   rows = [benchmark_case(name, kwargs, batch, method, num_steps, repeats,
                          jnp.dtype(args.dtype))
-          for name, (kwargs, batch) in cases.items() for method in args.methods.split(',')]
+          for name, (kwargs, batch) in cases.items() for method in args.methods.split(',')
+          for batch in [args.batch or batch]]
   device = jax.local_devices()[0]
   report = dict(device=f'{device.platform}:{device.device_kind}', jax=jax.__version__,
                 guidance_scale=2.0, rows=rows)

@@ -155,3 +155,39 @@ def test_bad_eval_config_is_refused():
   config = _config(num_steps=(0,))
   with pytest.raises(train.ConfigError, match='eval.num_steps'):
     train.validate_config(config)
+
+
+def test_periodic_sample_metrics_reach_tensorboard(network, tmp_path, monkeypatch):
+  logged = {}
+
+  class RecordingWriter:
+    def __init__(self, logdir):
+      del logdir
+
+    def scalars(self, step, values):
+      logged.setdefault(step, {}).update(values)
+
+    def image(self, step, name, image):
+      pass
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(train, '_Writer', RecordingWriter)
+  config = _config()
+  config.train.num_steps = 2
+  config.eval.every_steps = 1
+  config.eval.periodic_samples_per_class = 2
+  train.train_and_evaluate(config, str(tmp_path))
+  for step in (1, 2):
+    assert {'eval/loss_ema', 'eval/fd', 'eval/precision', 'eval/recall',
+            'eval/accuracy'} <= set(logged[step]), logged[step]
+    assert np.isfinite(logged[step]['eval/fd'])
+
+
+def test_periodic_eval_without_feature_network_keeps_training(tmp_path, monkeypatch):
+  config = _config(classifier_workdir=str(tmp_path / 'no_classifier'))
+  config.train.num_steps = 2
+  config.eval.every_steps = 1
+  state = train.train_and_evaluate(config, str(tmp_path / 'run'))  # warns once, trains on
+  assert int(state['step']) == 2
