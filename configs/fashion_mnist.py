@@ -37,18 +37,20 @@ def get_config(variant='unet'):
   config.loss.label_dropout = 0.1
   config.loss.time_sampler = 'logit_normal'
 
-  # ~2.25 s/step for the U-Net on a 2-core CPU: 600 steps + two sample grids + evaluation is
-  # about 25 minutes (measured timings in the README).
-  config.train.num_steps = 600
-  config.train.batch_size = 128
-  config.train.log_every_steps = 25
-  config.train.sample_every_steps = 300
+  # Small batches, many updates: on a 2-core CPU the U-Net trains at ~58 img/s whatever the
+  # batch, and in this short budget more optimizer steps beat bigger batches (4.5-minute pilots:
+  # batch 32 reached loss 0.38 in 450 steps, batch 128 0.56 in 300 steps of a 4× cheaper
+  # U-Net). 2,400 steps at ~0.55 s/step + two sample grids + evaluation is ~25 minutes.
+  config.train.num_steps = 2_400
+  config.train.batch_size = 32
+  config.train.log_every_steps = 100
+  config.train.sample_every_steps = 1_200
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 100
   config.optim.schedule = 'cosine'
   config.optim.final_lr_factor = 0.05
   config.optim.ema_decay = 0.999
-  config.checkpoint.every_steps = 200
+  config.checkpoint.every_steps = 600
 
   config.sampling.method = 'heun'
   config.sampling.num_steps = 25
