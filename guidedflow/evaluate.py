@@ -252,7 +252,6 @@ def _plot(path, rows, x_key, x_label, title, group_key=None, log_x=False):
     for k in right:
       axes[1].plot(xs, [r[k] for r in group], 'o-', label=f'{k} {name}'.strip())
   axes[0].set_ylabel('FD (lower is better)')
-  axes[0].set_yscale('log')
   for ax in axes:
     ax.set_xlabel(x_label)
     if log_x:
