@@ -12,6 +12,7 @@ through unchanged), labels as int32 in [0, num_classes).
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import gzip
 import logging
@@ -148,7 +149,7 @@ def load_fashion_mnist(data_dir: str | None = None,
 # Datasets: random access by example index.
 
 
-class Dataset:
+class Dataset(abc.ABC):
   """Random-access dataset: `get_batch(indices)` gathers examples in the given order."""
 
   name: str
@@ -157,9 +158,9 @@ class Dataset:
   image_shape: tuple[int, int, int]
   num_classes: int
 
+  @abc.abstractmethod
   def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """Returns {'image': (n, H, W, C) in the stored dtype, 'label': int32 (n,)}."""
-    raise NotImplementedError
 
   def __len__(self) -> int:
     return self.num_examples

@@ -1,5 +1,6 @@
 """Gaussian probability paths x_t = alpha_t z + beta_t eps and conversions between predictions."""
 
+import abc
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -32,7 +33,7 @@ def expand_time(t, x):
   return jnp.reshape(t, t.shape + (1,) * (x.ndim - t.ndim))
 
 
-class GaussianPath:
+class GaussianPath(abc.ABC):
   """Base class: x_t = alpha_t z + beta_t eps, t = 0 noise, t = 1 data.
 
   Subclasses define `alpha`, `beta`, `alpha_dot`, `beta_dot` (analytic, elementwise in t).
@@ -43,17 +44,21 @@ class GaussianPath:
 
   name: str
 
+  @abc.abstractmethod
   def alpha(self, t):
-    raise NotImplementedError
+    """α_t of the schedule."""
 
+  @abc.abstractmethod
   def beta(self, t):
-    raise NotImplementedError
+    """β_t of the schedule."""
 
+  @abc.abstractmethod
   def alpha_dot(self, t):
-    raise NotImplementedError
+    """dα/dt of the schedule."""
 
+  @abc.abstractmethod
   def beta_dot(self, t):
-    raise NotImplementedError
+    """dβ/dt of the schedule."""
 
   def wronskian(self, t):
     """alpha_dot beta − beta_dot alpha (> 0); finite on [0, 1] (linear, cosine), [0, 1) (vp).
