@@ -139,26 +139,20 @@ class Evaluator:
     config = self.config.sampling
     num_classes = self.trainer.num_classes
     labels = np.tile(np.arange(num_classes, dtype=np.int32), samples_per_class)
-    num = len(labels)
-    batch = min(config.batch_size, num)
+    num, batch = len(labels), min(config.batch_size, len(labels))
     key = jax.random.PRNGKey(config.seed if seed is None else seed)
-    outputs, nfe, t_first, t0 = [], 0, 0.0, time.time()
-    for i, start in enumerate(range(0, num, batch)):
-      chunk = labels[start:start + batch]
-      padded = np.pad(chunk, (0, batch - len(chunk)))  # one compiled shape for every call
-      t_call = time.time()
-      samples, nfe = self.trainer.sample(params, jax.random.fold_in(key, i), padded,
-                                         float(guidance_scale), method=method,
-                                         num_steps=num_steps)
-      outputs.append(images_lib.to_uint8(_to_host(samples))[:len(chunk)])
-      if i == 0:
-        t_first = time.time() - t_call
+    t0 = time.time()
+    images, nfe, first_call_s = self.trainer.sample_images(
+        params, key, labels, float(guidance_scale), batch_size=config.batch_size,
+        method=method, num_steps=num_steps)
     seconds = time.time() - t0
-    steady = seconds - t_first  # throughput without the first call (it includes the compile)
-    images_per_s = (num - min(batch, num)) / steady if num > batch and steady > 0 else (
-        num / max(seconds, 1e-9))
-    return np.concatenate(outputs), labels, {'nfe': nfe, 'sample_seconds': round(seconds, 2),
-                                             'images_per_s': round(images_per_s, 2)}
+    steady = seconds - first_call_s  # throughput without the first call (it includes the compile)
+    if num > batch and steady > 0:
+      images_per_s = (num - batch) / steady
+    else:
+      images_per_s = num / max(seconds, 1e-9)
+    return images, labels, {'nfe': nfe, 'sample_seconds': round(seconds, 2),
+                            'images_per_s': round(images_per_s, 2)}
 
   def measure(self, images, labels):
     """Metrics of uint8 `images` with intended class `labels` against the reference."""
@@ -204,13 +198,6 @@ class Evaluator:
     }
     row.update(self.measure(images, labels))
     return row, images, labels
-
-
-def _to_host(x):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
 
 
 # ----------------------------------------------------------------------------- sweeps + files

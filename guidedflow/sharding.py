@@ -147,3 +147,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   """Fully replicated on `mesh`."""
   return NamedSharding(mesh, PartitionSpec())
+
+
+def to_host(x) -> np.ndarray:
+  """A global array as host numpy; across processes, gathered from all of them."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))

@@ -314,6 +314,30 @@ class Trainer:
                                              jnp.float32(guidance_scale), jnp.float32(sigma))
     return samples, int(nfe)
 
+  def sample_images(self, params, key, labels, guidance_scale, *, batch_size, **options):
+    """uint8 samples for any number of labels, in padded batches of one compiled shape.
+
+    Batch i uses key fold_in(key, i), so equal seeds give equal noise for every w.
+
+    Returns:
+      (uint8 images (N, H, W, C), NFE per sample, seconds of the first call (with compile)).
+    """
+    labels = np.asarray(labels, np.int32)
+    batch = min(batch_size, len(labels))
+    outputs, nfe, first_call_s = [], 0, 0.0
+    for i, start in enumerate(range(0, len(labels), batch)):
+      chunk = labels[start:start + batch]
+      padded = np.pad(chunk, (0, batch - len(chunk)))  # one compiled shape for every call
+      t0 = time.time()
+      samples, nfe = self.sample(params, jax.random.fold_in(key, i), padded, guidance_scale,
+                                 **options)
+      outputs.append(images_lib.to_uint8(sharding.to_host(samples))[:len(chunk)])
+      if i == 0:
+        first_call_s = time.time() - t0
+      logging.log_every_n_seconds(logging.INFO, 'Sampled %d/%d images.', 30,
+                                  start + len(chunk), len(labels))
+    return np.concatenate(outputs), nfe, first_call_s
+
   def guidance_grid(self, params, key, scales):
     """uint8 grid: one row per class, one block of columns per guidance scale (same noise)."""
     per_class = self.config.sampling.grid_samples_per_class
@@ -323,7 +347,7 @@ class Trainer:
     blocks = []
     for w in scales:
       samples, _ = self.sample(params, key, labels, float(w))
-      blocks.append(images_lib.to_uint8(_to_host(samples)))
+      blocks.append(images_lib.to_uint8(sharding.to_host(samples)))
     return images_lib.make_guidance_grid(blocks, num_classes=len(classes),
                                          samples_per_class=per_class)
 
@@ -340,18 +364,11 @@ class Trainer:
         dataset, config.train.batch_size, num_batches=num_batches or None,
         sharding=self.batch_sharding)):
       # Each batch's loss is the mean over its real examples; weight it by their number.
-      weight = float(np.sum(_to_host(batch['mask'])))
+      weight = float(np.sum(sharding.to_host(batch['mask'])))
       with jax.set_mesh(self.mesh):
         total += weight * float(self._eval_loss(params, batch, jax.random.fold_in(key, i)))
       count += weight
     return total / max(count, 1.0)
-
-
-def _to_host(x):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
 
 
 # ----------------------------------------------------------------------------- setup
@@ -616,19 +633,13 @@ def sample_and_save(config, workdir):
   """
   _, trainer, state = load_for_inference(config, workdir, config.input.train_split)
   sconfig = config.sampling
-  num, batch = sconfig.num_samples, min(sconfig.batch_size, sconfig.num_samples)
+  num = sconfig.num_samples
   labels = (np.arange(num) % trainer.num_classes).astype(np.int32)  # balanced classes
-  key = jax.random.PRNGKey(sconfig.seed)
-  outputs, t0, nfe = [], time.time(), 0
-  for i, start in enumerate(range(0, num, batch)):
-    chunk = labels[start:start + batch]
-    padded = np.pad(chunk, (0, batch - len(chunk)))  # one compiled shape for every call
-    samples, nfe = trainer.sample(state['ema_params'], jax.random.fold_in(key, i), padded,
-                                  sconfig.guidance_scale)
-    outputs.append(images_lib.to_uint8(_to_host(samples))[:len(chunk)])
-    logging.info('Sampled %d/%d images.', min(start + batch, num), num)
+  t0 = time.time()
+  images, nfe, _ = trainer.sample_images(state['ema_params'], jax.random.PRNGKey(sconfig.seed),
+                                         labels, sconfig.guidance_scale,
+                                         batch_size=sconfig.batch_size)
   seconds = time.time() - t0
-  images = np.concatenate(outputs)
   out_dir = os.path.join(workdir, 'samples')
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)

@@ -5,17 +5,15 @@ import os
 import subprocess
 import sys
 
-import jax
+from tests import subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 
 
 def _run(script, *args):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or '')
   out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', script), *args],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                       check=True)
+                       cwd=REPO, env=subprocess_env.env(), capture_output=True, text=True,
+                       timeout=600, check=True)
   return out.stdout
 
 

@@ -16,8 +16,9 @@ from configs import fmnist_classifier
 from guidedflow import input_pipeline
 from guidedflow import train_classifier
 from guidedflow.models.classifier import Classifier
+from tests import subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = subprocess_env.REPO
 
 
 def _tiny_config(**train):
@@ -208,21 +209,12 @@ def test_augmentation_flips_and_shifts_keep_shape():
 # ----------------------------------------------------------------------------- command line
 
 
-def _env():
-  env = dict(os.environ)
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir or ''
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  return env
-
-
 def _main(workdir, *args, mode='train'):
   cmd = [sys.executable, '-m', 'guidedflow.main', '--config', 'configs/fmnist_classifier.py',
          f'--workdir={workdir}', f'--mode={mode}', '--config.model.channels=(8,8)',
          '--config.model.feature_dim=16', '--config.input.num_train_examples=256',
          '--config.eval.num_examples=200', '--config.eval.batch_size=100', *args]
-  return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  return subprocess.run(cmd, cwd=REPO, env=subprocess_env.env(), capture_output=True, text=True, timeout=300)
 
 
 def test_command_line_train_evaluate_and_sample(tmp_path):

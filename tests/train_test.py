@@ -16,23 +16,15 @@ from configs import tiny
 from guidedflow import checkpointing
 from guidedflow import input_pipeline
 from guidedflow import train
+from tests import subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _env():
-  env = dict(os.environ)
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir or ''
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  return env
+REPO = subprocess_env.REPO
 
 
 def _main(workdir, *args, mode='train', check=True, **kwargs):
   cmd = [sys.executable, '-m', 'guidedflow.main', '--config', 'configs/tiny.py',
          f'--workdir={workdir}', f'--mode={mode}', *args]
-  return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+  return subprocess.run(cmd, cwd=REPO, env=subprocess_env.env(), capture_output=True, text=True,
                         check=check, timeout=600, **kwargs)
 
 
@@ -200,7 +192,7 @@ def test_exact_resume_after_sigterm(tmp_path):
   _main(tmp_path / 'straight', *args)
   cmd = [sys.executable, '-m', 'guidedflow.main', '--config', 'configs/tiny.py',
          f'--workdir={tmp_path / "split"}', *args]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env.env(), stderr=subprocess.PIPE, text=True)
   lines = []
   for line in proc.stderr:
     lines.append(line)
