@@ -84,9 +84,21 @@ def get_config():
   config.sampling.grid_samples_per_class = 4  # images per (class, w) cell of the grid
   config.sampling.grid_classes = config_dict.placeholder(tuple)  # None: every class; or a tuple of class ids (grid rows)
 
-  # ---- Device mesh (axes data, fsdp, tensor; -1 = all remaining devices).
+  # ---- Device mesh and processes (guidedflow/sharding.py; README "Scaling out").
   config.mesh = ml_collections.ConfigDict()
+  # (data, fsdp, tensor) sizes, -1 = all remaining devices. The batch is split over
+  # data × fsdp; parameters, optimizer state and EMA over fsdp (ZeRO-3) and tensor (heads/MLP).
   config.mesh.shape = (-1, 1, 1)
+  # Multi-slice / multi-host over a slower network (DCN): (data, fsdp, tensor) across slices
+  # (TPU) or processes (GPU/CPU hosts); mesh.shape is then the mesh within one of them.
+  config.mesh.dcn_shape = (1, 1, 1)
+  config.mesh.min_shard_size = 4096    # parameters with fewer elements stay replicated
+  # jax.distributed: 'auto' (when a coordinator is given, on a Cloud TPU VM, or in a Slurm step
+  # with several tasks) | 'on' (always; JAX auto-detects TPU/Slurm/MPI) | 'off' (one process).
+  config.mesh.distributed = 'auto'
+  config.mesh.coordinator_address = config_dict.placeholder(str)  # 'host:port'; None: env JAX_COORDINATOR_ADDRESS
+  config.mesh.num_processes = config_dict.placeholder(int)  # None: env JAX_NUM_PROCESSES (or auto-detected)
+  config.mesh.process_id = config_dict.placeholder(int)     # None: env JAX_PROCESS_ID (or auto-detected)
 
   # ---- Checkpoints (orbax) in <workdir>/checkpoints.
   config.checkpoint = ml_collections.ConfigDict()

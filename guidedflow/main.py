@@ -14,6 +14,7 @@ from guidedflow import checkpointing
 from guidedflow import evaluate
 from guidedflow import evaluation
 from guidedflow import input_pipeline
+from guidedflow import sharding
 from guidedflow import train
 from guidedflow import train_classifier
 from guidedflow.models import inception
@@ -63,9 +64,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__, jax.process_index(),
-               jax.process_count(), jax.devices())
   config = FLAGS.config
+  try:
+    # Before anything touches a backend: every process must join first.
+    mesh = config.get('mesh') or {}
+    sharding.initialize_distributed(
+        mesh.get('distributed', 'auto'), mesh.get('coordinator_address'),
+        mesh.get('num_processes'), mesh.get('process_id'))
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  logging.info('JAX %s, process %d/%d, %d devices (%d local): %s', jax.__version__,
+               jax.process_index(), jax.process_count(), jax.device_count(),
+               jax.local_device_count(), jax.local_devices())
   try:
     if config.get('task', 'generate') == 'classifier':
       _run_classifier(config)

@@ -7,11 +7,14 @@ Parameters carry *logical* axis names (nnx `out_sharding` metadata, set with
 """
 
 import math
+import os
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -30,35 +33,146 @@ DEFAULT_RULES = (
     ('classes', None),        # label-table rows (K + 1: rarely divisible)
 )
 
+# Parameters with fewer elements than this stay replicated (biases, norms, small tables):
+# sharding them saves almost nothing and costs a collective per use.
+MIN_SHARD_SIZE = 4096
+
 Rules = Sequence[tuple[str, Any]]
 
 
-def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
-  """A `('data', 'fsdp', 'tensor')` mesh with Auto axis types over `devices` (default: all).
+# ----------------------------------------------------------------------------- multi-host
 
-  One entry of `mesh_shape` may be -1: all remaining devices.
+
+def _slurm_job_with_several_tasks() -> bool:
+  needed = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID')
+  return all(v in os.environ for v in needed) and int(os.environ['SLURM_NTASKS']) > 1
+
+
+def _on_cloud_tpu_vm() -> bool:
+  try:  # JAX's own detection (private, read defensively): a TPU VM with libtpu.
+    from jax._src.clusters import cloud_tpu_cluster  # pylint: disable=g-import-not-at-top
+    return bool(cloud_tpu_cluster.running_in_cloud_tpu_vm)
+  except (ImportError, AttributeError):
+    return False
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value in (None, ''):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f'Environment variable {name}={value!r} must be an integer.') from None
+
+
+def initialize_distributed(mode: str = 'auto', coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Calls `jax.distributed.initialize` when `mode` says so; returns whether it did.
+
+  Must run before anything touches a JAX backend (`jax.devices()`, the first array).
+
+  Args:
+    mode: 'on': always (JAX auto-detects Cloud TPU, Slurm, Open MPI and Kubernetes jobs;
+      elsewhere give the coordinator). 'off': never (one process). 'auto': when a coordinator
+      is given, on a Cloud TPU VM, or in a Slurm step with several tasks.
+    coordinator_address: 'host:port' of process 0; default env `JAX_COORDINATOR_ADDRESS`.
+    num_processes, process_id: default env `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`
+      (`launch/local_multiprocess.sh` sets all three).
   """
-  devices = list(jax.devices() if devices is None else devices)
+  if mode not in ('auto', 'on', 'off'):
+    raise ValueError(f"config.mesh.distributed={mode!r} is not one of ('auto', 'on', 'off').")
+  if mode == 'off':
+    return False
+  coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS') or None
+  if num_processes is None:
+    num_processes = _env_int('JAX_NUM_PROCESSES')
+  if process_id is None:
+    process_id = _env_int('JAX_PROCESS_ID')
+  if mode == 'auto' and not (coordinator_address or _slurm_job_with_several_tasks()
+                             or _on_cloud_tpu_vm()):
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  if coordinator_address and (num_processes is None or process_id is None):
+    raise ValueError(
+        f'A coordinator ({coordinator_address}) is given but not the number of processes and this '
+        'process\'s id: set JAX_NUM_PROCESSES and JAX_PROCESS_ID (or config.mesh.num_processes and '
+        'config.mesh.process_id).')
+  if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f'process_id={process_id} must be in [0, num_processes={num_processes}).')
+  logging.info('jax.distributed.initialize(coordinator_address=%s, num_processes=%s, '
+               'process_id=%s)', coordinator_address, num_processes, process_id)
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  return True
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def _resolve_shape(mesh_shape: Sequence[int], num_devices: int, what: str) -> list[int]:
   shape = list(mesh_shape)
   if len(shape) != len(MESH_AXES):
-    raise ValueError(f'mesh_shape {tuple(mesh_shape)} must have {len(MESH_AXES)} entries, one '
+    raise ValueError(f'{what} {tuple(mesh_shape)} must have {len(MESH_AXES)} entries, one '
                      f'per axis {MESH_AXES}.')
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f'mesh_shape {tuple(mesh_shape)}: sizes must be positive, at most one -1.')
+    raise ValueError(f'{what} {tuple(mesh_shape)}: sizes must be positive, at most one -1.')
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
-    if len(devices) % known:
-      raise ValueError(f'mesh_shape {tuple(mesh_shape)}: {len(devices)} devices are not '
+    if num_devices % known:
+      raise ValueError(f'{what} {tuple(mesh_shape)}: {num_devices} devices are not '
                        f'divisible by {known}.')
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ValueError(f'mesh_shape {tuple(mesh_shape)} needs {math.prod(shape)} devices, but '
-                     f'{len(devices)} are available; use -1 for one axis to take the rest.')
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(f'{what} {tuple(mesh_shape)} needs {math.prod(shape)} devices, but '
+                     f'{num_devices} are available; use -1 for one axis to take the rest.')
+  return shape
+
+
+def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices=None,
+              dcn_shape: Sequence[int] | None = None) -> Mesh:
+  """A `('data', 'fsdp', 'tensor')` mesh with Auto axis types over `devices` (default: all).
+
+  Args:
+    mesh_shape: sizes of the axes; one entry may be -1 (all remaining devices). Without
+      `dcn_shape` it spans all devices; with it, one granule (see below).
+    devices: default `jax.devices()` (all processes).
+    dcn_shape: None or all ones: one fast network. Otherwise the mesh is hybrid: `mesh_shape`
+      within each granule (a TPU slice; on platforms without slices, a process / host) and
+      `dcn_shape` across granules, so that the total size of an axis is the product of both.
+      Put `data` (gradient all-reduce once per step) on DCN; keep `fsdp` and `tensor` on ICI.
+  """
+  devices = list(jax.devices() if devices is None else devices)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if dcn_shape is not None and any(d != 1 for d in dcn_shape):
+    granules, process_is_granule = _granules(devices)
+    dcn = _resolve_shape(dcn_shape, granules, f'config.mesh.dcn_shape (over {granules} '
+                         f'{"processes" if process_is_granule else "slices"})')
+    ici = _resolve_shape(mesh_shape, len(devices) // granules,
+                         'config.mesh.shape (devices per granule)')
+    try:
+      array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                   process_is_granule=process_is_granule)
+    except (ValueError, AssertionError) as e:
+      raise ValueError(f'config.mesh.shape {tuple(mesh_shape)} × dcn_shape {tuple(dcn_shape)} '
+                       f'does not fit {len(devices)} devices in {granules} granules: {e}') from e
+    return Mesh(array, MESH_AXES, axis_types=auto)
+  shape = _resolve_shape(mesh_shape, len(devices), 'config.mesh.shape')
   try:  # Topology-aware device order (TPU ICI rings); plain order where jax has no opinion.
     return jax.make_mesh(tuple(shape), MESH_AXES, auto, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def _granules(devices) -> tuple[int, bool]:
+  """(number of DCN granules, whether they are processes): TPU slices where there are several,
+  else processes (GPU / CPU hosts)."""
+  slices = {getattr(d, 'slice_index', None) for d in devices}
+  if None not in slices and len(slices) > 1:
+    return len(slices), False
+  return len({d.process_index for d in devices}), True
 
 
 def logical_to_mesh_spec(logical_names: Sequence[str | None] | None,
@@ -101,12 +215,16 @@ def _logical_names(variable: nnx.Variable):
   return None
 
 
-def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+def state_shardings(state, mesh: Mesh | jax.sharding.AbstractMesh, rules: Rules = DEFAULT_RULES,
+                    min_shard_size: int = MIN_SHARD_SIZE):
   """NamedShardings for every array in `state` (real or abstract), from nnx metadata.
 
   Variables become the same Variable holding a `NamedSharding` (as `nnx.get_named_sharding`
   returns), so the result can be `out_shardings` / `in_shardings` of a jit over the state, or
-  an orbax restore target's shardings. Bare arrays are replicated.
+  an orbax restore target's shardings. Optimizer statistics made by `tx.init(params)` are
+  Variables with the parameters' metadata, so they shard like their parameters. Bare arrays,
+  and Variables with fewer than `min_shard_size` elements, are replicated. `mesh` may be an
+  `AbstractMesh` (shardings for any device count, e.g. for memory planning).
   """
   def one(x):
     if isinstance(x, nnx.Variable):
@@ -114,6 +232,8 @@ def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
       names = _logical_names(x)
       if names is not None and len(names) != len(shape):
         names = None  # e.g. a factored optimizer statistic: replicate rather than guess
+      if math.prod(shape) < min_shard_size:
+        names = None
       spec = _mesh_spec(names, rules, shape, mesh)
       return x.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, PartitionSpec())
@@ -122,7 +242,8 @@ def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
 
 
 def create_sharded_model(model_ctor: Callable[[], nnx.Module], mesh: Mesh,
-                         rules: Rules = DEFAULT_RULES) -> nnx.Module:
+                         rules: Rules = DEFAULT_RULES,
+                         min_shard_size: int = MIN_SHARD_SIZE) -> nnx.Module:
   """Builds `model_ctor()` with every parameter created directly in its shards.
 
   The shapes come from `nnx.eval_shape`, the shardings from `state_shardings`, and the
@@ -131,7 +252,7 @@ def create_sharded_model(model_ctor: Callable[[], nnx.Module], mesh: Mesh,
   `lambda: DiT('XL/2', ..., rngs=nnx.Rngs(0))`).
   """
   graphdef, abstract_state = nnx.split(nnx.eval_shape(model_ctor))
-  shardings = state_shardings(abstract_state, mesh, rules)
+  shardings = state_shardings(abstract_state, mesh, rules, min_shard_size)
 
   init = jax.jit(lambda: nnx.state(model_ctor()), out_shardings=shardings)
   with jax.set_mesh(mesh):
@@ -142,6 +263,21 @@ def create_sharded_model(model_ctor: Callable[[], nnx.Module], mesh: Mesh,
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dim split over ('data', 'fsdp'), the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def batch_axes_size(mesh) -> int:
+  """Number of batch shards: the product of the `data` and `fsdp` axis sizes."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def bytes_per_device(tree) -> int:
+  """Largest number of bytes that any one device holds of `tree` (arrays or ShapeDtypeStructs
+  with shardings; leaves without one count whole)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) else x.shape
+    total += math.prod(shape) * np.dtype(x.dtype).itemsize
+  return total
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -40,6 +40,7 @@ _ALLOWED = {
     'sampling.method': ('euler', 'heun', 'euler_maruyama'),
     'sampling.sigma_schedule': ('constant', 'decreasing', 'path'),
     'eval.feature_network': ('none', 'fmnist_classifier', 'inception_v3'),
+    'mesh.distributed': ('auto', 'on', 'off'),
 }
 
 
@@ -113,6 +114,31 @@ def validate_config(config):
   if batch % processes:
     raise ConfigError(f'config.train.batch_size={batch} must be divisible by the number of '
                       f'processes ({processes}).')
+  for key in ('mesh.shape', 'mesh.dcn_shape'):
+    shape = tuple(_get(config, key))
+    if len(shape) != 3 or any(not isinstance(s, int) or s == 0 or s < -1 for s in shape):
+      raise ConfigError(f'config.{key}={shape!r} must be three sizes (data, fsdp, tensor), each '
+                        'positive or -1 (all remaining devices), e.g. --config.mesh.shape=-1,8,1')
+  if not isinstance(config.mesh.min_shard_size, int) or config.mesh.min_shard_size < 0:
+    raise ConfigError(f'config.mesh.min_shard_size={config.mesh.min_shard_size!r} must be an '
+                      'integer >= 0.')
+
+
+def make_mesh(config):
+  """The device mesh of `config.mesh`; ConfigError when it does not fit the devices, with the
+  batch size checked against the number of batch shards."""
+  try:
+    mesh = sharding.make_mesh(tuple(config.mesh.shape), dcn_shape=tuple(config.mesh.dcn_shape))
+  except ValueError as e:
+    raise ConfigError(f'{e} (this job has {jax.device_count()} devices in '
+                      f'{jax.process_count()} processes).') from e
+  shards = sharding.batch_axes_size(mesh)
+  batch = config.train.batch_size
+  if batch % shards:
+    raise ConfigError(
+        f'config.train.batch_size={batch} must be divisible by the {shards} batch shards of the '
+        f'mesh {dict(mesh.shape)} (data × fsdp); use a multiple of {shards}.')
+  return mesh
 
 
 # ----------------------------------------------------------------------------- model & state
@@ -199,29 +225,60 @@ class Trainer:
 
   # -- state
 
-  def init_state(self):
-    """Initialises params (sharded on the mesh), optimizer state and EMA under jit."""
-    # Logical axis names are resolved by `sharding`, not by an ambient mesh context.
-    model = sharding.create_sharded_model(self._construct, self.mesh)
+  def _init_fn(self):
+    """Builds the train state (and the model's non-parameter state) from scratch."""
+    model = self._construct()
     _, params, rest = nnx.split(model, nnx.Param, ...)
-    self.rest = rest
+    state = {
+        'step': jnp.zeros((), jnp.int32),
+        'params': params,
+        'opt_state': self.tx.init(params),
+        'ema_params': jax.tree.map(jnp.copy, params),
+        'nonfinite_step': jnp.full((), -1, jnp.int32),
+    }
+    return state, rest
+
+  def _shardings(self):
+    """(abstract state and rest, their NamedShardings): from shapes only, nothing allocated."""
+    if not hasattr(self, '_abstract'):
+      abstract = jax.eval_shape(self._init_fn)
+      # Optimizer statistics are Variables carrying their parameter's logical axis names, so
+      # they (and the EMA) shard exactly like the parameters.
+      self._abstract = abstract, sharding.state_shardings(
+          abstract, self.mesh, min_shard_size=self.config.mesh.min_shard_size)
+    return self._abstract
+
+  def init_state(self):
+    """The initial train state, created directly in its shards under `jax.jit`.
+
+    Parameters, optimizer statistics and EMA are sharded by the logical-axis rules
+    (`sharding.state_shardings`); no device ever holds the whole model.
+    """
+    _, shardings = self._shardings()
     with jax.set_mesh(self.mesh):
+      state, self.rest = jax.jit(self._init_fn, out_shardings=shardings)()
+    return state
 
-      @jax.jit
-      def init(params):
-        return {
-            'step': jnp.zeros((), jnp.int32),
-            'params': params,
-            'opt_state': self.tx.init(params),
-            'ema_params': jax.tree.map(jnp.copy, params),
-            'nonfinite_step': jnp.full((), -1, jnp.int32),
-        }
+  def abstract_state(self, state=None):
+    """ShapeDtypeStructs with this mesh's shardings for the train state (a restore target).
 
-      return init(params)
+    Without `state`, from shapes only (`jax.eval_shape`): nothing is allocated, so a
+    checkpoint is restored straight into its shards, on any mesh or device count.
+    """
+    if state is not None:
+      return jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    (abstract, _), (shardings, _) = self._shardings()
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
 
-  def abstract_state(self, state):
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  def init_rest(self):
+    """The model's non-parameter state (empty for our models), for a restored train state."""
+    if not hasattr(self, 'rest'):
+      (_, abstract_rest), (_, rest_shardings) = self._shardings()
+      with jax.set_mesh(self.mesh):
+        self.rest = jax.jit(lambda: self._init_fn()[1], out_shardings=rest_shardings)()
+    return self.rest
 
   def model_fn(self, params):
     model = nnx.merge(self.graphdef, params, self.rest)
@@ -307,11 +364,23 @@ class Trainer:
             parameterization=self.config.loss.parameterization, null_label=self.null_label,
             guidance_scale=guidance_scale, sigma=sigma, **options)
         return samples, info['nfe']
-      self._sample[cache_key] = jax.jit(run)
+      # The batch is split over (data, fsdp) like a training batch; the noise is drawn with
+      # the partitionable threefry, so the samples do not depend on the mesh.
+      _, (shardings, _) = self._shardings()
+      self._sample[cache_key] = jax.jit(
+          run, in_shardings=(shardings['params'], self.replicated, self.batch_sharding,
+                             self.replicated, self.replicated),
+          out_shardings=(self.batch_sharding, self.replicated))
+    labels = np.asarray(labels, np.int32)
+    num = len(labels)
+    shards = sharding.batch_axes_size(self.mesh)
+    padded = np.pad(labels, (0, -num % shards))  # the batch must split evenly over the mesh
     with jax.set_mesh(self.mesh):
-      labels = jax.device_put(jnp.asarray(labels, jnp.int32), self.replicated)
+      labels = jax.device_put(padded, self.batch_sharding)
       samples, nfe = self._sample[cache_key](params, key, labels,
                                              jnp.float32(guidance_scale), jnp.float32(sigma))
+      if len(padded) != num:
+        samples = samples[:num]
     return samples, int(nfe)
 
   def sample_images(self, params, key, labels, guidance_scale, *, batch_size, **options):
@@ -378,7 +447,7 @@ def _setup(config, workdir, *, split):
   validate_config(config)
   dataset = input_pipeline.create_dataset(config.input, split)
   input_pipeline.check_image_shape(dataset.image_shape, **_model_size_constraint(config))
-  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  mesh = make_mesh(config)
   trainer = Trainer(config, dataset.image_shape, mesh)
   ckpt = checkpointing.Checkpointer(
       os.path.join(workdir, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
@@ -401,12 +470,13 @@ def _model_size_constraint(config):
 
 
 def _restore_latest(trainer, ckpt, workdir):
-  """Restores the newest checkpoint into a fresh state; None when the workdir has none."""
-  state = trainer.init_state()
+  """(state, data-iterator state) of the newest checkpoint, restored straight into this
+  mesh's shardings (whatever mesh wrote it); a fresh state and None without one."""
   step = ckpt.latest_step()
   if step is None:
-    return state, None
-  state, data_state = ckpt.restore(trainer.abstract_state(state), step=step)
+    return trainer.init_state(), None
+  state, data_state = ckpt.restore(trainer.abstract_state(), step=step)
+  trainer.init_rest()
   logging.info('Restored checkpoint at step %d from %s.', step, workdir)
   return state, data_state
 

@@ -40,7 +40,7 @@ _CHILD = textwrap.dedent(r'''
     report = {'num_devices': jax.device_count()}
     for shape in [(2, 4, 1), (1, 4, 2)]:
       mesh = sharding.make_mesh(shape)
-      model = sharding.create_sharded_model(dit, mesh)
+      model = sharding.create_sharded_model(dit, mesh, min_shard_size=0)
       block = model.blocks[0]
       fc1 = block.fc1.kernel[...]
       report[str(shape)] = {
@@ -76,7 +76,7 @@ _CHILD = textwrap.dedent(r'''
     mesh = sharding.make_mesh((1, 4, 2))
     unet = sharding.create_sharded_model(lambda: create_model(
         'unet', input_size=16, in_channels=1, num_classes=10, channels=(8, 16),
-        num_residual_layers=1, rngs=nnx.Rngs(0)), mesh)
+        num_residual_layers=1, rngs=nnx.Rngs(0)), mesh, min_shard_size=0)
     report['unet_down'] = spec(unet.encoders[0].downsample.kernel[...])
     report['unet_final'] = spec(unet.final_conv.kernel[...])  # 1 output channel: replicated
 
@@ -86,10 +86,17 @@ _CHILD = textwrap.dedent(r'''
       abstract = nnx.eval_shape(lambda: create_model(
           'dit', variant='test/4', input_size=16, in_channels=4, num_classes=num_classes,
           width=64, rngs=nnx.Rngs(0)))
-      shardings = sharding.state_shardings(nnx.state(abstract), mesh, rules)
+      shardings = sharding.state_shardings(nnx.state(abstract), mesh, rules, min_shard_size=0)
       report[f'label_{num_classes}'] = [
           list(e) if isinstance(e, tuple) else e
           for e in shardings['label_embed']['embedding'].get_value().spec]
+    # Default: parameters under MIN_SHARD_SIZE elements (biases, the 11 x 64 label table)
+    # stay replicated; the (64, 256) MLP kernel is sharded.
+    shardings = sharding.state_shardings(nnx.state(abstract), mesh)
+    report['default_small'] = {
+        'label': list(shardings['label_embed']['embedding'].get_value().spec),
+        'fc1_bias': list(shardings['blocks'][0]['fc1']['bias'].get_value().spec),
+        'fc1': list(shardings['blocks'][0]['fc1']['kernel'].get_value().spec)}
 
     for bad in [(3, 1, 1), (-1, 3, 1), (2, 2)]:
       try:
@@ -149,6 +156,12 @@ def test_unet_conv_kernels(report):
 def test_indivisible_dims_replicate_and_axes_not_reused(report):
   assert report['label_10'] == [None, 'fsdp']   # 11 rows: not divisible by fsdp = 4
   assert report['label_7'] == ['fsdp', None]    # 8 rows take fsdp; width can't reuse it
+
+
+def test_small_parameters_replicate_by_default(report):
+  small = report['default_small']
+  assert all(e is None for e in small['label']) and all(e is None for e in small['fc1_bias'])
+  assert small['fc1'] == ['fsdp', 'tensor']
 
 
 def test_make_mesh(report):
