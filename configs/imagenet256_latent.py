@@ -10,10 +10,20 @@ dropout 0.1, AdamW lr 1e-4 constant, no weight decay, batch 256, EMA 0.9999, bf1
 f32 parameters; 400k steps reach FID-50k ≈ 2.1 (SiT-XL/2, w = 1.5 with SDE sampling) in the
 SiT paper. Sample with Heun / Euler–Maruyama at 250 NFE, guidance w = 1.5 (our w is DiT's s).
 
-Mesh: batch 256 over (data, fsdp). On a v4-32 (16 chips) use mesh.shape = (2, 8, 1): FSDP over
-8 chips, data parallel over 2, per-device batch 16. On a v5p-64 (32 chips): (4, 8, 1), per-device
-batch 8 (raise train.batch_size to 1024 for per-device 32). DiT-XL/2 (675M parameters) with
-AdamW + EMA holds ≈ 10.8 GB of f32 state; FSDP-8 leaves ≈ 1.35 GB per chip.
+Mesh (config.mesh.shape = (data, fsdp, tensor); the global batch 256 is split over data × fsdp;
+parameters, AdamW moments and EMA over fsdp). Pick it with the topology after the variant:
+  configs/imagenet256_latent.py:XL/2,v4-32   → v4-32  = 16 chips (4 hosts × 4), 32 GiB HBM each:
+      mesh (2, 8, 1): FSDP over 8 chips, 2 data-parallel groups; per-device batch 256/16 = 16.
+  configs/imagenet256_latent.py:XL/2,v5p-64  → v5p-64 = 32 chips (8 hosts × 4), 95 GiB HBM each:
+      mesh (4, 8, 1): per-device batch 256/32 = 8 (raise train.batch_size to 1024 for 32).
+  configs/imagenet256_latent.py:XL/2,v5e-32  → v5e-32 = 32 chips (8 hosts × 4), 16 GiB HBM each:
+      mesh (2, 16, 1): per-device batch 8.
+  no topology: mesh (-1, 8, 1), FSDP-8 and data parallel over the rest (any multiple of 8 chips).
+DiT-XL/2 (675M parameters) holds 10.06 GiB of f32 state (parameters, AdamW mu and nu, EMA);
+FSDP-8 leaves 1.27 GiB of it per chip, FSDP-16 0.63 GiB (python benchmarks/memory.py prints the
+table and the largest per-device batch for 16/32/95 GiB chips). Tensor parallelism (mesh
+(d, f, t)) is for models whose activations, not state, do not fit; DiT-XL/2 does not need it.
+Multi-slice (e.g. 2 × v5p-64 over DCN): --config.mesh.dcn_shape=2,1,1 with mesh.shape per slice.
 
 Usage:
   python -m guidedflow.main --config configs/imagenet256_latent.py --workdir gs://BUCKET/run
@@ -26,7 +36,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import default  # pylint: disable=g-import-not-at-top,wrong-import-position  # configs/default.py
 
 
-def get_config(variant='XL/2'):
+# TPU topology → (mesh shape, chips); the global batch must divide by data × fsdp.
+TOPOLOGIES = {
+    'v4-32': (2, 8, 1),
+    'v5p-64': (4, 8, 1),
+    'v5e-32': (2, 16, 1),
+}
+
+
+def get_config(arg='XL/2'):
+  """arg: 'VARIANT' or 'VARIANT,TOPOLOGY', e.g. 'XL/2', 'B/2,v4-32'."""
+  variant, _, topology = (arg or 'XL/2').partition(',')
+  if topology and topology not in TOPOLOGIES:
+    raise ValueError(f'Unknown topology {topology!r}; known: {sorted(TOPOLOGIES)} (or set '
+                     '--config.mesh.shape=data,fsdp,tensor yourself).')
   config = default.get_config()
   config.model.name = 'dit'
   config.model.variant = variant or 'XL/2'
@@ -55,7 +78,8 @@ def get_config(variant='XL/2'):
   config.optim.weight_decay = 0.0
   config.optim.grad_clip_norm = 0.0
   config.optim.ema_decay = 0.9999
-  config.mesh.shape = (-1, 8, 1)
+  config.mesh.shape = TOPOLOGIES.get(topology, (-1, 8, 1))
+  config.mesh.distributed = 'auto'      # Cloud TPU VMs are detected; launch/tpu_vm.sh sets 'on'
   config.checkpoint.every_steps = 5_000
   config.checkpoint.max_to_keep = 5
 

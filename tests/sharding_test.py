@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -190,3 +191,58 @@ def test_single_device_mesh_and_shardings():
   assert mesh.axis_names == sharding.MESH_AXES
   assert sharding.batch_sharding(mesh).spec == P(('data', 'fsdp'))
   assert sharding.replicated(mesh).spec == P()
+
+
+def test_initialize_distributed_decides_from_mode_and_environment(monkeypatch):
+  for name in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'SLURM_JOB_ID'):
+    monkeypatch.delenv(name, raising=False)
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  monkeypatch.setattr(sharding, '_on_cloud_tpu_vm', lambda: False)
+  assert not sharding.initialize_distributed('off', '127.0.0.1:1', 2, 0)
+  assert not sharding.initialize_distributed('auto')  # nothing says there are several processes
+  assert not calls
+  with pytest.raises(ValueError, match='one of'):
+    sharding.initialize_distributed('yes')
+  with pytest.raises(ValueError, match='JAX_NUM_PROCESSES and JAX_PROCESS_ID'):
+    sharding.initialize_distributed('auto', '127.0.0.1:1234')
+  with pytest.raises(ValueError, match=r'process_id=2 must be in \[0, num_processes=2\)'):
+    sharding.initialize_distributed('auto', '127.0.0.1:1234', 2, 2)
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '127.0.0.1:1234')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
+  monkeypatch.setenv('JAX_PROCESS_ID', '1')
+  assert sharding.initialize_distributed('auto')
+  assert calls == [dict(coordinator_address='127.0.0.1:1234', num_processes=2, process_id=1)]
+  monkeypatch.setenv('JAX_PROCESS_ID', 'one')
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='one' must be an integer"):
+    sharding.initialize_distributed('auto')
+  # Slurm with several tasks, or a TPU VM: auto calls initialize() and lets JAX detect the rest.
+  for name in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    monkeypatch.delenv(name)
+  for name, value in [('SLURM_JOB_ID', '7'), ('SLURM_STEP_NODELIST', 'n[1-2]'),
+                      ('SLURM_NTASKS', '2'), ('SLURM_PROCID', '0'), ('SLURM_LOCALID', '0')]:
+    monkeypatch.setenv(name, value)
+  assert sharding.initialize_distributed('auto')
+  assert calls[-1] == dict(coordinator_address=None, num_processes=None, process_id=None)
+  monkeypatch.setenv('SLURM_NTASKS', '1')
+  assert not sharding.initialize_distributed('auto')
+  monkeypatch.setattr(sharding, '_on_cloud_tpu_vm', lambda: True)
+  assert sharding.initialize_distributed('auto')
+  assert len(calls) == 3
+
+
+def test_abstract_mesh_shardings_for_any_device_count():
+  """Shardings (and per-device bytes) for 64 devices on a 1-device machine."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from guidedflow.models import create_model  # pylint: disable=g-import-not-at-top
+  abstract = nnx.state(nnx.eval_shape(lambda: create_model(
+      'dit', variant='test/4', input_size=16, in_channels=4, num_classes=10, width=64,
+      rngs=nnx.Rngs(0))))
+  mesh = jax.sharding.AbstractMesh((1, 64, 1), sharding.MESH_AXES)
+  shardings = sharding.state_shardings(abstract, mesh)
+  structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract, shardings)
+  fc1 = structs['blocks'][0]['fc1']['kernel'].get_value()
+  assert fc1.sharding.shard_shape(fc1.shape) == (1, 256)  # 64 rows over fsdp = 64
+  full = sum(x.size * 4 for x in jax.tree.leaves(abstract))
+  assert sharding.bytes_per_device(structs) < full / 4

@@ -67,6 +67,38 @@ def test_all_configs_validate():
     train.validate_config(config)
 
 
+@pytest.mark.parametrize('topology,chips', [('v4-32', 16), ('v5p-64', 32), ('v5e-32', 32)])
+def test_imagenet_topology_meshes(topology, chips):
+  from configs import imagenet256_latent  # pylint: disable=g-import-not-at-top
+  config = imagenet256_latent.get_config(f'XL/2,{topology}')
+  train.validate_config(config)
+  data, fsdp, tensor = config.mesh.shape
+  assert data * fsdp * tensor == chips
+  assert config.train.batch_size % (data * fsdp) == 0
+  with pytest.raises(ValueError, match='Unknown topology'):
+    imagenet256_latent.get_config('XL/2,v9-8')
+
+
+@pytest.mark.parametrize('key,value,needle', [
+    ('shape', (2, 2), 'config.mesh.shape=(2, 2) must be three sizes'),
+    ('dcn_shape', (0, 1, 1), 'config.mesh.dcn_shape=(0, 1, 1)'),
+    ('distributed', 'yes', "config.mesh.distributed='yes'"),
+])
+def test_mesh_config_errors(key, value, needle):
+  config = tiny.get_config()
+  config.mesh[key] = value
+  with pytest.raises(train.ConfigError) as info:
+    train.validate_config(config)
+  assert needle in str(info.value)
+
+
+def test_mesh_that_does_not_fit_says_so():
+  config = tiny.get_config()
+  config.mesh.shape = (2, 1, 1)  # this process has 1 device
+  with pytest.raises(train.ConfigError, match='needs 2 devices, but 1 are available'):
+    train.make_mesh(config)
+
+
 # ----------------------------------------------------------------------------- in-process training
 
 
