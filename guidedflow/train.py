@@ -426,7 +426,11 @@ class Trainer:
     """Held-out training objective (same t, ε, dropout draws for every call), padding masked."""
     config = self.config
     if not hasattr(self, '_eval_loss'):
-      self._eval_loss = jax.jit(lambda p, b, k: self.loss(p, b, k)[0])
+      _, (shardings, _) = self._shardings()
+      self._eval_loss = jax.jit(lambda p, b, k: self.loss(p, b, k)[0],
+                                in_shardings=(shardings['params'], self.batch_sharding,
+                                              self.replicated),
+                                out_shardings=self.replicated)
     total, count = 0.0, 0.0
     key = jax.random.PRNGKey(config.train.seed + 1)
     for i, batch in enumerate(input_pipeline.eval_batches(
