@@ -20,9 +20,10 @@ parameters, AdamW moments and EMA over fsdp). Pick it with the topology after th
       mesh (2, 16, 1): per-device batch 8.
   no topology: mesh (-1, 8, 1), FSDP-8 and data parallel over the rest (any multiple of 8 chips).
 DiT-XL/2 (675M parameters) holds 10.06 GiB of f32 state (parameters, AdamW mu and nu, EMA);
-FSDP-8 leaves 1.27 GiB of it per chip, FSDP-16 0.63 GiB (python benchmarks/memory.py prints the
-table and the largest per-device batch for 16/32/95 GiB chips). Tensor parallelism (mesh
-(d, f, t)) is for models whose activations, not state, do not fit; DiT-XL/2 does not need it.
+FSDP-8 leaves 1.27 GiB of it per chip. Activations are ~0.9 GiB per sample (bf16, no remat), so
+the largest per-device batch is ~30 on a 32 GiB v4 chip with FSDP-8 (we use 16), ~95 on v5p
+(we use 8) and ~14 on a 16 GiB v5e (we use 8): `python benchmarks/memory.py` prints the table.
+Tensor parallelism (mesh (d, f, t)) splits activations too; DiT-XL/2 at 256 px does not need it.
 Multi-slice (e.g. 2 × v5p-64 over DCN): --config.mesh.dcn_shape=2,1,1 with mesh.shape per slice.
 
 Usage:
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import default  # pylint: disable=g-import-not-at-top,wrong-import-position  # configs/default.py
 
 
-# TPU topology → (mesh shape, chips); the global batch must divide by data × fsdp.
+# TPU topology → mesh (data, fsdp, tensor); the global batch must divide by data × fsdp.
 TOPOLOGIES = {
     'v4-32': (2, 8, 1),
     'v5p-64': (4, 8, 1),
