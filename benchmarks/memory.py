@@ -40,9 +40,9 @@ also traces and prints next to the formula — it keeps:
   * not counted (< 0.3%): per-sample vectors (adaLN modulation, (s, 1) statistics).
 
 Outside the blocks, per sample: patch-embedding input s·p²C·c, final LayerNorm 12·s·h, final
-projection input c·s·h, loss residual 4·s·p²C. With `jax.checkpoint` around each block (full
-rematerialisation; guidedflow does NOT remat today) only each block's input is kept — the f32
-residual stream, 4·s·h (not 2·s·h: guidedflow's residual stream is f32) — plus one block's
+projection input c·s·h, loss residual 4·s·p²C. With `jax.checkpoint` around each block
+(full rematerialisation: `--config.model.remat=True`, off by default) only each block's input is
+kept — the f32 residual stream, 4·s·h (not 2·s·h: guidedflow's residual stream is f32) — plus one block's
 activations while that block is recomputed: depth·4·s·h + A_block + outside terms. That saving
 needs a backend that schedules each block's recomputation just before its backward pass; CPU
 XLA does not (`--xla_check`'s '+remat' row: same temp bytes as without remat); check on the
@@ -74,7 +74,6 @@ meaningful comparison.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -85,7 +84,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -286,17 +284,6 @@ def xla_temp_bytes(config, batch_sizes, image_shape=IMAGE_SHAPE) -> list:
   return temps
 
 
-@contextlib.contextmanager
-def remat_blocks():
-  """Within: every DiT block runs under `nnx.remat` (jax.checkpoint), as a remat option would."""
-  original = dit.DiTBlock.__call__
-  dit.DiTBlock.__call__ = nnx.remat(original)
-  try:
-    yield
-  finally:
-    dit.DiTBlock.__call__ = original
-
-
 def run_xla_check(variant, modes, batch_sizes) -> list:
   """XLA temp bytes per sample vs the formula; `modes` like 'float32', 'bfloat16+remat'."""
   rows = []
@@ -304,10 +291,10 @@ def run_xla_check(variant, modes, batch_sizes) -> list:
     dtype, _, remat = mode.partition('+')
     config = imagenet256_latent.get_config(variant)
     config.model.dtype = dtype
+    config.model.remat = bool(remat)
     start = time.perf_counter()
-    with remat_blocks() if remat else contextlib.nullcontext():
-      temps = xla_temp_bytes(config, batch_sizes)
-      traced = traced_residual_bytes_per_sample(config)
+    temps = xla_temp_bytes(config, batch_sizes)
+    traced = traced_residual_bytes_per_sample(config)
     cfg, c = dit_config(config), compute_bytes(config)
     slopes = [(temps[i + 1] - temps[i]) / (batch_sizes[i + 1] - batch_sizes[i])
               for i in range(len(temps) - 1)]
@@ -386,7 +373,7 @@ def print_report(report, meshes, capacities, margin):
 
   print(f'\n## Largest per-device batch (samples per data×fsdp shard), margin {margin:.0%}\n')
   print('Fixed = state + gradients + compute-dtype weight copies + FSDP gathered working set '
-        '(GiB). Cells: no remat / remat every block (guidedflow does not remat today).\n')
+        '(GiB). Cells: no remat / remat every block (`--config.model.remat=True`).\n')
   header = ('| mesh | state | grads | weight casts | gathered | fixed | act/sample MiB | '
             + ' | '.join(f'{name} {cap:g} GiB' for name, cap in capacities) + ' |')
   print(header)
@@ -431,7 +418,7 @@ def main(argv=None) -> dict:
                       'and compare XLA temp bytes per sample with the formula (minutes)')
   parser.add_argument('--xla_variant', default='S/2')
   parser.add_argument('--xla_modes', default='float32,bfloat16,float32+remat',
-                      help='compute dtypes to compile; +remat: nnx.remat around every block')
+                      help="compute dtypes to compile; +remat: config.model.remat (nnx.remat per block)")
   parser.add_argument('--xla_batches', default='2,4,8',
                       help='batch sizes; per-sample bytes are differences of neighbours (small '
                       'batches are dominated by the optimizer update, not by activations)')

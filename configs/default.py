@@ -23,6 +23,7 @@ def get_config():
   config.model.unet_num_residual_layers = 2    # residual blocks per U-Net stage (unet only)
   config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16' (accelerators)
   config.model.param_dtype = 'float32'  # parameter dtype
+  config.model.remat = False           # dit: recompute each block in the backward pass (less memory, ~1/3 more compute)
 
   # ---- Probability path x_t = α_t z + β_t ε (t = 0 noise, t = 1 data).
   config.path = ml_collections.ConfigDict()

@@ -156,6 +156,7 @@ def model_constructor(config, image_shape):
   kwargs = {}
   if config.model.name == 'dit':
     kwargs['variant'] = config.model.variant
+    kwargs['remat'] = bool(config.model.get('remat', False))
   else:
     kwargs['channels'] = tuple(config.model.unet_channels)
     kwargs['num_residual_layers'] = config.model.unet_num_residual_layers

@@ -249,3 +249,29 @@ def test_every_param_has_logical_names(which, dit_model):
   if which == 'dit':
     assert dit_model.blocks[0].fc1.kernel.get_metadata()['out_sharding'] == ('embed', 'mlp')
     assert dit_model.blocks[0].attn.qkv.kernel.get_metadata()['out_sharding'] == ('embed', 'heads')
+
+
+def test_dit_remat_gives_the_same_gradients_and_recomputes():
+  """remat=True: same parameters, outputs and gradients; the backward pass recomputes blocks."""
+  def build(remat):
+    return _perturb(models.create_model('dit', variant='test/7', input_size=28, in_channels=3,
+                                        num_classes=NUM_CLASSES, depth=2, remat=remat,
+                                        rngs=nnx.Rngs(0)))
+
+  x, t, y = _inputs()
+
+  def loss(model):
+    return jnp.mean(model(x, t, y) ** 2)
+
+  grad_fn = nnx.jit(nnx.grad(loss))
+  grads, jaxprs = {}, {}
+  for remat in (False, True):
+    model = build(remat)
+    grads[remat] = grad_fn(model)
+    graphdef, state = nnx.split(model)
+    jaxprs[remat] = str(jax.make_jaxpr(
+        lambda s, g=graphdef: jax.grad(lambda s: loss(nnx.merge(g, s)))(s))(state))
+  for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert 'checkpoint' in jaxprs[True] or 'remat' in jaxprs[True]
+  assert 'checkpoint' not in jaxprs[False] and 'remat' not in jaxprs[False]
