@@ -18,9 +18,16 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6.2,<3",
     "matplotlib>=3.8,<4",
     "ml-dtypes>=0.5,<1",  # bfloat16 in torch_weights.py without importing jax
+    "etils[epath]>=1.15,<2",  # workdir files on local disk or gs://
 ]
 
 EXTRAS_REQUIRE = {
+    # gs:// workdirs (Cloud TPU): etils.epath reads/writes through gcsfs, tensorboardX through
+    # google-cloud-storage (orbax's checkpoints need neither). Installs here; not run against GCS.
+    "gcs": [
+        "gcsfs>=2024.2",
+        "google-cloud-storage>=2.14,<4",
+    ],
     "test": [
         "pytest>=8,<10",
         "pytest-xdist>=3.5,<4",

@@ -15,11 +15,13 @@ one column per w); `config.eval.num_steps` runs a steps sweep (quality against N
 `config.eval.methods`. Everything lands in `<workdir>/eval/` next to the JSON printed by main.
 """
 
+import io
 import json
 import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
@@ -69,7 +71,7 @@ def reference_features(config, network, dataset, workdir, num_images):
                       f'{num_images}.npz')
   if dataset.split == config.input.eval_split and config.eval.reference_path:
     path = config.eval.reference_path
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     t0 = time.time()
     images, labels = _real_images(dataset, num_images)
     out = evaluation.compute_features(network, images)
@@ -249,15 +251,17 @@ def _plot(path, rows, x_key, x_label, title, group_key=None, log_x=False):
     axes[1].set_ylim(0, 1.02)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=120)
   plt.close(fig)
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def _write(path, text):
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
-      f.write(text)
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(path).write_text(text)
 
 
 def run(config, workdir, trainer, state, eval_dataset, train_dataset, *, guidance=True):

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any, Mapping, Protocol
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -296,11 +297,12 @@ def save_reference(path: str, *, features, logits=None, labels=None,
     arrays['logits'] = np.asarray(logits, np.float32)
   if labels is not None:
     arrays['labels'] = np.asarray(labels, np.int32)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  temporary = f'{path}.tmp{os.getpid()}'
-  with open(temporary, 'wb') as f:
+  path = epath.Path(path)  # local or gs://
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = path.parent / f'{path.name}.tmp{os.getpid()}'
+  with temporary.open('wb') as f:
     np.savez(f, **arrays)
-  os.replace(temporary, path)
+  temporary.replace(path)  # readers never see a half-written file
 
 
 def load_reference(path: str, *, expect_meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -313,11 +315,11 @@ def load_reference(path: str, *, expect_meta: Mapping[str, Any]) -> dict[str, An
     FileNotFoundError: nothing at `path` (the caller computes and saves the statistics).
     ReferenceMismatchError: the file was made for other data, naming the fields that differ.
   """
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f'no reference statistics at {path}')
   fix = ('delete the file or point eval.reference_path elsewhere — it is recomputed on the '
          'next evaluate run')
-  with np.load(path) as data:
+  with epath.Path(path).open('rb') as f, np.load(f) as data:
     loaded = {name: data[name] for name in data.files}
   if 'meta' not in loaded:
     raise ReferenceMismatchError(f'{path} is not a reference-statistics file (no meta); {fix}')

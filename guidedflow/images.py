@@ -1,7 +1,8 @@
 """Image utilities at the file edges: float [−1, 1] ↔ uint8, sample grids, PNG files."""
 
-import os
+import io
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -57,5 +58,8 @@ def save_png(path, image, *, upscale=1):
     image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
   if image.shape[-1] == 1:
     image = image[..., 0]
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image).save(path)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='PNG')
+  path = epath.Path(path)  # local, or gs:// (any etils.epath filesystem)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())

@@ -12,6 +12,7 @@ import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -519,12 +520,12 @@ def train_and_evaluate(config, workdir):
     The final train state.
   """
   t_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  # Workdir files go through etils.epath: a local path or gs://BUCKET/... (Cloud TPU).
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   dataset, trainer, ckpt = _setup(config, workdir, split=config.input.train_split)
   state, data_state = _restore_latest(trainer, ckpt, workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
   start_step = int(state['step'])
   logging.info('Model %s: %.3fM parameters; data %s %s (%d examples); mesh %s.',
                config.model.name, trainer.param_count(state) / 1e6, config.input.dataset,
@@ -717,8 +718,9 @@ def sample_and_save(config, workdir):
   seconds = time.time() - t0
   out_dir = os.path.join(workdir, 'samples')
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    np.savez(os.path.join(out_dir, 'samples.npz'), images=images, labels=labels)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with (epath.Path(out_dir) / 'samples.npz').open('wb') as f:
+      np.savez(f, images=images, labels=labels)
     order = np.argsort(labels, kind='stable')  # grid: one row per class
     per_class = min(num // trainer.num_classes, 10)
     if per_class:

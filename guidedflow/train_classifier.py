@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,7 +130,9 @@ def _subset(dataset, num_examples: int):
 
 
 def _checkpoint_manager(workdir: str, *, create: bool) -> ocp.CheckpointManager:
-  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  directory = os.path.join(workdir, 'checkpoints')
+  if '://' not in directory:  # orbax wants absolute local paths; gs:// stays as it is
+    directory = os.path.abspath(directory)
   handlers = {'params': ocp.StandardCheckpointHandler(),
               'train_state': ocp.StandardCheckpointHandler(),
               'meta': ocp.JsonCheckpointHandler()}
@@ -227,7 +230,7 @@ def _train(config, workdir: str) -> tuple[Classifier, dict[str, Any]]:
   t_start = time.time()
   validate_config(config)
   workdir = os.fspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   train_set = _subset(input_pipeline.create_dataset(config.input, config.input.train_split),
                       config.input.num_train_examples)
   spec = _model_spec(config, train_set.image_shape)
@@ -349,8 +352,8 @@ def _train(config, workdir: str) -> tuple[Classifier, dict[str, Any]]:
   save(step, result)
   manager.wait_until_finished()
   manager.close()
-  with open(os.path.join(workdir, 'classifier_result.json'), 'w') as f:
-    json.dump(result, f, indent=2)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / 'classifier_result.json').write_text(json.dumps(result, indent=2))
   logging.info('Classifier done: test accuracy %.4f on %d images; %s', test_accuracy,
                test_set.num_examples, json.dumps(result))
   return nnx.merge(graphdef, state['params']), result
@@ -449,7 +452,7 @@ def load_feature_network(workdir: str, *, batch_size: int = 500) -> ClassifierFe
   """
   workdir = os.fspath(workdir)
   directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise FeatureNetworkNotFoundError(
         f'no Fashion-MNIST classifier checkpoint in {workdir}; train one with: '
         f'{_train_command(workdir)}')

@@ -15,7 +15,7 @@ Subcommands:
             (gcloud compute tpus queued-resources create) when QUEUED=1
   wait      wait until the TPU is ready (READY; a queued resource ACTIVE)
   setup     on all workers: clone REPO_URL at REPO_REF into REMOTE_DIR, make a venv there and
-            pip install guidedflow and JAX_PACKAGE (jax[tpu]); also apt-installs APT_PACKAGES
+            pip install guidedflow[gcs] and JAX_PACKAGE (jax[tpu]); also apt-installs APT_PACKAGES
   train     on all workers: start `python -m guidedflow.main --config CONFIG --workdir WORKDIR
             --config.mesh.distributed=on EXTRA_ARGS` in the background (nohup); output is appended
             to LOG_FILE on each worker, the pid written next to it (train.pid)
@@ -252,7 +252,7 @@ git -C $dir fetch -q origin $(q "$REPO_REF"); \
 git -C $dir checkout -q --detach FETCH_HEAD; \
 [ -x $venv/bin/python ] || python3 -m venv $venv; \
 $venv/bin/pip install -q --upgrade pip; \
-$venv/bin/pip install -q -e $dir $(q "$JAX_PACKAGE"); \
+$venv/bin/pip install -q -e $dir'[gcs]' $(q "$JAX_PACKAGE"); \
 echo \"\$(hostname): guidedflow \$(git -C $dir rev-parse --short HEAD), jax \$($venv/bin/python -c 'import jax; print(jax.__version__)')\""
 }
 

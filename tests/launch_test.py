@@ -283,7 +283,7 @@ while :; do sleep 0.05; done
 @pytest.mark.skipif(shutil.which('git') is None, reason='needs git')
 def test_tpu_setup_command_runs_in_a_posix_shell(gcloud, tmp_path):
   """Runs the remote setup command with sh against a local git repository, with fake sudo,
-  python3 and pip: clone at REPO_REF, venv, pip install of the checkout and jax[tpu]."""
+  python3 and pip: clone at REPO_REF, venv, pip install of the checkout (with the gcs extra) and jax[tpu]."""
   origin = tmp_path / 'origin'
   git_env = {'PATH': SYSTEM_PATH, 'HOME': str(tmp_path), 'GIT_AUTHOR_NAME': 'a',
              'GIT_AUTHOR_EMAIL': 'a@b', 'GIT_COMMITTER_NAME': 'a', 'GIT_COMMITTER_EMAIL': 'a@b'}
@@ -327,7 +327,7 @@ fi
   assert ['sudo', 'DEBIAN_FRONTEND=noninteractive', 'apt-get', '-qq', '-o',
           'DPkg::Lock::Timeout=600', 'install', '-y', 'dataset-fashion-mnist'] in calls
   assert ['python3', '-m', 'venv', './guidedflow/.venv'] in calls
-  assert ['pip', 'install', '-q', '-e', './guidedflow', 'jax[tpu]'] in calls
+  assert ['pip', 'install', '-q', '-e', './guidedflow[gcs]', 'jax[tpu]'] in calls
   assert 'guidedflow ' + tagged[:7] in result.stdout and 'jax 0.0-fake' in result.stdout
 
 
