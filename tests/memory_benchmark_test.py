@@ -143,8 +143,10 @@ def test_activation_formula_hand_computed():
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
 def test_formula_matches_residuals_jax_saves(report, dtype):
-  """The formula counts every (s, h)-sized tensor that `jax.vjp` keeps: one more or one fewer
-  bf16 (s, h) tensor per block would be a 1.7% error."""
+  """The formula is an upper estimate of what `jax.vjp` keeps. With jax 0.10.2 it counts every
+  (s, h)-sized residual (one bf16 (s, h) tensor more or fewer per block would be a 1.7% error:
+  measured 0.2%); jax 0.12 saves 7-9% less (fewer f32 LayerNorm intermediates). A missing term
+  (attention scores, the GeLU, the f32 norms) would break either bound."""
   if dtype == 'bfloat16':
     formula = report['activations']['per_sample']
     traced = report['activations']['traced_per_sample']
@@ -153,7 +155,10 @@ def test_formula_matches_residuals_jax_saves(report, dtype):
     config.model.dtype = dtype
     formula = memory.activation_bytes_per_sample(memory.dit_config(config), 4)
     traced = memory.traced_residual_bytes_per_sample(config)
-  assert formula <= traced < 1.01 * formula
+  if jax.__version__.startswith('0.10.'):
+    assert formula <= traced < 1.01 * formula
+  else:
+    assert 0.85 * formula <= traced < 1.01 * formula
 
 
 def test_tables_printed(run):
