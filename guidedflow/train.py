@@ -261,15 +261,12 @@ class Trainer:
       state, self.rest = jax.jit(self._init_fn, out_shardings=shardings)()
     return state
 
-  def abstract_state(self, state=None):
+  def abstract_state(self):
     """ShapeDtypeStructs with this mesh's shardings for the train state (a restore target).
 
-    Without `state`, from shapes only (`jax.eval_shape`): nothing is allocated, so a
-    checkpoint is restored straight into its shards, on any mesh or device count.
+    From shapes only (`jax.eval_shape`): nothing is allocated, so a checkpoint is restored
+    straight into its shards, on any mesh or device count.
     """
-    if state is not None:
-      return jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     (abstract, _), (shardings, _) = self._shardings()
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
@@ -277,7 +274,7 @@ class Trainer:
   def init_rest(self):
     """The model's non-parameter state (empty for our models), for a restored train state."""
     if not hasattr(self, 'rest'):
-      (_, abstract_rest), (_, rest_shardings) = self._shardings()
+      _, (_, rest_shardings) = self._shardings()
       with jax.set_mesh(self.mesh):
         self.rest = jax.jit(lambda: self._init_fn()[1], out_shardings=rest_shardings)()
     return self.rest

@@ -17,7 +17,7 @@ def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
   The names are *logical* ('embed', 'mlp', ...), not mesh axes: `guidedflow.sharding` maps them
   to a mesh with its rules. Eager sharding (flax's default since 0.12) would try to place the
   array on mesh axes of these names at creation, so it is switched off per parameter; models
-  are placed on a mesh by `sharding.create_sharded_model` (init under `jax.jit`).
+  are placed on a mesh by `sharding.state_shardings` (init under `jax.jit`).
   """
   return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
 
