@@ -58,19 +58,34 @@ def guided_prediction(model_fn, x, t, y, *, null_label, guidance_scale):
   return cfg_combine(cond, uncond, guidance_scale)
 
 
+def guidance_active(t, interval):
+  """Whether guidance applies at time(s) t: inside the closed `interval` = (t_lo, t_hi).
+
+  The bounds are compared in t's float dtype (float32 for the sampler's grid), so the sampler's
+  static plan (`sampling.cfg_plan`, on the concrete grid) and `effective_scale` (traced) agree
+  at the boundaries. `interval=None` means everywhere.
+  """
+  t = jnp.asarray(t)
+  if not jnp.issubdtype(t.dtype, jnp.floating):
+    t = t.astype(jnp.float32)
+  if interval is None:
+    return jnp.ones(t.shape, bool)
+  t_lo, t_hi = (jnp.asarray(v, t.dtype) for v in interval)
+  return (t >= t_lo) & (t <= t_hi)
+
+
 def effective_scale(guidance_scale, t, interval):
   """Guidance scale at time t when guidance applies only on `interval` = (t_lo, t_hi).
 
   Outside the closed interval the scale is 1 (plain conditional). Times follow our convention
   (t = 0 noise, t = 1 data); guidance-interval papers that count noise levels the other way must
-  be flipped (t ↦ 1 − t). `interval=None` returns `guidance_scale` unchanged.
+  be flipped (t ↦ 1 − t). `interval=None` returns `guidance_scale` unchanged. The sampler does not
+  call this: it skips the unconditional half outside the interval (`sampling.cfg_plan`), which
+  gives the same samples with fewer model evaluations.
   """
   if interval is None:
     return guidance_scale
-  t_lo, t_hi = interval
-  t = jnp.asarray(t)
-  inside = (t >= t_lo) & (t <= t_hi)
-  return jnp.where(inside, jnp.asarray(guidance_scale, jnp.float32), 1.0)
+  return jnp.where(guidance_active(t, interval), jnp.asarray(guidance_scale, jnp.float32), 1.0)
 
 
 def classifier_guided_velocity(u, t, x, y, grad_log_prob_fn, w, path):

@@ -1,5 +1,7 @@
 """ODE and SDE samplers (Euler, Heun, Euler–Maruyama) with classifier-free guidance, in lax.scan."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,52 +116,134 @@ def sde_drift(velocity, score, diffusion):
   return velocity + 0.5 * jnp.square(diffusion) * score
 
 
-def evaluations_per_sample(method, num_steps, use_cfg):
-  """Model evaluations per sample; a doubled CFG batch [x; x] counts 2."""
-  per_step = {'euler': num_steps, 'heun': 2 * num_steps - 1, 'euler_maruyama': num_steps}
-  return per_step[method] * (2 if use_cfg else 1)
+def uses_cfg(guidance_scale):
+  """Whether `guidance_scale` needs the unconditional branch, i.e. the doubled batch [x; x].
+
+  False only when w is known while tracing — a Python or NumPy number, or a concrete array — and
+  is exactly 1 everywhere (plain conditional sampling, where CFG returns the conditional
+  prediction exactly); a traced w (inside an outer jit) always runs the doubled batch.
+  """
+  if isinstance(guidance_scale, jax.core.Tracer):
+    return True
+  if isinstance(guidance_scale, jax.Array) and not (
+      guidance_scale.is_fully_addressable or guidance_scale.is_fully_replicated):
+    return True
+  try:
+    value = np.asarray(guidance_scale, np.float64)
+  except (TypeError, ValueError):
+    return True
+  return not bool(np.all(value == 1.0))
+
+
+def _concrete_grid(num_steps, t_start):
+  """`time_grid` as a concrete array, also while tracing (the CFG plan is static)."""
+  with jax.ensure_compile_time_eval():
+    return time_grid(num_steps, t_start)
+
+
+def cfg_plan(method, grid, guidance_interval, use_cfg):
+  """The sampler's static CFG pattern: which model evaluations run the doubled batch.
+
+  Step i evaluates the model at grid[i] and, for Heun (all steps but the last), at grid[i + 1].
+  An evaluation runs the doubled batch [x; x] when `use_cfg` and its time lies in the closed
+  `guidance_interval` (None: everywhere); otherwise only the conditional half runs — w = 1
+  there, where CFG returns the conditional prediction exactly, so the samples are those of the
+  doubled batch with `guidance.effective_scale`, at fewer evaluations.
+
+  Args:
+    method: 'euler' | 'heun' | 'euler_maruyama'.
+    grid: the concrete (N + 1,) time grid.
+    guidance_interval: None or (t_lo, t_hi).
+    use_cfg: False for w = 1 known in Python (see `uses_cfg`).
+
+  Returns:
+    Tuple of segments (start, stop, cfg_at_t, cfg_at_t_next): steps start..stop − 1 share the
+    pattern and run as one `lax.scan`. `cfg_at_t_next` is None where the steps evaluate once
+    (Euler, Euler–Maruyama, a Heun run whose last step is alone); a Heun segment that ends at
+    the last step skips its second evaluation there (`lax.cond`, never at t = 1).
+  """
+  grid = np.asarray(grid)
+  num_steps = len(grid) - 1
+  if not use_cfg:
+    active = np.zeros(num_steps + 1, bool)
+  else:
+    with jax.ensure_compile_time_eval():  # concrete also inside an outer jit
+      active = np.asarray(guidance.guidance_active(grid, guidance_interval))
+  heun = method == 'heun'
+  patterns = [(bool(active[i]), bool(active[i + 1]) if heun and i < num_steps - 1 else None)
+              for i in range(num_steps)]
+  if heun and num_steps > 1 and patterns[-1][0] == patterns[-2][0]:
+    patterns[-1] = patterns[-2]  # join the previous segment; its lax.cond skips the 2nd eval
+  segments = []
+  for i, pattern in enumerate(patterns):
+    if segments and segments[-1][2:] == pattern:
+      segments[-1] = (segments[-1][0], i + 1) + pattern
+    else:
+      segments.append((i, i + 1) + pattern)
+  return tuple(segments)
+
+
+def plan_evaluations(plan, num_steps):
+  """Model evaluations per sample of a `cfg_plan`; a doubled CFG batch [x; x] counts 2."""
+  total = 0
+  for start, stop, first, second in plan:
+    total += (stop - start) * (2 if first else 1)
+    if second is not None:
+      total += (stop - start - (stop == num_steps)) * (2 if second else 1)
+  return total
+
+
+def evaluations_per_sample(method, num_steps, use_cfg, guidance_interval=None, t_start=0.0):
+  """Model evaluations per sample (info['nfe']); a doubled CFG batch [x; x] counts 2."""
+  plan = cfg_plan(method, _concrete_grid(num_steps, t_start), guidance_interval, use_cfg)
+  return plan_evaluations(plan, num_steps)
+
+
+def _num_frames(return_trajectory, num_steps):
+  if return_trajectory is True:
+    return min(TRAJECTORY_FRAMES, num_steps + 1)
+  if return_trajectory is False or return_trajectory is None:
+    return 0
+  if isinstance(return_trajectory, int) and return_trajectory >= 2:
+    return min(return_trajectory, num_steps + 1)
+  raise ValueError('return_trajectory must be a bool or an int number of frames >= 2, '
+                   f'got {return_trajectory!r}.')
 
 
 def _frame_steps(num_steps, num_frames):
   return np.unique(np.round(np.linspace(0, num_steps, num_frames)).astype(np.int32))
 
 
-def _sample_impl(model_fn, key, labels, guidance_scale, sigma, *, shape, path, parameterization,
-                 null_label, method, num_steps, sigma_schedule, guidance_interval, use_cfg,
-                 num_frames, t_eps):
-  """The sampler body (traced once per static configuration)."""
-  batch = labels.shape[0]
-  grid = time_grid(num_steps, start_time(parameterization, method, sigma_schedule, t_eps))
-  key_init, key_steps = jax.random.split(key)
-  x = jax.random.normal(key_init, (batch,) + shape, jnp.float32)  # p_init at t = grid[0]
+def _make_step(predict, *, path, parameterization, method, sigma_schedule, sigma, num_steps):
+  """step(key, x, i, t, t_next, pattern) -> (key, x): one step with a segment's CFG pattern.
 
-  def predict(x, t):
-    if use_cfg:
-      scale = guidance.effective_scale(guidance_scale, t, guidance_interval)
-      return guidance.guided_prediction(model_fn, x, t, labels, null_label=null_label,
-                                        guidance_scale=scale)
-    return model_fn(x, jnp.full((batch,), t, x.dtype), labels)
-
-  def velocity(x, t):
-    return path.velocity_from_prediction(predict(x, t), x, t, parameterization)
-
+  `pattern` = (cfg_at_t, cfg_at_t_next, ends_at_last) is static: `predict(x, t, cfg)` runs the
+  doubled batch where cfg is True. Euler–Maruyama splits the key on every step whatever the
+  pattern, so the noise does not depend on the segments.
+  """
   last = num_steps - 1
 
-  def step(key, x, i, t, t_next):
+  def velocity(x, t, cfg):
+    return path.velocity_from_prediction(predict(x, t, cfg), x, t, parameterization)
+
+  def step(key, x, i, t, t_next, pattern):
+    cfg_at_t, cfg_at_t_next, ends_at_last = pattern
     h = t_next - t
     if method == 'euler':
-      return key, x + h * velocity(x, t)
+      return key, x + h * velocity(x, t, cfg_at_t)
     if method == 'heun':
-      k1 = velocity(x, t)
+      k1 = velocity(x, t, cfg_at_t)
       x_euler = x + h * k1
+      if cfg_at_t_next is None:  # a lone last step
+        return key, x_euler
+      corrected = lambda: x + 0.5 * h * (k1 + velocity(x_euler, t_next, cfg_at_t_next))
+      if not ends_at_last:
+        return key, corrected()
       # The last step stays Euler (as in EDM) so the model is never evaluated at t = 1, where
       # beta = 0 makes score/noise conversions singular; the order stays 2 (one O(h²) step).
-      return key, jax.lax.cond(
-          i < last,
-          lambda: x + 0.5 * h * (k1 + velocity(x_euler, t_next)),
-          lambda: x_euler)
+      return key, jax.lax.cond(i < last, corrected, lambda: x_euler)
     key, key_noise = jax.random.split(key)
-    prediction = predict(x, t)
+    prediction = predict(x, t, cfg_at_t)
     u = path.velocity_from_prediction(prediction, x, t, parameterization)
     s = path.score_from_prediction(prediction, x, t, parameterization)
     # The last step is deterministic, so the sample at t = 1 carries no fresh noise.
@@ -168,6 +252,25 @@ def _sample_impl(model_fn, key, labels, guidance_scale, sigma, *, shape, path, p
     noise = jax.random.normal(key_noise, x.shape, x.dtype)
     return key, x + h * sde_drift(u, s, diffusion) + diffusion * jnp.sqrt(h) * noise
 
+  return step
+
+
+def _sample_impl(model_fn, key, labels, guidance_scale, sigma, *, shape, path, parameterization,
+                 null_label, method, num_steps, sigma_schedule, plan, num_frames, t_eps):
+  """The sampler body (traced once per static configuration): one lax.scan per plan segment."""
+  batch = labels.shape[0]
+  grid = _concrete_grid(num_steps, start_time(parameterization, method, sigma_schedule, t_eps))
+  key_init, key_steps = jax.random.split(key)
+  x = jax.random.normal(key_init, (batch,) + shape, jnp.float32)  # p_init at t = grid[0]
+
+  def predict(x, t, cfg):
+    if cfg:
+      return guidance.guided_prediction(model_fn, x, t, labels, null_label=null_label,
+                                        guidance_scale=guidance_scale)
+    return model_fn(x, jnp.full((batch,), t, x.dtype), labels)
+
+  step = _make_step(predict, path=path, parameterization=parameterization, method=method,
+                    sigma_schedule=sigma_schedule, sigma=sigma, num_steps=num_steps)
   frame_steps = _frame_steps(num_steps, num_frames) if num_frames else np.zeros(0, np.int32)
   slot_of_step = np.full(num_steps + 1, -1, np.int32)
   slot_of_step[frame_steps] = np.arange(len(frame_steps), dtype=np.int32)
@@ -175,17 +278,22 @@ def _sample_impl(model_fn, key, labels, guidance_scale, sigma, *, shape, path, p
   if num_frames:
     trajectory = trajectory.at[0].set(x)
 
-  def body(carry, inputs):
+  def body(pattern, carry, inputs):
     key, x, trajectory = carry
     i, t, t_next, slot = inputs
-    key, x = step(key, x, i, t, t_next)
+    key, x = step(key, x, i, t, t_next, pattern)
     if num_frames:
       index = jnp.maximum(slot, 0)
       trajectory = trajectory.at[index].set(jnp.where(slot >= 0, x, trajectory[index]))
     return (key, x, trajectory), None
 
-  inputs = (jnp.arange(num_steps), grid[:-1], grid[1:], jnp.asarray(slot_of_step[1:]))
-  (_, x, trajectory), _ = jax.lax.scan(body, (key_steps, x, trajectory), inputs)
+  carry = (key_steps, x, trajectory)
+  for start, stop, cfg_at_t, cfg_at_t_next in plan:
+    pattern = (cfg_at_t, cfg_at_t_next, stop == num_steps)
+    inputs = (jnp.arange(start, stop), grid[start:stop], grid[start + 1:stop + 1],
+              jnp.asarray(slot_of_step[start + 1:stop + 1]))
+    carry, _ = jax.lax.scan(functools.partial(body, pattern), carry, inputs)
+  _, x, trajectory = carry
   info = {'time_grid': grid}
   if num_frames:
     info['trajectory'] = trajectory
@@ -194,7 +302,7 @@ def _sample_impl(model_fn, key, labels, guidance_scale, sigma, *, shape, path, p
 
 
 _STATIC_ARGNAMES = ('shape', 'path', 'parameterization', 'null_label', 'method', 'num_steps',
-                    'sigma_schedule', 'guidance_interval', 'use_cfg', 'num_frames', 't_eps')
+                    'sigma_schedule', 'plan', 'num_frames', 't_eps')
 _sample_jit_traced_model = jax.jit(_sample_impl, static_argnames=_STATIC_ARGNAMES)
 _sample_jit_static_model = jax.jit(_sample_impl, static_argnames=('model_fn',) + _STATIC_ARGNAMES)
 
@@ -204,24 +312,29 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
            return_trajectory=False, t_eps=DEFAULT_T_EPS):
   """Draws samples from the guided model by integrating from noise (t = 0) to data (t = 1).
 
-  One `lax.scan` over the uniform grid `time_grid(num_steps, start_time(...))`. Each model call
-  is a CFG call on the doubled batch [x; x] with labels [y; ∅]; the prediction is combined with
-  `guidance.cfg_combine` and converted to velocity (and, for Euler–Maruyama, score) with the
-  path's formulas. No method evaluates the model at t = 1: Euler and Euler–Maruyama evaluate at
-  the left end of each step and Heun's last step is an Euler step; Euler–Maruyama's last step
-  is deterministic (sigma = 0).
+  Integrates over the uniform grid `time_grid(num_steps, start_time(...))` in `lax.scan`. A
+  model evaluation with guidance is a CFG call on the doubled batch [x; x] with labels [y; ∅],
+  combined with `guidance.cfg_combine`; the prediction is converted to velocity (and, for
+  Euler–Maruyama, score) with the path's formulas. No method evaluates the model at t = 1: Euler
+  and Euler–Maruyama evaluate at the left end of each step and Heun's last step is an Euler
+  step; Euler–Maruyama's last step is deterministic (sigma = 0).
+
+  The sampler costs exactly its NFE: where w = 1 the unconditional half is not run. A w known in
+  Python (a number, NumPy or concrete array) that is exactly 1 everywhere runs only the
+  conditional batch (see `uses_cfg`); with a `guidance_interval` the evaluations outside it run
+  only the conditional batch too. The grid is static, so which evaluations double is decided
+  while tracing (`cfg_plan`): the steps are split into consecutive segments of equal pattern, one
+  `lax.scan` each (one segment without an interval). The samples equal those of the doubled
+  batch with `guidance.effective_scale` everywhere (same keys, the same noise per step).
 
   Compilation: one compile per static configuration (shape, batch, path, parameterization,
-  method, num_steps, sigma_schedule, guidance_interval, return_trajectory). `key`, `labels`,
-  `guidance_scale` and `sigma` are traced, so changing them does not recompile. `model_fn` is
-  a static argument hashed by identity when it is a plain callable: pass the same function
-  object to reuse the compile, or pass a `jax.tree_util.Partial(apply, params)` (or any pytree
-  callable with array leaves), which is traced, so new weights do not recompile. Inside an outer
-  `jax.jit` (any traced argument), the body is inlined into the caller's trace.
-
-  As an optimisation a Python number `guidance_scale == 1` (exactly conditional) runs a single
-  forward per evaluation without the null branch; any other value, or an array, doubles the
-  batch (and the first call with it compiles once more).
+  method, num_steps, sigma_schedule, guidance_interval, return_trajectory, and whether w is the
+  Python 1). `key`, `labels`, `guidance_scale` and `sigma` are traced, so changing them does not
+  recompile (w = 1 and w != 1 are two compiles). `model_fn` is a static argument hashed by
+  identity when it is a plain callable: pass the same function object to reuse the compile, or
+  pass a `jax.tree_util.Partial(apply, params)` (or any pytree callable with array leaves), which
+  is traced, so new weights do not recompile. Inside an outer `jax.jit` (any traced argument),
+  the body is inlined into the caller's trace; a traced w there runs the doubled batch.
 
   Args:
     model_fn: (x, t, y) -> prediction of x's shape (B', *shape); t has shape (B',), y may hold
@@ -237,38 +350,32 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
     num_steps: number of steps N >= 1.
     sigma_schedule: Euler–Maruyama sigma_t: 'constant' | 'decreasing' | 'path'.
     sigma: the sigma of 'constant' and 'decreasing' (0 gives the ODE).
-    guidance_interval: None or (t_lo, t_hi): w applies there, 1 outside (see
-      `guidance.effective_scale`).
+    guidance_interval: None or (t_lo, t_hi): w applies there (closed interval), 1 outside, where
+      only the conditional half is evaluated (see `guidance.effective_scale`, `cfg_plan`).
     return_trajectory: False, True (9 frames, fewer if N < 8) or an int number of frames >= 2.
     t_eps: start of the grid when t = 0 is singular for the conversions (see `start_time`).
 
   Returns:
-    (samples float32 (B, *shape), info) with info['nfe'] (model evaluations per sample, doubled
-    CFG batches counting 2; a Python int), info['time_grid'] ((N + 1,) times) and, with
-    `return_trajectory`, info['trajectory'] (F, B, *shape) and info['trajectory_time'] (F,).
+    (samples float32 (B, *shape), info) with info['nfe'] (the model evaluations per sample this
+    call runs, doubled CFG batches counting 2; a Python int; see `cfg_plan`), info['time_grid']
+    ((N + 1,) times) and, with `return_trajectory`, info['trajectory'] (F, B, *shape) and
+    info['trajectory_time'] (F,).
   """
   path = paths_lib.get_path(path)
   validate_sampling_args(
       parameterization=parameterization, null_label=null_label, guidance_scale=guidance_scale,
       num_steps=num_steps, method=method, sigma_schedule=sigma_schedule, sigma=sigma,
       labels=labels, guidance_interval=guidance_interval, t_eps=t_eps)
-  if return_trajectory is True:
-    num_frames = min(TRAJECTORY_FRAMES, num_steps + 1)
-  elif return_trajectory is False or return_trajectory is None:
-    num_frames = 0
-  elif isinstance(return_trajectory, int) and return_trajectory >= 2:
-    num_frames = min(return_trajectory, num_steps + 1)
-  else:
-    raise ValueError('return_trajectory must be a bool or an int number of frames >= 2, '
-                     f'got {return_trajectory!r}.')
+  num_frames = _num_frames(return_trajectory, num_steps)
   if guidance_interval is not None:
     guidance_interval = tuple(float(v) for v in guidance_interval)
-  use_cfg = not (_is_python_number(guidance_scale) and guidance_scale == 1)
+  use_cfg = uses_cfg(guidance_scale)
+  t_start = start_time(parameterization, method, sigma_schedule, t_eps)
+  plan = cfg_plan(method, _concrete_grid(int(num_steps), t_start), guidance_interval, use_cfg)
   options = dict(
       shape=tuple(int(d) for d in shape), path=path, parameterization=parameterization,
       null_label=int(null_label), method=method, num_steps=int(num_steps),
-      sigma_schedule=sigma_schedule, guidance_interval=guidance_interval, use_cfg=use_cfg,
-      num_frames=num_frames, t_eps=float(t_eps))
+      sigma_schedule=sigma_schedule, plan=plan, num_frames=num_frames, t_eps=float(t_eps))
   labels = jnp.asarray(labels)
   guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
   sigma = jnp.asarray(sigma, jnp.float32)
@@ -280,5 +387,5 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
     samples, info = _sample_jit_static_model(model_fn=model_fn, **arrays, **options)
   else:
     samples, info = _sample_jit_traced_model(model_fn=model_fn, **arrays, **options)
-  info['nfe'] = evaluations_per_sample(method, num_steps, use_cfg)
+  info['nfe'] = plan_evaluations(plan, int(num_steps))
   return samples, info

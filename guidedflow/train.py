@@ -342,7 +342,14 @@ class Trainer:
 
   def sample(self, params, key, labels, guidance_scale, *, num_steps=None, method=None,
              sigma_schedule=None, sigma=None):
-    """Samples images (float, [−1, 1]) for int `labels` with the configured sampler."""
+    """Samples images (float, [−1, 1]) for int `labels` with the configured sampler.
+
+    `guidance_scale` is a number: w = 1 runs only the conditional batch (its own compile), any
+    other w the doubled CFG batch (one compile shared by every w != 1).
+
+    Returns:
+      (samples, NFE per sample: the model evaluations run, doubled batches counting 2).
+    """
     config = self.config.sampling
     options = dict(
         num_steps=num_steps or config.num_steps, method=method or config.method,
@@ -353,15 +360,17 @@ class Trainer:
     sampling.validate_sampling_args(
         parameterization=self.config.loss.parameterization, null_label=self.null_label,
         guidance_scale=guidance_scale, labels=np.asarray(labels), **options)
+    # Decided from the Python value: a traced w = 1 would run the doubled batch for nothing.
+    use_cfg = sampling.uses_cfg(guidance_scale)
     if self._sample is None:
       self._sample = {}
-    cache_key = tuple(sorted(options.items()))
+    cache_key = tuple(sorted(options.items())) + (('use_cfg', use_cfg),)
     if cache_key not in self._sample:
       def run(params, key, labels, guidance_scale, sigma):
         samples, info = sampling.sample(
             self.model_fn(params), key, labels, shape=self.image_shape, path=self.path,
             parameterization=self.config.loss.parameterization, null_label=self.null_label,
-            guidance_scale=guidance_scale, sigma=sigma, **options)
+            guidance_scale=guidance_scale if use_cfg else 1.0, sigma=sigma, **options)
         return samples, info['nfe']
       # The batch is split over (data, fsdp) like a training batch; the noise is drawn with
       # the partitionable threefry, so the samples do not depend on the mesh.

@@ -8,6 +8,7 @@ classifier; `classifier_test.py` covers the real one and `evaluation_test.py` th
 import json
 import os
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -118,11 +119,33 @@ def test_reference_is_cached_and_checked(trained, network, tmp_path):
     evaluate.reference_features(config, retrained, eval_set, str(tmp_path), NUM_REAL)
 
 
-def test_guidance_and_steps_sweeps_write_tables_figures_and_grid(trained, network, tmp_path):
+def _count_model_rows(trainer, monkeypatch):
+  """Patches the trainer's model to record the rows of every evaluation it runs."""
+  rows = []
+  original = trainer.model_fn
+
+  def counting_model_fn(params):
+    model = original(params)
+
+    def model_fn(x, t, y):
+      jax.debug.callback(lambda times: rows.append(len(times)), t)
+      return model(x, t, y)
+
+    return model_fn
+
+  monkeypatch.setattr(trainer, 'model_fn', counting_model_fn)
+  monkeypatch.setattr(trainer, '_sample', None)  # compile afresh with the counting model
+  return rows
+
+
+def test_guidance_and_steps_sweeps_write_tables_figures_and_grid(trained, network, tmp_path,
+                                                                 monkeypatch):
   _, eval_set, trainer, state, _ = trained
   config = _config(guidance_scales=(1.0, 3.0), num_steps=(1, 2), methods=('euler', 'heun'))
   train_set = input_pipeline.create_dataset(config.input, 'train')
+  rows = _count_model_rows(trainer, monkeypatch)
   result = evaluate.run(config, str(tmp_path), trainer, state, eval_set, train_set)
+  jax.effects_barrier()
   out = os.path.join(tmp_path, 'eval')
 
   sweep = result['guidance_sweep']
@@ -139,9 +162,13 @@ def test_guidance_and_steps_sweeps_write_tables_figures_and_grid(trained, networ
   grid = np.asarray(Image.open(os.path.join(out, 'guidance_grid.png')))
   assert grid.shape[:2] == (2 * (10 * (28 + 1) + 1), 2 * (2 * (28 + 1) + 1))  # 10 rows, 2 w
 
-  # Steps sweep: NFE counts the CFG doubling (Euler 2N, Heun 2(2N − 1)).
+  # Steps sweep at w = 2: NFE counts the CFG doubling (Euler 2N, Heun 2(2N − 1)).
   nfe = {(r['method'], r['num_steps']): r['nfe'] for r in result['steps_sweep']}
   assert nfe == {('euler', 1): 2, ('euler', 2): 4, ('heun', 1): 2, ('heun', 2): 6}
+  # The guidance sweep's w = 1 runs the single batch (Heun 2 steps: 3 evaluations), w = 3 the
+  # doubled one; every row's NFE is what the model was run on (one batch of 20 per row).
+  assert [r['nfe'] for r in sweep] == [3, 6]
+  assert sum(rows) == sum(r['nfe'] * r['num_samples'] for r in sweep + result['steps_sweep'])
   assert os.path.exists(os.path.join(out, 'steps_sweep.png'))
   assert json.load(open(os.path.join(out, 'evaluate.json')))['step'] == 2
   floor = result['real_data']

@@ -95,3 +95,15 @@ def test_effective_scale_applies_only_inside_the_interval():
   np.testing.assert_allclose(guidance.effective_scale(3.0, t, (0.2, 0.8)),
                              [1.0, 3.0, 3.0, 3.0, 1.0])
   assert guidance.effective_scale(3.0, t, None) == 3.0
+
+
+def test_guidance_active_compares_in_the_float32_of_the_grid():
+  t = jnp.linspace(0.0, 1.0, 11, dtype=jnp.float32)
+  interval = (0.3, 0.6)
+  grid = np.asarray(t)
+  expected = (grid >= np.float32(0.3)) & (grid <= np.float32(0.6))  # float32 bounds, closed
+  np.testing.assert_array_equal(guidance.guidance_active(t, interval), expected)
+  np.testing.assert_array_equal(guidance.effective_scale(3.0, t, interval) == 3.0, expected)
+  assert not bool(guidance.guidance_active(0, (0.2, 0.5)))  # int time: the bounds stay floats
+  assert bool(guidance.guidance_active(1, (0.5, 1.0)))
+  assert bool(jnp.all(guidance.guidance_active(t, None)))

@@ -1,6 +1,5 @@
-"""Tests for guidedflow.sampling: exactness on a Gaussian mixture, convergence orders, recompiles."""
+"""Tests for guidedflow.sampling: exactness on a Gaussian mixture, orders, counted NFE, retraces."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,43 +152,200 @@ def test_convergence_order(method, order):
 
 # -- compilation and bookkeeping
 
-def test_no_retrace_across_guidance_scales_inside_an_outer_jit():
-  chex.clear_trace_counter()
-  model = _oracle('linear', 'velocity')
+
+class CountingModel:
+  """Wraps a model function; records every evaluation's times at run time and counts traces.
+
+  `jax.debug.callback` fires each time the compiled sampler runs an evaluation (per scan step,
+  only in the taken `lax.cond` branch), so the rows are the ones the model is actually run on.
+  """
+
+  def __init__(self, model_fn):
+    self.model_fn = model_fn
+    self.evaluations = []  # one float array of times (rows,) per evaluation
+    self.traces = 0
+
+  def __call__(self, x, t, y):
+    self.traces += 1
+    jax.debug.callback(lambda times: self.evaluations.append(np.asarray(times)), t)
+    return self.model_fn(x, t, y)
+
+  def rows(self):
+    jax.effects_barrier()
+    return sum(len(times) for times in self.evaluations)
+
+  def reset(self):
+    jax.effects_barrier()
+    self.evaluations = []
+
+
+def _counted_sample(model, labels, **kwargs):
+  """(samples, info, model evaluations per sample counted from the rows the model ran on)."""
+  model.reset()
+  samples, info = sampling.sample(model, jax.random.PRNGKey(7), labels, shape=(2,),
+                                  path='linear', parameterization='velocity',
+                                  null_label=gm.NULL, **kwargs)
+  jax.block_until_ready(samples)
+  rows = model.rows()
+  assert rows % labels.shape[0] == 0
+  return samples, info, rows // labels.shape[0]
+
+
+_NFE_LABELS = jnp.array([0, 1, 0], jnp.int32)
+_INTERVAL = (0.3, 0.6)  # 7 steps: grid 0, 1/7, ..., 1; inside: t = 3/7, 4/7 only
+
+
+# Model evaluations per sample for 7 steps, counted by hand: Euler and Euler–Maruyama evaluate
+# at t_0..t_6, Heun at t_0..t_6 and t_1..t_6 (13). With the interval only t_3, t_4 double.
+@pytest.mark.parametrize('method,conditional,cfg,interval', [
+    ('euler', 7, 14, 7 + 2),
+    ('heun', 13, 26, 13 + 4),
+    ('euler_maruyama', 7, 14, 7 + 2),
+])
+def test_nfe_counts_the_rows_the_model_is_called_on(method, conditional, cfg, interval):
+  model = CountingModel(_oracle('linear', 'velocity'))
+  common = dict(method=method, num_steps=7, sigma=0.5)
+  counted = {}
+  for name, w, guidance_interval in [
+      ('w=1', 1.0, None), ('w=1 array', np.ones(3, np.float32), None),
+      ('w=1 jax array', jnp.ones((), jnp.float32), None), ('w=2', 2.0, None),
+      ('w=2 per sample', np.array([2.0, 1.0, 3.0], np.float32), None),
+      ('w=2 interval', 2.0, _INTERVAL), ('w=1 interval', 1.0, _INTERVAL)]:
+    _, info, counted[name] = _counted_sample(model, _NFE_LABELS, guidance_scale=w,
+                                             guidance_interval=guidance_interval, **common)
+    assert info['nfe'] == counted[name], name
+    times = np.concatenate(model.evaluations)
+    assert times.max() < 1.0  # never evaluated at t = 1
+    doubled = np.concatenate([t for t in model.evaluations if len(t) == 2 * 3] or [[]])
+    if guidance_interval is not None:  # the doubled batch runs only inside the interval
+      assert np.all((doubled >= _INTERVAL[0]) & (doubled <= _INTERVAL[1])), name
+  assert counted == {'w=1': conditional, 'w=1 array': conditional, 'w=1 jax array': conditional,
+                     'w=2': cfg, 'w=2 per sample': cfg, 'w=2 interval': interval,
+                     'w=1 interval': conditional}
+
+
+def test_traced_guidance_scale_runs_the_doubled_batch_and_counts_it():
+  model = CountingModel(_oracle('linear', 'velocity'))
 
   @jax.jit
-  @chex.assert_max_traces(n=1)
+  def run(guidance_scale):
+    samples, info = sampling.sample(
+        model, jax.random.PRNGKey(7), _NFE_LABELS, shape=(2,), path='linear',
+        parameterization='velocity', null_label=gm.NULL, guidance_scale=guidance_scale,
+        method='heun', num_steps=7)
+    return samples, info['nfe']
+
+  samples, nfe = run(jnp.float32(1.0))  # traced: the program cannot know w = 1
+  jax.block_until_ready(samples)
+  assert int(nfe) == model.rows() // 3 == 26
+  reference, info, counted = _counted_sample(model, _NFE_LABELS, guidance_scale=1.0,
+                                             method='heun', num_steps=7)
+  assert info['nfe'] == counted == 13
+  np.testing.assert_allclose(samples, reference, rtol=1e-5, atol=1e-5)
+
+
+def _doubled_batch_model(model_fn, guidance_scale, interval):
+  """The CFG sampler without the interval split: every evaluation doubles the batch (w = 1
+  outside the interval through `guidance.effective_scale`), run as a conditional 'model'."""
+
+  def model(x, t, y):
+    scale = guidance.effective_scale(guidance_scale, t, interval)
+    return guidance.guided_prediction(model_fn, x, t, y, null_label=gm.NULL,
+                                      guidance_scale=scale)
+
+  return model
+
+
+@pytest.mark.parametrize('method,parameterization,interval,num_steps', [
+    ('euler', 'velocity', (0.3, 0.6), 7),
+    ('heun', 'score', (0.3, 0.6), 7),      # steps straddling both ends, a run of cond-only steps
+    ('heun', 'velocity', (0.0, 0.7), 6),   # guided first, the lone last step conditional
+    ('heun', 'noise', (0.5, 1.0), 6),      # the last step guided, joined to the guided segment
+    ('euler_maruyama', 'noise', (0.2, 0.7), 9),
+])
+def test_guidance_interval_equals_the_doubled_batch_sampler(method, parameterization, interval,
+                                                            num_steps):
+  oracle = CountingModel(_oracle('linear', parameterization))
+  labels = jnp.array([0, 1, 1, 0, 2], jnp.int32)
+  common = dict(shape=(2,), path='linear', parameterization=parameterization,
+                null_label=gm.NULL, method=method, num_steps=num_steps,
+                sigma_schedule='decreasing', sigma=1.0, return_trajectory=4)
+  oracle.reset()
+  split, info = sampling.sample(oracle, jax.random.PRNGKey(5), labels, guidance_scale=3.0,
+                                guidance_interval=interval, **common)
+  counted = oracle.rows() // 5
+  reference_model = CountingModel(_doubled_batch_model(oracle.model_fn, 3.0, interval))
+  doubled, reference_info = sampling.sample(reference_model, jax.random.PRNGKey(5), labels,
+                                            guidance_scale=1.0, **common)
+  reference_nfe = 2 * reference_model.rows() // 5  # each evaluation runs the model on 2B rows
+  np.testing.assert_allclose(split, doubled, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(info['trajectory'], reference_info['trajectory'], rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_array_equal(info['trajectory'][-1], split)
+  plain, _ = sampling.sample(oracle.model_fn, jax.random.PRNGKey(5), labels, guidance_scale=1.0,
+                             **common)
+  assert not np.allclose(split, plain, atol=1e-3)  # the guidance inside the interval acts
+  assert info['nfe'] == counted < reference_nfe
+  assert reference_nfe == 2 * reference_info['nfe']
+
+
+def test_model_traces_once_per_compile_across_scales_keys_labels_and_weights():
+  model_traces = []
+
+  def scaled_velocity(scale, x, t, y):
+    model_traces.append(x.shape)  # at trace time only
+    return scale * _oracle('linear', 'velocity')(x, t, y)
+
+  def run(w, seed, labels, scale, **kwargs):
+    model = jax.tree_util.Partial(scaled_velocity, jnp.float32(scale))  # traced weights
+    samples, _ = sampling.sample(
+        model, jax.random.PRNGKey(seed), jnp.asarray(labels, jnp.int32), shape=(2,),
+        path='linear', parameterization='velocity', null_label=gm.NULL, guidance_scale=w,
+        method='euler_maruyama', num_steps=6, sigma=0.7, **kwargs)
+    return np.asarray(samples)
+
+  first = run(0.5, 1, [0, 1, 0], 1.0)
+  assert model_traces == [(6, 2)]  # one scan: the model traced once, on the doubled batch
+  later = [run(2.0, 2, [1, 1, 0], 1.0), run(3.0, 3, [0, 0, 1], 0.5), run(0.0, 1, [0, 1, 0], 2.0),
+           run(np.float32(4.0), 1, [0, 1, 0], 1.0)]
+  assert model_traces == [(6, 2)]  # new w != 1, keys, labels and weights: no recompile
+  assert not np.allclose(later[1], run(3.0, 3, [0, 0, 1], 1.0))  # the new weight was used
+  assert not np.allclose(first, later[3])
+  conditional = run(1.0, 1, [0, 1, 0], 1.0)
+  assert model_traces == [(6, 2), (3, 2)]  # w = 1: one more compile, on the single batch
+  run(1.0, 4, [1, 0, 1], 2.0)
+  assert len(model_traces) == 2
+  run(2.0, 1, [0, 1, 0], 1.0, guidance_interval=(0.3, 0.6))
+  # Grid 0, 1/6, ..., 5/6 evaluated: cond-only, guided (t = 2/6, 3/6), cond-only: three scans.
+  assert model_traces[2:] == [(3, 2), (6, 2), (3, 2)]
+  run(5.0, 2, [0, 0, 0], 3.0, guidance_interval=(0.3, 0.6))
+  assert len(model_traces) == 5
+  assert not np.allclose(first, conditional)
+
+
+def test_no_retrace_inside_an_outer_jit_model_traced_once():
+  model_traces = []
+
+  def counting_velocity(x, t, y):
+    model_traces.append(x.shape)
+    return _oracle('linear', 'velocity')(x, t, y)
+
+  @jax.jit
   def run(key, labels, guidance_scale, sigma):
     samples, info = sampling.sample(
-        model, key, labels, shape=(2,), path='linear', parameterization='velocity',
-        null_label=gm.NULL, guidance_scale=guidance_scale, method='euler_maruyama',
-        num_steps=8, sigma=sigma)
+        counting_velocity, key, labels, shape=(2,), path='linear',
+        parameterization='velocity', null_label=gm.NULL, guidance_scale=guidance_scale,
+        method='euler_maruyama', num_steps=8, sigma=sigma)
     return samples, info['nfe']
 
   labels = jnp.array([0, 1, 2, 1], jnp.int32)
   outputs = [run(jax.random.PRNGKey(0), labels, jnp.float32(w), jnp.float32(0.5))
              for w in (0.0, 1.0, 2.5)]
-  assert int(outputs[0][1]) == 16
+  # The sampler is inlined into the outer trace: one scan, the model traced once for 8 steps
+  # (a Python loop over the steps, or a recompile per w, would trace it more often).
+  assert model_traces == [(8, 2)]
+  assert [int(nfe) for _, nfe in outputs] == [16, 16, 16]
   assert not np.allclose(outputs[0][0], outputs[2][0])
-
-
-def test_no_retrace_across_guidance_scales_sigma_or_weights():
-  chex.clear_trace_counter()
-
-  @chex.assert_max_traces(n=1)
-  def scaled_velocity(scale, x, t, y):
-    return scale * _oracle('linear', 'velocity')(x, t, y)
-
-  labels = jnp.array([0, 1, 0], jnp.int32)
-  results = []
-  for w, sigma, scale in [(0.5, 0.1, 1.0), (2.0, 0.7, 1.0), (3.0, 0.7, 0.5)]:
-    model = jax.tree_util.Partial(scaled_velocity, jnp.float32(scale))  # traced: no recompile
-    samples, _ = sampling.sample(
-        model, jax.random.PRNGKey(1), labels, shape=(2,), path='linear',
-        parameterization='velocity', null_label=gm.NULL, guidance_scale=w,
-        method='euler_maruyama', num_steps=6, sigma=sigma)
-    results.append(samples)
-  assert not np.allclose(results[1], results[2])  # the new weight was used
 
 
 def test_model_is_never_evaluated_at_a_singular_end():
@@ -217,25 +373,16 @@ def test_model_is_never_evaluated_at_a_singular_end():
     assert grid[0] == (0.0 if parameterization == 'velocity' else np.float32(1e-3))
 
 
-def test_last_euler_maruyama_step_is_deterministic_and_nfe_counts():
+def test_last_euler_maruyama_step_is_deterministic():
   model = _oracle('linear', 'velocity')
   common = dict(shape=(2,), path='linear', parameterization='velocity', null_label=gm.NULL,
                 num_steps=1)
   labels = jnp.array([0, 1], jnp.int32)
-  euler, info_euler = sampling.sample(model, jax.random.PRNGKey(3), labels, method='euler',
-                                      guidance_scale=1.0, **common)
+  euler, _ = sampling.sample(model, jax.random.PRNGKey(3), labels, method='euler',
+                             guidance_scale=1.0, **common)
   em, _ = sampling.sample(model, jax.random.PRNGKey(3), labels, method='euler_maruyama',
                           sigma=5.0, guidance_scale=1.0, **common)
   np.testing.assert_allclose(em, euler, rtol=1e-6)
-  assert info_euler['nfe'] == 1
-  # A traced w = 1 runs the doubled batch: same samples, twice the evaluations.
-  doubled, info = sampling.sample(model, jax.random.PRNGKey(3), labels, method='euler',
-                                  guidance_scale=jnp.float32(1.0), **common)
-  np.testing.assert_allclose(doubled, euler, rtol=1e-6)
-  assert info['nfe'] == 2
-  _, info_heun = sampling.sample(model, jax.random.PRNGKey(3), labels, method='heun',
-                                 guidance_scale=2.0, **dict(common, num_steps=4))
-  assert info_heun['nfe'] == 2 * (2 * 4 - 1)
 
 
 def test_trajectory_and_guidance_interval():

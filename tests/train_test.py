@@ -243,3 +243,54 @@ def test_exact_resume_after_sigterm(tmp_path):
   assert int(a['step']) == int(b['step']) == num_steps
   for x, y in zip(_leaves(a), _leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+# ----------------------------------------------------------------------------- sampling NFE
+
+
+def test_sample_runs_the_single_batch_at_w_1_and_counts_its_nfe(trainer_and_state, monkeypatch):
+  """NFE counted from the rows the model runs on: w = 1 (sample, grid, sample_images) costs half."""
+  config, _, trainer = trainer_and_state
+  state = trainer.init_state()
+  rows, traces = [], []
+  original = trainer.model_fn
+
+  def counting_model_fn(params):
+    model = original(params)
+
+    def model_fn(x, t, y):
+      traces.append(x.shape[0])
+      jax.debug.callback(lambda times: rows.append(len(times)), t)
+      return model(x, t, y)
+
+    return model_fn
+
+  monkeypatch.setattr(trainer, 'model_fn', counting_model_fn)
+  monkeypatch.setattr(trainer, '_sample', None)  # compile afresh with the counting model
+
+  def counted(run, num_samples):
+    rows.clear()
+    out = run()
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+    assert sum(rows) % num_samples == 0
+    return out, sum(rows) // num_samples
+
+  assert (config.sampling.method, config.sampling.num_steps) == ('heun', 2)  # 3 evaluations
+  assert config.sampling.guidance_interval is None
+  labels = np.arange(10, dtype=np.int32)
+  params, key = state['ema_params'], jax.random.PRNGKey(0)
+  (_, nfe_1), count_1 = counted(lambda: trainer.sample(params, key, labels, 1.0), 10)
+  assert nfe_1 == count_1 == 3
+  assert set(traces) == {10}  # the single batch only
+  (_, nfe_3), count_3 = counted(lambda: trainer.sample(params, key, labels, 3.0), 10)
+  assert nfe_3 == count_3 == 6
+  num_traces = len(traces)
+  (_, nfe_2), count_2 = counted(lambda: trainer.sample(params, key, labels, 2.0), 10)
+  assert nfe_2 == count_2 == 6 and len(traces) == num_traces  # w != 1 shares one compile
+  _, count_grid = counted(lambda: trainer.guidance_grid(params, key, (1.0, 3.0)), 10)
+  assert count_grid == 3 + 6  # one block at w = 1 (single batch), one at w = 3 (doubled)
+  # sample_images: 10 labels in 3 padded batches of 4 rows.
+  (_, nfe, _), count = counted(
+      lambda: trainer.sample_images(params, key, labels, 1.0, batch_size=4), 12)
+  assert nfe == count == 3
