@@ -1,0 +1,266 @@
+"""The train step and the CFG sampler at the machine's peak: img/s, GFLOP/s, ratio to the matmul peak.
+
+    python benchmarks/step_throughput.py [--json] [--smoke] [--cases W1,W2,unet]
+        [--dtypes f32,bf16] [--steps 5] [--sample_steps 50]
+
+In one process: the f32 and bf16 matmul peaks (`P32`, `P16`: a jnp 2048² matmul), then for each
+workload and compute dtype
+  * the real train step of the program (`train.Trainer.train_step`: loss, grad, global-norm clip,
+    AdamW, EMA, non-finite guard; donated state), built from the same config code as
+    `python -m guidedflow.main`;
+  * 50-step CFG sampling (Euler, w = 2: each step one forward of the doubled batch) and plain
+    conditional sampling (w = 1: one forward of the batch) through `Trainer.sample`, and one
+    forward of the batch and of the doubled batch, so that the sampler's time can be compared
+    with NFE × one forward (`vs_fwd`: 1.00 = the sampler costs exactly its model evaluations).
+FLOPs are analytic (`guidedflow.models.flops_per_example`, 2 × multiply-adds of matmuls/convs,
+attention included); a train step counts 3× the forward. `xP32`/`xP16` is the achieved GFLOP/s
+over the peak of the compute dtype's matmul. Workloads (issue 12): W1 DiT-S/2 on 32×32×4
+latents, 1000 classes, train batch 32, sample batch 16; W2 DiT-T/4 on 28×28×1, batch 128 / 64;
+unet, the Fashion-MNIST default U-Net at its batch (configs/fashion_mnist.py) / 64.
+Prints numbers only; it asserts nothing about speed. Machines differ: compare runs on one
+machine, as ratios.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs'))
+import default as default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+import fashion_mnist as fmnist_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from guidedflow import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from guidedflow import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+DTYPES = {'f32': 'float32', 'bf16': 'bfloat16'}
+
+
+def _dit(variant, size, channels, classes):
+  def make():
+    config = default_config.get_config()
+    config.model.name, config.model.variant = 'dit', variant
+    config.input.num_classes = classes
+    return config, (size, size, channels)
+  return make
+
+
+def _unet(channels=(32, 64, 128), layers=2):
+  def make():
+    config = fmnist_config.get_config('unet')
+    config.model.unet_channels, config.model.unet_num_residual_layers = channels, layers
+    return config, (28, 28, 1)
+  return make
+
+
+# name → (config maker, train batch, sample batch)
+CASES = {
+    'W1': (_dit('S/2', 32, 4, 1000), 32, 16),
+    'W2': (_dit('T/4', 28, 1, 10), 128, 64),
+    'unet': (_unet(), None, 64),  # None: the config's own train batch
+}
+SMOKE_CASES = {
+    'dit-test': (_dit('test/4', 16, 4, 10), 8, 4),
+    'unet-tiny': (_unet((8, 16), 1), 8, 4),
+}
+
+
+def cpu_model():
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      info = f.read()
+  except OSError:
+    return platform.processor() or 'unknown'
+  name = next((line.split(':', 1)[1].strip() for line in info.splitlines()
+               if line.startswith('model name')), 'unknown')
+  flags = next((line.split(':', 1)[1].split() for line in info.splitlines()
+                if line.startswith('flags')), [])
+  units = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
+  return f"{name} ({os.cpu_count()} cores; {' '.join(units) or 'no avx2'})"
+
+
+def _time(fn, steps):
+  """Seconds per call of `fn()` after one warm-up call; best of 3 rounds of `steps` calls."""
+  jax.block_until_ready(fn())
+  best = float('inf')
+  for _ in range(3):
+    start = time.perf_counter()
+    for _ in range(steps):
+      out = fn()
+    jax.block_until_ready(out)
+    best = min(best, (time.perf_counter() - start) / steps)
+  return best
+
+
+def matmul_peak(dtype, size, steps):
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  matmul = jax.jit(jnp.matmul)
+  return 2 * size**3 / _time(lambda: matmul(a, b), steps) / 1e9
+
+
+def _trainer(make, dtype_name, train_batch):
+  config, image_shape = make()
+  config.model.dtype = DTYPES[dtype_name]
+  if train_batch:
+    config.train.batch_size = train_batch
+  config.mesh.shape = (1, 1, 1)
+  config.train.num_steps = 10_000  # the learning-rate schedule only
+  train.validate_config(config)
+  return train.Trainer(config, image_shape, train.make_mesh(config)), config
+
+
+def _flops(config, image_shape):
+  kwargs = dict(input_size=image_shape[0], in_channels=image_shape[2],
+                num_classes=config.input.num_classes)
+  if config.model.name == 'dit':
+    kwargs['variant'] = config.model.variant
+  else:
+    kwargs.update(channels=tuple(config.model.unet_channels),
+                  num_residual_layers=config.model.unet_num_residual_layers)
+  return models.flops_per_example(config.model.name, **kwargs)
+
+
+def bench_train(trainer, config, steps):
+  batch_size = config.train.batch_size
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.uniform(-1, 1, (batch_size,) + trainer.image_shape).astype(np.float32),
+           'label': rng.integers(0, trainer.num_classes, batch_size).astype(np.int32)}
+  batch = jax.device_put(batch, trainer.batch_sharding)
+  key = jax.random.PRNGKey(0)
+  state = trainer.init_state()
+  start = time.perf_counter()
+  state, _ = trainer.train_step(state, batch, key)
+  jax.block_until_ready(state)
+  first_s = time.perf_counter() - start
+  holder = [state]
+
+  def step():
+    holder[0], metrics = trainer.train_step(holder[0], batch, key)
+    return metrics['loss']
+
+  seconds = _time(step, steps)
+  return holder[0], batch_size / seconds, first_s
+
+
+def bench_sample(trainer, params, sample_batch, num_steps, guidance_scale, steps):
+  labels = np.arange(sample_batch, dtype=np.int32) % trainer.num_classes
+  key = jax.random.PRNGKey(1)
+  options = dict(num_steps=num_steps, method='euler')
+  start = time.perf_counter()
+  _, nfe = trainer.sample(params, key, labels, guidance_scale, **options)
+  first_s = time.perf_counter() - start
+  seconds = _time(lambda: trainer.sample(params, key, labels, guidance_scale, **options)[0],
+                  steps)
+  return seconds, nfe, first_s
+
+
+def bench_forward(trainer, params, batch, steps):
+  """Seconds of one jitted forward of `batch` rows (the sampler's unit of work)."""
+  forward = jax.jit(lambda p, x, t, y: trainer.model_fn(p)(x, t, y))
+  x = jnp.zeros((batch,) + trainer.image_shape, jnp.float32)
+  t = jnp.full((batch,), 0.5, jnp.float32)
+  y = jnp.zeros((batch,), jnp.int32)
+  with jax.set_mesh(trainer.mesh):
+    return _time(lambda: forward(params, x, t, y), steps)
+
+
+def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peaks):
+  trainer, config = _trainer(make, dtype_name, train_batch)
+  flops = _flops(config, trainer.image_shape)
+  peak = peaks[dtype_name]
+  state, train_ips, train_compile_s = bench_train(trainer, config, args.steps)
+  params = state['ema_params']
+  row = dict(case=name, model=config.model.name,
+             variant=config.model.variant if config.model.name == 'dit' else
+             'x'.join(map(str, config.model.unet_channels)), dtype=dtype_name,
+             train_batch=config.train.batch_size, gflop_per_image=flops / 1e9,
+             train_images_per_s=train_ips, train_gflops=3 * flops * train_ips / 1e9,
+             train_compile_s=train_compile_s)
+  row['train_x_peak'] = row['train_gflops'] / peak
+  fwd_1 = bench_forward(trainer, params, sample_batch, args.steps)
+  fwd_2 = bench_forward(trainer, params, 2 * sample_batch, args.steps)
+  n = args.sample_steps
+  cfg_s, cfg_nfe, cfg_compile_s = bench_sample(trainer, params, sample_batch, n, 2.0, 1)
+  cond_s, cond_nfe, _ = bench_sample(trainer, params, sample_batch, n, 1.0, 1)
+  row.update(
+      sample_batch=sample_batch, sample_steps=n, sample_compile_s=cfg_compile_s,
+      cfg_nfe=cfg_nfe, cfg_samples_per_s=sample_batch / cfg_s,
+      cfg_gflops=cfg_nfe * flops * sample_batch / cfg_s / 1e9,
+      cfg_vs_fwd=cfg_s / (n * fwd_2), cond_nfe=cond_nfe,
+      cond_samples_per_s=sample_batch / cond_s, cond_vs_fwd=cond_s / (n * fwd_1),
+      w1_over_w2_time=cond_s / cfg_s, fwd_ms=fwd_1 * 1e3, fwd_doubled_ms=fwd_2 * 1e3)
+  row['cfg_x_peak'] = row['cfg_gflops'] / peak
+  return row
+
+
+def header():
+  return dict(cpu=cpu_model(), device=str(jax.devices()[0].device_kind),
+              platform=jax.devices()[0].platform, jax=jax.__version__,
+              jaxlib=jax.lib.__version__ if hasattr(jax.lib, '__version__') else '',
+              python=platform.python_version(), xla_flags=os.environ.get('XLA_FLAGS', ''))
+
+
+def print_table(report):
+  h = report['header']
+  print(f"cpu {h['cpu']}\n{h['platform']}:{h['device']}  jax {h['jax']}  python {h['python']}"
+        f"  XLA_FLAGS='{h['xla_flags']}'")
+  for dtype, gflops in report['peaks'].items():
+    print(f'P{dtype[-2:]} ({dtype} 2048² matmul): {gflops:.1f} GFLOP/s')
+  cols = [('case', '<6', 'case'), ('dtype', '<5', 'dtype'), ('train_batch', '>5', 'batch'),
+          ('train_images_per_s', '>8.2f', 'train/s'), ('train_gflops', '>7.1f', 'GFLOP/s'),
+          ('train_x_peak', '>5.2f', 'xPeak'), ('train_compile_s', '>6.1f', 'comp s'),
+          ('sample_batch', '>4', 'sb'), ('cfg_nfe', '>4', 'NFE'),
+          ('cfg_samples_per_s', '>8.3f', 'cfg/s'), ('cfg_gflops', '>7.1f', 'GFLOP/s'),
+          ('cfg_x_peak', '>5.2f', 'xPeak'), ('cfg_vs_fwd', '>6.3f', 'vsFwd'),
+          ('cond_nfe', '>4', 'NFE1'), ('cond_samples_per_s', '>8.3f', 'w=1/s'),
+          ('cond_vs_fwd', '>6.3f', 'vsFwd1'), ('w1_over_w2_time', '>6.3f', 't1/t2'),
+          ('sample_compile_s', '>6.1f', 'comp s')]
+  print(' '.join(format(title, re.match(r'[<>]\d+', spec).group()) for _, spec, title in cols))
+  for row in report['rows']:
+    print(' '.join(format(row[key], spec) for key, spec, _ in cols))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--steps', type=int, default=5, help='timed train steps per round')
+  parser.add_argument('--sample_steps', type=int, default=50, help='sampler steps')
+  parser.add_argument('--smoke', action='store_true', help='tiny sizes, for CI')
+  parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
+  parser.add_argument('--cases', default=None, help='comma-separated subset of ' + ','.join(CASES))
+  parser.add_argument('--dtypes', default='f32,bf16', help='comma-separated subset of f32,bf16')
+  parser.add_argument('--matmul_size', type=int, default=2048)
+  args = parser.parse_args()
+  cases = SMOKE_CASES if args.smoke else CASES
+  if args.cases:
+    unknown = set(args.cases.split(',')) - set(cases)
+    if unknown:
+      parser.error(f'unknown cases {sorted(unknown)}; choose from {sorted(cases)}')
+    cases = {k: cases[k] for k in args.cases.split(',')}
+  if args.smoke:
+    args.steps, args.sample_steps, args.matmul_size = 1, min(args.sample_steps, 3), 256
+  dtypes = args.dtypes.split(',')
+  peaks = {d: matmul_peak(jnp.dtype(DTYPES[d]), args.matmul_size, max(args.steps, 3))
+           for d in ('f32', 'bf16')}
+  rows = []
+  for name, (make, train_batch, sample_batch) in cases.items():
+    for dtype_name in dtypes:
+      rows.append(benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peaks))
+      if not args.json:
+        print(f'  done {name} {dtype_name}', file=sys.stderr, flush=True)
+  report = dict(header=header(), peaks=peaks, rows=rows)
+  if args.json:
+    print(json.dumps(report, indent=1))
+  else:
+    print_table(report)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,118 @@
+"""Mixed-precision matmuls: low-precision operands, float32 accumulation and output, both ways.
+
+XLA:CPU runs a bf16 × bf16 → bf16 dot as convert → f32 dot → convert (no matrix units), but a
+bf16 × bf16 → f32 dot (`preferred_element_type=float32`) goes to the matrix units where the
+CPU has them (Intel AMX: ~3× the f32 matmul rate on the 2-core Xeon of benchmarks/README.md);
+GPUs and TPUs accumulate bf16 dots in f32 either way. JAX's own transpose of such a dot
+multiplies the f32 cotangent with a bf16 operand, i.e. an f32 dot again, so the backward pass
+(two thirds of a train step's FLOPs) would miss the matrix units. `mixed_dot_general` is a
+`lax.dot_general` with a custom VJP: forward and both operand gradients are bf16 × bf16 → f32
+dots (the cotangent is rounded to the operands' dtype first, as PyTorch autocast and mixed-
+precision training do). Float32 operands take the plain `lax.dot_general`, bit for bit.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+LOW_PRECISION = (jnp.bfloat16, jnp.float16)
+
+
+def _kept(ndim, contract, batch):
+  return [d for d in range(ndim) if d not in contract and d not in batch]
+
+
+def _grad_lhs(g, lhs_ndim, rhs, dimension_numbers, swap_ans=False):
+  """Cotangent of the lhs of `dot_general(lhs, rhs, dimension_numbers)` given its output's `g`."""
+  (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
+  x_kept = _kept(lhs_ndim, x_contract, x_batch)
+  y_kept = _kept(rhs.ndim, y_contract, y_batch)
+  n_batch = len(x_batch)
+  # The output's axes are (batch, lhs kept, rhs kept), or (batch, rhs kept, lhs kept) when the
+  # operands were swapped (the rhs gradient is computed as a swapped lhs gradient).
+  start = n_batch if swap_ans else n_batch + len(x_kept)
+  ans_y = tuple(range(start, start + len(y_kept)))
+  dims = ((ans_y, tuple(y_kept)), (tuple(range(n_batch)), tuple(y_batch)))
+  out = _matmul_f32(g, rhs, dims)
+  # `out` axes: batch, lhs kept, then lhs contracting dims in the order of the rhs's.
+  x_contract_by_y = [x_contract[i] for i in np.argsort(y_contract)]
+  return jnp.transpose(out, tuple(np.argsort(list(x_batch) + x_kept + x_contract_by_y)))
+
+
+def _matmul_f32(lhs, rhs, dimension_numbers):
+  """bf16 × bf16 → f32 `dot_general` as a canonical (batch, M, K) × (batch, K, N) matmul.
+
+  XLA:CPU sends a mixed dot to its matmul library (YNNPACK) only in some layouts; the others
+  fall to a runtime without a bf16 × bf16 → f32 kernel ("Unsupported element type for
+  DotThunk"). Transposing and flattening to one batch, one M, one K and one N dimension gives a
+  layout it always takes (and, with no batch, a plain 2-D GEMM).
+  """
+  (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
+  x_kept = _kept(lhs.ndim, x_contract, x_batch)
+  y_kept = _kept(rhs.ndim, y_contract, y_batch)
+  size = lambda a, dims: int(np.prod([a.shape[d] for d in dims], dtype=np.int64))
+  b, m, k, n = size(lhs, x_batch), size(lhs, x_kept), size(lhs, x_contract), size(rhs, y_kept)
+  a = jnp.transpose(lhs, tuple(x_batch) + tuple(x_kept) + tuple(x_contract)).reshape(b, m, k)
+  c = jnp.transpose(rhs, tuple(y_batch) + tuple(y_contract) + tuple(y_kept)).reshape(b, k, n)
+  if x_batch:
+    out = lax.dot_general(a, c, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  else:
+    out = lax.dot_general(a[0], c[0], (((1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+  # Keep XLA from folding a transpose of the result back into the dot's layout.
+  out = lax.optimization_barrier(out)
+  shape = ([lhs.shape[d] for d in x_batch] + [lhs.shape[d] for d in x_kept]
+           + [rhs.shape[d] for d in y_kept])
+  return out.reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_dot(lhs, rhs, dimension_numbers):
+  return _matmul_f32(lhs, rhs, dimension_numbers)
+
+
+def _mixed_dot_fwd(lhs, rhs, dimension_numbers):
+  return _mixed_dot(lhs, rhs, dimension_numbers), (lhs, rhs)
+
+
+def _mixed_dot_bwd(dimension_numbers, residuals, g):
+  lhs, rhs = residuals
+  g = g.astype(lhs.dtype)
+  (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
+  swapped = ((y_contract, x_contract), (y_batch, x_batch))
+  d_lhs = _grad_lhs(g, lhs.ndim, rhs, dimension_numbers)
+  d_rhs = _grad_lhs(g, rhs.ndim, lhs, swapped, swap_ans=True)
+  return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
+
+
+_mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
+
+
+def _as_tuples(dimension_numbers):
+  (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
+  return ((tuple(int(d) for d in x_contract), tuple(int(d) for d in y_contract)),
+          (tuple(int(d) for d in x_batch), tuple(int(d) for d in y_batch)))
+
+
+def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                      **kwargs):
+  """`lax.dot_general` with float32 accumulation for bf16/f16 operands (module docstring).
+
+  Drop-in for `nnx.Linear(dot_general=...)` and `nnx.Einsum`: with two low-precision operands of
+  one dtype the result is float32 (cast to `preferred_element_type` if another one is asked
+  for); otherwise this is `lax.dot_general` itself.
+  """
+  if (lhs.dtype == rhs.dtype and any(lhs.dtype == d for d in LOW_PRECISION)):
+    out = _mixed_dot(lhs, rhs, _as_tuples(dimension_numbers))
+    return out if preferred_element_type is None else out.astype(preferred_element_type)
+  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                         preferred_element_type=preferred_element_type, **kwargs)
+
+
+def einsum(subscripts, lhs, rhs):
+  """Two-operand `jnp.einsum` through `mixed_dot_general`: float32 result, gradients as above."""
+  return jnp.einsum(subscripts, lhs, rhs, preferred_element_type=jnp.float32,
+                    _dot_general=mixed_dot_general)

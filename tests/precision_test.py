@@ -1,0 +1,105 @@
+"""Mixed-precision matmuls: f32 accumulation forward and backward, every layout the DiT uses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from guidedflow.models import precision
+
+# (subscripts, lhs shape, rhs shape): a Linear on tokens, a Linear on vectors, attention logits
+# and attention output in the DiT's layouts.
+LAYOUTS = [
+    ('bnd,de->bne', (3, 8, 16), (16, 12)),
+    ('nd,de->ne', (8, 16), (16, 12)),
+    ('bqhd,bkhd->bhqk', (2, 5, 3, 8), (2, 7, 3, 8)),
+    ('bhqk,bkhd->bqhd', (2, 3, 5, 7), (2, 7, 3, 8)),
+]
+
+
+def _operands(lhs_shape, rhs_shape, dtype):
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  return (jax.random.normal(key_a, lhs_shape).astype(dtype),
+          jax.random.normal(key_b, rhs_shape).astype(dtype))
+
+
+def _dot_eqns(jaxpr):
+  """Every dot_general equation in a closed jaxpr, sub-jaxprs (custom_vjp, pjit) included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      found.append(eqn)
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        inner = getattr(sub, 'jaxpr', None)
+        if inner is not None:
+          found.extend(_dot_eqns(inner if hasattr(inner, 'eqns') else inner.jaxpr))
+  return found
+
+
+@pytest.mark.parametrize('subscripts,lhs_shape,rhs_shape', LAYOUTS)
+def test_bf16_forward_and_gradients_match_f32_reference(subscripts, lhs_shape, rhs_shape):
+  """Compiled (where XLA:CPU picks the kernel): values to bf16 rounding of the operands and
+  cotangent; outputs are float32 and operand gradients keep the operands' dtype."""
+  lhs, rhs = _operands(lhs_shape, rhs_shape, jnp.bfloat16)
+
+  @jax.jit
+  def run(lhs, rhs, cotangent):
+    out, vjp = jax.vjp(lambda a, b: precision.einsum(subscripts, a, b), lhs, rhs)
+    return out, vjp(cotangent)
+
+  out_shape = jnp.einsum(subscripts, lhs, rhs).shape
+  cotangent = jax.random.normal(jax.random.key(1), out_shape)
+  out, (d_lhs, d_rhs) = run(lhs, rhs, cotangent)
+  f32 = lambda a: a.astype(jnp.float32)
+  ref_out, ref_vjp = jax.vjp(lambda a, b: jnp.einsum(subscripts, a, b), f32(lhs), f32(rhs))
+  ref_lhs, ref_rhs = ref_vjp(f32(cotangent.astype(jnp.bfloat16)))
+  assert out.dtype == jnp.float32 and d_lhs.dtype == d_rhs.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)  # exact products, f32 sums
+  for got, want in ((d_lhs, ref_lhs), (d_rhs, ref_rhs)):
+    np.testing.assert_allclose(f32(got), want, rtol=2e-2, atol=2e-2 * float(jnp.abs(want).max()))
+
+
+def test_backward_dots_stay_low_precision():
+  """JAX's own transpose of a bf16→f32 dot multiplies the f32 cotangent by a bf16 operand (an
+  f32 dot, no matrix units); here every dot of the gradient takes two bf16 operands."""
+  lhs, rhs = _operands((3, 8, 16), (16, 12), jnp.bfloat16)
+  grad = jax.grad(lambda a, b: precision.einsum('bnd,de->bne', a, b).sum(), argnums=(0, 1))
+  eqns = _dot_eqns(jax.make_jaxpr(grad)(lhs, rhs).jaxpr)
+  assert len(eqns) >= 3  # forward, d_lhs, d_rhs
+  for eqn in eqns:
+    assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
+    assert eqn.params['preferred_element_type'] == jnp.float32, eqn
+  plain = jax.grad(lambda a, b: jnp.einsum('bnd,de->bne', a, b,
+                                           preferred_element_type=jnp.float32).sum(),
+                   argnums=(0, 1))
+  plain_eqns = _dot_eqns(jax.make_jaxpr(plain)(lhs, rhs).jaxpr)
+  assert any(jnp.float32 in [v.aval.dtype for v in e.invars] for e in plain_eqns)
+
+
+def test_f32_operands_take_plain_dot_general():
+  lhs, rhs = _operands((3, 8, 16), (16, 12), jnp.float32)
+  dims = (((2,), (0,)), ((), ()))
+  np.testing.assert_array_equal(precision.mixed_dot_general(lhs, rhs, dims),
+                                jax.lax.dot_general(lhs, rhs, dims))
+
+
+def test_nnx_linear_with_mixed_dot_general():
+  """As `nnx.Linear(dot_general=...)`: bf16 compute gives f32 out, grads for f32 params."""
+  layer = nnx.Linear(16, 12, dtype=jnp.bfloat16, dot_general=precision.mixed_dot_general,
+                     rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (3, 8, 16))
+  graphdef, params = nnx.split(layer)
+
+  @jax.jit
+  def loss(params, x):
+    return jnp.mean(jnp.square(nnx.merge(graphdef, params)(x)))
+
+  grads = jax.grad(loss)(params, x)
+  assert nnx.merge(graphdef, params)(x).dtype == jnp.float32
+  ref = jax.grad(lambda p: jnp.mean(jnp.square(
+      x @ p['kernel'][...] + p['bias'][...])))(params)
+  np.testing.assert_allclose(grads['kernel'][...], ref['kernel'][...], rtol=3e-2,
+                             atol=3e-2 * float(jnp.abs(ref['kernel'][...]).max()))
+  assert grads['kernel'][...].dtype == jnp.float32
