@@ -60,3 +60,19 @@ def test_sampling_throughput_smoke_counts_cfg_nfe():
   assert all(r['images_per_s'] > 0 for r in report['rows'])
   table = _run('sampling_throughput.py', '--smoke')
   assert 'NFE' in table and 'euler_maruyama' in table
+
+
+def test_step_throughput_smoke():
+  """The real train step and the sampler at smoke size: peaks, FLOP counts, honest NFE."""
+  report = json.loads(_run('step_throughput.py', '--smoke', '--json', '--cases', 'unet-tiny',
+                           '--dtypes', 'f32'))
+  assert report['header']['cpu'] and report['header']['jax']
+  assert report['peaks']['f32'] > 0 and report['peaks']['bf16'] > 0
+  (row,) = report['rows']
+  steps = row['sample_steps']
+  # Euler: one model evaluation per step; CFG (w = 2) doubles the batch, w = 1 does not.
+  assert (row['cfg_nfe'], row['cond_nfe']) == (2 * steps, steps)
+  assert row['train_images_per_s'] > 0 and row['cfg_samples_per_s'] > 0
+  assert abs(row['train_gflops'] - 3 * row['gflop_per_image'] * row['train_images_per_s']) < 1e-6
+  assert abs(row['train_x_peak'] - row['train_gflops'] / report['peaks']['f32']) < 1e-9
+  assert row['fwd_ms'] > 0 and row['fwd_doubled_ms'] > 0 and row['cfg_vs_fwd'] > 0

@@ -103,3 +103,23 @@ def test_nnx_linear_with_mixed_dot_general():
   np.testing.assert_allclose(grads['kernel'][...], ref['kernel'][...], rtol=3e-2,
                              atol=3e-2 * float(jnp.abs(ref['kernel'][...]).max()))
   assert grads['kernel'][...].dtype == jnp.float32
+
+
+def _cpuinfo(tmp_path, flags):
+  path = tmp_path / f'cpuinfo_{len(flags)}'
+  path.write_text(f'processor\t: 0\nmodel name\t: test cpu\nflags\t\t: fpu sse2 {flags}\n')
+  return str(path)
+
+
+def test_bf16_falls_back_to_f32_on_a_cpu_without_bf16_units(tmp_path):
+  no_units = _cpuinfo(tmp_path, 'avx avx2 fma')
+  amx = _cpuinfo(tmp_path, 'avx2 avx512f avx512_bf16 amx_bf16 amx_tile')
+  assert precision.cpu_bf16_units(amx) == ('amx_bf16', 'avx512_bf16')
+  assert precision.cpu_bf16_units(no_units) == ()
+  dtype, reason = precision.resolve_compute_dtype('bfloat16', 'cpu', no_units)
+  assert dtype == 'float32' and 'no bf16 units' in reason
+  assert precision.resolve_compute_dtype('bfloat16', 'cpu', amx) == ('bfloat16', None)
+  assert precision.resolve_compute_dtype('bfloat16', 'gpu', no_units) == ('bfloat16', None)
+  assert precision.resolve_compute_dtype('float32', 'cpu', no_units) == ('float32', None)
+  assert precision.resolve_compute_dtype('bfloat16', 'cpu', str(tmp_path / 'missing')) == (
+      'float32', precision.resolve_compute_dtype('bfloat16', 'cpu', no_units)[1])

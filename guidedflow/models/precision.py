@@ -116,3 +116,26 @@ def einsum(subscripts, lhs, rhs):
   """Two-operand `jnp.einsum` through `mixed_dot_general`: float32 result, gradients as above."""
   return jnp.einsum(subscripts, lhs, rhs, preferred_element_type=jnp.float32,
                     _dot_general=mixed_dot_general)
+
+
+def cpu_bf16_units(cpuinfo_path='/proc/cpuinfo'):
+  """The bf16 matrix/vector units of this CPU ('amx_bf16', 'avx512_bf16'), () if none/unknown."""
+  try:
+    with open(cpuinfo_path, encoding='utf-8') as f:
+      flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+  except OSError:
+    return ()
+  return tuple(unit for unit in ('amx_bf16', 'avx512_bf16') if unit in flags)
+
+
+def resolve_compute_dtype(name, backend, cpuinfo_path='/proc/cpuinfo'):
+  """(dtype name to compute in, reason or None): bf16 on a CPU without bf16 units → float32.
+
+  Without AMX or AVX512-BF16, XLA:CPU computes a bf16 matmul by converting to f32, so bf16
+  costs the f32 matmul plus the conversions (slower than f32; issue 12); the program then falls
+  back to float32 compute and says so. Accelerators and CPUs with bf16 units keep bf16.
+  """
+  if name != 'bfloat16' or backend != 'cpu' or cpu_bf16_units(cpuinfo_path):
+    return name, None
+  return 'float32', ('this CPU has no bf16 units (AMX or AVX512-BF16), where XLA runs bf16 '
+                     'matmuls as f32 plus conversions: computing in float32 instead')
