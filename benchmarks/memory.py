@@ -41,7 +41,7 @@ also traces and prints next to the formula — it keeps:
 
 Outside the blocks, per sample: patch-embedding input s·p²C·c, final LayerNorm 12·s·h, final
 projection input c·s·h, loss residual 4·s·p²C. With `jax.checkpoint` around each block
-(full rematerialisation: `--config.model.remat=True`, off by default) only each block's input is
+(full rematerialisation: `--config.model.remat=full`, off by default) only each block's input is
 kept — the f32 residual stream, 4·s·h (not 2·s·h: guidedflow's residual stream is f32) — plus one block's
 activations while that block is recomputed: depth·4·s·h + A_block + outside terms. That saving
 needs a backend that schedules each block's recomputation just before its backward pass; CPU
@@ -206,11 +206,16 @@ def _key_name(entry):
 
 def gathered_block_elements(abstract_params, block_index: int = 0) -> int:
   """Elements one device holds of block `block_index` once its weights are all-gathered over
-  'fsdp' (dims split over 'tensor' stay split)."""
+  'fsdp' (dims split over 'tensor' stay split). Works for stacked (scanned) blocks — leaves
+  `blocks/...` with a leading layer axis, of which one slice is taken — and for unscanned ones
+  (`blocks/<index>/...`)."""
   total = 0
   for path, x in jax.tree_util.tree_leaves_with_path(abstract_params):
     names = [_key_name(p) for p in path]
-    if len(names) < 2 or names[0] != 'blocks' or names[1] != block_index:
+    if len(names) < 2 or names[0] != 'blocks':
+      continue
+    stacked = not isinstance(names[1], int) and not str(names[1]).isdigit()
+    if not stacked and int(names[1]) != block_index:
       continue
     shape = list(x.sharding.shard_shape(x.shape))
     fsdp = x.sharding.mesh.shape['fsdp']
@@ -218,7 +223,7 @@ def gathered_block_elements(abstract_params, block_index: int = 0) -> int:
       axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
       if 'fsdp' in axes:
         shape[i] *= fsdp
-    total += math.prod(shape)
+    total += math.prod(shape[1:] if stacked else shape)  # one layer of a stacked leaf
   return total
 
 
@@ -285,13 +290,16 @@ def xla_temp_bytes(config, batch_sizes, image_shape=IMAGE_SHAPE) -> list:
 
 
 def run_xla_check(variant, modes, batch_sizes) -> list:
-  """XLA temp bytes per sample vs the formula; `modes` like 'float32', 'bfloat16+remat'."""
+  """XLA temp bytes per sample vs the formula; `modes` like 'float32', 'bfloat16+remat'
+  ('+remat' is remat 'full'; '+POLICY' any of dit.REMAT_POLICIES, compared with the no-remat
+  formula, its upper bound)."""
   rows = []
   for mode in modes:
     dtype, _, remat = mode.partition('+')
+    remat = {'': 'none', 'remat': 'full'}.get(remat, remat)
     config = imagenet256_latent.get_config(variant)
     config.model.dtype = dtype
-    config.model.remat = bool(remat)
+    config.model.remat = remat
     start = time.perf_counter()
     temps = xla_temp_bytes(config, batch_sizes)
     traced = traced_residual_bytes_per_sample(config)
@@ -301,7 +309,7 @@ def run_xla_check(variant, modes, batch_sizes) -> list:
     rows.append(dict(
         variant=variant, mode=mode, batch_sizes=list(batch_sizes), temp_bytes=temps,
         xla_per_sample=slopes, formula_per_sample=activation_bytes_per_sample(
-            cfg, c, remat=bool(remat)),
+            cfg, c, remat=remat == 'full'),
         traced_per_sample=traced,
         korthikanti_per_sample=cfg.depth * korthikanti_block_bytes(cfg)
         + outside_activation_bytes(cfg, 2),
@@ -373,7 +381,7 @@ def print_report(report, meshes, capacities, margin):
 
   print(f'\n## Largest per-device batch (samples per data×fsdp shard), margin {margin:.0%}\n')
   print('Fixed = state + gradients + compute-dtype weight copies + FSDP gathered working set '
-        '(GiB). Cells: no remat / remat every block (`--config.model.remat=True`).\n')
+        '(GiB). Cells: no remat / remat every block (`--config.model.remat=full`).\n')
   header = ('| mesh | state | grads | weight casts | gathered | fixed | act/sample MiB | '
             + ' | '.join(f'{name} {cap:g} GiB' for name, cap in capacities) + ' |')
   print(header)
@@ -418,7 +426,8 @@ def main(argv=None) -> dict:
                       'and compare XLA temp bytes per sample with the formula (minutes)')
   parser.add_argument('--xla_variant', default='S/2')
   parser.add_argument('--xla_modes', default='float32,bfloat16,float32+remat',
-                      help="compute dtypes to compile; +remat: config.model.remat (nnx.remat per block)")
+                      help="compute dtypes to compile; +remat: config.model.remat='full', "
+                      "+POLICY: that remat policy (e.g. +dots_with_no_batch_dims_saveable)")
   parser.add_argument('--xla_batches', default='2,4,8',
                       help='batch sizes; per-sample bytes are differences of neighbours (small '
                       'batches are dominated by the optimizer update, not by activations)')

@@ -23,7 +23,15 @@ def get_config():
   config.model.unet_num_residual_layers = 2    # residual blocks per U-Net stage (unet only)
   config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16' (accelerators)
   config.model.param_dtype = 'float32'  # parameter dtype
-  config.model.remat = False           # dit: recompute each block in the backward pass (less memory, ~1/3 more compute)
+  # dit: what the backward pass keeps of each block: 'none' | 'full' (block inputs only: least
+  # memory, ~1/3 more compute) | 'dots_with_no_batch_dims_saveable' (weight-matmul outputs).
+  # Typed `object` so that older configs' and command lines' True / False (= full / none) pass.
+  config.model.remat = config_dict.FieldReference('none', field_type=object)
+  # dit: blocks stacked on a 'layers' axis and run by one nnx.scan (compile time independent of
+  # depth); False: one module per block, the layout of checkpoints written before scanning.
+  config.model.scan_blocks = True
+  # dit: 'einsum' | 'xla' (jax.nn.dot_product_attention) | 'cudnn' (GPU, bfloat16 compute).
+  config.model.attention_impl = 'einsum'
 
   # ---- Probability path x_t = α_t z + β_t ε (t = 0 noise, t = 1 data).
   config.path = ml_collections.ConfigDict()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 from typing import Any, Mapping
@@ -57,6 +58,28 @@ def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
 def _describe(leaf: Any) -> str:
   shape, dtype = _shape_dtype(leaf)
   return f'{shape} {dtype.name}'
+
+
+_NUMBERED_BLOCK = re.compile(r'(^|/)blocks/\d+/')
+
+
+def _block_layout_fix(saved: dict, expected: dict) -> str | None:
+  """The fix when the trees differ only in the DiT block layout — one subtree per block
+  ('blocks/0/...', `scan_blocks=False`) vs blocks stacked on a leading axis ('blocks/...')."""
+  def merged(paths):
+    return {_NUMBERED_BLOCK.sub(r'\1blocks/', path) for path in paths}
+
+  saved_numbered = any(_NUMBERED_BLOCK.search(path) for path in saved)
+  if saved_numbered == any(_NUMBERED_BLOCK.search(path) for path in expected):
+    return None
+  if merged(saved) != merged(expected):
+    return None
+  if saved_numbered:
+    return ("its DiT blocks are saved one per block ('blocks/0/...', the layout before scanned "
+            'blocks became the default) but the model stacks them for nnx.scan. Restore it with '
+            '--config.model.scan_blocks=false (same model, same results).')
+  return ("its DiT blocks are stacked for nnx.scan ('blocks/...' with a leading layer axis) but "
+          'the model has one module per block. Restore it with --config.model.scan_blocks=true.')
 
 
 def _with_sharding(abstract_state: Any) -> Any:
@@ -226,6 +249,9 @@ class Checkpointer:
     fix = ('The checkpoint was written by a different model/optimizer config. Restore with the '
            'config it was trained with (saved in the checkpoint) or use another --workdir.')
     where = f'Checkpoint {self.directory} step {step}'
+    layout_fix = _block_layout_fix(saved, expected)
+    if layout_fix:
+      raise CheckpointMismatchError(f'{where}: {layout_fix}')
     for path, want in expected.items():
       if path not in saved:
         raise CheckpointMismatchError(f'{where} has no parameter {path!r} that the model '

@@ -17,12 +17,15 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from guidedflow.models.layers import LAYER_AXIS
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
 # Logical axis → mesh axis (or None: replicated). The first rule for a name wins; names not
 # listed are replicated.
 DEFAULT_RULES = (
+    (LAYER_AXIS, None),       # leading axis of scanned (stacked) blocks: one slice per layer
     ('embed', 'fsdp'),        # model width
     ('mlp', 'tensor'),        # MLP hidden (and the time-MLP hidden)
     ('heads', 'tensor'),      # fused heads × head_dim of q/k/v and the attention projection
@@ -34,7 +37,8 @@ DEFAULT_RULES = (
 )
 
 # Parameters with fewer elements than this stay replicated (biases, norms, small tables):
-# sharding them saves almost nothing and costs a collective per use.
+# sharding them saves almost nothing and costs a collective per use. A stacked parameter counts
+# the elements of one layer (its 'layers' axis left out): each use touches one slice.
 MIN_SHARD_SIZE = 4096
 
 Rules = Sequence[tuple[str, Any]]
@@ -215,6 +219,13 @@ def _logical_names(variable: nnx.Variable):
   return None
 
 
+def _elements_per_layer(shape: Sequence[int], names) -> int:
+  """Elements of one layer's slice: the dims named `LAYER_AXIS` are left out."""
+  if names is None:
+    return math.prod(shape)
+  return math.prod(n for n, name in zip(shape, names) if name != LAYER_AXIS)
+
+
 def state_shardings(state, mesh: Mesh | jax.sharding.AbstractMesh, rules: Rules = DEFAULT_RULES,
                     min_shard_size: int = MIN_SHARD_SIZE):
   """NamedShardings for every array in `state` (real or abstract), from nnx metadata.
@@ -223,8 +234,9 @@ def state_shardings(state, mesh: Mesh | jax.sharding.AbstractMesh, rules: Rules 
   returns), so the result can be `out_shardings` / `in_shardings` of a jit over the state, or
   an orbax restore target's shardings. Optimizer statistics made by `tx.init(params)` are
   Variables with the parameters' metadata, so they shard like their parameters. Bare arrays,
-  and Variables with fewer than `min_shard_size` elements, are replicated. `mesh` may be an
-  `AbstractMesh` (shardings for any device count, e.g. for memory planning).
+  and Variables with fewer than `min_shard_size` elements per layer, are replicated; the
+  'layers' axis of stacked (scanned) blocks is replicated, each block sharded as unstacked.
+  `mesh` may be an `AbstractMesh` (shardings for any device count, e.g. for memory planning).
   """
   def one(x):
     if isinstance(x, nnx.Variable):
@@ -232,7 +244,7 @@ def state_shardings(state, mesh: Mesh | jax.sharding.AbstractMesh, rules: Rules 
       names = _logical_names(x)
       if names is not None and len(names) != len(shape):
         names = None  # e.g. a factored optimizer statistic: replicate rather than guess
-      if math.prod(shape) < min_shard_size:
+      if _elements_per_layer(shape, names) < min_shard_size:
         names = None
       spec = _mesh_spec(names, rules, shape, mesh)
       return x.replace(NamedSharding(mesh, spec))

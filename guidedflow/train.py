@@ -120,6 +120,17 @@ def validate_config(config):
     if len(shape) != 3 or any(not isinstance(s, int) or s == 0 or s < -1 for s in shape):
       raise ConfigError(f'config.{key}={shape!r} must be three sizes (data, fsdp, tensor), each '
                         'positive or -1 (all remaining devices), e.g. --config.mesh.shape=-1,8,1')
+  remat = config.model.get('remat', 'none')
+  if remat not in (True, False) and remat not in models.dit.REMAT_POLICIES:
+    raise ConfigError(f'config.model.remat={remat!r} is not one of {models.dit.REMAT_POLICIES} '
+                      '(True / False are accepted as full / none).')
+  attention = config.model.get('attention_impl', 'einsum')
+  if attention not in models.dit.ATTENTION_IMPLS:
+    raise ConfigError(f'config.model.attention_impl={attention!r} is not one of '
+                      f'{models.dit.ATTENTION_IMPLS}.')
+  if attention == 'cudnn' and config.model.dtype != 'bfloat16':
+    raise ConfigError("config.model.attention_impl='cudnn' needs --config.model.dtype=bfloat16 "
+                      '(and a GPU).')
   if not isinstance(config.mesh.min_shard_size, int) or config.mesh.min_shard_size < 0:
     raise ConfigError(f'config.mesh.min_shard_size={config.mesh.min_shard_size!r} must be an '
                       'integer >= 0.')
@@ -157,7 +168,10 @@ def model_constructor(config, image_shape):
   kwargs = {}
   if config.model.name == 'dit':
     kwargs['variant'] = config.model.variant
-    kwargs['remat'] = bool(config.model.get('remat', False))
+    # Configs without these keys (older ones) get the previous behaviour's values.
+    kwargs['remat'] = models.dit.remat_policy_name(config.model.get('remat', 'none'))
+    kwargs['scan_blocks'] = bool(config.model.get('scan_blocks', True))
+    kwargs['attention_impl'] = config.model.get('attention_impl', 'einsum')
   else:
     kwargs['channels'] = tuple(config.model.unet_channels)
     kwargs['num_residual_layers'] = config.model.unet_num_residual_layers

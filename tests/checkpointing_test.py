@@ -121,6 +121,46 @@ def test_mismatch_names_parameter_and_fix(tmp_path, change, message):
   assert isinstance(error.value, ValueError)
 
 
+def _dit_train_state(scan_blocks, abstract=False):
+  """The tiny config's DiT train state (params, AdamW, EMA: one 'test/7' block) in a layout."""
+  sys.path.insert(0, os.path.join(_REPO, 'configs'))
+  import tiny  # pylint: disable=g-import-not-at-top
+  from guidedflow import sharding, train  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.scan_blocks = scan_blocks
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  trainer = train.Trainer(config, (28, 28, 1), mesh)
+  return trainer.abstract_state() if abstract else trainer.init_state()
+
+
+@pytest.mark.parametrize('saved_scanned', [False, True], ids=['unscanned_saved', 'scanned_saved'])
+def test_block_layout_mismatch_says_which_scan_blocks_to_set(tmp_path, saved_scanned):
+  """A checkpoint of one DiT block layout restored into the other is refused with the flag that
+  restores it; restored with that flag, it loads exactly."""
+  state = _dit_train_state(scan_blocks=saved_scanned)
+  saved_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+  assert any(("['blocks'][0]" in p) != saved_scanned for p in saved_paths)
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(4, state, data_state={'step': 4}, force=True)
+    flag = f'--config.model.scan_blocks={"true" if saved_scanned else "false"}'
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=flag) as error:
+      ckpt.restore(_dit_train_state(scan_blocks=not saved_scanned, abstract=True))
+    assert 'blocks' in str(error.value) and 'step 4' in str(error.value)
+    restored, _ = ckpt.restore(_dit_train_state(scan_blocks=saved_scanned, abstract=True))
+  _assert_bitwise_equal(restored, state)
+
+
+def test_block_layout_hint_only_for_a_pure_layout_difference():
+  numbered = {'params/blocks/0/fc1/kernel': 0, 'params/blocks/1/fc1/kernel': 0,
+              'params/patch/kernel': 0}
+  stacked = {'params/blocks/fc1/kernel': 0, 'params/patch/kernel': 0}
+  assert 'scan_blocks=false' in checkpointing._block_layout_fix(numbered, stacked)
+  assert 'scan_blocks=true' in checkpointing._block_layout_fix(stacked, numbered)
+  assert checkpointing._block_layout_fix(numbered, numbered) is None
+  other = {'params/blocks/fc2/kernel': 0, 'params/patch/kernel': 0}  # a different model
+  assert checkpointing._block_layout_fix(numbered, other) is None
+
+
 def test_restore_missing_step_and_config(tmp_path):
   with checkpointing.Checkpointer(tmp_path) as ckpt:
     with pytest.raises(FileNotFoundError, match='No checkpoint'):

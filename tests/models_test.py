@@ -1,5 +1,8 @@
 """Tests for guidedflow.models: shapes, zero init, null label, parameter counts, precision."""
 
+import importlib.util
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -246,32 +249,188 @@ def test_every_param_has_logical_names(which, dit_model):
   assert names
   for logical, shape in names:
     assert logical is not None and len(logical) == len(shape), (logical, shape)
-  if which == 'dit':
-    assert dit_model.blocks[0].fc1.kernel.get_metadata()['out_sharding'] == ('embed', 'mlp')
-    assert dit_model.blocks[0].attn.qkv.kernel.get_metadata()['out_sharding'] == ('embed', 'heads')
+  if which == 'dit':  # Scanned (the default): stacked blocks carry the leading layer axis.
+    depth = dit_model.config.depth
+    assert dit_model.blocks.fc1.kernel.shape[0] == depth
+    assert dit_model.blocks.fc1.kernel.get_metadata()['out_sharding'] == ('layers', 'embed', 'mlp')
+    assert dit_model.blocks.attn.qkv.kernel.get_metadata()['out_sharding'] == (
+        'layers', 'embed', 'heads')
+    assert dit_model.blocks.fc1.bias.get_metadata()['out_sharding'] == ('layers', 'mlp')
+    unscanned = nnx.eval_shape(lambda: _dit(scan_blocks=False))
+    assert unscanned.blocks[0].fc1.kernel.get_metadata()['out_sharding'] == ('embed', 'mlp')
+    assert unscanned.blocks[0].attn.qkv.kernel.get_metadata()['out_sharding'] == (
+        'embed', 'heads')
 
 
-def test_dit_remat_gives_the_same_gradients_and_recomputes():
-  """remat=True: same parameters, outputs and gradients; the backward pass recomputes blocks."""
-  def build(remat):
-    return _perturb(models.create_model('dit', variant='test/7', input_size=28, in_channels=3,
-                                        num_classes=NUM_CLASSES, depth=2, remat=remat,
-                                        rngs=nnx.Rngs(0)))
+# ---- Scanned blocks, remat policies, attention ------------------------------------------------
 
+
+def _dit(depth=3, **kwargs):
+  return models.create_model('dit', variant='test/7', input_size=28, in_channels=3,
+                             num_classes=NUM_CLASSES, depth=depth, rngs=nnx.Rngs(0), **kwargs)
+
+
+def _loss(model, x, t, y):
+  return jnp.mean(model(x, t, y) ** 2)
+
+
+def _grads_as_dict(model, inputs):
+  return nnx.to_pure_dict(nnx.jit(nnx.grad(_loss))(model, *inputs))
+
+
+def _copy_weights(unscanned, scan_blocks, **kwargs):
+  """A DiT of the given layout holding `unscanned`'s weights (stacked by dit.stack_blocks)."""
+  model = _dit(depth=unscanned.config.depth, scan_blocks=scan_blocks, **kwargs)
+  params = nnx.to_pure_dict(nnx.state(unscanned, nnx.Param))
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, dit_lib.stack_blocks(params) if scan_blocks else params)
+  nnx.update(model, state)
+  return model
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_scanned_and_unscanned_dit_same_outputs_and_gradients():
+  """Same weights (stacked by dit.stack_blocks): same outputs and gradients to f32 rounding."""
+  unscanned = _perturb(_dit(scan_blocks=False))
+  scanned = _copy_weights(unscanned, scan_blocks=True)
+  assert scanned.blocks.fc1.kernel.shape == (3, *unscanned.blocks[0].fc1.kernel.shape)
+  inputs = _inputs()
+  out_u, out_s = _forward(unscanned, *inputs), _forward(scanned, *inputs)
+  assert float(jnp.abs(out_u).max()) > 0.1  # not the trivial all-zero initial output
+  np.testing.assert_allclose(out_s, out_u, rtol=1e-5, atol=1e-5)
+  grads_u = _grads_as_dict(unscanned, inputs)
+  assert len(grads_u['blocks']) == 3
+  _assert_trees_close(_grads_as_dict(scanned, inputs), dit_lib.stack_blocks(grads_u))
+  # The scanned forward traces one block inside one scan, not 3 copies of the block.
+  for model, scans in ((scanned, 1), (unscanned, 0)):
+    graphdef, state = nnx.split(model)
+    jaxpr = str(jax.make_jaxpr(lambda s, g=graphdef: nnx.merge(g, s)(*inputs))(state))
+    assert jaxpr.count('scan[') == scans
+    # 5 matmuls outside the blocks, 7 per traced block (qkv, 2 attention, proj, MLP, adaLN).
+    assert jaxpr.count('dot_general') == (5 + 7 if scans else 5 + 3 * 7)
+
+
+def test_stack_and_unstack_blocks_are_inverse():
+  params = nnx.to_pure_dict(nnx.state(_perturb(_dit(scan_blocks=False)), nnx.Param))
+  stacked = dit_lib.stack_blocks(params)
+  assert stacked['blocks']['attn']['qkv']['kernel'].shape == (3, 32, 96)
+  np.testing.assert_array_equal(stacked['blocks']['fc2']['bias'][2],
+                                params['blocks'][2]['fc2']['bias'])
+  _assert_trees_close(dit_lib.unstack_blocks(stacked), params, rtol=0, atol=0)
+  with pytest.raises(ValueError, match='numbered 0..depth'):
+    dit_lib.stack_blocks({'blocks': {0: {'w': jnp.ones(2)}, 2: {'w': jnp.ones(2)}}})
+
+
+@pytest.mark.parametrize('scan_blocks', [True, False], ids=['scanned', 'unscanned'])
+def test_remat_policies_same_gradients_and_recompute(scan_blocks):
+  """Every remat policy gives the no-remat gradients; 'full' and the dots policy put the
+  blocks under jax.checkpoint (with the policy), 'none' does not."""
+  base = _perturb(_dit(depth=2, scan_blocks=False))
+  inputs = _inputs()
+  grads, jaxprs = {}, {}
+  for remat in dit_lib.REMAT_POLICIES:
+    model = _copy_weights(base, scan_blocks, remat=remat)
+    assert model.remat == remat
+    grads[remat] = _grads_as_dict(model, inputs)
+    graphdef, state = nnx.split(model)
+    jaxprs[remat] = str(jax.make_jaxpr(lambda s, g=graphdef: jax.grad(
+        lambda s: _loss(nnx.merge(g, s), *inputs))(s))(state))
+  for remat in ('full', 'dots_with_no_batch_dims_saveable'):
+    _assert_trees_close(grads[remat], grads['none'])
+    assert 'checkpoint' in jaxprs[remat] or 'remat' in jaxprs[remat]
+  assert 'checkpoint' not in jaxprs['none'] and 'remat' not in jaxprs['none']
+  # jax prints the policy as a parameter of the remat primitive.
+  assert 'policy=None' in jaxprs['full']
+  assert 'policy=None' not in jaxprs['dots_with_no_batch_dims_saveable']
+  assert 'policy=' in jaxprs['dots_with_no_batch_dims_saveable']
+
+
+@pytest.mark.parametrize('scan_blocks', [True, False], ids=['scanned', 'unscanned'])
+def test_dit_with_remat_runs_inside_an_outer_scan(scan_blocks):
+  """The samplers merge the parameters outside their lax.scan and call the model inside it
+  (nnx's graph-mode transforms refuse Variables of an outer trace; the blocks' must not)."""
+  model = _perturb(_dit(depth=2, scan_blocks=scan_blocks, remat='full'))
+  graphdef, state = nnx.split(model)
   x, t, y = _inputs()
 
-  def loss(model):
-    return jnp.mean(model(x, t, y) ** 2)
+  @jax.jit
+  def two_euler_steps(state):
+    merged = nnx.merge(graphdef, state)
+    step = lambda x, _: (x + 0.5 * merged(x, t, y), None)  # pylint: disable=unnecessary-lambda-assignment
+    return jax.lax.scan(step, x, None, length=2)[0]
 
-  grad_fn = nnx.jit(nnx.grad(loss))
-  grads, jaxprs = {}, {}
-  for remat in (False, True):
-    model = build(remat)
-    grads[remat] = grad_fn(model)
-    graphdef, state = nnx.split(model)
-    jaxprs[remat] = str(jax.make_jaxpr(
-        lambda s, g=graphdef: jax.grad(lambda s: loss(nnx.merge(g, s)))(s))(state))
-  for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  assert 'checkpoint' in jaxprs[True] or 'remat' in jaxprs[True]
-  assert 'checkpoint' not in jaxprs[False] and 'remat' not in jaxprs[False]
+  expected = x
+  for _ in range(2):
+    expected = expected + 0.5 * _forward(model, expected, t, y)
+  np.testing.assert_allclose(two_euler_steps(state), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_accepts_booleans_of_older_configs_and_rejects_unknown():
+  assert dit_lib.remat_policy_name(True) == 'full'
+  assert dit_lib.remat_policy_name(False) == 'none'
+  assert nnx.eval_shape(lambda: _dit(remat=True)).remat == 'full'
+  with pytest.raises(ValueError, match='dots_with_no_batch_dims_saveable'):
+    _dit(remat='everything')
+
+
+def test_attention_impls_agree_and_cudnn_needs_bf16():
+  """jax.nn.dot_product_attention ('xla') and the einsum attention (the default) agree."""
+  model = _perturb(_dit(depth=2))
+  inputs = _inputs()
+  outs = {}
+  for impl in ('xla', 'einsum'):
+    model.blocks.attn.impl = impl
+    outs[impl] = _forward(model, *inputs)
+  assert float(jnp.abs(outs['xla']).max()) > 0.1
+  np.testing.assert_allclose(outs['xla'], outs['einsum'], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="needs bfloat16.*Use 'einsum' or 'xla'"):
+    _dit(attention_impl='cudnn')
+  with pytest.raises(ValueError, match='is not one of'):
+    _dit(attention_impl='flash')
+
+
+def test_compile_time_benchmark_smoke():
+  """benchmarks/compile_time.py --smoke: the lowered step of the scanned model does not grow
+  with depth (2 → 4 blocks), the unscanned one does."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'benchmarks', 'compile_time.py')
+  spec = importlib.util.spec_from_file_location('compile_time_benchmark', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  rows = {(r['depth'], r['layout']): r for r in module.main(['--smoke', '--json'])}
+  assert set(rows) == {(2, 'scanned'), (4, 'scanned'), (2, 'unscanned'), (4, 'unscanned')}
+  scanned = rows[4, 'scanned']['hlo_lines'] - rows[2, 'scanned']['hlo_lines']
+  unscanned = rows[4, 'unscanned']['hlo_lines'] - rows[2, 'unscanned']['hlo_lines']
+  assert abs(scanned) <= 5 < unscanned / 4, (scanned, unscanned)
+  assert all(r['compile_s'] > 0 and r['lower_s'] > 0 for r in rows.values())
+
+
+def test_model_config_keys_remat_scan_blocks_attention():
+  """configs: remat takes a policy or an older config's bool; bad values name the key."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  'configs'))
+  import tiny  # pylint: disable=g-import-not-at-top
+  from guidedflow import train  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  assert config.model.remat == 'none' and config.model.scan_blocks is True
+  for value, policy in ((True, 'full'), (False, 'none'),
+                        ('dots_with_no_batch_dims_saveable', 'dots_with_no_batch_dims_saveable')):
+    config.model.remat = value  # a bool is accepted by the config, as older configs set it
+    train.validate_config(config)
+    model = nnx.eval_shape(train.model_constructor(config, (28, 28, 1)))
+    assert model.remat == policy and model.scan_blocks
+  config.model.scan_blocks = False
+  assert not nnx.eval_shape(train.model_constructor(config, (28, 28, 1))).scan_blocks
+  for key, value, message in (('remat', 'sometimes', 'config.model.remat'),
+                              ('attention_impl', 'flash', 'config.model.attention_impl'),
+                              ('attention_impl', 'cudnn', 'dtype=bfloat16')):
+    bad = tiny.get_config()
+    bad.model[key] = value
+    with pytest.raises(train.ConfigError, match=message):
+      train.validate_config(bad)

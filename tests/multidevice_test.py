@@ -84,10 +84,10 @@ _CHILD = textwrap.dedent(r'''
                            ref_params)
       r['param_max_diff'] = max(jax.tree.leaves(diffs))
       r['sample_max_diff'] = float(np.abs(np.asarray(samples) - ref_samples).max())
-      block = state['params']['blocks'][0]
+      block = state['params']['blocks']  # stacked (scanned) blocks: (depth, ...) parameters
       r['fc1'] = spec(block['fc1']['kernel'])
-      r['fc1_mu'] = spec(state['opt_state'][1][0].mu['blocks'][0]['fc1']['kernel'])
-      r['fc1_ema'] = spec(state['ema_params']['blocks'][0]['fc1']['kernel'])
+      r['fc1_mu'] = spec(state['opt_state'][1][0].mu['blocks']['fc1']['kernel'])
+      r['fc1_ema'] = spec(state['ema_params']['blocks']['fc1']['kernel'])
       r['qkv'] = spec(block['attn']['qkv']['kernel'])
       r['fc1_bias'] = spec(block['fc1']['bias'])
       r['mesh'] = dict(mesh.shape)
@@ -105,7 +105,7 @@ _CHILD = textwrap.dedent(r'''
                                saved)
           report[name] = {
               'all_equal': all(jax.tree.leaves(equal)),
-              'devices': len(restored['params']['blocks'][0]['fc1']['kernel'].sharding.device_set),
+              'devices': len(restored['params']['blocks']['fc1']['kernel'].sharding.device_set),
               'mesh': dict(target.shape)}
         ckpt.close()
     print('REPORT' + json.dumps(report))
@@ -142,9 +142,13 @@ def test_sharded_sampler_matches_unsharded(report, mesh):
 @pytest.mark.parametrize('mesh', ['(2, 4, 1)', '(2, 2, 2)'])
 def test_kernels_optimizer_state_and_ema_are_sharded(report, mesh):
   r = report[mesh]
-  assert r['fc1'] == ['fsdp', 'tensor'] if r['mesh']['tensor'] > 1 else r['fc1'][0] == 'fsdp'
+  # Stacked blocks: the leading 'layers' axis is replicated, the per-block dims shard as before.
+  if r['mesh']['tensor'] > 1:
+    assert r['fc1'] == [None, 'fsdp', 'tensor']
+  else:
+    assert r['fc1'][:2] == [None, 'fsdp']
   assert r['fc1_mu'] == r['fc1'] and r['fc1_ema'] == r['fc1']  # AdamW moments and EMA too
-  assert r['qkv'][0] == 'fsdp'
+  assert r['qkv'][:2] == [None, 'fsdp']
   assert all(e is None for e in r['fc1_bias'])  # small: replicated
 
 

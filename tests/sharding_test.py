@@ -34,16 +34,19 @@ _CHILD = textwrap.dedent(r'''
     def spec(a):
       return [list(e) if isinstance(e, tuple) else e for e in a.sharding.spec]
 
-    def dit():
+    def dit(scan_blocks=True):
       return create_model('dit', variant='test/4', input_size=16, in_channels=4,
-                          num_classes=10, width=64, rngs=nnx.Rngs(0))
+                          num_classes=10, width=64, depth=2, scan_blocks=scan_blocks,
+                          rngs=nnx.Rngs(0))
 
     report = {'num_devices': jax.device_count()}
-    for shape in [(2, 4, 1), (1, 4, 2)]:
+    for shape, scan_blocks in [((2, 4, 1), True), ((1, 4, 2), True), ((1, 4, 2), False)]:
       mesh = sharding.make_mesh(shape)
-      model = sharding.create_sharded_model(dit, mesh, min_shard_size=0)
-      block = model.blocks[0]
+      model = sharding.create_sharded_model(lambda: dit(scan_blocks), mesh, min_shard_size=0)
+      # Scanned: one stacked module, parameters (depth, ...); unscanned: blocks[0].
+      block = model.blocks if scan_blocks else model.blocks[0]
       fc1 = block.fc1.kernel[...]
+      shape = shape if scan_blocks else ('unscanned',) + shape
       report[str(shape)] = {
           'mesh': dict(mesh.shape),
           'fc1': spec(fc1), 'fc1_shard': list(fc1.addressable_shards[0].data.shape),
@@ -96,8 +99,8 @@ _CHILD = textwrap.dedent(r'''
     shardings = sharding.state_shardings(nnx.state(abstract), mesh)
     report['default_small'] = {
         'label': list(shardings['label_embed']['embedding'].get_value().spec),
-        'fc1_bias': list(shardings['blocks'][0]['fc1']['bias'].get_value().spec),
-        'fc1': list(shardings['blocks'][0]['fc1']['kernel'].get_value().spec)}
+        'fc1_bias': list(shardings['blocks']['fc1']['bias'].get_value().spec),
+        'fc1': list(shardings['blocks']['fc1']['kernel'].get_value().spec)}
 
     for bad in [(3, 1, 1), (-1, 3, 1), (2, 2)]:
       try:
@@ -127,21 +130,23 @@ def test_eight_devices(report):
   assert report['num_devices'] == 8
 
 
-@pytest.mark.parametrize('shape', ['(2, 4, 1)', '(1, 4, 2)'])
+@pytest.mark.parametrize('shape', ['(2, 4, 1)', '(1, 4, 2)', "('unscanned', 1, 4, 2)"])
 def test_large_kernels_are_sharded(report, shape):
   r = report[shape]
-  assert r['fc1'] == ['fsdp', 'tensor']
-  assert r['fc2'] == ['tensor', 'fsdp']
-  assert r['qkv'] == ['fsdp', 'tensor']
-  assert r['proj'] == ['tensor', 'fsdp']
-  assert r['modulation'] == ['fsdp', 'tensor']
+  # Stacked (scanned) blocks: the leading 'layers' axis is replicated, the rest as unstacked.
+  layers = [] if 'unscanned' in shape else [None]
+  assert r['fc1'] == layers + ['fsdp', 'tensor']
+  assert r['fc2'] == layers + ['tensor', 'fsdp']
+  assert r['qkv'] == layers + ['fsdp', 'tensor']
+  assert r['proj'] == layers + ['tensor', 'fsdp']
+  assert r['modulation'] == layers + ['fsdp', 'tensor']
   assert r['label'] == [None, 'fsdp']
   assert r['patch'] == [None, 'fsdp']
-  # (64, 256) kernel: width over fsdp = 4, MLP hidden over tensor.
-  assert r['fc1_shard'] == [64 // 4, 256 // r['mesh']['tensor']]
+  # (64, 256) kernel per block: width over fsdp = 4, MLP hidden over tensor; both blocks' slices.
+  assert r['fc1_shard'] == [2] * len(layers) + [64 // 4, 256 // r['mesh']['tensor']]
 
 
-@pytest.mark.parametrize('shape', ['(2, 4, 1)', '(1, 4, 2)'])
+@pytest.mark.parametrize('shape', ['(2, 4, 1)', '(1, 4, 2)', "('unscanned', 1, 4, 2)"])
 def test_sharded_forward_matches_single_device(report, shape):
   r = report[shape]
   assert r['forward_max'] > 1e-3
@@ -162,7 +167,7 @@ def test_indivisible_dims_replicate_and_axes_not_reused(report):
 def test_small_parameters_replicate_by_default(report):
   small = report['default_small']
   assert all(e is None for e in small['label']) and all(e is None for e in small['fc1_bias'])
-  assert small['fc1'] == ['fsdp', 'tensor']
+  assert small['fc1'] == [None, 'fsdp', 'tensor']
 
 
 def test_make_mesh(report):
@@ -242,7 +247,25 @@ def test_abstract_mesh_shardings_for_any_device_count():
   shardings = sharding.state_shardings(abstract, mesh)
   structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract, shardings)
-  fc1 = structs['blocks'][0]['fc1']['kernel'].get_value()
-  assert fc1.sharding.shard_shape(fc1.shape) == (1, 256)  # 64 rows over fsdp = 64
+  fc1 = structs['blocks']['fc1']['kernel'].get_value()
+  assert fc1.sharding.spec == P(None, 'fsdp', 'tensor')
+  assert fc1.sharding.shard_shape(fc1.shape) == (1, 1, 256)  # 64 rows over fsdp = 64
   full = sum(x.size * 4 for x in jax.tree.leaves(abstract))
   assert sharding.bytes_per_device(structs) < full / 4
+
+
+def test_min_shard_size_counts_one_layer_of_stacked_parameters():
+  """A stacked bias of 40 layers × 256 (10240 elements) stays replicated like one layer's 256
+  would; a stacked kernel (64 × 256 per layer) is sharded."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from guidedflow.models import create_model  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.AbstractMesh((1, 4, 2), sharding.MESH_AXES)
+  for scan_blocks in (True, False):
+    abstract = nnx.state(nnx.eval_shape(lambda s=scan_blocks: create_model(
+        'dit', variant='test/4', input_size=16, in_channels=4, num_classes=10, width=64,
+        depth=40, scan_blocks=s, rngs=nnx.Rngs(0))))
+    shardings = sharding.state_shardings(abstract, mesh)
+    fc1 = shardings['blocks'] if scan_blocks else shardings['blocks'][0]
+    layers = (None,) if scan_blocks else ()
+    assert fc1['fc1']['bias'].get_value().spec == P()
+    assert fc1['fc1']['kernel'].get_value().spec == P(*layers, 'fsdp', 'tensor')

@@ -9,10 +9,21 @@ Precision: matmuls run in `dtype` (bf16 on accelerators); the residual stream, L
 statistics, the adaLN modulation and the attention softmax stay in float32, and the output is
 float32 whatever `dtype` is, so the loss is computed in f32.
 
+Blocks are stacked and run by one `nnx.scan` by default (`scan_blocks=True`): every block
+parameter has a leading axis of size depth, named 'layers', and XLA compiles one block instead
+of depth copies, so compile time does not grow with depth. `scan_blocks=False` keeps one module
+per block (`blocks[i]`), the layout of checkpoints written before scanning; `stack_blocks` and
+`unstack_blocks` convert parameters between the two layouts.
+
+Rematerialisation is a policy (`remat`, see `REMAT_POLICIES`): 'none', 'full' (keep only each
+block's input, recompute the rest in the backward pass) or 'dots_with_no_batch_dims_saveable'
+(keep the outputs of the weight matmuls, recompute attention scores, norms and activations).
+
 Logical axis names on parameters (mapped to mesh axes by `guidedflow.sharding`):
-'embed' (model width), 'mlp' (MLP hidden, time-MLP hidden), 'heads' (fused heads × head_dim of
-q/k/v and of the attention output projection's input), 'modulation' (the adaLN 6·width / 2·width
-outputs), 'patch' (p·p·C patch features), 'classes' (label-table rows), None (small dims).
+'layers' (the stacked-block axis, replicated), 'embed' (model width), 'mlp' (MLP hidden,
+time-MLP hidden), 'heads' (fused heads × head_dim of q/k/v and of the attention output
+projection's input), 'modulation' (the adaLN 6·width / 2·width outputs), 'patch' (p·p·C patch
+features), 'classes' (label-table rows), None (small dims).
 """
 
 import dataclasses
@@ -24,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from guidedflow.models.layers import (as_hw, layer_norm_f32, partitioned,
+from guidedflow.models.layers import (LAYER_AXIS, as_hw, layer_norm_f32, partitioned,
                                       sincos_2d_position_embedding, timestep_embedding)
 
 # Width / depth / heads of each size; the patch size is written after a slash: 'XL/2', 'S/4'.
@@ -41,6 +52,14 @@ VARIANTS = {
 STANDARD_PATCH_SIZES = (2, 4, 8)
 TIME_FREQUENCY_DIM = 256  # sinusoid size fed to the time MLP (as in DiT)
 TIME_SCALE = 1000.0       # t ∈ [0, 1] is scaled by this before the sinusoid (see timestep_embedding)
+# What the backward pass keeps of each block (`jax.checkpoint` policies): 'none' (no remat),
+# 'full' (only the block input), 'dots_with_no_batch_dims_saveable' (the weight matmuls' outputs).
+REMAT_POLICIES = ('none', 'full', 'dots_with_no_batch_dims_saveable')
+# 'einsum': two einsums and a softmax written here (the default: on a 2-core CPU, DiT-S/2
+# fwd+bwd ran 3-8% faster than with 'xla'); 'xla': `jax.nn.dot_product_attention` (XLA);
+# 'cudnn': its cuDNN flash attention (GPU, bf16).
+ATTENTION_IMPLS = ('einsum', 'xla', 'cudnn')
+_SCAN_METADATA = {nnx.PARTITION_NAME: LAYER_AXIS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +144,13 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention; logits and softmax in f32."""
+  """Multi-head self-attention; logits and softmax in f32 whatever the compute dtype."""
 
-  def __init__(self, width: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, width: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs,
+               impl: str = 'einsum'):
     self.num_heads = num_heads
     self.dtype = dtype
+    self.impl = impl
     # Fused q/k/v laid out as (heads, 3, head_dim) along the output so that splitting the output
     # over a 'tensor' mesh axis keeps whole heads (q, k and v of a head) on one device.
     self.qkv = _dense(width, 3 * width, ('embed', 'heads'), dtype=dtype,
@@ -142,20 +163,24 @@ class Attention(nnx.Module):
     head_dim = width // self.num_heads
     qkv = self.qkv(x).reshape(batch, tokens, self.num_heads, 3, head_dim)  # (B, N, H, 3, Dh)
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]            # (B, N, H, Dh)
-    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)                # (B, H, N, N)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(batch, tokens, width)
-    return self.proj(out)
+    if self.impl == 'einsum':
+      q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+      probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)              # (B, H, N, N)
+      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    else:  # f32 logits (scaled in f32) and softmax, probabilities cast to the compute dtype.
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+    return self.proj(out.reshape(batch, tokens, width))
 
 
 class DiTBlock(nnx.Module):
   """Transformer block with adaLN-Zero: shift/scale before, gate after attention and MLP."""
 
   def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, attention_impl: str = 'einsum'):
     self.dtype = dtype
-    self.attn = Attention(width, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn = Attention(width, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                          impl=attention_impl)
     self.fc1 = _dense(width, mlp_dim, ('embed', 'mlp'), dtype=dtype, param_dtype=param_dtype,
                       rngs=rngs)
     self.fc2 = _dense(mlp_dim, width, ('mlp', 'embed'), dtype=dtype, param_dtype=param_dtype,
@@ -188,9 +213,17 @@ class DiT(nnx.Module):
     param_dtype: dtype of the parameters.
     rngs: initialisation randomness.
     width, depth, num_heads, patch_size, mlp_ratio: override the variant's values.
-    remat: recompute each block's activations in the backward pass (`nnx.remat`, i.e.
-      `jax.checkpoint` per block): only the block inputs are kept, ~13× less activation
-      memory for DiT-XL/2 (benchmarks/memory.py) for ~1/3 more compute. Same gradients.
+    remat: what the backward pass keeps of each block (`REMAT_POLICIES`; True / False mean
+      'full' / 'none'). 'full' keeps only the block inputs: ~13× less activation memory for
+      DiT-XL/2 (benchmarks/memory.py) for ~1/3 more compute. 'dots_with_no_batch_dims_saveable'
+      keeps the weight matmuls' outputs and recomputes the rest (attention scores, norms,
+      GeLU). Same gradients whatever the policy.
+    scan_blocks: stack the blocks' parameters on a leading 'layers' axis and run them with one
+      `nnx.scan` (compile time independent of depth). False: one module per block, the layout
+      of older checkpoints (`stack_blocks` converts). Same outputs and gradients.
+    attention_impl: 'einsum' (einsums and an f32 softmax written here), 'xla'
+      (`jax.nn.dot_product_attention`) or 'cudnn' (its cuDNN flash attention: GPU, bfloat16
+      compute; the (N, N) scores are never materialised).
 
   Call: `model(x, t, y)` with x (B, H, W, C), t (B,) in [0, 1], y (B,) int in [0, K] → float32
   (B, H, W, C). All-zero at initialisation (adaLN-Zero and zero final projection).
@@ -200,13 +233,20 @@ class DiT(nnx.Module):
                num_classes: int, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
                width: int | None = None, depth: int | None = None,
                num_heads: int | None = None, patch_size: int | None = None,
-               mlp_ratio: float | None = None, remat: bool = False):
+               mlp_ratio: float | None = None, remat: str | bool = 'none',
+               scan_blocks: bool = True, attention_impl: str = 'einsum'):
     cfg = resolve_config(variant, input_size=input_size, in_channels=in_channels,
                          num_classes=num_classes, width=width, depth=depth, num_heads=num_heads,
                          patch_size=patch_size, mlp_ratio=mlp_ratio)
+    if attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl={attention_impl!r} is not one of {ATTENTION_IMPLS}.')
+    if attention_impl == 'cudnn' and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+      raise ValueError("attention_impl='cudnn' needs bfloat16 (or float16) compute on a GPU; "
+                       f"got dtype={jnp.dtype(dtype).name}. Use 'einsum' or 'xla'.")
     self.config = cfg
     self.dtype = dtype
-    self.remat = remat
+    self.remat = remat_policy_name(remat)
+    self.scan_blocks = bool(scan_blocks)
     d = cfg.width
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     # Linear on flattened p×p×C patches: the same map (and parameter count) as DiT's p×p conv.
@@ -217,8 +257,15 @@ class DiT(nnx.Module):
     self.label_embed = nnx.Embed(cfg.num_classes + 1, d, dtype=dtype, param_dtype=param_dtype,
                                  embedding_init=partitioned(small_normal, ('classes', 'embed')),
                                  rngs=rngs)
-    self.blocks = nnx.List([DiTBlock(d, cfg.num_heads, cfg.mlp_dim, **kw)
-                            for _ in range(cfg.depth)])
+
+    def make_block(block_rngs):
+      return DiTBlock(d, cfg.num_heads, cfg.mlp_dim, dtype=dtype, param_dtype=param_dtype,
+                      rngs=block_rngs, attention_impl=attention_impl)
+
+    if self.scan_blocks:
+      self.blocks = _stacked(make_block, cfg.depth, rngs)
+    else:
+      self.blocks = nnx.List([make_block(rngs) for _ in range(cfg.depth)])
     self.final_modulation = _dense(d, 2 * d, ('embed', 'modulation'), zero=True, **kw)
     self.final_proj = _dense(d, cfg.patch_dim, ('embed', 'patch'), zero=True, **kw)
 
@@ -240,8 +287,12 @@ class DiT(nnx.Module):
     t_emb = self.time_mlp2(nnx.silu(self.time_mlp1(t_emb.astype(self.dtype))))
     c = t_emb.astype(jnp.float32) + self.label_embed(y).astype(jnp.float32)  # (B, D)
 
-    for block in self.blocks:
-      h = _remat_block(block, h, c) if self.remat else block(h, c)
+    if self.scan_blocks:
+      h = _scan_blocks(self.blocks, h, c, self.remat)
+    else:
+      run_block = _checkpointed(_call_block, self.remat, prevent_cse=True)
+      for block in self.blocks:
+        h = run_block(block, h, c)
 
     shift, scale = jnp.split(self.final_modulation(nnx.silu(c)).astype(jnp.float32)[:, None],
                              2, axis=-1)
@@ -256,9 +307,93 @@ class DiT(nnx.Module):
     return dit_flops(self.config)
 
 
-@nnx.remat
-def _remat_block(block: DiTBlock, h: jax.Array, c: jax.Array) -> jax.Array:
+# ----------------------------------------------------------------------------- blocks
+
+
+def remat_policy_name(remat: str | bool | None) -> str:
+  """The `REMAT_POLICIES` entry for `remat`; True / False (older configs) are 'full' / 'none'."""
+  if remat is True:
+    return 'full'
+  if remat is False or remat is None:
+    return 'none'
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat={remat!r} is not one of {REMAT_POLICIES} (or True / False).')
+  return remat
+
+
+def _checkpointed(fn, remat: str, *, prevent_cse: bool):
+  """`fn` under `nnx.remat` with the named policy ('none': `fn` itself)."""
+  if remat == 'none':
+    return fn
+  policy = None if remat == 'full' else getattr(jax.checkpoint_policies, remat)
+  return nnx.remat(fn, policy=policy, prevent_cse=prevent_cse, graph=False)
+
+
+def _call_block(block: DiTBlock, h: jax.Array, c: jax.Array) -> jax.Array:
   return block(h, c)
+
+
+def _stacked(make_block, depth: int, rngs: nnx.Rngs) -> DiTBlock:
+  """`depth` blocks as one DiTBlock whose parameters have a leading 'layers' axis (prepended
+  to their logical names by `transform_metadata`)."""
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_SCAN_METADATA)
+  def create(block_rngs):
+    return make_block(block_rngs)
+
+  return create(rngs)
+
+
+def _scan_blocks(blocks: DiTBlock, h: jax.Array, c: jax.Array, remat: str) -> jax.Array:
+  """h (B, N, D) through the stacked blocks in order, with one `nnx.scan` over 'layers'.
+
+  Tree mode (`graph=False`: the module is a pytree, sliced like `jax.lax.scan` slices its xs):
+  graph mode refuses Variables from an outer trace, and the samplers call the model inside
+  their own `lax.scan` with parameters merged outside it.
+  """
+  # Under scan, CSE cannot merge the recomputation with the forward pass: no need to prevent it.
+  body = _checkpointed(_call_block, remat, prevent_cse=False)
+  scan = nnx.scan(lambda carry, block, cond: body(block, carry, cond),
+                  in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry, graph=False)
+  return scan(h, blocks, c)
+
+
+def _block_items(blocks) -> list:
+  """Per-block subtrees of an unscanned `blocks` mapping, in order (keys 0.. or '0'..)."""
+  keys = sorted(blocks, key=int)
+  if [int(k) for k in keys] != list(range(len(keys))):
+    raise ValueError(f'Unscanned blocks must be numbered 0..depth−1, got keys {keys}.')
+  return [blocks[k] for k in keys]
+
+
+def stack_blocks(params):
+  """Unscanned → scanned parameters: `params['blocks'][i]` (i = 0..depth−1) become one subtree
+  whose leaves are stacked on a leading axis, as `DiT(scan_blocks=True)` holds them.
+
+  Args:
+    params: nested dict (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`, or an nnx.State) of
+      a `DiT(scan_blocks=False)`.
+
+  Returns:
+    A nested dict for `nnx.replace_by_pure_dict` on a scanned model's state.
+  """
+  params = _pure(params)
+  blocks = _block_items(params['blocks'])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return {**params, 'blocks': stacked}
+
+
+def unstack_blocks(params):
+  """Scanned → unscanned parameters (the inverse of `stack_blocks`); keys of blocks are ints."""
+  params = _pure(params)
+  stacked = params['blocks']
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  blocks = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)}
+  return {**params, 'blocks': blocks}
+
+
+def _pure(params) -> dict:
+  return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else dict(params)
 
 
 def dit_flops(cfg: DiTConfig) -> int:

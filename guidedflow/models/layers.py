@@ -10,6 +10,9 @@ from flax import nnx
 
 Initializer = Callable[..., jax.Array]
 
+# Logical name of the leading axis of parameters stacked for `nnx.scan` (one slice per block).
+LAYER_AXIS = 'layers'
+
 
 def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
   """Wraps `init` so the created `nnx.Param` carries logical axis names `names`.
