@@ -86,11 +86,12 @@ def cpu_model():
   return f"{name} ({os.cpu_count()} cores; {' '.join(units) or 'no avx2'})"
 
 
-def _time(fn, steps):
-  """Seconds per call of `fn()` after one warm-up call; best of 3 rounds of `steps` calls."""
-  jax.block_until_ready(fn())
+def _time(fn, steps, rounds=3, warm_up=True):
+  """Seconds per call of `fn()` (after one warm-up call): best of `rounds` rounds of `steps`."""
+  if warm_up:
+    jax.block_until_ready(fn())
   best = float('inf')
-  for _ in range(3):
+  for _ in range(rounds):
     start = time.perf_counter()
     for _ in range(steps):
       out = fn()
@@ -128,7 +129,7 @@ def _flops(config, image_shape):
   return models.flops_per_example(config.model.name, **kwargs)
 
 
-def bench_train(trainer, config, steps):
+def bench_train(trainer, config, steps, rounds):
   batch_size = config.train.batch_size
   rng = np.random.default_rng(0)
   batch = {'image': rng.uniform(-1, 1, (batch_size,) + trainer.image_shape).astype(np.float32),
@@ -146,37 +147,38 @@ def bench_train(trainer, config, steps):
     holder[0], metrics = trainer.train_step(holder[0], batch, key)
     return metrics['loss']
 
-  seconds = _time(step, steps)
+  seconds = _time(step, steps, rounds)
   return holder[0], batch_size / seconds, first_s
 
 
-def bench_sample(trainer, params, sample_batch, num_steps, guidance_scale, steps):
+def bench_sample(trainer, params, sample_batch, num_steps, guidance_scale, rounds):
   labels = np.arange(sample_batch, dtype=np.int32) % trainer.num_classes
   key = jax.random.PRNGKey(1)
   options = dict(num_steps=num_steps, method='euler')
   start = time.perf_counter()
   _, nfe = trainer.sample(params, key, labels, guidance_scale, **options)
   first_s = time.perf_counter() - start
+  # The first call compiled and ran it: the timed rounds need no other warm-up.
   seconds = _time(lambda: trainer.sample(params, key, labels, guidance_scale, **options)[0],
-                  steps)
+                  1, rounds, warm_up=False)
   return seconds, nfe, first_s
 
 
-def bench_forward(trainer, params, batch, steps):
+def bench_forward(trainer, params, batch, steps, rounds):
   """Seconds of one jitted forward of `batch` rows (the sampler's unit of work)."""
   forward = jax.jit(lambda p, x, t, y: trainer.model_fn(p)(x, t, y))
   x = jnp.zeros((batch,) + trainer.image_shape, jnp.float32)
   t = jnp.full((batch,), 0.5, jnp.float32)
   y = jnp.zeros((batch,), jnp.int32)
   with jax.set_mesh(trainer.mesh):
-    return _time(lambda: forward(params, x, t, y), steps)
+    return _time(lambda: forward(params, x, t, y), steps, rounds)
 
 
 def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peaks):
   trainer, config = _trainer(make, dtype_name, train_batch)
   flops = _flops(config, trainer.image_shape)
   peak = peaks[dtype_name]
-  state, train_ips, train_compile_s = bench_train(trainer, config, args.steps)
+  state, train_ips, train_compile_s = bench_train(trainer, config, args.steps, args.rounds)
   params = state['ema_params']
   row = dict(case=name, model=config.model.name,
              variant=config.model.variant if config.model.name == 'dit' else
@@ -185,11 +187,11 @@ def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peak
              train_images_per_s=train_ips, train_gflops=3 * flops * train_ips / 1e9,
              train_compile_s=train_compile_s)
   row['train_x_peak'] = row['train_gflops'] / peak
-  fwd_1 = bench_forward(trainer, params, sample_batch, args.steps)
-  fwd_2 = bench_forward(trainer, params, 2 * sample_batch, args.steps)
+  fwd_1 = bench_forward(trainer, params, sample_batch, args.steps, args.rounds)
+  fwd_2 = bench_forward(trainer, params, 2 * sample_batch, args.steps, args.rounds)
   n = args.sample_steps
-  cfg_s, cfg_nfe, cfg_compile_s = bench_sample(trainer, params, sample_batch, n, 2.0, 1)
-  cond_s, cond_nfe, _ = bench_sample(trainer, params, sample_batch, n, 1.0, 1)
+  cfg_s, cfg_nfe, cfg_compile_s = bench_sample(trainer, params, sample_batch, n, 2.0, args.rounds)
+  cond_s, cond_nfe, _ = bench_sample(trainer, params, sample_batch, n, 1.0, args.rounds)
   row.update(
       sample_batch=sample_batch, sample_steps=n, sample_compile_s=cfg_compile_s,
       cfg_nfe=cfg_nfe, cfg_samples_per_s=sample_batch / cfg_s,
@@ -231,6 +233,8 @@ def print_table(report):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', type=int, default=5, help='timed train steps per round')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='timing rounds (the best is reported); a round of sampling is 1 call')
   parser.add_argument('--sample_steps', type=int, default=50, help='sampler steps')
   parser.add_argument('--smoke', action='store_true', help='tiny sizes, for CI')
   parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
@@ -245,7 +249,8 @@ def main():
       parser.error(f'unknown cases {sorted(unknown)}; choose from {sorted(cases)}')
     cases = {k: cases[k] for k in args.cases.split(',')}
   if args.smoke:
-    args.steps, args.sample_steps, args.matmul_size = 1, min(args.sample_steps, 3), 256
+    args.steps, args.rounds = 1, 1
+    args.sample_steps, args.matmul_size = min(args.sample_steps, 3), 256
   dtypes = args.dtypes.split(',')
   peaks = {d: matmul_peak(jnp.dtype(DTYPES[d]), args.matmul_size, max(args.steps, 3))
            for d in ('f32', 'bf16')}

@@ -28,6 +28,7 @@ from guidedflow import models
 from guidedflow import paths
 from guidedflow import sampling
 from guidedflow import sharding
+from guidedflow.models import precision
 
 _ALLOWED = {
     'model.name': ('dit', 'unet'),
@@ -176,10 +177,15 @@ def model_constructor(config, image_shape):
     kwargs['channels'] = tuple(config.model.unet_channels)
     kwargs['num_residual_layers'] = config.model.unet_num_residual_layers
 
+  dtype, reason = precision.resolve_compute_dtype(
+      config.model.dtype, jax.default_backend(), convolutional=config.model.name == 'unet')
+  if reason:
+    logging.warning('config.model.dtype=%s: %s.', config.model.dtype, reason)
+
   def construct():
     return models.create_model(
         config.model.name, input_size=height, in_channels=channels,
-        num_classes=config.input.num_classes, dtype=_dtype(config.model.dtype),
+        num_classes=config.input.num_classes, dtype=_dtype(dtype),
         param_dtype=_dtype(config.model.param_dtype),
         rngs=nnx.Rngs(config.train.seed), **kwargs)
 

@@ -116,10 +116,13 @@ def test_bf16_falls_back_to_f32_on_a_cpu_without_bf16_units(tmp_path):
   amx = _cpuinfo(tmp_path, 'avx2 avx512f avx512_bf16 amx_bf16 amx_tile')
   assert precision.cpu_bf16_units(amx) == ('amx_bf16', 'avx512_bf16')
   assert precision.cpu_bf16_units(no_units) == ()
-  dtype, reason = precision.resolve_compute_dtype('bfloat16', 'cpu', no_units)
+  dtype, reason = precision.resolve_compute_dtype('bfloat16', 'cpu', cpuinfo_path=no_units)
   assert dtype == 'float32' and 'no bf16 units' in reason
-  assert precision.resolve_compute_dtype('bfloat16', 'cpu', amx) == ('bfloat16', None)
-  assert precision.resolve_compute_dtype('bfloat16', 'gpu', no_units) == ('bfloat16', None)
-  assert precision.resolve_compute_dtype('float32', 'cpu', no_units) == ('float32', None)
-  assert precision.resolve_compute_dtype('bfloat16', 'cpu', str(tmp_path / 'missing')) == (
-      'float32', precision.resolve_compute_dtype('bfloat16', 'cpu', no_units)[1])
+  resolve = precision.resolve_compute_dtype
+  assert resolve('bfloat16', 'cpu', cpuinfo_path=amx) == ('bfloat16', None)
+  assert resolve('bfloat16', 'gpu', cpuinfo_path=no_units) == ('bfloat16', None)
+  assert resolve('float32', 'cpu', cpuinfo_path=no_units) == ('float32', None)
+  assert resolve('bfloat16', 'cpu', cpuinfo_path=str(tmp_path / 'missing')) == (dtype, reason)
+  dtype, reason = resolve('bfloat16', 'cpu', convolutional=True, cpuinfo_path=amx)
+  assert dtype == 'float32' and 'convolutions' in reason
+  assert resolve('bfloat16', 'tpu', convolutional=True) == ('bfloat16', None)

@@ -5,7 +5,8 @@ whichever the loss asks for). Conventions (DESIGN.md §1): `t ∈ [0, 1]` with `
 and SiT use the opposite direction; the network does not care, it only sees `t`); labels
 `y ∈ {0..K−1}` and the null label `∅ = K`, an extra row of the label table.
 
-Precision: matmuls run in `dtype` (bf16 on accelerators); the residual stream, LayerNorm
+Precision: matmuls take `dtype` operands (bf16 on accelerators and on CPUs with bf16 units) and
+accumulate in f32, in the forward and the backward pass (`models/precision.py`); the residual stream, LayerNorm
 statistics, the adaLN modulation and the attention softmax stay in float32, and the output is
 float32 whatever `dtype` is, so the loss is computed in f32.
 
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from guidedflow.models import precision
 from guidedflow.models.layers import (LAYER_AXIS, as_hw, layer_norm_f32, partitioned,
                                       sincos_2d_position_embedding, timestep_embedding)
 
@@ -134,7 +136,9 @@ def _dense(d_in: int, d_out: int, names: tuple, *, dtype, param_dtype, rngs: nnx
            kernel_init=nnx.initializers.xavier_uniform(), zero: bool = False) -> nnx.Linear:
   """nnx.Linear with logical names on kernel and bias; `zero` zero-initialises both."""
   kernel_init = nnx.initializers.zeros_init() if zero else kernel_init
+  # bf16 compute: bf16 operands, f32 accumulation and output, bf16 gradient dots (precision.py).
   return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                    dot_general=precision.mixed_dot_general,
                     kernel_init=partitioned(kernel_init, names),
                     bias_init=partitioned(nnx.initializers.zeros_init(), names[1:]))
 
@@ -161,13 +165,14 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, tokens, width = x.shape
     head_dim = width // self.num_heads
-    qkv = self.qkv(x).reshape(batch, tokens, self.num_heads, 3, head_dim)  # (B, N, H, 3, Dh)
+    qkv = self.qkv(x).astype(self.dtype)
+    qkv = qkv.reshape(batch, tokens, self.num_heads, 3, head_dim)           # (B, N, H, 3, Dh)
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]            # (B, N, H, Dh)
     if self.impl == 'einsum':
       q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+      logits = precision.einsum('bqhd,bkhd->bhqk', q, k)                   # f32
       probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)              # (B, H, N, N)
-      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+      out = precision.einsum('bhqk,bkhd->bqhd', probs, v).astype(self.dtype)
     else:  # f32 logits (scaled in f32) and softmax, probabilities cast to the compute dtype.
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
     return self.proj(out.reshape(batch, tokens, width))
@@ -196,7 +201,7 @@ class DiTBlock(nnx.Module):
     h = _modulate(layer_norm_f32(x), shift_a, scale_a).astype(self.dtype)
     x = x + gate_a * self.attn(h).astype(jnp.float32)
     h = _modulate(layer_norm_f32(x), shift_m, scale_m).astype(self.dtype)
-    h = self.fc2(nnx.gelu(self.fc1(h), approximate=True))
+    h = self.fc2(nnx.gelu(self.fc1(h), approximate=True).astype(self.dtype))
     return x + gate_m * h.astype(jnp.float32)
 
 

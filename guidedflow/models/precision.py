@@ -128,14 +128,20 @@ def cpu_bf16_units(cpuinfo_path='/proc/cpuinfo'):
   return tuple(unit for unit in ('amx_bf16', 'avx512_bf16') if unit in flags)
 
 
-def resolve_compute_dtype(name, backend, cpuinfo_path='/proc/cpuinfo'):
-  """(dtype name to compute in, reason or None): bf16 on a CPU without bf16 units → float32.
+def resolve_compute_dtype(name, backend, *, convolutional=False, cpuinfo_path='/proc/cpuinfo'):
+  """(dtype name to compute in, reason or None): where bf16 would be slower on a CPU → float32.
 
-  Without AMX or AVX512-BF16, XLA:CPU computes a bf16 matmul by converting to f32, so bf16
-  costs the f32 matmul plus the conversions (slower than f32; issue 12); the program then falls
-  back to float32 compute and says so. Accelerators and CPUs with bf16 units keep bf16.
+  XLA:CPU computes a bf16 matmul by converting to f32 on a CPU without AMX or AVX512-BF16 (bf16
+  costs the f32 matmul plus the conversions), and it runs bf16 convolutions no faster than f32
+  even with them (benchmarks/README.md). The program then computes in float32 and says why.
+  Accelerators keep bf16.
   """
-  if name != 'bfloat16' or backend != 'cpu' or cpu_bf16_units(cpuinfo_path):
+  if name != 'bfloat16' or backend != 'cpu':
     return name, None
-  return 'float32', ('this CPU has no bf16 units (AMX or AVX512-BF16), where XLA runs bf16 '
-                     'matmuls as f32 plus conversions: computing in float32 instead')
+  if not cpu_bf16_units(cpuinfo_path):
+    return 'float32', ('this CPU has no bf16 units (AMX or AVX512-BF16), where XLA runs bf16 '
+                       'matmuls as f32 plus conversions: computing in float32 instead')
+  if convolutional:
+    return 'float32', ('XLA:CPU runs bf16 convolutions no faster than f32: computing the '
+                       'convolutional network in float32 instead')
+  return name, None
