@@ -3,8 +3,8 @@
     python benchmarks/step_throughput.py [--json] [--smoke] [--cases W1,W2,unet]
         [--dtypes f32,bf16] [--steps 5] [--sample_steps 50]
 
-In one process: the f32 and bf16 matmul peaks (`P32`, `P16`: a jnp 2048² matmul), then for each
-workload and compute dtype
+In one process: the f32 and bf16 matmul peaks (`P32`, `P16`: a jnp 2048² matmul, bf16 with f32
+accumulation), then for each workload and compute dtype
   * the real train step of the program (`train.Trainer.train_step`: loss, grad, global-norm clip,
     AdamW, EMA, non-finite guard; donated state), built from the same config code as
     `python -m guidedflow.main`;
@@ -101,9 +101,11 @@ def _time(fn, steps, rounds=3, warm_up=True):
 
 
 def matmul_peak(dtype, size, steps):
+  """GFLOP/s of a size² matmul; bf16 operands accumulate in f32 (the models' policy, and the
+  form XLA:CPU sends to AMX: a bf16-output matmul there runs as an f32 one plus converts)."""
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-  matmul = jax.jit(jnp.matmul)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   return 2 * size**3 / _time(lambda: matmul(a, b), steps) / 1e9
 
 
@@ -215,7 +217,7 @@ def print_table(report):
   print(f"cpu {h['cpu']}\n{h['platform']}:{h['device']}  jax {h['jax']}  python {h['python']}"
         f"  XLA_FLAGS='{h['xla_flags']}'")
   for dtype, gflops in report['peaks'].items():
-    print(f'P{dtype[-2:]} ({dtype} 2048² matmul): {gflops:.1f} GFLOP/s')
+    print(f'P{dtype[-2:]} ({dtype} 2048² matmul, f32 accumulation): {gflops:.1f} GFLOP/s')
   cols = [('case', '<6', 'case'), ('dtype', '<5', 'dtype'), ('train_batch', '>5', 'batch'),
           ('train_images_per_s', '>8.2f', 'train/s'), ('train_gflops', '>7.1f', 'GFLOP/s'),
           ('train_x_peak', '>5.2f', 'xPeak'), ('train_compile_s', '>6.1f', 'comp s'),
