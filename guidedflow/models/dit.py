@@ -201,7 +201,9 @@ class DiTBlock(nnx.Module):
     h = _modulate(layer_norm_f32(x), shift_a, scale_a).astype(self.dtype)
     x = x + gate_a * self.attn(h).astype(jnp.float32)
     h = _modulate(layer_norm_f32(x), shift_m, scale_m).astype(self.dtype)
-    h = self.fc2(nnx.gelu(self.fc1(h), approximate=True).astype(self.dtype))
+    # GeLU in the compute dtype, as before the f32-accumulating dots: its saved intermediates
+    # are (B, N, 4D) tensors, the largest residuals of the block (benchmarks/memory.py).
+    h = self.fc2(nnx.gelu(self.fc1(h).astype(self.dtype), approximate=True))
     return x + gate_m * h.astype(jnp.float32)
 
 
