@@ -1,6 +1,6 @@
 """The train step and the CFG sampler at the machine's peak: img/s, GFLOP/s, ratio to the matmul peak.
 
-    python benchmarks/step_throughput.py [--json] [--smoke] [--cases W1,W2,unet]
+    python benchmarks/step_throughput.py [--json] [--smoke] [--cases W1,W2,unet,unet-lecture]
         [--dtypes f32,bf16] [--steps 5] [--sample_steps 50]
 
 In one process: the f32 and bf16 matmul peaks (`P32`, `P16`: a jnp 2048² matmul, bf16 with f32
@@ -16,7 +16,9 @@ FLOPs are analytic (`guidedflow.models.flops_per_example`, 2 × multiply-adds of
 attention included); a train step counts 3× the forward. `xP32`/`xP16` is the achieved GFLOP/s
 over the peak of the compute dtype's matmul. Workloads (issue 12): W1 DiT-S/2 on 32×32×4
 latents, 1000 classes, train batch 32, sample batch 16; W2 DiT-T/4 on 28×28×1, batch 128 / 64;
-unet, the Fashion-MNIST default U-Net at its batch (configs/fashion_mnist.py) / 64.
+unet, the Fashion-MNIST default U-Net at its batch (configs/fashion_mnist.py) / 64;
+unet-lecture, the same with the lecture's widths (32, 64, 128) and GroupNorm (the default before
+issue 13).
 Prints numbers only; it asserts nothing about speed. Machines differ: compare runs on one
 machine, as ratios.
 """
@@ -52,10 +54,14 @@ def _dit(variant, size, channels, classes):
   return make
 
 
-def _unet(channels=(32, 64, 128), layers=2):
+def _unet(channels=None, layers=None, norm=None):
+  """The Fashion-MNIST default U-Net; the arguments given replace the config's."""
   def make():
     config = fmnist_config.get_config('unet')
-    config.model.unet_channels, config.model.unet_num_residual_layers = channels, layers
+    if channels is not None:
+      config.model.unet_channels, config.model.unet_num_residual_layers = channels, layers
+    if norm is not None:
+      config.model.unet_norm = norm
     return config, (28, 28, 1)
   return make
 
@@ -65,10 +71,12 @@ CASES = {
     'W1': (_dit('S/2', 32, 4, 1000), 32, 16),
     'W2': (_dit('T/4', 28, 1, 10), 128, 64),
     'unet': (_unet(), None, 64),  # None: the config's own train batch
+    # The default before issue 13: the lecture's widths with GroupNorm.
+    'unet-lecture': (_unet((32, 64, 128), 2, 'group'), None, 64),
 }
 SMOKE_CASES = {
     'dit-test': (_dit('test/4', 16, 4, 10), 8, 4),
-    'unet-tiny': (_unet((8, 16), 1), 8, 4),
+    'unet-tiny': (_unet((8, 16), 1, 'none'), 8, 4),
 }
 
 

@@ -21,6 +21,7 @@ def get_config():
   config.model.variant = 'T/4'         # DiT variant 'S/2', 'B/4', 'XL/2', 'T/2', ... (dit only)
   config.model.unet_channels = (32, 64, 128)   # U-Net channels per resolution (unet only)
   config.model.unet_num_residual_layers = 2    # residual blocks per U-Net stage (unet only)
+  config.model.unet_norm = 'group'     # 'group' (GroupNorm in every residual block) | 'none' (unet only)
   config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16' (accelerators)
   config.model.param_dtype = 'float32'  # parameter dtype
   # dit: what the backward pass keeps of each block: 'none' | 'full' (block inputs only: least

@@ -75,16 +75,20 @@ def reference_features(config, network, dataset, workdir, num_images):
     t0 = time.time()
     images, labels = _real_images(dataset, num_images)
     out = evaluation.compute_features(network, images)
+    pixels = evaluation.pixel_statistics(images)
     if jax.process_index() == 0:
       evaluation.save_reference(path, features=out['features'], logits=out['logits'],
-                                labels=labels, meta=meta)
+                                labels=labels, meta={**meta, 'pixels': pixels})
     logging.info('Reference features of %d %s images (%s) computed in %.1f s -> %s.',
                  num_images, dataset.split, network.name, time.time() - t0, path)
     return {'features': out['features'], 'logits': out['logits'], 'labels': labels,
-            'path': path, **_stats(out['features'])}
+            'path': path, 'pixels': pixels, **_stats(out['features'])}
   ref = evaluation.load_reference(path, expect_meta=meta)
   ref = dict(ref)
   ref['path'] = path
+  # References cached before pixel statistics existed: compute them from the images.
+  ref['pixels'] = (ref['meta'].get('pixels') or
+                   evaluation.pixel_statistics(_real_images(dataset, num_images)[0]))
   if 'mu' not in ref:
     ref.update(_stats(ref['features']))
   return ref
@@ -133,6 +137,7 @@ class Evaluator:
                                                  ref['mu'], ref['sigma'])
       result['num_train_images'] = int(train_ref['features'].shape[0])
     result['num_eval_images'] = int(ref['features'].shape[0])
+    result['pixels'] = {k: round(v, 5) for k, v in ref['pixels'].items()}
     return result
 
   def generate(self, params, samples_per_class, guidance_scale, *, method=None, num_steps=None,
@@ -182,6 +187,7 @@ class Evaluator:
     metrics.update(evaluation.density_coverage(real, features, k=k))
     if out.get('logits') is not None:
       metrics['accuracy'] = evaluation.classification_accuracy(out['logits'], labels)
+    metrics.update(evaluation.pixel_statistics(images))
     return {key: (round(float(v), 5) if isinstance(v, (float, np.floating)) else v)
             for key, v in metrics.items()}
 
@@ -208,7 +214,8 @@ class Evaluator:
 _COLUMNS = (('guidance_scale', 'w'), ('method', 'method'), ('num_steps', 'steps'),
             ('nfe', 'NFE'), ('fd', 'FD'), ('precision', 'precision'), ('recall', 'recall'),
             ('density', 'density'), ('coverage', 'coverage'), ('accuracy', 'accuracy'),
-            ('images_per_s', 'img/s'))
+            ('black_fraction', 'black px'), ('pixel_std', 'pixel std'),
+            ('num_samples', 'N'), ('images_per_s', 'img/s'))
 
 
 def markdown_table(rows):

@@ -32,6 +32,7 @@ from guidedflow.models import precision
 
 _ALLOWED = {
     'model.name': ('dit', 'unet'),
+    'model.unet_norm': ('group', 'none'),
     'model.dtype': ('float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'path.schedule': ('linear', 'cosine', 'vp'),
@@ -58,10 +59,19 @@ class CheckpointNotFoundError(FileNotFoundError):
   """--mode=sample/evaluate on a workdir without a checkpoint."""
 
 
+# Keys added after configs were first written: their value when a config lacks them.
+_LATER_KEYS = {'model.unet_norm': 'group'}
+
+
 def _get(config, dotted):
   node = config
-  for part in dotted.split('.'):
-    node = node[part]
+  try:
+    for part in dotted.split('.'):
+      node = node[part]
+  except KeyError:
+    if dotted in _LATER_KEYS:
+      return _LATER_KEYS[dotted]
+    raise
   return node
 
 
@@ -176,6 +186,7 @@ def model_constructor(config, image_shape):
   else:
     kwargs['channels'] = tuple(config.model.unet_channels)
     kwargs['num_residual_layers'] = config.model.unet_num_residual_layers
+    kwargs['norm'] = _get(config, 'model.unet_norm')
 
   dtype, reason = precision.resolve_compute_dtype(
       config.model.dtype, jax.default_backend(), convolutional=config.model.name == 'unet')
@@ -680,8 +691,8 @@ class _PeriodicEval:
     row, _, _ = self.evaluator.evaluate(
         state['ema_params'], samples_per_class=self.config.eval.periodic_samples_per_class,
         guidance_scale=self.config.sampling.guidance_scale)
-    return {f'eval/{k}': float(row[k]) for k in ('fd', 'precision', 'recall', 'accuracy')
-            if row.get(k) is not None}
+    keys = ('fd', 'precision', 'recall', 'accuracy', 'black_fraction', 'pixel_std')
+    return {f'eval/{k}': float(row[k]) for k in keys if row.get(k) is not None}
 
 
 def _heldout_loss(trainer, state, config):

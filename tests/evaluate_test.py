@@ -87,6 +87,10 @@ def test_real_images_measure_as_perfect_samples(trained, network, tmp_path):
   assert metrics['coverage'] == 1.0
   assert max(fd for fd in metrics['fd_per_class'] if fd is not None) < 1e-6
   floor = evaluator.real_data_floor()
+  # Pixel statistics of real images against themselves: identical, and they are the data's.
+  for key in ('pixel_mean', 'pixel_std', 'black_fraction', 'white_fraction'):
+    assert metrics[key] == pytest.approx(floor['pixels'][key], abs=1e-5)
+  assert metrics['black_fraction'] == pytest.approx(float(np.mean(real == 0)), abs=1e-5)
   # The samples' accuracy is the classifier's accuracy on the real images: the same number.
   assert metrics['accuracy'] == pytest.approx(floor['accuracy'], abs=1e-6)
   assert floor['accuracy'] > 0.4  # nearest centroid on pixels is well above chance (0.1)
@@ -208,7 +212,7 @@ def test_periodic_sample_metrics_reach_tensorboard(network, tmp_path, monkeypatc
   train.train_and_evaluate(config, str(tmp_path))
   for step in (1, 2):
     assert {'eval/loss_ema', 'eval/fd', 'eval/precision', 'eval/recall',
-            'eval/accuracy'} <= set(logged[step]), logged[step]
+            'eval/accuracy', 'eval/black_fraction'} <= set(logged[step]), logged[step]
     assert np.isfinite(logged[step]['eval/fd'])
 
 

@@ -298,3 +298,23 @@ def test_reference_mismatch_and_missing_file_errors(tmp_path):
     evaluation.load_reference(path, expect_meta=dict(num_images=10_000))
   with pytest.raises(FileNotFoundError, match='missing.npz'):
     evaluation.load_reference(str(tmp_path / 'missing.npz'), expect_meta=expect)
+
+
+# ---- Pixel statistics -------------------------------------------------------------------------
+
+
+def test_pixel_statistics_closed_forms():
+  black = np.zeros((5, 4, 4, 1), np.uint8)
+  assert evaluation.pixel_statistics(black) == {
+      'pixel_mean': 0.0, 'pixel_std': 0.0, 'black_fraction': 1.0, 'white_fraction': 0.0}
+  # Half the values 0, half 255: mean 1/2, std 1/2, black = white = 1/2.
+  half = np.concatenate([black, np.full_like(black, 255)])
+  stats = evaluation.pixel_statistics(half)
+  assert stats == pytest.approx({'pixel_mean': 0.5, 'pixel_std': 0.5, 'black_fraction': 0.5,
+                                 'white_fraction': 0.5})
+  # A background of 1 (one grey level above black) is not black: the statistic is exact.
+  nearly = np.ones((3, 2, 2, 3), np.uint8)
+  assert evaluation.pixel_statistics(nearly)['black_fraction'] == 0.0
+  assert evaluation.pixel_statistics(nearly)['pixel_mean'] == pytest.approx(1 / 255)
+  with pytest.raises(TypeError, match='uint8'):
+    evaluation.pixel_statistics(half.astype(np.float32))

@@ -107,6 +107,31 @@ def test_unet_shapes_and_zero_init(size):
   assert model.label_embed.embedding.shape == (NUM_CLASSES + 1, TINY_UNET['y_embed_dim'])
 
 
+def test_unet_without_norm_starts_as_identity_blocks_and_learns():
+  """norm='none': no GroupNorm parameters, every residual block is x ↦ x at initialisation
+  (conv2 zero), and the zero conv2 still gets a gradient (so the blocks do not stay dead)."""
+  model = models.create_model('unet', input_size=16, in_channels=1, num_classes=NUM_CLASSES,
+                              rngs=nnx.Rngs(0), norm='none', **TINY_UNET)
+  paths = ['/'.join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  assert not [p for p in paths if 'norm' in p]
+  block = model.encoders[0].res_blocks[0]
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, TINY_UNET['channels'][0]))
+  t_emb = jnp.ones((2, TINY_UNET['t_embed_dim']))
+  y_emb = jnp.ones((2, TINY_UNET['y_embed_dim']))
+  np.testing.assert_array_equal(np.asarray(block(x, t_emb, y_emb)), np.asarray(x))
+
+  graphdef, params = nnx.split(block)
+
+  def loss(params):
+    return jnp.sum(nnx.merge(graphdef, params)(x, t_emb, y_emb) ** 2)
+
+  grad = jax.grad(loss)(params)
+  assert float(jnp.abs(grad['conv2']['kernel'][...]).max()) > 1e-3
+  with pytest.raises(ValueError, match="'group' or 'none'"):
+    models.create_model('unet', input_size=16, in_channels=1, num_classes=NUM_CLASSES,
+                        rngs=nnx.Rngs(0), norm='batch', **TINY_UNET)
+
+
 def test_outputs_depend_on_t_and_y(perturbed_dit, perturbed_unet):
   x, t, y = _inputs()
   for model in (perturbed_dit, perturbed_unet):

@@ -9,6 +9,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 import numpy as np
 import pytest
 
@@ -65,6 +66,24 @@ def test_all_configs_validate():
   for config in (default.get_config(), fashion_mnist.get_config(), fashion_mnist.get_config('dit'),
                  tiny.get_config(), imagenet256_latent.get_config()):
     train.validate_config(config)
+
+
+def test_fashion_mnist_default_builds_its_model_and_evaluates_at_5000_per_w():
+  """The README's default: its keys reach the model (a U-Net without GroupNorm, 16/64/128
+  channels) and --mode=evaluate measures at least 5,000 samples per guidance scale."""
+  from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
+  config = fashion_mnist.get_config()
+  train.validate_config(config)
+  model = train.model_constructor(config, (28, 28, 1))()
+  assert model.norm == 'none' and model.channels == (16, 64, 128)
+  assert not [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
+              if 'norm' in '/'.join(map(str, path))]
+  assert config.eval.samples_per_class * config.input.num_classes >= 5_000
+  config.model.unet_norm = 'batch'
+  with pytest.raises(train.ConfigError, match="config.model.unet_norm='batch'"):
+    train.validate_config(config)
+  del config.model['unet_norm']  # a config written before the key existed: GroupNorm
+  assert train.model_constructor(config, (28, 28, 1))().norm == 'group'
 
 
 @pytest.mark.parametrize('topology,chips', [('v4-32', 16), ('v5p-64', 32), ('v5e-32', 32)])

@@ -25,7 +25,8 @@ def create_model(name: str, *, input_size, in_channels: int, num_classes: int,
 
   Args:
     name: 'dit' (kwargs: `variant='S/2'` and overrides width, depth, num_heads, patch_size,
-      mlp_ratio) or 'unet' (kwargs: channels, num_residual_layers, t_embed_dim, y_embed_dim).
+      mlp_ratio) or 'unet' (kwargs: channels, num_residual_layers, t_embed_dim, y_embed_dim,
+      norm).
     input_size, in_channels, num_classes, dtype, param_dtype, rngs: see `DiT` / `UNet`.
 
   Raises:
