@@ -124,8 +124,13 @@ class Evaluator:
     self.train_dataset = train_dataset
     self.workdir = workdir
 
-  def real_data_floor(self):
-    """FD of `num_real_images` training images vs the held-out reference; real accuracy."""
+  def real_data_floor(self, num_samples=None):
+    """FD of `num_real_images` training images vs the held-out reference; real accuracy.
+
+    With `num_samples`, also `same_n`: the first `num_samples` training images measured exactly
+    as samples are (FD, precision/recall, accuracy, pixel statistics at the samples' N — FD is
+    biased upwards at small N, so this is the floor a sample set of that size can reach).
+    """
     result = {'accuracy': None, 'fd': None}
     ref = self.reference
     if ref.get('logits') is not None and ref.get('labels') is not None:
@@ -138,6 +143,11 @@ class Evaluator:
       result['num_train_images'] = int(train_ref['features'].shape[0])
     result['num_eval_images'] = int(ref['features'].shape[0])
     result['pixels'] = {k: round(v, 5) for k, v in ref['pixels'].items()}
+    if self.train_dataset is not None and num_samples:
+      images, labels = _real_images(self.train_dataset, num_samples)
+      same_n = self.measure(images, labels)
+      same_n.pop('fd_per_class', None)
+      result['same_n'] = {'num_samples': int(len(labels)), **same_n}
     return result
 
   def generate(self, params, samples_per_class, guidance_scale, *, method=None, num_steps=None,
@@ -283,7 +293,8 @@ def run(config, workdir, trainer, state, eval_dataset, train_dataset, *, guidanc
   scales = tuple(config.eval.guidance_scales or (config.sampling.guidance_scale,))
   result = {'step': int(state['step']), 'feature_network': evaluator.network.name,
             'reference': evaluator.reference['path'],
-            'samples_per_class': per_class, 'real_data': evaluator.real_data_floor()}
+            'samples_per_class': per_class,
+            'real_data': evaluator.real_data_floor(per_class * trainer.num_classes)}
   logging.info('Real data: %s', json.dumps(result['real_data']))
 
   rows, grid_columns = [], []
@@ -299,7 +310,8 @@ def run(config, workdir, trainer, state, eval_dataset, train_dataset, *, guidanc
   elif rows:
     result['guidance_sweep'] = rows
     _write(os.path.join(out_dir, 'guidance_sweep.json'), json.dumps(rows, indent=2))
-    _write(os.path.join(out_dir, 'guidance_sweep.md'), markdown_table(rows))
+    _write(os.path.join(out_dir, 'guidance_sweep.md'),
+           markdown_table(rows + _real_row(result['real_data'])))
     if jax.process_index() == 0:
       _plot(os.path.join(out_dir, 'guidance_sweep.png'), rows, 'guidance_scale',
             'guidance scale w', f'{config.input.dataset}: quality vs w '
@@ -334,6 +346,14 @@ def run(config, workdir, trainer, state, eval_dataset, train_dataset, *, guidanc
 
   _write(os.path.join(out_dir, 'evaluate.json'), json.dumps(result, indent=2))
   return result
+
+
+def _real_row(real_data):
+  """The same-N real-data floor as a table row (empty when there is none)."""
+  if 'same_n' not in real_data:
+    return []
+  return [{'guidance_scale': 'real train images', 'method': '–', 'num_steps': '–', 'nfe': '–',
+           'images_per_s': '–', **real_data['same_n']}]
 
 
 def _first_per_class(images, labels, num_classes, rows_per_class):

@@ -160,7 +160,9 @@ def test_guidance_and_steps_sweeps_write_tables_figures_and_grid(trained, networ
     assert len(r['fd_per_class']) == 10
   assert json.load(open(os.path.join(out, 'guidance_sweep.json'))) == sweep
   table = open(os.path.join(out, 'guidance_sweep.md')).read().splitlines()
-  assert table[0].startswith('| w |') and len(table) == 2 + len(sweep)
+  # Header, rule, one row per w and the same-N real-data row.
+  assert table[0].startswith('| w |') and len(table) == 2 + len(sweep) + 1
+  assert table[-1].startswith('| real train images |')
   figure = Image.open(os.path.join(out, 'guidance_sweep.png'))
   assert figure.size[0] > 400 and figure.size[1] > 200
   grid = np.asarray(Image.open(os.path.join(out, 'guidance_grid.png')))
@@ -177,6 +179,11 @@ def test_guidance_and_steps_sweeps_write_tables_figures_and_grid(trained, networ
   assert json.load(open(os.path.join(out, 'evaluate.json')))['step'] == 2
   floor = result['real_data']
   assert floor['num_train_images'] == NUM_REAL and floor['fd'] > 0
+  # The same-N floor: as many real training images as samples per w, measured as samples.
+  same_n = floor['same_n']
+  assert same_n['num_samples'] == sweep[0]['num_samples']
+  assert same_n['fd'] > 0 and 0.0 <= same_n['black_fraction'] <= 1.0
+  assert set(sweep[0]) >= set(same_n) - {'num_samples'}
 
 
 def test_bad_eval_config_is_refused():
