@@ -11,8 +11,8 @@ from ml_collections import config_dict
 def get_config():
   """Returns the default config (Fashion-MNIST-sized DiT; see fashion_mnist.py for the tuned one)."""
   config = ml_collections.ConfigDict()
-  # What guidedflow.main runs: 'generate' (this file: train/sample/evaluate a generative model)
-  # | 'classifier' (the feature network for the sample metrics; configs/fmnist_classifier.py).
+  # The task guidedflow.main trains (guidedflow/tasks/): 'generate' (this file: a generative
+  # model) | 'classifier' (the feature network for the sample metrics; configs/fmnist_classifier.py).
   config.task = 'generate'
 
   # ---- Model: u_θ(x|y) / s_θ(x|y) / ε_θ(x|y) depending on loss.parameterization.
@@ -57,6 +57,7 @@ def get_config():
   config.input.num_classes = 10
   config.input.train_split = 'train'
   config.input.eval_split = 'test'
+  config.input.space = 'pixels'        # 'pixels' (images) | 'latents' (autoencoder latents: no pixel metrics yet)
 
   # ---- Training loop.
   config.train = ml_collections.ConfigDict()

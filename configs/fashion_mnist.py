@@ -9,11 +9,7 @@ The argument picks the network: 'unet' (default; the lecture's U-Net), 'dit' (Di
 'dit=<variant>' for any DiT variant whose patch divides 28 (2, 4, 7, 14).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position  # configs/default.py
+from configs import default
 
 
 def get_config(variant='unet'):

@@ -30,11 +30,7 @@ Usage:
   python -m guidedflow.main --config configs/imagenet256_latent.py --workdir gs://BUCKET/run
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position  # configs/default.py
+from configs import default
 
 
 # TPU topology → mesh (data, fsdp, tensor); the global batch must divide by data × fsdp.
@@ -63,6 +59,7 @@ def get_config(arg='XL/2'):
   config.input.label_key = 'label'
   config.input.num_classes = 1000
   config.input.eval_split = 'validation'
+  config.input.space = 'latents'
 
   config.path.schedule = 'linear'
   config.loss.parameterization = 'velocity'
@@ -92,6 +89,8 @@ def get_config(arg='XL/2'):
   config.sampling.grid_samples_per_class = 4
   config.sampling.grid_classes = (88, 207, 279, 360, 387, 417, 812, 933, 974, 979)  # as DiT
   config.eval.guidance_scales = (1.0, 1.5, 2.0, 4.0)
-  config.eval.feature_network = 'inception_v3'  # FID; set --config.eval.inception_weights=PATH
+  # FID needs pixels: Inception on decoded latents comes with the autoencoder (latent diffusion);
+  # until then validation refuses a feature network on latents, so evaluation is held-out loss.
+  config.eval.feature_network = 'none'
   config.eval.samples_per_class = 50  # 50k samples, the standard FID-50k
   return config

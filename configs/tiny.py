@@ -1,10 +1,6 @@
 """Tiny config for tests and smoke runs: a 1-block DiT on Fashion-MNIST, a few steps."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position  # configs/default.py
+from configs import default
 
 
 def get_config():

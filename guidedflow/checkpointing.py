@@ -33,8 +33,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from guidedflow import errors
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(errors.UserError, ValueError):
   """The checkpoint's state tree, shapes or dtypes differ from the model being restored."""
 
 

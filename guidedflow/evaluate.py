@@ -26,39 +26,15 @@ import jax
 import numpy as np
 
 from guidedflow import evaluation
+from guidedflow import feature_networks
 from guidedflow import images as images_lib
-
-FEATURE_NETWORKS = ('fmnist_classifier', 'inception_v3')
-
-
-class EvaluationSetupError(ValueError):
-  """Something evaluation needs is missing or misconfigured; the message names the fix."""
-
-
-# ----------------------------------------------------------------------------- setup
-
-
-def load_feature_network(config):
-  """The configured feature network, or a clear error naming the command that makes it."""
-  name = config.eval.feature_network
-  if name == 'fmnist_classifier':
-    from guidedflow import train_classifier  # pylint: disable=g-import-not-at-top
-    return train_classifier.load_feature_network(config.eval.classifier_workdir)
-  if name == 'inception_v3':
-    from guidedflow.models import inception  # pylint: disable=g-import-not-at-top
-    return inception.load_inception(config.eval.inception_weights or '')
-  raise EvaluationSetupError(f'config.eval.feature_network={name!r} is not one of '
-                             f'{FEATURE_NETWORKS}.')
 
 
 def _real_images(dataset, num_images):
   """The first `num_images` images of a split as uint8 NHWC (deterministic), with labels."""
   num_images = min(num_images, dataset.num_examples)
   batch = dataset.get_batch(np.arange(num_images))
-  images = np.asarray(batch['image'])
-  if images.dtype != np.uint8:
-    images = images_lib.to_uint8(images.astype(np.float32) / 127.5 - 1.0)
-  return images, np.asarray(batch['label'], np.int32)
+  return images_lib.to_uint8(batch['image']), np.asarray(batch['label'], np.int32)
 
 
 def reference_features(config, network, dataset, workdir, num_images):
@@ -66,7 +42,7 @@ def reference_features(config, network, dataset, workdir, num_images):
   num_images = min(num_images, dataset.num_examples)
   meta = {'dataset': config.input.dataset, 'split': dataset.split,
           'feature_network': network.name, 'num_images': int(num_images),
-          'feature_fingerprint': _fingerprint(network, dataset.image_shape)}
+          'feature_fingerprint': feature_networks.fingerprint(network, dataset.image_shape)}
   path = os.path.join(workdir, 'eval', f'reference_{dataset.split}_{network.name}_'
                       f'{num_images}.npz')
   if dataset.split == config.input.eval_split and config.eval.reference_path:
@@ -94,16 +70,6 @@ def reference_features(config, network, dataset, workdir, num_images):
   return ref
 
 
-def _fingerprint(network, image_shape):
-  """Identifies the network's weights (a retrained classifier must not reuse old references):
-  its features of two fixed probe images, to 4 significant digits."""
-  height, width, channels = image_shape
-  ramp = np.linspace(0, 255, height * width * channels).reshape(height, width, channels)
-  probe = np.stack([ramp, ramp[::-1, ::-1]]).astype(np.uint8)
-  features = np.asarray(network(probe)['features'], np.float64)
-  return f'{np.abs(features).sum():.4g}/{features[:, 0].sum():.4g}'
-
-
 def _stats(features):
   mu, sigma = evaluation.feature_statistics(features)
   return {'mu': mu, 'sigma': sigma}
@@ -113,12 +79,13 @@ def _stats(features):
 
 
 class Evaluator:
-  """Samples with a trainer's sampler and measures the samples against cached real features."""
+  """Samples with a `Sampler` and measures the samples with a feature network against the
+  cached features of real images."""
 
-  def __init__(self, config, workdir, trainer, eval_dataset, train_dataset=None):
+  def __init__(self, config, workdir, sampler, network, eval_dataset, train_dataset=None):
     self.config = config
-    self.trainer = trainer
-    self.network = load_feature_network(config)
+    self.sampler = sampler
+    self.network = network
     self.reference = reference_features(config, self.network, eval_dataset, workdir,
                                         config.eval.num_real_images)
     self.train_dataset = train_dataset
@@ -150,18 +117,18 @@ class Evaluator:
       result['same_n'] = {'num_samples': int(len(labels)), **same_n}
     return result
 
-  def generate(self, params, samples_per_class, guidance_scale, *, method=None, num_steps=None,
+  def generate(self, samples_per_class, guidance_scale, *, method=None, num_steps=None,
                seed=None):
     """uint8 samples, balanced over classes, with the same noise for every w (same seed)."""
     config = self.config.sampling
-    num_classes = self.trainer.num_classes
+    num_classes = self.sampler.num_classes
     labels = np.tile(np.arange(num_classes, dtype=np.int32), samples_per_class)
     num, batch = len(labels), min(config.batch_size, len(labels))
     key = jax.random.PRNGKey(config.seed if seed is None else seed)
     t0 = time.time()
-    images, nfe, first_call_s = self.trainer.sample_images(
-        params, key, labels, float(guidance_scale), batch_size=config.batch_size,
-        method=method, num_steps=num_steps)
+    images, nfe, first_call_s = self.sampler.sample_images(
+        key, labels, float(guidance_scale), batch_size=config.batch_size, method=method,
+        num_steps=num_steps)
     seconds = time.time() - t0
     steady = seconds - first_call_s  # throughput without the first call (it includes the compile)
     if num > batch and steady > 0:
@@ -180,7 +147,7 @@ class Evaluator:
     metrics = {'fd': evaluation.frechet_distance(mu, sigma, ref['mu'], ref['sigma'])}
     if ref.get('labels') is not None:
       per_class = []
-      for c in range(self.trainer.num_classes):
+      for c in range(self.sampler.num_classes):
         fake, real = features[labels == c], ref['features'][ref['labels'] == c]
         if len(fake) > 1 and len(real) > 1:
           per_class.append(round(evaluation.fid_from_features(real, fake), 4))
@@ -201,10 +168,10 @@ class Evaluator:
     return {key: (round(float(v), 5) if isinstance(v, (float, np.floating)) else v)
             for key, v in metrics.items()}
 
-  def evaluate(self, params, *, samples_per_class, guidance_scale, method=None, num_steps=None):
+  def evaluate(self, *, samples_per_class, guidance_scale, method=None, num_steps=None):
     """Samples and measures one sampler setting; returns (row dict, uint8 images, labels)."""
     sconfig = self.config.sampling
-    images, labels, timing = self.generate(params, samples_per_class, guidance_scale,
+    images, labels, timing = self.generate(samples_per_class, guidance_scale,
                                            method=method, num_steps=num_steps)
     row = {
         'guidance_scale': float(guidance_scale), 'method': method or sconfig.method,
@@ -281,29 +248,29 @@ def _write(path, text):
     epath.Path(path).write_text(text)
 
 
-def run(config, workdir, trainer, state, eval_dataset, train_dataset, *, guidance=True):
-  """Evaluation for --mode=evaluate; returns the JSON-able result (also written to files).
+def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guidance=True):
+  """Evaluation for --mode=evaluate of `sampler`'s weights with the feature `network`; returns
+  the JSON-able result (also written to files under <workdir>/eval/).
 
   `guidance=False` skips the guidance part (single w or sweep) and runs only the steps sweep.
   """
-  evaluator = Evaluator(config, workdir, trainer, eval_dataset, train_dataset)
-  params = state['ema_params']
+  evaluator = Evaluator(config, workdir, sampler, network, eval_dataset, train_dataset)
+  num_classes = sampler.num_classes
   out_dir = os.path.join(workdir, 'eval')
   per_class = config.eval.samples_per_class
   scales = tuple(config.eval.guidance_scales or (config.sampling.guidance_scale,))
-  result = {'step': int(state['step']), 'feature_network': evaluator.network.name,
+  result = {'step': sampler.step, 'feature_network': evaluator.network.name,
             'reference': evaluator.reference['path'],
             'samples_per_class': per_class,
-            'real_data': evaluator.real_data_floor(per_class * trainer.num_classes)}
+            'real_data': evaluator.real_data_floor(per_class * num_classes)}
   logging.info('Real data: %s', json.dumps(result['real_data']))
 
   rows, grid_columns = [], []
   for w in (scales if guidance else ()):
-    row, images, labels = evaluator.evaluate(params, samples_per_class=per_class,
-                                             guidance_scale=w)
+    row, images, labels = evaluator.evaluate(samples_per_class=per_class, guidance_scale=w)
     logging.info('w=%g: %s', w, json.dumps({k: row[k] for k in row if k != 'fd_per_class'}))
     rows.append(row)
-    grid_columns.append(_first_per_class(images, labels, trainer.num_classes,
+    grid_columns.append(_first_per_class(images, labels, num_classes,
                                          config.eval.grid_rows_per_class))
   if len(rows) == 1:
     result.update(rows[0])
@@ -329,7 +296,7 @@ def run(config, workdir, trainer, state, eval_dataset, train_dataset, *, guidanc
         logging.warning('euler_maruyama with config.sampling.sigma=0 is the Euler ODE sampler; '
                         'set --config.sampling.sigma (and sigma_schedule) for an SDE.')
       for num_steps in config.eval.num_steps:
-        row, _, _ = evaluator.evaluate(params, samples_per_class=per_class,
+        row, _, _ = evaluator.evaluate(samples_per_class=per_class,
                                        guidance_scale=config.sampling.guidance_scale,
                                        method=method, num_steps=int(num_steps))
         logging.info('%s %d steps: %s', method, num_steps,

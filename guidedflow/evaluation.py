@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guidedflow import errors
+
 
 class FeatureNetwork(Protocol):
   """What the metrics need from a feature network.
@@ -35,9 +37,8 @@ class FeatureNetwork(Protocol):
     ...
 
 
-def compute_features(network: FeatureNetwork, images: np.ndarray,
-                     batch_size: int = 500) -> dict[str, np.ndarray | None]:
-  """Runs uint8 NHWC `images` through `network` in batches; returns concatenated outputs.
+def compute_features(network: FeatureNetwork, images: np.ndarray) -> dict[str, np.ndarray | None]:
+  """Features (and logits) of non-empty uint8 NHWC `images`; the network batches them itself.
 
   Returns:
     `dict(features=float32 (N, D), logits=float32 (N, K) or None)`, in the order of `images`.
@@ -45,19 +46,10 @@ def compute_features(network: FeatureNetwork, images: np.ndarray,
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4 or not len(images):
     raise ValueError(f'expected non-empty uint8 NHWC images, got {images.dtype} {images.shape}')
-  features, logits = [], []
-  for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
-    valid = len(batch)
-    if valid < batch_size and start > 0:
-      # Pad the last batch to the usual size so a jitted network doesn't compile a new shape.
-      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - valid, axis=0)])
-    out = network(batch)
-    features.append(np.asarray(out['features'], np.float32)[:valid])
-    if out.get('logits') is not None:
-      logits.append(np.asarray(out['logits'], np.float32)[:valid])
-  return dict(features=np.concatenate(features),
-              logits=np.concatenate(logits) if logits else None)
+  out = network(images)
+  logits = out.get('logits')
+  return dict(features=np.asarray(out['features'], np.float32),
+              logits=None if logits is None else np.asarray(logits, np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +287,7 @@ def pixel_statistics(images: np.ndarray) -> dict[str, float]:
           'white_fraction': float(np.mean(images == 255))}
 
 
-class ReferenceMismatchError(ValueError):
+class ReferenceMismatchError(errors.UserError, ValueError):
   """The cached reference statistics were computed for another dataset, split or network."""
 
 

@@ -1,4 +1,10 @@
-"""Image utilities at the file edges: float [−1, 1] ↔ uint8, sample grids, PNG files."""
+"""The one image convention, sample grids and PNG files.
+
+Models see float32 images in [−1, 1]. Datasets hold uint8 images (0..255), mapped by
+x / 127.5 − 1, or float images (e.g. latents), which are in [−1, 1] already and pass through.
+Files, feature networks and metrics take uint8. `to_model` and `to_uint8` are the only places
+the mapping is written; every module goes through them.
+"""
 
 import io
 
@@ -7,9 +13,23 @@ import numpy as np
 from PIL import Image
 
 
+def to_model(images):
+  """Dataset images → float32 model inputs in [−1, 1] (numpy or jax arrays).
+
+  uint8 maps by x / 127.5 − 1; float images are taken to be in [−1, 1] already.
+  """
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
+  return images.astype(np.float32)
+
+
 def to_uint8(images):
-  """Maps float images in [−1, 1] (any shape ending in C) to uint8 [0, 255], clipping outside."""
-  images = np.asarray(images, dtype=np.float32)
+  """Images → uint8 [0, 255]: float images in [−1, 1] (any shape ending in C) are mapped and
+  clipped, uint8 images pass through (so dataset images of either kind become files/features)."""
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images
+  images = images.astype(np.float32)
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 

@@ -6,8 +6,8 @@ arrays, optionally assembled into one global array with `jax.make_array_from_pro
 The iterator's state is `{'step', 'seed', ...}` (JSON); the checkpoint stores it, and a resumed
 iterator yields bitwise the same batches as the uninterrupted stream.
 
-Images come out as float32 NHWC in [-1, 1] (uint8 data → `x / 127.5 - 1`; float data passes
-through unchanged), labels as int32 in [0, num_classes).
+Images come out as float32 NHWC in [-1, 1] (`images.to_model`: uint8 data → `x / 127.5 - 1`;
+float data is in [-1, 1] already), labels as int32 in [0, num_classes).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guidedflow import errors
+from guidedflow import images as images_lib
+
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 # split → (images file, labels file), without the optional '.gz'.
 _FASHION_MNIST_FILES = {
@@ -39,7 +42,7 @@ _INSTALL_HINT = (
     '{files} (gzip-compressed or not).')
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """Data missing or malformed; the message says what is wrong and how to fix it."""
 
 
@@ -354,41 +357,17 @@ def create_dataset(input_config: Any, split: str) -> Dataset:
                   "'fashion_mnist' or 'tfds:<name>' (a TFDS dataset prepared as array_record).")
 
 
-def check_image_shape(image_shape: Sequence[int], *, patch_size: int | None = None,
-                      downsample_factor: int | None = None) -> None:
-  """Raises DataError when the model cannot take images of `image_shape` (H, W, C).
-
-  Args:
-    image_shape: (H, W, C) of the data.
-    patch_size: DiT patch size; H and W must be multiples of it.
-    downsample_factor: total U-Net downsampling (2 ** (number of stages - 1)); H and W must be
-      multiples of it.
-  """
-  if len(image_shape) != 3:
-    raise DataError(f'Images must be (H, W, C); the data gives {tuple(image_shape)}. Check '
-                    '--config.input.image_key.')
-  height, width, _ = (int(d) for d in image_shape)
-  if patch_size is not None and (height % patch_size or width % patch_size):
-    divisors = [p for p in (1, 2, 4, 7, 8, 14, 16) if height % p == 0 and width % p == 0]
-    raise DataError(
-        f'Images are {height}x{width} but the DiT patch size is {patch_size}, which does not '
-        f'divide both sides. Choose a variant whose patch size divides them (e.g. '
-        f'--config.model.variant=<size>/<p> with p in {divisors}) or another dataset.')
-  if downsample_factor is not None and (height % downsample_factor or width % downsample_factor):
-    raise DataError(
-        f'Images are {height}x{width} but the U-Net downsamples by {downsample_factor}, which '
-        'does not divide both sides. Use fewer stages in --config.model.unet_channels (each '
-        'stage after the first halves the resolution) or another dataset.')
+def take(dataset: Dataset, num_examples: int) -> Dataset:
+  """The first `num_examples` examples of `dataset` (0 or more than it has: all of it)."""
+  if not num_examples or num_examples >= dataset.num_examples:
+    return dataset
+  batch = dataset.get_batch(np.arange(num_examples))
+  return ArrayDataset(batch['image'], batch['label'], num_classes=dataset.num_classes,
+                      name=dataset.name, split=f'{dataset.split}[:{num_examples}]')
 
 
 # ---------------------------------------------------------------------------------------------
 # Batches.
-
-
-def _to_model_images(images: np.ndarray) -> np.ndarray:
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
-  return images.astype(np.float32, copy=False)
 
 
 def _process_slice(global_batch_size: int, process_index: int | None,
@@ -492,7 +471,7 @@ class BatchIterator:
     """This process's slice of the batch of `step` as numpy (images float32 in [-1, 1])."""
     indices = self.global_indices(step, seed)[self._lo:self._hi]
     batch = self.dataset.get_batch(indices)
-    return {'image': _to_model_images(batch['image']), 'label': batch['label']}
+    return {'image': images_lib.to_model(batch['image']), 'label': batch['label']}
 
   # -- iteration ----------------------------------------------------------------------------------
 
@@ -578,5 +557,5 @@ def eval_batches(dataset: Dataset, batch_size: int, *, sharding=None,
     positions = np.arange(b * batch_size, (b + 1) * batch_size)[lo:hi]
     mask = (positions < dataset.num_examples).astype(np.float32)
     batch = dataset.get_batch(np.where(mask > 0, positions, positions % dataset.num_examples))
-    yield _to_jax({'image': _to_model_images(batch['image']), 'label': batch['label'],
+    yield _to_jax({'image': images_lib.to_model(batch['image']), 'label': batch['label'],
                    'mask': mask}, sharding)

@@ -10,14 +10,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from guidedflow import checkpointing
-from guidedflow import evaluate
-from guidedflow import evaluation
-from guidedflow import input_pipeline
+from guidedflow import errors
 from guidedflow import sharding
+from guidedflow import tasks
 from guidedflow import train
-from guidedflow import train_classifier
-from guidedflow.models import inception
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -29,14 +25,6 @@ flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate'],
                   'from the latest EMA checkpoint; evaluate: print metrics as JSON.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# Errors whose message already says what is wrong and how to fix it: no traceback.
-_USER_ERRORS = (train.ConfigError, train.TrainingError, input_pipeline.DataError,
-                checkpointing.CheckpointMismatchError, train.CheckpointNotFoundError,
-                train_classifier.ConfigError, train_classifier.TrainingError,
-                train_classifier.FeatureNetworkNotFoundError,
-                evaluation.ReferenceMismatchError, evaluate.EvaluationSetupError,
-                inception.InceptionWeightsNotFoundError)
-
 
 class _QuietLibraries(pylogging.Filter):
   """Drops INFO chatter of orbax (dozens of lines per save) and JAX's backend probing
@@ -46,18 +34,6 @@ class _QuietLibraries(pylogging.Filter):
     if record.levelno >= pylogging.WARNING:
       return True
     return not ('/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
-
-
-def _run_classifier(config):
-  """config.task='classifier': the feature network of the sample metrics."""
-  if FLAGS.mode == 'train':
-    print(json.dumps(train_classifier.train_and_evaluate(config, FLAGS.workdir)))
-  elif FLAGS.mode == 'evaluate':
-    print(json.dumps(train_classifier.evaluate(config, FLAGS.workdir), indent=2))
-  else:
-    raise train_classifier.ConfigError(
-        f"--mode={FLAGS.mode} does not apply to config.task='classifier' (the feature network "
-        'for the sample metrics): use --mode=train or --mode=evaluate.')
 
 
 def main(argv):
@@ -78,15 +54,14 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.local_device_count(), jax.local_devices())
   try:
-    if config.get('task', 'generate') == 'classifier':
-      _run_classifier(config)
-    elif FLAGS.mode == 'train':
-      train.train_and_evaluate(config, FLAGS.workdir)
+    if FLAGS.mode == 'train':
+      _, result = train.train_and_evaluate(config, FLAGS.workdir)
+      print(json.dumps(result))
     elif FLAGS.mode == 'sample':
-      print(json.dumps(train.sample_and_save(config, FLAGS.workdir)))
+      print(json.dumps(tasks.get_task(config).sample(FLAGS.workdir)))
     else:
-      print(json.dumps(train.evaluate(config, FLAGS.workdir), indent=2))
-  except _USER_ERRORS as e:
+      print(json.dumps(tasks.get_task(config).evaluate(FLAGS.workdir), indent=2))
+  except errors.UserError as e:  # the message says what is wrong and how to fix it
     logging.error('%s: %s', type(e).__name__, e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -21,6 +21,7 @@ from guidedflow.models.layers import LAYER_AXIS
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
+DISTRIBUTED_MODES = ('auto', 'on', 'off')  # config.mesh.distributed
 
 # Logical axis → mesh axis (or None: replicated). The first rule for a name wins; names not
 # listed are replicated.
@@ -85,8 +86,8 @@ def initialize_distributed(mode: str = 'auto', coordinator_address: str | None =
     num_processes, process_id: default env `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`
       (`launch/local_multiprocess.sh` sets all three).
   """
-  if mode not in ('auto', 'on', 'off'):
-    raise ValueError(f"config.mesh.distributed={mode!r} is not one of ('auto', 'on', 'off').")
+  if mode not in DISTRIBUTED_MODES:
+    raise ValueError(f'config.mesh.distributed={mode!r} is not one of {DISTRIBUTED_MODES}.')
   if mode == 'off':
     return False
   coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS') or None

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -13,9 +14,14 @@ import pytest
 from flax import nnx
 
 from configs import fmnist_classifier
+from guidedflow import checkpointing
+from guidedflow import errors
+from guidedflow import feature_networks
+from guidedflow import images as images_lib
 from guidedflow import input_pipeline
-from guidedflow import train_classifier
+from guidedflow import train
 from guidedflow.models.classifier import Classifier
+from guidedflow.tasks import classifier as classifier_task
 from tests import subprocess_env
 
 REPO = subprocess_env.REPO
@@ -42,10 +48,6 @@ def _tiny_config(**train):
 def _test_images(n):
   images, labels = input_pipeline.load_fashion_mnist(None, 'test')
   return images[:n], labels[:n]
-
-
-def _to_model(images_uint8):
-  return jnp.asarray(images_uint8.astype(np.float32) / 127.5 - 1.0)
 
 
 # ----------------------------------------------------------------------------- model
@@ -82,81 +84,120 @@ def test_model_rejects_unpoolable_input_size():
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
+  """40 steps straight (checkpoints at 20 and 40): (workdir, final state, result)."""
   workdir = str(tmp_path_factory.mktemp('classifier'))
-  model, result = train_classifier._train(_tiny_config(), workdir)
-  return workdir, model, result
+  state, result = train.train_and_evaluate(_tiny_config(), workdir)
+  return workdir, state, result
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
 def test_short_training_learns(trained):
-  _, _, result = trained
+  _, state, result = trained
   # 40 steps of 64 on 2000 images: far above chance (0.1); a broken gradient stays near it.
+  assert result['task'] == 'classifier' and result['step'] == 40
   assert result['train_accuracy'] > 0.5, result
   assert result['test_accuracy'] > 0.5, result
-  assert result['num_test_examples'] == 1000 and result['steps'] == 40
+  assert result['num_test_examples'] == 1000 and result['num_steps'] == 40
   assert result['train_images_per_s'] > 0
+  assert 'ema_params' not in state  # ema_decay = 0: no EMA kept
 
 
-def test_second_run_skips_training(trained):
+def test_second_run_trains_no_further(trained):
   workdir, _, result = trained
-  _, again = train_classifier._train(_tiny_config(), workdir)
-  assert again['skipped'] is True
+  _, again = train.train_and_evaluate(_tiny_config(), workdir)
+  assert again['steps_this_run'] == 0
   assert again['test_accuracy'] == result['test_accuracy']
 
 
-def test_interrupted_run_resumes_to_the_same_model(trained, tmp_path):
-  workdir, model, result = trained
-  copy = str(tmp_path / 'resumed')
-  shutil.copytree(workdir, copy)
-  # An interruption after the step-20 checkpoint: drop the final one (step 40).
-  shutil.rmtree(os.path.join(copy, 'checkpoints', '40'))
-  resumed_model, resumed = train_classifier._train(_tiny_config(), copy)
-  assert resumed['steps_this_run'] == 20 and 'skipped' not in resumed
-  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
-                  jax.tree.leaves(nnx.state(resumed_model, nnx.Param))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert resumed['test_accuracy'] == result['test_accuracy']
+def _poison_iterator(monkeypatch, at_batch, action):
+  original = input_pipeline.BatchIterator.__next__
+
+  def patched(self):
+    batch = original(self)
+    if self.get_state()['step'] == at_batch:
+      batch = action(batch)
+    return batch
+
+  monkeypatch.setattr(input_pipeline.BatchIterator, '__next__', patched)
+
+
+def test_resumes_bitwise_after_sigterm(trained, tmp_path, monkeypatch):
+  """SIGTERM at step 13: a checkpoint there and a clean return; resuming to 40 gives the state of
+  the uninterrupted run in every array (parameters and AdamW moments)."""
+  _, straight, _ = trained
+  workdir = str(tmp_path / 'split')
+
+  def sigterm(batch):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+  _poison_iterator(monkeypatch, 13, sigterm)
+  stopped, result = train.train_and_evaluate(_tiny_config(), workdir)
+  assert result['preempted'] and result['step'] == 13 and int(stopped['step']) == 13
+  monkeypatch.undo()
+  resumed, result = train.train_and_evaluate(_tiny_config(), workdir)
+  assert result['steps_this_run'] == 27 and int(resumed['step']) == 40
+  for a, b in zip(_leaves(straight), _leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_loss_stops_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
+  _poison_iterator(monkeypatch, 25, lambda b: dict(b, image=b['image'] * jnp.nan))
+  with pytest.raises(errors.TrainingError, match='step 25') as info:
+    train.train_and_evaluate(_tiny_config(), str(tmp_path))
+  assert 'last good checkpoint (step 20)' in str(info.value)
+  with checkpointing.Checkpointer(str(tmp_path / 'checkpoints'), handle_sigterm=False) as ckpt:
+    assert ckpt.all_steps() == [20]
+
+
+def test_mismatched_checkpoint_is_refused_naming_the_parameter(trained):
+  config = _tiny_config()
+  config.model.feature_dim = 48
+  with pytest.raises(checkpointing.CheckpointMismatchError, match='feature_layer'):
+    train.train_and_evaluate(config, trained[0])
 
 
 def test_checkpoint_round_trip(trained):
-  workdir, model, result = trained
-  network = train_classifier.load_feature_network(workdir, batch_size=64)
+  workdir, state, result = trained
+  network = feature_networks.load_classifier(workdir, batch_size=64)
   assert network.name == 'fmnist_classifier'
   assert network.image_shape == (28, 28, 1)
   assert network.meta['num_classes'] == 10 and network.meta['feature_dim'] == 32
   assert network.meta['test_accuracy'] == result['test_accuracy']
+  assert network.meta['step'] == 40
   # Parameters restored bitwise.
-  saved = jax.tree.leaves(nnx.state(model, nnx.Param))
-  loaded = jax.tree.leaves(network.params)
+  saved, loaded = _leaves(state['params']), _leaves(network._state)  # pylint: disable=protected-access
   assert len(saved) == len(loaded)
   for a, b in zip(saved, loaded):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(a, b)
   images, labels = _test_images(100)  # 64 + a padded batch of 36
   out = network(images)
   assert out['features'].shape == (100, 32) and out['features'].dtype == np.float32
   assert out['logits'].shape == (100, 10) and out['logits'].dtype == np.float32
-  features, logits = model.features_and_logits(_to_model(images))
+  model = classifier_task.model_constructor(_tiny_config(), (28, 28, 1))()
+  nnx.update(model, state['params'])
+  features, logits = model.features_and_logits(images_lib.to_model(jnp.asarray(images)))
   np.testing.assert_allclose(out['logits'], np.asarray(logits), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out['features'], np.asarray(features), rtol=1e-5, atol=1e-5)
-  # Its accuracy on these images agrees with the trained model's.
   assert np.mean(out['logits'].argmax(-1) == labels) > 0.5
 
 
 def test_feature_network_compiles_once_for_any_count(trained):
-  workdir, _, _ = trained
-  network = train_classifier.load_feature_network(workdir, batch_size=16)
+  network = feature_networks.load_classifier(trained[0], batch_size=16)
   images, _ = _test_images(40)
   one = network(images[:1])
   many = network(images)  # 16 + 16 + padded 8
-  none = network(images[:0])
   assert network.num_traces == 1
   assert one['logits'].shape == (1, 10) and many['logits'].shape == (40, 10)
-  assert none['features'].shape == (0, 32) and none['logits'].shape == (0, 10)
   # Padding never changes an image's outputs.
   np.testing.assert_allclose(one['features'], many['features'][:1], rtol=1e-5, atol=1e-6)
 
 
 def test_wrong_images_raise_value_error(trained):
-  network = train_classifier.load_feature_network(trained[0], batch_size=16)
+  network = feature_networks.load_classifier(trained[0], batch_size=16)
   with pytest.raises(ValueError, match=r'\(N, 28, 28, 1\)'):
     network(np.zeros((2, 32, 32, 1), np.uint8))
   with pytest.raises(ValueError, match=r'\(N, 28, 28, 1\)'):
@@ -165,45 +206,50 @@ def test_wrong_images_raise_value_error(trained):
     network(np.zeros((2, 28, 28, 1), np.float32))
 
 
-def test_missing_checkpoint_error_says_how_to_train(tmp_path):
+def test_missing_or_unfinished_classifier_says_how_to_train(tmp_path, trained):
   workdir = str(tmp_path / 'no_classifier')
-  with pytest.raises(train_classifier.FeatureNetworkNotFoundError) as info:
-    train_classifier.load_feature_network(workdir)
+  with pytest.raises(feature_networks.FeatureNetworkNotFoundError) as info:
+    feature_networks.load_classifier(workdir)
   assert isinstance(info.value, FileNotFoundError)
   message = str(info.value)
   assert f'no Fashion-MNIST classifier checkpoint in {workdir}' in message
   assert (f'python -m guidedflow.main --config configs/fmnist_classifier.py --workdir {workdir}'
           in message)
   assert 'minutes on a 2-core CPU' in message
-  # An empty checkpoints directory is no checkpoint either.
-  os.makedirs(os.path.join(workdir, 'checkpoints'))
-  with pytest.raises(train_classifier.FeatureNetworkNotFoundError, match='train one with'):
-    train_classifier.load_feature_network(workdir)
+  # Checkpoints without the result of a finished run: resume it.
+  unfinished = str(tmp_path / 'unfinished')
+  shutil.copytree(trained[0], unfinished)
+  os.remove(os.path.join(unfinished, 'result.json'))
+  with pytest.raises(feature_networks.FeatureNetworkNotFoundError, match='did not finish'):
+    feature_networks.load_classifier(unfinished)
 
 
 def test_config_errors_name_the_key(tmp_path):
   config = _tiny_config(num_steps=0)
-  with pytest.raises(train_classifier.ConfigError, match='train.num_steps=0'):
-    train_classifier.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(errors.ConfigError, match='train.num_steps=0'):
+    train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_changed_model_config_refuses_the_workdir(trained):
-  config = _tiny_config()
-  config.model.feature_dim = 48
-  with pytest.raises(train_classifier.ConfigError, match='Use another --workdir'):
-    train_classifier.train_and_evaluate(config, trained[0])
-
-
-def test_augmentation_flips_and_shifts_keep_shape():
-  images = jnp.linspace(-1, 1, 2 * 28 * 28).reshape(2, 28, 28, 1)
-  flipped = train_classifier._augment(images, jax.random.PRNGKey(0), random_flip=True,
-                                      max_shift=0)
-  for a, b in zip(np.asarray(flipped), np.asarray(images)):  # each image: itself or its mirror
-    assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
-  shifted = train_classifier._augment(images, jax.random.PRNGKey(0), random_flip=False,
-                                      max_shift=2)
-  assert shifted.shape == images.shape
-  assert float(shifted.min()) >= -1.0 and float(shifted.max()) <= 1.0
+def test_augmentation_flips_some_images_and_shifts_content():
+  """Each image comes back as itself or its mirror (both occur in a batch of 64), and as itself
+  moved by (dy, dx) within ±2 pixels with the background −1 filled in (some moved)."""
+  images = jax.random.uniform(jax.random.PRNGKey(3), (64, 28, 28, 1), minval=-0.9, maxval=1)
+  flipped = np.asarray(classifier_task.augment(images, jax.random.PRNGKey(0), random_flip=True,
+                                               max_shift=0))
+  originals = np.asarray(images)
+  mirrored = [bool(np.array_equal(a, b[:, ::-1])) for a, b in zip(flipped, originals)]
+  same = [bool(np.array_equal(a, b)) for a, b in zip(flipped, originals)]
+  assert all(m or s for m, s in zip(mirrored, same)) and 10 < sum(mirrored) < 54
+  shifted = np.asarray(classifier_task.augment(images, jax.random.PRNGKey(1), random_flip=False,
+                                               max_shift=2))
+  moved = 0
+  for out, image in zip(shifted, originals):
+    padded = np.pad(image, ((2, 2), (2, 2), (0, 0)), constant_values=-1.0)
+    offsets = [(dy, dx) for dy in range(5) for dx in range(5)
+               if np.array_equal(out, padded[dy:dy + 28, dx:dx + 28])]
+    assert len(offsets) == 1
+    moved += offsets[0] != (2, 2)
+  assert moved > 40  # 24 of 25 offsets move the image
 
 
 # ----------------------------------------------------------------------------- command line
@@ -222,16 +268,15 @@ def test_command_line_train_evaluate_and_sample(tmp_path):
   run = _main(workdir, '--config.train.num_steps=2', '--config.train.batch_size=16')
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(run.stdout.strip().splitlines()[-1])
-  assert result['steps'] == 2 and 0.0 <= result['test_accuracy'] <= 1.0
+  assert result['num_steps'] == 2 and 0.0 <= result['test_accuracy'] <= 1.0
   assert result['num_test_examples'] == 200
 
   run = _main(workdir, mode='evaluate')
   assert run.returncode == 0, run.stderr[-3000:]
   evaluated = json.loads(run.stdout)
   assert evaluated['num_test_examples'] == 200
-  # The checkpoint's network scores the same images as at the end of training (uint8 input
-  # there, float batches here: allow one near-tie flipping).
-  assert abs(evaluated['test_accuracy'] - result['test_accuracy']) <= 1 / 200 + 1e-6
+  # The feature-network path (uint8 images) scores exactly as the training's held-out batches.
+  assert evaluated['test_accuracy'] == result['test_accuracy']
 
   run = _main(workdir, mode='sample')
   assert run.returncode == 1

@@ -165,19 +165,6 @@ def test_create_dataset_fashion_mnist_and_label_check(tmp_path):
     ip.create_dataset(dict(config, dataset='cifar'), 'train')
 
 
-def test_check_image_shape():
-  ip.check_image_shape((28, 28, 1), patch_size=4, downsample_factor=4)
-  with pytest.raises(ip.DataError, match='--config.model.variant') as error:
-    ip.check_image_shape((28, 28, 1), patch_size=8)
-  assert '[1, 2, 4, 7, 14]' in str(error.value)
-  with pytest.raises(ip.DataError, match='--config.model.unet_channels'):
-    ip.check_image_shape((28, 28, 1), downsample_factor=8)
-
-
-# ---------------------------------------------------------------------------------------------
-# BatchIterator and eval batches.
-
-
 def test_same_seed_and_step_give_same_batch():
   dataset = _index_dataset(50)
   first = ip.BatchIterator(dataset, global_batch_size=8, seed=3)

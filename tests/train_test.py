@@ -1,11 +1,11 @@
-"""Training program: config validation, NaN stop, checkpoint round trip, exact resume, CLI modes."""
+"""The training program on the generator task: config validation, the step, NaN stop,
+checkpoint round trip, exact resume, CLI modes, the sampler's NFE."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +15,13 @@ import pytest
 
 from configs import tiny
 from guidedflow import checkpointing
+from guidedflow import errors
 from guidedflow import input_pipeline
+from guidedflow import sampler as sampler_lib
+from guidedflow import tasks
 from guidedflow import train
+from guidedflow import train_state
+from guidedflow import validation
 from tests import subprocess_env
 
 REPO = subprocess_env.REPO
@@ -33,12 +38,15 @@ def _leaves(tree):
   return [np.array(x) for x in jax.tree.leaves(tree)]  # copies: the train step donates its input
 
 
+def _builder(config):
+  construct = sampler_lib.model_constructor(config, (28, 28, 1))
+  return train_state.StateBuilder(construct, config, train_state.make_mesh(config))
+
+
 def _restore(workdir, config=None):
   config = config or tiny.get_config()
-  _, trainer, ckpt = train._setup(config, str(workdir), split='train')
-  state, data_state = train._restore_latest(trainer, ckpt, str(workdir))
-  ckpt.close()
-  return state, data_state
+  with train_state.open_checkpointer(config, str(workdir), handle_sigterm=False) as ckpt:
+    return train_state.restore_or_init(_builder(config), ckpt)
 
 
 # ----------------------------------------------------------------------------- config
@@ -56,8 +64,8 @@ def test_config_validation_names_the_key(key, value, needle):
   config = tiny.get_config()
   group, name = key.split('.')
   config[group][name] = value
-  with pytest.raises(train.ConfigError, match=None) as info:
-    train.validate_config(config)
+  with pytest.raises(errors.ConfigError, match=None) as info:
+    validation.validate_config(config)
   assert needle in str(info.value)
 
 
@@ -65,7 +73,7 @@ def test_all_configs_validate():
   from configs import default, fashion_mnist, imagenet256_latent  # pylint: disable=g-import-not-at-top
   for config in (default.get_config(), fashion_mnist.get_config(), fashion_mnist.get_config('dit'),
                  tiny.get_config(), imagenet256_latent.get_config()):
-    train.validate_config(config)
+    validation.validate_config(config)
 
 
 def test_fashion_mnist_default_builds_its_model_and_evaluates_at_5000_per_w():
@@ -73,24 +81,24 @@ def test_fashion_mnist_default_builds_its_model_and_evaluates_at_5000_per_w():
   channels) and --mode=evaluate measures at least 5,000 samples per guidance scale."""
   from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config()
-  train.validate_config(config)
-  model = train.model_constructor(config, (28, 28, 1))()
+  validation.validate_config(config)
+  model = sampler_lib.model_constructor(config, (28, 28, 1))()
   assert model.norm == 'none' and model.channels == (16, 64, 128)
   assert not [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
               if 'norm' in '/'.join(map(str, path))]
   assert config.eval.samples_per_class * config.input.num_classes >= 5_000
   config.model.unet_norm = 'batch'
-  with pytest.raises(train.ConfigError, match="config.model.unet_norm='batch'"):
-    train.validate_config(config)
+  with pytest.raises(errors.ConfigError, match="config.model.unet_norm='batch'"):
+    validation.validate_config(config)
   del config.model['unet_norm']  # a config written before the key existed: GroupNorm
-  assert train.model_constructor(config, (28, 28, 1))().norm == 'group'
+  assert sampler_lib.model_constructor(config, (28, 28, 1))().norm == 'group'
 
 
 @pytest.mark.parametrize('topology,chips', [('v4-32', 16), ('v5p-64', 32), ('v5e-32', 32)])
 def test_imagenet_topology_meshes(topology, chips):
   from configs import imagenet256_latent  # pylint: disable=g-import-not-at-top
   config = imagenet256_latent.get_config(f'XL/2,{topology}')
-  train.validate_config(config)
+  validation.validate_config(config)
   data, fsdp, tensor = config.mesh.shape
   assert data * fsdp * tensor == chips
   assert config.train.batch_size % (data * fsdp) == 0
@@ -106,38 +114,39 @@ def test_imagenet_topology_meshes(topology, chips):
 def test_mesh_config_errors(key, value, needle):
   config = tiny.get_config()
   config.mesh[key] = value
-  with pytest.raises(train.ConfigError) as info:
-    train.validate_config(config)
+  with pytest.raises(errors.ConfigError) as info:
+    validation.validate_config(config)
   assert needle in str(info.value)
 
 
 def test_mesh_that_does_not_fit_says_so():
   config = tiny.get_config()
   config.mesh.shape = (2, 1, 1)  # this process has 1 device
-  with pytest.raises(train.ConfigError, match='needs 2 devices, but 1 are available'):
-    train.make_mesh(config)
+  with pytest.raises(errors.ConfigError, match='needs 2 devices, but 1 are available'):
+    train_state.make_mesh(config)
 
 
 # ----------------------------------------------------------------------------- in-process training
 
 
 @pytest.fixture(scope='module')
-def trainer_and_state():
+def generator():
+  """(config, train dataset, StateBuilder, compiled train step) of the tiny generator."""
   config = tiny.get_config()
-  dataset, trainer, ckpt = train._setup(config, '/tmp/unused-guidedflow-workdir', split='train')
-  ckpt.close()
-  return config, dataset, trainer
+  task = tasks.get_task(config)
+  builder = _builder(config)
+  return config, task.train_dataset(), builder, builder.make_train_step(task.loss)
 
 
-def test_train_step_decreases_loss_and_updates_ema(trainer_and_state):
-  config, dataset, trainer = trainer_and_state
-  state = trainer.init_state()
+def test_train_step_decreases_loss_and_updates_ema(generator):
+  config, dataset, builder, train_step = generator
+  state = builder.init_state()
   it = input_pipeline.BatchIterator(dataset, global_batch_size=8, seed=0,
-                                    sharding=trainer.batch_sharding)
+                                    sharding=builder.batch_sharding)
   batch = next(it)
   key = jax.random.PRNGKey(0)
   params0 = _leaves(state['params'])
-  state, m0 = trainer.train_step(state, batch, key)
+  state, m0 = train_step(state, batch, key)
   assert int(state['step']) == 1 and int(state['nonfinite_step']) == -1
   assert np.isfinite(float(m0['loss'])) and float(m0['grad_norm']) > 0
   assert any(not np.array_equal(a, b) for a, b in zip(params0, _leaves(state['params'])))
@@ -146,20 +155,20 @@ def test_train_step_decreases_loss_and_updates_ema(trainer_and_state):
     np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-5, atol=1e-6)
 
 
-def test_non_finite_loss_freezes_state_and_names_the_step(trainer_and_state):
-  _, dataset, trainer = trainer_and_state
-  state = trainer.init_state()
+def test_non_finite_loss_freezes_state_and_names_the_step(generator):
+  _, dataset, builder, train_step = generator
+  state = builder.init_state()
   it = input_pipeline.BatchIterator(dataset, global_batch_size=8, seed=0,
-                                    sharding=trainer.batch_sharding)
+                                    sharding=builder.batch_sharding)
   key = jax.random.PRNGKey(0)
-  state, _ = trainer.train_step(state, next(it), key)
+  state, _ = train_step(state, next(it), key)
   good = _leaves(state['params'])
   bad = next(it)
   bad = dict(bad, image=bad['image'] * jnp.nan)
-  state, metrics = trainer.train_step(state, bad, key)
+  state, metrics = train_step(state, bad, key)
   assert not np.isfinite(float(metrics['loss']))
   assert int(state['nonfinite_step']) == 1
-  state, _ = trainer.train_step(state, next(it), key)  # later good batches change nothing
+  state, _ = train_step(state, next(it), key)  # later good batches change nothing
   for a, b in zip(good, _leaves(state['params'])):
     np.testing.assert_array_equal(a, b)
 
@@ -178,7 +187,7 @@ def test_nan_stop_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     return batch
 
   monkeypatch.setattr(input_pipeline.BatchIterator, '__next__', poisoned)
-  with pytest.raises(train.TrainingError, match='step 4') as info:
+  with pytest.raises(errors.TrainingError, match='step 4') as info:
     train.train_and_evaluate(config, str(tmp_path))
   assert 'last good checkpoint (step 2)' in str(info.value)
   ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
@@ -188,7 +197,9 @@ def test_nan_stop_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 def test_checkpoint_round_trip_restores_state_and_iterator(tmp_path):
   config = tiny.get_config()
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state, result = train.train_and_evaluate(config, str(tmp_path))
+  assert result['step'] == config.train.num_steps and np.isfinite(result['heldout_loss_ema'])
+  assert json.load(open(tmp_path / 'result.json'))['task'] == 'generate'
   restored, data_state = _restore(tmp_path)
   assert data_state['step'] == config.train.num_steps
   for a, b in zip(_leaves(state), _leaves(restored)):
@@ -267,14 +278,15 @@ def test_exact_resume_after_sigterm(tmp_path):
 # ----------------------------------------------------------------------------- sampling NFE
 
 
-def test_sample_runs_the_single_batch_at_w_1_and_counts_its_nfe(trainer_and_state, monkeypatch):
+def test_sample_runs_the_single_batch_at_w_1_and_counts_its_nfe(generator, monkeypatch):
   """NFE counted from the rows the model runs on: w = 1 (sample, grid, sample_images) costs half."""
-  config, _, trainer = trainer_and_state
-  state = trainer.init_state()
+  config, _, builder, _ = generator
+  state = builder.init_state()
+  sampler = sampler_lib.Sampler.from_train_state(config, builder, state, (28, 28, 1))
   rows, traces = [], []
-  original = trainer.model_fn
+  original = builder.merge
 
-  def counting_model_fn(params):
+  def counting_merge(params):
     model = original(params)
 
     def model_fn(x, t, y):
@@ -284,8 +296,7 @@ def test_sample_runs_the_single_batch_at_w_1_and_counts_its_nfe(trainer_and_stat
 
     return model_fn
 
-  monkeypatch.setattr(trainer, 'model_fn', counting_model_fn)
-  monkeypatch.setattr(trainer, '_sample', None)  # compile afresh with the counting model
+  monkeypatch.setattr(builder, 'merge', counting_merge)
 
   def counted(run, num_samples):
     rows.clear()
@@ -298,18 +309,17 @@ def test_sample_runs_the_single_batch_at_w_1_and_counts_its_nfe(trainer_and_stat
   assert (config.sampling.method, config.sampling.num_steps) == ('heun', 2)  # 3 evaluations
   assert config.sampling.guidance_interval is None
   labels = np.arange(10, dtype=np.int32)
-  params, key = state['ema_params'], jax.random.PRNGKey(0)
-  (_, nfe_1), count_1 = counted(lambda: trainer.sample(params, key, labels, 1.0), 10)
+  key = jax.random.PRNGKey(0)
+  (_, nfe_1), count_1 = counted(lambda: sampler.sample(key, labels, 1.0), 10)
   assert nfe_1 == count_1 == 3
   assert set(traces) == {10}  # the single batch only
-  (_, nfe_3), count_3 = counted(lambda: trainer.sample(params, key, labels, 3.0), 10)
+  (_, nfe_3), count_3 = counted(lambda: sampler.sample(key, labels, 3.0), 10)
   assert nfe_3 == count_3 == 6
   num_traces = len(traces)
-  (_, nfe_2), count_2 = counted(lambda: trainer.sample(params, key, labels, 2.0), 10)
+  (_, nfe_2), count_2 = counted(lambda: sampler.sample(key, labels, 2.0), 10)
   assert nfe_2 == count_2 == 6 and len(traces) == num_traces  # w != 1 shares one compile
-  _, count_grid = counted(lambda: trainer.guidance_grid(params, key, (1.0, 3.0)), 10)
+  _, count_grid = counted(lambda: sampler.guidance_grid(key, (1.0, 3.0)), 10)
   assert count_grid == 3 + 6  # one block at w = 1 (single batch), one at w = 3 (doubled)
   # sample_images: 10 labels in 3 padded batches of 4 rows.
-  (_, nfe, _), count = counted(
-      lambda: trainer.sample_images(params, key, labels, 1.0, batch_size=4), 12)
+  (_, nfe, _), count = counted(lambda: sampler.sample_images(key, labels, 1.0, batch_size=4), 12)
   assert nfe == count == 3

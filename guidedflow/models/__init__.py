@@ -13,8 +13,10 @@ from guidedflow.models.layers import param_count
 from guidedflow.models.unet import UNet
 
 MODELS = {'dit': DiT, 'unet': UNet}
+# Compute / parameter dtypes by config name.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
-__all__ = ['DiT', 'DiTConfig', 'MODELS', 'UNet', 'VARIANTS', 'create_model', 'flops_per_example',
+__all__ = ['DTYPES', 'DiT', 'DiTConfig', 'MODELS', 'UNet', 'VARIANTS', 'create_model', 'flops_per_example',
            'param_count']
 
 

@@ -30,13 +30,15 @@ not used (pool3 only) and may be absent.
 import functools
 import hashlib
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from guidedflow import errors
+from guidedflow import images as images_lib
 from guidedflow.models import torch_weights
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -50,7 +52,7 @@ BN_EPSILON = 1e-3
 PARAM_COUNT = 21_785_568
 
 
-class InceptionWeightsNotFoundError(FileNotFoundError):
+class InceptionWeightsNotFoundError(errors.UserError, FileNotFoundError):
   """The FID Inception weights file is not where the config says."""
 
 
@@ -443,7 +445,7 @@ def preprocess(images: jax.Array) -> jax.Array:
   Bilinear with half-pixel centres and no antialiasing, as pytorch-fid's `F.interpolate(...,
   mode='bilinear', align_corners=False)`; grayscale is repeated to 3 channels.
   """
-  x = images.astype(jnp.float32) / 127.5 - 1.0
+  x = images_lib.to_model(images)
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
   if x.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
@@ -451,64 +453,12 @@ def preprocess(images: jax.Array) -> jax.Array:
   return x
 
 
-class InceptionFeatures:
-  """Callable feature extractor: uint8 images → {'features': (N, 2048) float32, 'logits': None}.
+def load_model(path: str | os.PathLike | None, *, batch_size: int = 50,
+               dtype: Any = jnp.float32) -> tuple[InceptionV3, dict[str, Any]]:
+  """The FID Inception with the pytorch-fid weights file at `path`, and facts about the file.
 
-  Images go through in fixed batches of `batch_size` (the last one zero-padded), so the network
-  is compiled once per batch size; `preprocess` is compiled once per input image shape.
-  """
-
-  name = 'inception_v3'
-
-  def __init__(self, model: InceptionV3, *, batch_size: int, meta: dict[str, Any]):
-    if batch_size < 1:
-      raise ValueError(f'batch_size must be ≥ 1, got {batch_size}.')
-    self.model = model
-    self.batch_size = batch_size
-    self.meta = meta
-    self.num_network_traces = 0
-    graphdef, state = nnx.split(model)
-    self._state = state
-
-    def pool3(state, x):
-      self.num_network_traces += 1  # runs at trace time only: counts compilations
-      return nnx.merge(graphdef, state)(x)
-
-    self._pool3: Callable[..., jax.Array] = jax.jit(pool3)
-    self._preprocess = jax.jit(preprocess)
-
-  def __call__(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
-    """Features of uint8 `images`: (N, H, W, 3), (N, H, W, 1) or (N, H, W) grayscale."""
-    images = np.asarray(images)
-    if images.ndim == 3:
-      images = images[..., None]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-      raise ValueError('expected uint8 images (N, H, W, 1 or 3), got '
-                       f'{images.dtype} {images.shape}.')
-    n, bs = len(images), self.batch_size
-    out = np.zeros((n, FEATURE_DIM), np.float32)
-    in_flight = None  # one batch stays queued on the device while the host copies the last
-    for start in range(0, n, bs):
-      chunk = images[start:start + bs]
-      count = len(chunk)
-      if count < bs:
-        chunk = np.concatenate([chunk, np.zeros((bs - count,) + chunk.shape[1:], np.uint8)])
-      queued = (start, count, self._pool3(self._state, self._preprocess(chunk)))
-      if in_flight is not None:
-        self._store(out, *in_flight)
-      in_flight = queued
-    if in_flight is not None:
-      self._store(out, *in_flight)
-    return {'features': out, 'logits': None}
-
-  @staticmethod
-  def _store(out: np.ndarray, start: int, count: int, features: jax.Array):
-    out[start:start + count] = np.asarray(features)[:count]
-
-
-def load_inception(path: str | os.PathLike | None, *, batch_size: int = 50,
-                   dtype: Any = jnp.float32) -> InceptionFeatures:
-  """Builds the FID Inception from the pytorch-fid weights file at `path`.
+  `guidedflow.feature_networks.load_inception` wraps it as a feature network (`batch_size`
+  is recorded in the facts).
 
   Raises:
     InceptionWeightsNotFoundError (a FileNotFoundError): no file at `path`; the message says
@@ -531,4 +481,4 @@ def load_inception(path: str | os.PathLike | None, *, batch_size: int = 50,
       input_size=INPUT_SIZE, resize='bilinear, half-pixel, no antialias (pytorch-fid)',
       batch_size=batch_size, dtype=jnp.dtype(dtype).name,
       unused_tensors=[k for k in unused if not k.endswith('num_batches_tracked')])
-  return InceptionFeatures(model, batch_size=batch_size, meta=meta)
+  return model, meta

@@ -25,6 +25,9 @@ from flax import nnx
 from guidedflow.models.layers import as_hw, partitioned
 
 
+NORMS = ('group', 'none')  # normalisation in the residual blocks
+
+
 def _conv(c_in: int, c_out: int, *, strides: int = 1, dtype, param_dtype, rngs: nnx.Rngs,
           zero: bool = False) -> nnx.Conv:
   kernel_init = nnx.initializers.zeros_init() if zero else nnx.initializers.lecun_normal()
@@ -179,7 +182,7 @@ class UNet(nnx.Module):
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
                channels: Sequence[int] = (32, 64, 128), num_residual_layers: int = 2,
                t_embed_dim: int = 40, y_embed_dim: int = 40, norm: str = 'group'):
-    if norm not in ('group', 'none'):
+    if norm not in NORMS:
       raise ValueError(f"U-Net norm must be 'group' or 'none', got {norm!r}.")
     self.norm = norm
     self.input_size = as_hw(input_size)

@@ -1,0 +1,1 @@
+"""guidedflow configs: `get_config(arg)` files for `--config configs/NAME.py[:arg]`."""

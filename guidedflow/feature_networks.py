@@ -1,0 +1,161 @@
+"""Feature networks of the sample metrics, behind one interface: uint8 images → features/logits.
+
+Two networks: the Fashion-MNIST classifier guidedflow trains itself (a workdir of the
+classifier task, `configs/fmnist_classifier.py`) and the FID Inception-v3 (user-provided
+pytorch-fid weights). Both run through `FeatureNetwork`: one padded-batch runner (fixed batch
+shape, so one compile), one fingerprint of the weights (references cached under another
+network's weights are refused).
+"""
+
+import json
+import os
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from guidedflow import errors
+from guidedflow import images as images_lib
+from guidedflow.models import inception
+
+NAMES = ('fmnist_classifier', 'inception_v3')
+# Wall time of configs/fmnist_classifier.py on a 2-core CPU (3m13s to 3m32s measured with other
+# jobs on the machine), rounded up; quoted in the not-found error.
+_CLASSIFIER_MINUTES_2CORE = 4
+
+
+class FeatureNetworkNotFoundError(errors.CheckpointNotFoundError):
+  """No (finished) classifier in the workdir; the message gives the command that trains one."""
+
+
+class FeatureNetwork:
+  """uint8 NHWC images → {'features': float32 (N, D), 'logits': float32 (N, K) or None}.
+
+  Args:
+    name: identifies the network in the reference-statistics metadata.
+    model: the nnx module; `apply(model, x)` returns (features, logits or None).
+    preprocess: jnp uint8 images → the network's input (compiled once per input shape, apart
+      from the network, which is compiled once per batch size).
+    batch_size: images per compiled call; the last batch is zero-padded.
+    meta: JSON-able facts about the weights (step, accuracy, file, ...).
+    image_shape: (H, W, C) the network takes, or None for any size.
+  """
+
+  def __init__(self, name, model, apply, *, preprocess, batch_size, meta, image_shape=None):
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be ≥ 1, got {batch_size}.')
+    self.name = name
+    self.batch_size = int(batch_size)
+    self.meta = dict(meta)
+    self.image_shape = None if image_shape is None else tuple(image_shape)
+    self.num_traces = 0  # compilations of the network (tests check it stays 1)
+    graphdef, self._state = nnx.split(model)
+
+    def forward(state, x):
+      self.num_traces += 1  # runs at trace time only
+      return apply(nnx.merge(graphdef, state), x)
+
+    self._forward = jax.jit(forward)
+    self._preprocess = jax.jit(preprocess)
+
+  def _check(self, images):
+    expected = ('(N, ' + ', '.join(str(d) for d in self.image_shape) + ')'
+                if self.image_shape else '(N, H, W, C)')
+    if images.ndim != 4 or (self.image_shape and tuple(images.shape[1:]) != self.image_shape):
+      raise ValueError(f'{self.name} expects uint8 images of shape {expected} (NHWC, values '
+                       f'0..255), got shape {images.shape}.')
+    if images.dtype != np.uint8:
+      raise ValueError(f'{self.name} expects uint8 images (0..255), got {images.dtype}; convert '
+                       'model outputs in [-1, 1] with guidedflow.images.to_uint8.')
+
+  def __call__(self, images):
+    images = np.asarray(images)
+    self._check(images)
+    features, logits, in_flight = [], [], None
+    # One batch stays queued on the device while the host copies the previous one.
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      padded = np.pad(chunk, ((0, self.batch_size - len(chunk)),) + ((0, 0),) * 3)
+      queued = len(chunk), self._forward(self._state, self._preprocess(padded))
+      if in_flight is not None:
+        _collect(features, logits, *in_flight)
+      in_flight = queued
+    if in_flight is not None:
+      _collect(features, logits, *in_flight)
+    if not features:
+      raise ValueError(f'{self.name}: no images given.')
+    return {'features': np.concatenate(features),
+            'logits': np.concatenate(logits) if logits else None}
+
+
+def _collect(features, logits, count, out):
+  f, l = out
+  features.append(np.asarray(f, np.float32)[:count])
+  if l is not None:
+    logits.append(np.asarray(l, np.float32)[:count])
+
+
+def fingerprint(network, image_shape):
+  """Identifies the network's weights (a retrained classifier must not reuse old references):
+  its features of two fixed probe images, to 4 significant digits."""
+  height, width, channels = image_shape
+  ramp = np.linspace(0, 255, height * width * channels).reshape(height, width, channels)
+  probe = np.stack([ramp, ramp[::-1, ::-1]]).astype(np.uint8)
+  features = np.asarray(network(probe)['features'], np.float64)
+  return f'{np.abs(features).sum():.4g}/{features[:, 0].sum():.4g}'
+
+
+# ----------------------------------------------------------------------------- the two networks
+
+
+def _train_command(workdir):
+  return (f'python -m guidedflow.main --config configs/fmnist_classifier.py --workdir {workdir} '
+          f'(about {_CLASSIFIER_MINUTES_2CORE} minutes on a 2-core CPU)')
+
+
+def load_classifier(workdir, *, batch_size=500):
+  """The classifier trained by the classifier task in `workdir` (its finished checkpoint).
+
+  Raises:
+    FeatureNetworkNotFoundError: no classifier there, or its training did not finish; the
+      message gives the command that trains (or resumes) it.
+  """
+  from guidedflow.tasks import classifier  # pylint: disable=g-import-not-at-top  # (cycle)
+  workdir = os.fspath(workdir)
+  result_path = epath.Path(workdir) / 'result.json'
+  ckpt_dir = epath.Path(workdir) / 'checkpoints'
+  if not ckpt_dir.is_dir():
+    raise FeatureNetworkNotFoundError(f'no Fashion-MNIST classifier checkpoint in {workdir}; '
+                                      f'train one with: {_train_command(workdir)}')
+  result = json.loads(result_path.read_text()) if result_path.exists() else {}
+  if result.get('task') != classifier.ClassifierTask.name:
+    raise FeatureNetworkNotFoundError(
+        f'the Fashion-MNIST classifier in {workdir} did not finish training (no result.json of '
+        f'a classifier run there); train or resume it with: {_train_command(workdir)}')
+  model, step, config = classifier.load_model(workdir, result)
+  meta = {'num_classes': model.num_classes, 'feature_dim': model.feature_dim,
+          'channels': tuple(config.model.channels), 'test_accuracy': result['test_accuracy'],
+          'step': step, 'workdir': workdir, 'dataset': config.input.dataset}
+  return FeatureNetwork('fmnist_classifier', model, lambda m, x: m.features_and_logits(x),
+                        preprocess=images_lib.to_model, batch_size=batch_size, meta=meta,
+                        image_shape=(model.input_size, model.input_size, model.in_channels))
+
+
+def load_inception(path, *, batch_size=50, dtype=jnp.float32):
+  """The FID Inception-v3 from the pytorch-fid weights file at `path` (pool3 features)."""
+  model, meta = inception.load_model(path, batch_size=batch_size, dtype=dtype)
+  return FeatureNetwork('inception_v3', model, lambda m, x: (m(x), None),
+                        preprocess=inception.preprocess, batch_size=batch_size, meta=meta)
+
+
+def load(config):
+  """The network named by `config.eval.feature_network`."""
+  name = config.eval.feature_network
+  if name == 'fmnist_classifier':
+    return load_classifier(config.eval.classifier_workdir)
+  if name == 'inception_v3':
+    return load_inception(config.eval.inception_weights or '')
+  raise errors.ConfigError(f'config.eval.feature_network={name!r} is not one of {NAMES}.')
+

@@ -1,0 +1,73 @@
+"""Tasks: what each kind of model brings to the one training loop (`guidedflow.train`).
+
+A task builds its model, gives its loss `(model, batch, key) -> (loss, metrics)` and its
+held-out metrics, and says what to do periodically and what to report at the end; the loop
+owns everything else (state in shards, the step, EMA, schedule, logging, checkpoints,
+preemption, teardown). A new model is a new task, never a new loop.
+"""
+
+from guidedflow import errors
+from guidedflow import input_pipeline
+
+
+class Task:
+  """Base class; `config.task` names the subclass (see `TASKS`).
+
+  Hooks the loop calls (all optional but `model_constructor` and `loss`):
+    train_dataset(), eval_dataset(): the data.
+    model_constructor(image_shape): zero-argument function building the nnx model.
+    loss(model, batch, key): (scalar loss, dict of scalar metrics), inside the jitted step.
+    eval_metrics(model, batch, key): dict of means over the batch's real rows (batch['mask']).
+    periodic(run, state, step): after every step; returns scalars for TensorBoard.
+    final(run, state): after the last step; returns the JSON-able result of the run.
+  Modes of `guidedflow.main` besides training: sample(workdir), evaluate(workdir).
+  """
+
+  name = None
+  # What --mode=evaluate / sample print about the task when they do not apply.
+  description = ''
+
+  def __init__(self, config):
+    self.config = config
+
+  def train_dataset(self):
+    return input_pipeline.create_dataset(self.config.input, self.config.input.train_split)
+
+  def eval_dataset(self):
+    return input_pipeline.create_dataset(self.config.input, self.config.input.eval_split)
+
+  def model_constructor(self, image_shape):
+    raise NotImplementedError
+
+  def loss(self, model, batch, key):
+    raise NotImplementedError
+
+  def eval_metrics(self, model, batch, key):
+    return {'loss': self.loss(model, batch, key)[0]}
+
+  def periodic(self, run, state, step):
+    del run, state, step  # Unused.
+    return {}
+
+  def final(self, run, state):
+    del run, state  # Unused.
+    return {}
+
+  def sample(self, workdir):
+    del workdir  # Unused.
+    raise errors.ConfigError(f'--mode=sample does not apply to config.task={self.name!r} '
+                             f'({self.description}): use --mode=train or --mode=evaluate.')
+
+  def evaluate(self, workdir):
+    raise NotImplementedError
+
+
+def get_task(config):
+  """The task named by `config.task` ('generate' when the config has no such key)."""
+  from guidedflow.tasks import classifier  # pylint: disable=g-import-not-at-top
+  from guidedflow.tasks import generator  # pylint: disable=g-import-not-at-top
+  tasks = {t.name: t for t in (generator.GeneratorTask, classifier.ClassifierTask)}
+  name = config.get('task', 'generate')
+  if name not in tasks:
+    raise errors.ConfigError(f'config.task={name!r} is not one of {tuple(tasks)}.')
+  return tasks[name](config)

@@ -1,0 +1,173 @@
+"""The generator task: class-conditional flow matching / diffusion with CFG label dropout.
+
+Periodic work: guidance grids every `train.sample_every_steps`; every `eval.every_steps` the
+held-out loss of the EMA weights and sample metrics at a small N. At the end: a grid and the
+held-out loss. `--mode=sample` writes samples.npz and a grid; `--mode=evaluate` measures sample
+quality (guidedflow/evaluate.py).
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+
+from guidedflow import evaluate as evaluate_lib
+from guidedflow import feature_networks
+from guidedflow import images as images_lib
+from guidedflow import losses
+from guidedflow import paths
+from guidedflow import sampler as sampler_lib
+from guidedflow import tasks
+from guidedflow import train
+
+_PERIODIC_KEYS = ('fd', 'precision', 'recall', 'accuracy', 'black_fraction', 'pixel_std')
+
+
+class GeneratorTask(tasks.Task):
+  """u_θ(x|y) (or s_θ, ε_θ) trained by guided CFM / DSM; sampled with CFG."""
+
+  name = 'generate'
+  description = 'a generative model'
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.path = paths.get_path(config.path.schedule)
+    self._sampler = None
+    self._periodic_eval = None  # None: not set up yet; False: disabled
+
+  def model_constructor(self, image_shape):
+    return sampler_lib.model_constructor(self.config, image_shape)
+
+  def loss(self, model, batch, key):
+    config = self.config.loss
+    kwargs = None
+    if config.time_sampler == 'logit_normal':
+      kwargs = dict(mean=config.logit_normal_mean, std=config.logit_normal_std)
+    return losses.loss_fn(
+        lambda x, t, y: model(x, t, y), batch, key, path=self.path,
+        parameterization=config.parameterization, null_label=self.config.input.num_classes,
+        label_dropout=config.label_dropout, time_sampler=config.time_sampler,
+        time_sampler_kwargs=kwargs, dsm_weighting=config.dsm_weighting, t_eps=config.t_eps)
+
+  # -- periodic and final work
+
+  def _sampler_of(self, run, state):
+    if self._sampler is None:
+      self._sampler = sampler_lib.Sampler.from_train_state(self.config, run.builder, state,
+                                                           run.image_shape)
+    self._sampler.update(state)
+    return self._sampler
+
+  def _write_grid(self, run, state, step):
+    scales = self.config.sampling.grid_guidance_scales
+    grid = self._sampler_of(run, state).guidance_grid(
+        jax.random.PRNGKey(self.config.sampling.seed), scales)
+    if jax.process_index() == 0:
+      for name in (f'grid_step{step:07d}.png', 'grid_latest.png'):
+        images_lib.save_png(os.path.join(run.workdir, 'samples', name), grid, upscale=2)
+    run.writer.image(step, 'samples/guidance_grid', grid)
+    logging.info('Wrote sample grid at step %d (rows: classes; column blocks: w = %s).', step,
+                 ', '.join(str(w) for w in scales))
+
+  def _heldout_loss(self, run, state):
+    return run.heldout(state['ema_params'], self.eval_dataset(),
+                       batch_size=self.config.train.batch_size,
+                       num_batches=self.config.eval.num_batches)['loss']
+
+  def periodic(self, run, state, step):
+    if train.itstime(step, self.config.train.sample_every_steps, run.num_steps, last=False):
+      self._write_grid(run, state, step)
+    if not train.itstime(step, self.config.eval.every_steps, run.num_steps, last=False):
+      return {}
+    t0 = time.time()
+    scalars = {'eval/loss_ema': self._heldout_loss(run, state)}
+    scalars.update(self._sample_metrics(run, state))
+    logging.info('eval at step %d: %s (%.1f s)', step,
+                 ', '.join(f'{k[5:]} {v:.4g}' for k, v in scalars.items()), time.time() - t0)
+    return scalars
+
+  def _sample_metrics(self, run, state):
+    """Sample metrics at a small N; skipped, with one warning, without a feature network."""
+    config = self.config.eval
+    if self._periodic_eval is None:
+      self._periodic_eval = False
+      if config.feature_network != 'none' and config.periodic_samples_per_class > 0:
+        try:
+          network = feature_networks.load(self.config)
+          self._periodic_eval = evaluate_lib.Evaluator(
+              self.config, run.workdir, self._sampler_of(run, state), network,
+              self.eval_dataset())
+        except FileNotFoundError as e:  # no classifier / Inception weights: keep training
+          logging.warning('Periodic sample metrics disabled: %s', e)
+    if not self._periodic_eval:
+      return {}
+    self._sampler_of(run, state)
+    row, _, _ = self._periodic_eval.evaluate(
+        samples_per_class=config.periodic_samples_per_class,
+        guidance_scale=self.config.sampling.guidance_scale)
+    return {f'eval/{k}': float(row[k]) for k in _PERIODIC_KEYS if row.get(k) is not None}
+
+  def final(self, run, state):
+    self._write_grid(run, state, int(state['step']))
+    heldout = self._heldout_loss(run, state)
+    run.writer.scalars(int(state['step']), {'eval/loss_ema': heldout})
+    return {'heldout_loss_ema': round(heldout, 6)}
+
+  # -- modes
+
+  def sample(self, workdir):
+    """--mode=sample: <workdir>/samples/samples.npz (uint8 `images`, int32 `labels`) and
+    grid.png from the EMA weights; returns the settings, NFE and seconds."""
+    sampler = sampler_lib.Sampler.from_workdir(self.config, workdir)
+    sconfig = self.config.sampling
+    num, num_classes = sconfig.num_samples, sampler.num_classes
+    labels = (np.arange(num) % num_classes).astype(np.int32)  # balanced classes
+    t0 = time.time()
+    images, nfe, _ = sampler.sample_images(jax.random.PRNGKey(sconfig.seed), labels,
+                                           sconfig.guidance_scale)
+    seconds = time.time() - t0
+    out_dir = os.path.join(workdir, 'samples')
+    if jax.process_index() == 0:
+      epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+      with (epath.Path(out_dir) / 'samples.npz').open('wb') as f:
+        np.savez(f, images=images, labels=labels)
+      per_class = min(num // num_classes, 10)
+      if per_class:
+        order = np.argsort(labels, kind='stable')  # grid: one row per class
+        rows = np.stack([images[order][labels[order] == c][:per_class]
+                         for c in range(num_classes)])
+        grid = images_lib.make_grid(rows.reshape((-1,) + rows.shape[2:]), rows=num_classes,
+                                    cols=per_class)
+        images_lib.save_png(os.path.join(out_dir, 'grid.png'), grid, upscale=2)
+    result = {
+        'num_samples': num, 'nfe': nfe, 'seconds': round(seconds, 2),
+        'method': sconfig.method, 'num_steps': sconfig.num_steps,
+        'guidance_scale': sconfig.guidance_scale, 'sigma_schedule': sconfig.sigma_schedule,
+        'sigma': sconfig.sigma, 'seed': sconfig.seed, 'step': sampler.step,
+        'output': os.path.join(out_dir, 'samples.npz'),
+    }
+    logging.info('Samples: %s', json.dumps(result))
+    return result
+
+  def evaluate(self, workdir):
+    """--mode=evaluate: held-out loss of the raw and EMA weights, then sample quality and
+    sweeps (guidedflow/evaluate.py) unless `config.eval.feature_network='none'`."""
+    builder, state, image_shape = sampler_lib.load(self.config, workdir)
+    run = train.Run(self.config, workdir, builder, None, image_shape, 0, self)
+    dataset = self.eval_dataset()
+    heldout = {name: run.heldout(state[key], dataset, batch_size=self.config.train.batch_size,
+                                 num_batches=self.config.eval.num_batches)['loss']
+               for name, key in (('loss_ema', 'ema_params'), ('loss', 'params'))}
+    result = {'step': int(state['step']), 'split': self.config.input.eval_split,
+              'num_batches': self.config.eval.num_batches, **heldout,
+              'parameterization': self.config.loss.parameterization}
+    if self.config.eval.feature_network != 'none':
+      sampler = sampler_lib.Sampler.from_train_state(self.config, builder, state, image_shape)
+      result.update(evaluate_lib.run(self.config, workdir, sampler,
+                                     feature_networks.load(self.config), dataset,
+                                     self.train_dataset()))
+    return result

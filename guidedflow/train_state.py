@@ -1,0 +1,245 @@
+"""The train state of any task: optimizer and schedule, creation in shards, the train step.
+
+The state is a dict pytree, so orbax saves and restores it sharded:
+  step: int32 scalar, the number of updates applied.
+  params: nnx.State of the model's parameters.
+  opt_state: optax state (AdamW moments shard like their parameters).
+  ema_params: nnx.State, only when `config.optim.ema_decay > 0`.
+  nonfinite_step: int32 scalar, −1 or the first step whose loss or gradient was not finite
+    (updates stop there, so the state stays the last good one).
+"""
+
+import os
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from guidedflow import checkpointing
+from guidedflow import errors
+from guidedflow import sharding
+
+SCHEDULES = ('constant', 'cosine')
+
+
+def learning_rate_schedule(optim, num_steps):
+  """Linear warm-up (the first step already uses lr / warmup_steps), then constant or cosine
+  decay to lr × final_lr_factor at `num_steps`."""
+  peak = optim.learning_rate
+  warmup = min(optim.warmup_steps, num_steps)
+  if optim.get('schedule', 'constant') == 'cosine':
+    after = optax.cosine_decay_schedule(peak, max(num_steps - warmup, 1), optim.final_lr_factor)
+  else:
+    after = optax.constant_schedule(peak)
+  if warmup < 1:
+    return after
+  ramp = optax.linear_schedule(peak / warmup, peak, max(warmup - 1, 1))
+  return optax.join_schedules([ramp, after], [warmup])
+
+
+def make_optimizer(optim, num_steps):
+  """AdamW on the schedule, after global-norm clipping when `optim.grad_clip_norm > 0`."""
+  parts = []
+  if optim.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+  parts.append(optax.adamw(learning_rate_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2,
+                           weight_decay=optim.weight_decay))
+  return optax.chain(*parts)
+
+
+def ema_decay(step, decay, warmup):
+  """The EMA decay used by update `step`: min(decay, (1 + step) / (10 + step)) with warm-up."""
+  decay = jnp.asarray(decay, jnp.float32)
+  if warmup:
+    step = jnp.asarray(step, jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return decay
+
+
+def uses_ema(config):
+  return config.optim.get('ema_decay', 0.0) > 0
+
+
+class StateBuilder:
+  """Builds, shards and steps the train state of one model on one mesh.
+
+  Args:
+    construct: zero-argument function returning the nnx model (it makes its own Rngs).
+    config: the run's config (`optim`, `train.num_steps`, `mesh.min_shard_size`).
+    mesh: the device mesh.
+  """
+
+  def __init__(self, construct, config, mesh):
+    self.config = config
+    self.mesh = mesh
+    self._construct = construct
+    self.tx = make_optimizer(config.optim, config.train.num_steps)
+    self.lr_schedule = learning_rate_schedule(config.optim, config.train.num_steps)
+    self.use_ema = uses_ema(config)
+    self.graphdef, _, _ = nnx.split(nnx.eval_shape(construct), nnx.Param, ...)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.replicated = sharding.replicated(mesh)
+    min_shard = config.get('mesh', {}).get('min_shard_size', sharding.MIN_SHARD_SIZE)
+    abstract = jax.eval_shape(self._init_fn)
+    # Optimizer statistics are Variables carrying their parameter's logical axis names, so
+    # they (and the EMA) shard exactly like the parameters.
+    self._abstract = abstract
+    self.shardings = sharding.state_shardings(abstract, mesh, min_shard_size=min_shard)
+    self.rest = None
+
+  def _init_fn(self):
+    """(train state, the model's non-parameter state) from scratch."""
+    _, params, rest = nnx.split(self._construct(), nnx.Param, ...)
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+             'opt_state': self.tx.init(params), 'nonfinite_step': jnp.full((), -1, jnp.int32)}
+    if self.use_ema:
+      state['ema_params'] = jax.tree.map(jnp.copy, params)
+    return state, rest
+
+  def init_state(self):
+    """The initial train state, created directly in its shards under `jax.jit` (no device
+    ever holds the whole model)."""
+    with jax.set_mesh(self.mesh):
+      state, self.rest = jax.jit(self._init_fn, out_shardings=self.shardings)()
+    return state
+
+  def abstract_state(self):
+    """ShapeDtypeStructs with this mesh's shardings: a restore target, nothing allocated, so a
+    checkpoint goes straight into its shards whatever mesh wrote it."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self._abstract[0], self.shardings[0])
+
+  def init_rest(self):
+    """The model's non-parameter state, for a restored train state."""
+    if self.rest is None:
+      with jax.set_mesh(self.mesh):
+        self.rest = jax.jit(lambda: self._init_fn()[1], out_shardings=self.shardings[1])()
+    return self.rest
+
+  @property
+  def param_shardings(self):
+    return self.shardings[0]['params']
+
+  def merge(self, params):
+    """The model with `params` (inside a traced function: cheap)."""
+    return nnx.merge(self.graphdef, params, self.init_rest() if self.rest is None else self.rest)
+
+  def param_count(self, state):
+    return sum(x.size for x in jax.tree.leaves(state['params']))
+
+  def make_train_step(self, loss):
+    """The jitted, donated update for `loss(model, batch, key) -> (loss, metrics)`.
+
+    RNG fold_in(base_key, step); gradient global norm; AdamW; EMA; once a loss or gradient is
+    not finite every later update is dropped and `nonfinite_step` records where.
+    """
+    self.init_rest()
+    ema = self.config.optim.get('ema_decay', 0.0), self.config.optim.get('ema_warmup', False)
+
+    def step_fn(state, batch, base_key):
+      step = state['step']
+      key = jax.random.fold_in(base_key, step)
+      (value, metrics), grads = jax.value_and_grad(
+          lambda p: loss(self.merge(p), batch, key), has_aux=True)(state['params'])
+      grad_norm = optax.tree.norm(grads)
+      updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
+      params = optax.apply_updates(state['params'], updates)
+      new = dict(state, step=step + 1, params=params, opt_state=opt_state)
+      if self.use_ema:
+        decay = ema_decay(step, *ema)
+        new['ema_params'] = jax.tree.map(
+            lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
+            state['ema_params'], params)
+      finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+      ok = finite & (state['nonfinite_step'] < 0)
+      new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+      new['nonfinite_step'] = jnp.where((state['nonfinite_step'] < 0) & ~finite, step,
+                                        state['nonfinite_step'])
+      metrics = dict(metrics, loss=value, grad_norm=grad_norm,
+                     learning_rate=self.lr_schedule(step))
+      return new, metrics
+
+    state_shardings = self.shardings[0]
+    jitted = jax.jit(step_fn, donate_argnums=(0,),
+                     in_shardings=(state_shardings, self.batch_sharding, self.replicated),
+                     out_shardings=(state_shardings, self.replicated))
+
+    def train_step(state, batch, base_key):
+      with jax.set_mesh(self.mesh):
+        return jitted(state, batch, base_key)
+
+    train_step.jitted = jitted  # for lowering (benchmarks/memory.py) and AOT compiles
+    return train_step
+
+  def make_eval_step(self, metrics_fn):
+    """Jitted (params, batch, key) → dict of per-batch means over the real (mask = 1) rows."""
+    self.init_rest()
+    jitted = jax.jit(lambda p, b, k: metrics_fn(self.merge(p), b, k),
+                     in_shardings=(self.param_shardings, self.batch_sharding, self.replicated),
+                     out_shardings=self.replicated)
+
+    def eval_step(params, batch, key):
+      with jax.set_mesh(self.mesh):
+        return jitted(params, batch, key)
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------------- mesh & checkpoints
+
+
+def make_mesh(config):
+  """The device mesh of `config.mesh` (default: all devices on the data axis); ConfigError
+  when it does not fit the devices or the batch does not split over its batch shards."""
+  mesh_config = config.get('mesh') or {}
+  shape = tuple(mesh_config.get('shape', (-1, 1, 1)))
+  try:
+    mesh = sharding.make_mesh(shape, dcn_shape=tuple(mesh_config.get('dcn_shape', (1, 1, 1))))
+  except ValueError as e:
+    raise errors.ConfigError(f'{e} (this job has {jax.device_count()} devices in '
+                             f'{jax.process_count()} processes).') from e
+  shards = sharding.batch_axes_size(mesh)
+  batch = config.train.batch_size
+  if batch % shards:
+    raise errors.ConfigError(
+        f'config.train.batch_size={batch} must be divisible by the {shards} batch shards of the '
+        f'mesh {dict(mesh.shape)} (data × fsdp); use a multiple of {shards}.')
+  return mesh
+
+
+def open_checkpointer(config, workdir, *, handle_sigterm=True):
+  return checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), max_to_keep=config.checkpoint.get('max_to_keep', 3),
+      save_interval_steps=config.checkpoint.every_steps, handle_sigterm=handle_sigterm)
+
+
+def restore_or_init(builder, ckpt):
+  """(state, data-iterator state) of the newest checkpoint, restored straight into the
+  builder's shardings (whatever mesh wrote it); a fresh state and None without one.
+
+  Raises:
+    CheckpointMismatchError: the checkpoint holds another model; names the parameter.
+  """
+  step = ckpt.latest_step()
+  if step is None:
+    return builder.init_state(), None
+  state, data_state = ckpt.restore(builder.abstract_state(), step=step)
+  builder.init_rest()
+  logging.info('Restored checkpoint at step %d from %s.', step, ckpt.directory)
+  return state, data_state
+
+
+def load_latest(builder, config, workdir):
+  """The newest train state in `workdir`, for inference (sampling, evaluation).
+
+  Raises:
+    CheckpointNotFoundError: the workdir holds no checkpoint.
+  """
+  with open_checkpointer(config, workdir, handle_sigterm=False) as ckpt:
+    if ckpt.latest_step() is None:
+      raise errors.CheckpointNotFoundError(
+          f'No checkpoint in {workdir}/checkpoints. Train first: python -m guidedflow.main '
+          f'--config <config> --workdir {workdir}')
+    return restore_or_init(builder, ckpt)[0]

@@ -1,0 +1,178 @@
+"""Config checks, in one place, before anything is built: ConfigError names the key and fix.
+
+Allowed values come from the library's own constants (`paths.SCHEDULES`, `losses.TIME_SAMPLERS`,
+`sampling.METHODS`, ...), so a new choice there is accepted here without a copied table. What
+the model needs of the image size is checked once, by the model's own constructor
+(`sampler.model_constructor`), not here.
+"""
+
+import math
+
+import jax
+
+from guidedflow import errors
+from guidedflow import feature_networks
+from guidedflow import losses
+from guidedflow import models
+from guidedflow import paths
+from guidedflow import sampling
+from guidedflow import sharding
+from guidedflow import train_state
+from guidedflow.models import dit
+from guidedflow.models import unet
+
+_GENERATOR_CHOICES = {
+    'model.name': tuple(models.MODELS),
+    'model.unet_norm': unet.NORMS,
+    'model.dtype': tuple(models.DTYPES),
+    'model.param_dtype': tuple(models.DTYPES),
+    'model.attention_impl': dit.ATTENTION_IMPLS,
+    'path.schedule': paths.SCHEDULES,
+    'loss.parameterization': paths.PARAMETERIZATIONS,
+    'loss.time_sampler': losses.TIME_SAMPLERS,
+    'loss.dsm_weighting': losses.DSM_WEIGHTINGS,
+    'sampling.method': sampling.METHODS,
+    'sampling.sigma_schedule': sampling.SIGMA_SCHEDULES,
+    'eval.feature_network': ('none',) + feature_networks.NAMES,
+}
+_COMMON_CHOICES = {'optim.schedule': train_state.SCHEDULES,
+                   'mesh.distributed': sharding.DISTRIBUTED_MODES}
+_GENERATOR_POSITIVE = (
+    'sampling.num_steps', 'sampling.num_samples', 'sampling.batch_size',
+    'sampling.grid_samples_per_class', 'eval.samples_per_class', 'eval.num_real_images',
+    'eval.nearest_k', 'eval.grid_rows_per_class')
+_COMMON_POSITIVE = ('train.num_steps', 'train.batch_size', 'train.log_every_steps',
+                    'checkpoint.every_steps', 'checkpoint.max_to_keep', 'input.num_classes')
+# Keys added after configs were first written: their value when a config lacks them.
+_DEFAULTS = {'model.unet_norm': 'group', 'model.attention_impl': 'einsum',
+             'optim.schedule': 'constant', 'mesh.distributed': 'auto',
+             'checkpoint.max_to_keep': 3}
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split('.'):
+    if part not in node:
+      return _DEFAULTS.get(dotted)
+    node = node[part]
+  return node
+
+
+def _choices(config, table):
+  for key, allowed in table.items():
+    value = _get(config, key)
+    if value not in allowed:
+      raise errors.ConfigError(f'config.{key}={value!r} is not one of {tuple(allowed)}.')
+
+
+def _positive(config, keys):
+  for key in keys:
+    value = _get(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise errors.ConfigError(f'config.{key}={value!r} must be a positive integer.')
+
+
+def validate_config(config):
+  """Checks `config` for its task (`config.task`); raises ConfigError naming key and fix."""
+  _choices(config, _COMMON_CHOICES)
+  _positive(config, _COMMON_POSITIVE)
+  _check_optim(config.optim)
+  _check_mesh(config)
+  batch, processes = config.train.batch_size, jax.process_count()
+  if batch % processes:
+    raise errors.ConfigError(f'config.train.batch_size={batch} must be divisible by the number '
+                             f'of processes ({processes}).')
+  task = config.get('task', 'generate')
+  if task == 'classifier':
+    _check_classifier(config)
+  elif task == 'generate':
+    _check_generator(config)
+  else:
+    raise errors.ConfigError(f"config.task={task!r} is not one of ('generate', 'classifier').")
+
+
+def _check_optim(optim):
+  if not optim.learning_rate > 0:
+    raise errors.ConfigError(f'config.optim.learning_rate={optim.learning_rate} must be > 0.')
+  if not 0.0 <= optim.get('ema_decay', 0.0) < 1.0:
+    raise errors.ConfigError(f'config.optim.ema_decay={optim.ema_decay} must be in [0, 1) '
+                             '(0: no EMA).')
+  if not isinstance(optim.warmup_steps, int) or optim.warmup_steps < 0:
+    raise errors.ConfigError(f'config.optim.warmup_steps={optim.warmup_steps!r} must be an '
+                             'integer >= 0.')
+
+
+def _check_mesh(config):
+  mesh = config.get('mesh') or {}
+  for key in ('shape', 'dcn_shape'):
+    shape = tuple(mesh.get(key, (1, 1, 1)))
+    if len(shape) != 3 or any(not isinstance(s, int) or s == 0 or s < -1 for s in shape):
+      raise errors.ConfigError(
+          f'config.mesh.{key}={shape!r} must be three sizes (data, fsdp, tensor), each positive '
+          'or -1 (all remaining devices), e.g. --config.mesh.shape=-1,8,1')
+  min_shard = mesh.get('min_shard_size', 0)
+  if not isinstance(min_shard, int) or min_shard < 0:
+    raise errors.ConfigError(f'config.mesh.min_shard_size={min_shard!r} must be an integer >= 0.')
+
+
+def _check_classifier(config):
+  _positive(config, ('eval.batch_size', 'model.feature_dim'))
+  for key in ('input.num_train_examples', 'eval.num_examples'):
+    value = _get(config, key)
+    if not isinstance(value, int) or value < 0:
+      raise errors.ConfigError(f'config.{key}={value!r} must be an integer >= 0 (0: all).')
+  if not config.model.channels or any(int(c) < 1 for c in config.model.channels):
+    raise errors.ConfigError(f'config.model.channels={config.model.channels!r} must be a '
+                             'non-empty tuple of positive conv widths, e.g. (32, 64, 128).')
+  _choices(config, {'model.dtype': tuple(models.DTYPES)})
+
+
+def _check_generator(config):
+  _choices(config, _GENERATOR_CHOICES)
+  _positive(config, _GENERATOR_POSITIVE)
+  if not 0.0 <= config.loss.label_dropout < 1.0:
+    raise errors.ConfigError(
+        f'config.loss.label_dropout={config.loss.label_dropout} must be in [0, 1) (it is the '
+        'probability η of training on the null label).')
+  if not math.isfinite(config.sampling.guidance_scale):
+    raise errors.ConfigError('config.sampling.guidance_scale must be a finite number.')
+  if not config.sampling.grid_guidance_scales:
+    raise errors.ConfigError('config.sampling.grid_guidance_scales must name at least one scale.')
+  interval = config.sampling.guidance_interval
+  if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
+    raise errors.ConfigError(f'config.sampling.guidance_interval={interval!r} must be None or '
+                             '(t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1.')
+  _check_model(config.model)
+  _check_eval(config)
+
+
+def _check_model(model):
+  remat = model.get('remat', 'none')
+  if remat not in (True, False) and remat not in dit.REMAT_POLICIES:
+    raise errors.ConfigError(f'config.model.remat={remat!r} is not one of {dit.REMAT_POLICIES} '
+                             '(True / False are accepted as full / none).')
+  if model.get('attention_impl', 'einsum') == 'cudnn' and model.dtype != 'bfloat16':
+    raise errors.ConfigError("config.model.attention_impl='cudnn' needs "
+                             '--config.model.dtype=bfloat16 (and a GPU).')
+
+
+def _check_eval(config):
+  evaluation = config.eval
+  for w in evaluation.guidance_scales or ():
+    if not isinstance(w, (int, float)) or not math.isfinite(w):
+      raise errors.ConfigError(f'config.eval.guidance_scales={evaluation.guidance_scales!r} '
+                               'must be numbers, e.g. --config.eval.guidance_scales=1,1.5,2,3,4')
+  for n in evaluation.num_steps or ():
+    if not isinstance(n, int) or n < 1:
+      raise errors.ConfigError(f'config.eval.num_steps={evaluation.num_steps!r} must be '
+                               'positive integers, e.g. --config.eval.num_steps=5,10,20,50')
+  for method in evaluation.methods or ():
+    if method not in sampling.METHODS:
+      raise errors.ConfigError(f'config.eval.methods={evaluation.methods!r}: {method!r} is not '
+                               f'one of {sampling.METHODS}.')
+  if (config.input.get('space', 'pixels') == 'latents' and
+      evaluation.feature_network != 'none'):
+    raise errors.ConfigError(
+        f'config.eval.feature_network={evaluation.feature_network!r} measures images, but '
+        "config.input.space='latents': the data are autoencoder latents and nothing decodes "
+        'them to pixels yet. Set --config.eval.feature_network=none (held-out loss only).')
