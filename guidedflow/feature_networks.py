@@ -47,6 +47,7 @@ class FeatureNetwork:
     if batch_size < 1:
       raise ValueError(f'batch_size must be ≥ 1, got {batch_size}.')
     self.name = name
+    self.model = model
     self.batch_size = int(batch_size)
     self.meta = dict(meta)
     self.image_shape = None if image_shape is None else tuple(image_shape)
@@ -72,6 +73,8 @@ class FeatureNetwork:
 
   def __call__(self, images):
     images = np.asarray(images)
+    if images.ndim == 3 and self.image_shape is None:  # (N, H, W) grayscale
+      images = images[..., None]
     self._check(images)
     features, logits, in_flight = [], [], None
     # One batch stays queued on the device while the host copies the previous one.

@@ -68,6 +68,12 @@ def model_constructor(config, image_shape):
   return construct
 
 
+def state_builder(config, image_shape, mesh=None):
+  """The generator's `StateBuilder` for `image_shape` on `mesh` (default: `config.mesh`)."""
+  return train_state.StateBuilder(model_constructor(config, image_shape), config,
+                                  mesh if mesh is not None else train_state.make_mesh(config))
+
+
 class Sampler:
   """Samples from a generator's weights with the configured sampler.
 
@@ -203,6 +209,5 @@ def load(config, workdir):
   """
   validation.validate_config(config)
   image_shape = input_pipeline.create_dataset(config.input, config.input.train_split).image_shape
-  builder = train_state.StateBuilder(model_constructor(config, image_shape), config,
-                                     train_state.make_mesh(config))
+  builder = state_builder(config, image_shape)
   return builder, train_state.load_latest(builder, config, workdir), tuple(image_shape)

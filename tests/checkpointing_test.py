@@ -123,14 +123,13 @@ def test_mismatch_names_parameter_and_fix(tmp_path, change, message):
 
 def _dit_train_state(scan_blocks, abstract=False):
   """The tiny config's DiT train state (params, AdamW, EMA: one 'test/7' block) in a layout."""
-  sys.path.insert(0, os.path.join(_REPO, 'configs'))
-  import tiny  # pylint: disable=g-import-not-at-top
-  from guidedflow import sharding, train  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from guidedflow import sampler, sharding  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.model.scan_blocks = scan_blocks
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  trainer = train.Trainer(config, (28, 28, 1), mesh)
-  return trainer.abstract_state() if abstract else trainer.init_state()
+  builder = sampler.state_builder(config, (28, 28, 1), mesh)
+  return builder.abstract_state() if abstract else builder.init_state()
 
 
 @pytest.mark.parametrize('saved_scanned', [False, True], ids=['unscanned_saved', 'scanned_saved'])

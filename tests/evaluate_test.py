@@ -14,10 +14,15 @@ from PIL import Image
 import pytest
 
 from configs import tiny
+from guidedflow import errors
 from guidedflow import evaluate
 from guidedflow import evaluation
+from guidedflow import feature_networks
+from guidedflow import images as images_lib
 from guidedflow import input_pipeline
+from guidedflow import sampler as sampler_lib
 from guidedflow import train
+from guidedflow import validation
 
 NUM_REAL = 200
 
@@ -58,28 +63,29 @@ def _config(**eval_overrides):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """A tiny checkpoint (2 steps) and its trainer/state, shared by the tests."""
+  """A tiny checkpoint (2 steps), its eval split and Sampler, and the pixel feature network."""
   workdir = str(tmp_path_factory.mktemp('evaluate'))
   config = tiny.get_config()
   config.train.num_steps = 2
   train.train_and_evaluate(config, workdir)
-  eval_set, trainer, state = train.load_for_inference(config, workdir, 'test')
+  sampler = sampler_lib.Sampler.from_workdir(config, workdir)
+  eval_set = input_pipeline.create_dataset(config.input, 'test')
   network = PixelFeatures()
   real, labels = evaluate._real_images(eval_set, NUM_REAL)  # pylint: disable=protected-access
   network.fit(real, labels)
-  return workdir, eval_set, trainer, state, network
+  return workdir, eval_set, sampler, network
 
 
 @pytest.fixture
 def network(trained, monkeypatch):
-  net = trained[4]
-  monkeypatch.setattr(evaluate, 'load_feature_network', lambda config: net)
+  net = trained[3]
+  monkeypatch.setattr(feature_networks, 'load', lambda config: net)
   return net
 
 
 def test_real_images_measure_as_perfect_samples(trained, network, tmp_path):
-  _, eval_set, trainer, _, _ = trained
-  evaluator = evaluate.Evaluator(_config(), str(tmp_path), trainer, eval_set)
+  _, eval_set, sampler, _ = trained
+  evaluator = evaluate.Evaluator(_config(), str(tmp_path), sampler, network, eval_set)
   real, labels = evaluate._real_images(eval_set, NUM_REAL)  # pylint: disable=protected-access
   metrics = evaluator.measure(real, labels)
   assert metrics['fd'] < 1e-6
@@ -101,13 +107,13 @@ def test_real_images_measure_as_perfect_samples(trained, network, tmp_path):
 
 
 def test_reference_is_cached_and_checked(trained, network, tmp_path):
-  _, eval_set, trainer, _, _ = trained
+  _, eval_set, sampler, _ = trained
   config = _config()
   calls = network.calls
-  evaluate.Evaluator(config, str(tmp_path), trainer, eval_set)
+  evaluate.Evaluator(config, str(tmp_path), sampler, network, eval_set)
   first = network.calls - calls
   assert first > 1  # the fingerprint probe + the reference images
-  evaluate.Evaluator(config, str(tmp_path), trainer, eval_set)
+  evaluate.Evaluator(config, str(tmp_path), sampler, network, eval_set)
   assert network.calls - calls == first + 1  # second time: only the probe; loaded from eval/
   path = os.path.join(tmp_path, 'eval', f'reference_test_pixels_{NUM_REAL}.npz')
   assert os.path.exists(path)
@@ -123,12 +129,12 @@ def test_reference_is_cached_and_checked(trained, network, tmp_path):
     evaluate.reference_features(config, retrained, eval_set, str(tmp_path), NUM_REAL)
 
 
-def _count_model_rows(trainer, monkeypatch):
-  """Patches the trainer's model to record the rows of every evaluation it runs."""
+def _count_model_rows(sampler, monkeypatch):
+  """Patches the sampler's model to record the rows of every evaluation it runs."""
   rows = []
-  original = trainer.model_fn
+  original = sampler.builder.merge
 
-  def counting_model_fn(params):
+  def counting_merge(params):
     model = original(params)
 
     def model_fn(x, t, y):
@@ -137,18 +143,18 @@ def _count_model_rows(trainer, monkeypatch):
 
     return model_fn
 
-  monkeypatch.setattr(trainer, 'model_fn', counting_model_fn)
-  monkeypatch.setattr(trainer, '_sample', None)  # compile afresh with the counting model
+  monkeypatch.setattr(sampler.builder, 'merge', counting_merge)
+  monkeypatch.setattr(sampler, '_compiled', {})  # compile afresh with the counting model
   return rows
 
 
 def test_guidance_and_steps_sweeps_write_tables_figures_and_grid(trained, network, tmp_path,
                                                                  monkeypatch):
-  _, eval_set, trainer, state, _ = trained
+  _, eval_set, sampler, _ = trained
   config = _config(guidance_scales=(1.0, 3.0), num_steps=(1, 2), methods=('euler', 'heun'))
   train_set = input_pipeline.create_dataset(config.input, 'train')
-  rows = _count_model_rows(trainer, monkeypatch)
-  result = evaluate.run(config, str(tmp_path), trainer, state, eval_set, train_set)
+  rows = _count_model_rows(sampler, monkeypatch)
+  result = evaluate.run(config, str(tmp_path), sampler, network, eval_set, train_set)
   jax.effects_barrier()
   out = os.path.join(tmp_path, 'eval')
 
@@ -188,11 +194,15 @@ def test_guidance_and_steps_sweeps_write_tables_figures_and_grid(trained, networ
 
 def test_bad_eval_config_is_refused():
   config = _config(methods=('rk4',))
-  with pytest.raises(train.ConfigError, match='eval.methods'):
-    train.validate_config(config)
+  with pytest.raises(errors.ConfigError, match='eval.methods'):
+    validation.validate_config(config)
   config = _config(num_steps=(0,))
-  with pytest.raises(train.ConfigError, match='eval.num_steps'):
-    train.validate_config(config)
+  with pytest.raises(errors.ConfigError, match='eval.num_steps'):
+    validation.validate_config(config)
+  config = _config()
+  config.input.space = 'latents'  # e.g. configs/imagenet256_latent.py with Inception
+  with pytest.raises(errors.ConfigError, match='feature_network=none'):
+    validation.validate_config(config)
 
 
 def test_periodic_sample_metrics_reach_tensorboard(network, tmp_path, monkeypatch):
@@ -211,7 +221,7 @@ def test_periodic_sample_metrics_reach_tensorboard(network, tmp_path, monkeypatc
     def close(self):
       pass
 
-  monkeypatch.setattr(train, '_Writer', RecordingWriter)
+  monkeypatch.setattr(train, 'Writer', RecordingWriter)
   config = _config()
   config.train.num_steps = 2
   config.eval.every_steps = 1
@@ -227,5 +237,32 @@ def test_periodic_eval_without_feature_network_keeps_training(tmp_path, monkeypa
   config = _config(classifier_workdir=str(tmp_path / 'no_classifier'))
   config.train.num_steps = 2
   config.eval.every_steps = 1
-  state = train.train_and_evaluate(config, str(tmp_path / 'run'))  # warns once, trains on
+  state, _ = train.train_and_evaluate(config, str(tmp_path / 'run'))  # warns once, trains on
   assert int(state['step']) == 2
+
+
+def test_float_dataset_round_trips_with_one_convention(trained, network, tmp_path):
+  """A dataset of float images in [−1, 1] (what latents look like): the train batch is those
+  floats, the reference images and features are those of the uint8 images they came from, and
+  samples (uint8 files) and data share the mapping."""
+  _, eval_set, sampler, _ = trained
+  uint8 = eval_set.get_batch(np.arange(NUM_REAL))
+  floats = input_pipeline.ArrayDataset(images_lib.to_model(uint8['image']), uint8['label'],
+                                       num_classes=10, name='float', split='test')
+  assert float(floats.images.min()) == -1.0 and float(floats.images.max()) == 1.0
+  batch = input_pipeline.BatchIterator(floats, global_batch_size=8, seed=0).host_batch(0)
+  indices = input_pipeline.BatchIterator(floats, global_batch_size=8, seed=0).global_indices(0)
+  np.testing.assert_array_equal(batch['image'], floats.images[indices])  # no second scaling
+  real, _ = evaluate._real_images(floats, NUM_REAL)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(real, uint8['image'])
+  config = _config()
+  from_floats = evaluate.reference_features(config, network, floats, str(tmp_path), NUM_REAL)
+  from_uint8 = evaluate.reference_features(config, network, eval_set, str(tmp_path / 'u'),
+                                           NUM_REAL)
+  np.testing.assert_array_equal(from_floats['features'], from_uint8['features'])
+  key = jax.random.fold_in(jax.random.PRNGKey(0), 0)  # sample_images' key of its batch 0
+  samples, _ = sampler.sample(key, np.arange(4, dtype=np.int32), 1.0)
+  files = sampler.sample_images(jax.random.PRNGKey(0), np.arange(4, dtype=np.int32), 1.0,
+                                batch_size=4)[0]
+  np.testing.assert_array_equal(files, images_lib.to_uint8(np.asarray(samples)))
+  np.testing.assert_array_equal(images_lib.to_uint8(images_lib.to_model(real)), real)

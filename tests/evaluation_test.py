@@ -2,11 +2,15 @@
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from flax import nnx
 
 from guidedflow import evaluation
+from guidedflow import feature_networks
+from guidedflow import images as images_lib
 
 
 def _random_covariance(rng, dim, scale=1.0):
@@ -231,34 +235,38 @@ def test_per_class_accuracy_counts_each_class_and_marks_empty_ones():
 # ----- feature extraction and reference cache --------------------------------------------------
 
 
-class _CountingNetwork:
-  """A stand-in feature network: features are per-image pixel means; records batch shapes."""
-  name = 'counting'
+class _MeanPixel(nnx.Module):
+  """Features (m, −m) · scale of the mean pixel m; logits 2 m."""
 
-  def __init__(self, with_logits):
-    self.batch_shapes = []
-    self.with_logits = with_logits
-
-  def __call__(self, images):
-    self.batch_shapes.append(images.shape)
-    features = images.reshape(len(images), -1).mean(axis=1, keepdims=True).astype(np.float32)
-    return dict(features=np.concatenate([features, -features], axis=1),
-                logits=features * 2 if self.with_logits else None)
+  def __init__(self):
+    self.scale = nnx.Param(jnp.ones(()))
 
 
 @pytest.mark.parametrize('with_logits', [True, False])
-def test_compute_features_batches_pads_and_concatenates(with_logits):
+def test_feature_network_runner_pads_compiles_once_and_concatenates(with_logits):
+  """The one padded-batch runner: 1050 images in batches of 500 (the last one padded) give the
+  features of each image alone, with one compile of the network."""
   images = np.random.default_rng(13).integers(0, 256, (1050, 4, 4, 1), dtype=np.uint8)
-  network = _CountingNetwork(with_logits)
-  out = evaluation.compute_features(network, images, batch_size=500)
-  assert network.batch_shapes == [(500, 4, 4, 1)] * 3  # last batch padded, not a new shape
-  expected = images.reshape(1050, -1).mean(axis=1).astype(np.float32)
-  np.testing.assert_array_equal(out['features'][:, 0], expected)
+
+  def apply(model, x):
+    mean = x.mean(axis=(1, 2, 3))
+    features = jnp.stack([mean, -mean], axis=1) * model.scale[...]
+    return features, (2 * mean[:, None] if with_logits else None)
+
+  network = feature_networks.FeatureNetwork('mean', _MeanPixel(), apply,
+                                            preprocess=images_lib.to_model, batch_size=500,
+                                            meta={})
+  out = evaluation.compute_features(network, images)
+  assert network.num_traces == 1
+  expected = images_lib.to_model(images).reshape(1050, -1).mean(axis=1)
+  np.testing.assert_allclose(out['features'][:, 0], expected, rtol=1e-6, atol=1e-6)
   assert out['features'].shape == (1050, 2) and out['features'].dtype == np.float32
   if with_logits:
-    np.testing.assert_array_equal(out['logits'][:, 0], 2 * expected)
+    np.testing.assert_allclose(out['logits'][:, 0], 2 * expected, rtol=1e-6, atol=1e-6)
   else:
     assert out['logits'] is None
+  alone = network(images[-1:])['features']  # one image, padded to 500: the same features
+  np.testing.assert_array_equal(alone[0], out['features'][-1])
 
 
 def test_reference_round_trip(tmp_path):

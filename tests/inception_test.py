@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from guidedflow import feature_networks
 from guidedflow.models import inception
 from guidedflow.models.layers import param_count
 
@@ -31,7 +32,7 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def extractor(weights):
-  return inception.load_inception(weights[1], batch_size=BATCH_SIZE)
+  return feature_networks.load_inception(weights[1], batch_size=BATCH_SIZE)
 
 
 def _uint8_images(shape, seed):
@@ -139,7 +140,7 @@ def test_features_shape_finite_nonnegative_and_padding_free(extractor):
   assert np.mean(out > 0) > 0.1 and not np.allclose(out[0], out[1])
   alone = extractor(images[2:3])['features']
   np.testing.assert_allclose(alone[0], out[2], rtol=1e-5, atol=1e-6)
-  assert extractor.num_network_traces == 1
+  assert extractor.num_traces == 1
 
 
 def test_small_grayscale_and_rgb_inputs_are_resized(extractor):
@@ -151,7 +152,7 @@ def test_small_grayscale_and_rgb_inputs_are_resized(extractor):
     assert out.shape == (2, 2048) and np.all(np.isfinite(out)) and np.all(out >= 0)
   np.testing.assert_allclose(gray_features, tiled_features, rtol=1e-6, atol=1e-6)
   assert not np.allclose(gray_features, rgb_features)
-  assert extractor.num_network_traces == 1  # the network is compiled once for all image sizes
+  assert extractor.num_traces == 1  # the network is compiled once for all image sizes
   with pytest.raises(ValueError, match='uint8'):
     extractor(gray.astype(np.float32))
 
@@ -159,7 +160,7 @@ def test_small_grayscale_and_rgb_inputs_are_resized(extractor):
 def test_missing_file_says_where_to_download_and_which_key(tmp_path):
   for path in (tmp_path / 'nowhere.pth', None):
     with pytest.raises(FileNotFoundError) as info:
-      inception.load_inception(path)
+      feature_networks.load_inception(path)
     assert isinstance(info.value, inception.InceptionWeightsNotFoundError)
     message = str(info.value)
     assert inception.FID_WEIGHTS_URL in message and 'eval.inception_weights' in message
@@ -171,7 +172,7 @@ def test_file_missing_a_tensor_names_it_and_its_shape(weights, tmp_path):
   path = tmp_path / 'incomplete.pth'
   inception.save_weights({k: v for k, v in state_dict.items() if k != missing}, path)
   with pytest.raises(ValueError, match=rf"'{missing}' \(expected shape \(160,\)\)"):
-    inception.load_inception(path)
+    feature_networks.load_inception(path)
 
 
 def test_mismatched_or_wrong_network_tensors_are_rejected(weights):
@@ -191,7 +192,7 @@ def test_unreadable_or_unsafe_files_raise_value_error(tmp_path):
   garbage = tmp_path / 'garbage.pth'
   garbage.write_bytes(os.urandom(1000))
   with pytest.raises(ValueError, match='not a readable PyTorch state-dict'):
-    inception.load_inception(garbage)
+    feature_networks.load_inception(garbage)
   # A pickle that would call os.system must be refused, not executed.
   payload = (pickle.PROTO + b'\x02' + pickle.GLOBAL + b'os\nsystem\n' + pickle.MARK
              + pickle.BINUNICODE + b'\x04\x00\x00\x00true' + pickle.TUPLE + pickle.REDUCE

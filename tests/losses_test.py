@@ -195,3 +195,20 @@ def test_mask_weights_out_padding(parameterization):
   # Unmasked, the garbage rows dominate.
   unmasked_garbage, _ = loss_fn({'image': garbage, 'label': labels})
   assert float(unmasked_garbage) > 100 * float(masked)
+
+
+def test_dsm_weighting_none_is_noise_weighting_over_beta_squared():
+  """At a pinned t (every draw clipped to 1 − t_eps = 0.7, so β = 0.3 on the linear path) and the
+  same draws, ‖s_θ − s‖² = ‖ε_θ − ε‖² / β²: the ratio of the two weightings is 1/β² = 11.1."""
+  batch = {'image': jax.random.normal(jax.random.PRNGKey(1), (16, 4, 4, 1)),
+           'label': jnp.arange(16) % 3}
+  common = dict(path='linear', null_label=3, parameterization='noise', label_dropout=0.0,
+                time_sampler='logit_normal', time_sampler_kwargs=dict(mean=30.0, std=0.01),
+                t_eps=0.3)
+  zero = lambda x, t, y: jnp.zeros_like(x)  # ε_θ = 0, so s_θ = 0
+  key = jax.random.PRNGKey(2)
+  noise, metrics = losses.dsm_loss(zero, batch, key, dsm_weighting='noise', **common)
+  raw, _ = losses.dsm_loss(zero, batch, key, dsm_weighting='none', **common)
+  assert float(metrics['t_mean']) == pytest.approx(0.7, abs=1e-6)
+  assert float(raw) / float(noise) == pytest.approx(1 / 0.3 ** 2, rel=1e-5)
+  assert float(noise) == pytest.approx(1.0, abs=0.3)  # E ε² = 1

@@ -451,25 +451,22 @@ def test_compile_time_benchmark_smoke():
 
 def test_model_config_keys_remat_scan_blocks_attention():
   """configs: remat takes a policy or an older config's bool; bad values name the key."""
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  'configs'))
-  import tiny  # pylint: disable=g-import-not-at-top
-  from guidedflow import train  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from guidedflow import errors, sampler, validation  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   assert config.model.remat == 'none' and config.model.scan_blocks is True
   for value, policy in ((True, 'full'), (False, 'none'),
                         ('dots_with_no_batch_dims_saveable', 'dots_with_no_batch_dims_saveable')):
     config.model.remat = value  # a bool is accepted by the config, as older configs set it
-    train.validate_config(config)
-    model = nnx.eval_shape(train.model_constructor(config, (28, 28, 1)))
+    validation.validate_config(config)
+    model = nnx.eval_shape(sampler.model_constructor(config, (28, 28, 1)))
     assert model.remat == policy and model.scan_blocks
   config.model.scan_blocks = False
-  assert not nnx.eval_shape(train.model_constructor(config, (28, 28, 1))).scan_blocks
+  assert not nnx.eval_shape(sampler.model_constructor(config, (28, 28, 1))).scan_blocks
   for key, value, message in (('remat', 'sometimes', 'config.model.remat'),
                               ('attention_impl', 'flash', 'config.model.attention_impl'),
                               ('attention_impl', 'cudnn', 'dtype=bfloat16')):
     bad = tiny.get_config()
     bad.model[key] = value
-    with pytest.raises(train.ConfigError, match=message):
-      train.validate_config(bad)
+    with pytest.raises(errors.ConfigError, match=message):
+      validation.validate_config(bad)

@@ -27,9 +27,8 @@ _CHILD = textwrap.dedent(r'''
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
     import jax
     import numpy as np
-    sys.path.insert(0, os.path.join(os.getcwd(), 'configs'))
-    import tiny
-    from guidedflow import checkpointing, input_pipeline, sharding, train
+    from configs import tiny
+    from guidedflow import checkpointing, input_pipeline, sampler, sharding, tasks, train_state
 
     workdir = sys.argv[1]
     config = tiny.get_config()
@@ -45,8 +44,9 @@ _CHILD = textwrap.dedent(r'''
     report = {'num_devices': jax.device_count()}
 
     def run(mesh):
-      trainer = train.Trainer(config, image_shape, mesh)
-      state = trainer.init_state()
+      builder = sampler.state_builder(config, image_shape, mesh)
+      train_step = builder.make_train_step(tasks.get_task(config).loss)
+      state = builder.init_state()
       init_bytes = {k: sharding.bytes_per_device(state[k]) for k in ('params', 'opt_state',
                                                                     'ema_params')}
       leaves = jax.tree_util.tree_leaves_with_path(state['params'])
@@ -54,14 +54,14 @@ _CHILD = textwrap.dedent(r'''
       per_leaf = {jax.tree_util.keystr(p): [x.nbytes, x.addressable_shards[0].data.nbytes,
                                             [e for e in x.sharding.spec if e]] for p, x in leaves}
       iterator = input_pipeline.BatchIterator(dataset, global_batch_size=16, seed=0,
-                                              sharding=trainer.batch_sharding)
+                                              sharding=builder.batch_sharding)
       losses = []
       for _ in range(3):
-        state, metrics = trainer.train_step(state, next(iterator), base_key)
+        state, metrics = train_step(state, next(iterator), base_key)
         losses.append(float(metrics['loss']))
-      samples, _ = trainer.sample(state['ema_params'], jax.random.PRNGKey(5), labels, 2.0,
-                                  num_steps=3, method='heun')
-      return trainer, state, {'losses': losses, 'init_bytes': init_bytes,
+      samples, _ = sampler.Sampler.from_train_state(config, builder, state, image_shape).sample(
+          jax.random.PRNGKey(5), labels, 2.0, num_steps=3, method='heun')
+      return builder, state, {'losses': losses, 'init_bytes': init_bytes,
                               'real_param_bytes': real_bytes, 'per_leaf': per_leaf,
                               'samples_sharding': str(samples.sharding.spec)}, samples
 
@@ -77,8 +77,8 @@ _CHILD = textwrap.dedent(r'''
 
     for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
       config.mesh.shape = shape
-      mesh = train.make_mesh(config)
-      trainer, state, r, samples = run(mesh)
+      mesh = train_state.make_mesh(config)
+      _, state, r, samples = run(mesh)
       params = jax.device_get(state['params'])
       diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), params,
                            ref_params)
@@ -100,7 +100,8 @@ _CHILD = textwrap.dedent(r'''
         saved = jax.tree.map(np.asarray, jax.device_get(state))
         for name, target in [('restore_one_device', one),
                              ('restore_(8, 1, 1)', sharding.make_mesh((8, 1, 1)))]:
-          restored, _ = ckpt.restore(train.Trainer(config, image_shape, target).abstract_state())
+          restored, _ = ckpt.restore(
+              sampler.state_builder(config, image_shape, target).abstract_state())
           equal = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), restored,
                                saved)
           report[name] = {

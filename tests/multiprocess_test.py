@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from guidedflow import train
+from guidedflow import sampler
+from guidedflow import train_state
 from tests import subprocess_env
 
 REPO = subprocess_env.REPO
@@ -52,10 +53,10 @@ def _finish(launcher, log_dir, timeout=600):
 
 def _restore(workdir):
   config = tiny.get_config()
-  _, trainer, ckpt = train._setup(config, str(workdir), split='train')
-  state, data_state = train._restore_latest(trainer, ckpt, str(workdir))
-  steps = ckpt.all_steps()
-  ckpt.close()
+  with train_state.open_checkpointer(config, str(workdir), handle_sigterm=False) as ckpt:
+    state, data_state = train_state.restore_or_init(
+        sampler.state_builder(config, (28, 28, 1)), ckpt)
+    steps = ckpt.all_steps()
   return jax.tree.map(np.asarray, jax.device_get(state)), data_state, steps
 
 
