@@ -7,7 +7,7 @@ Model and recipe: configs/imagenet256_latent.py (32×32×4 latents, 1000 classes
 f32 parameters, bf16 compute). Nothing is allocated and no accelerator is needed.
 
 **Train state** (parameters, AdamW mu and nu, EMA; plus the int32 step counters) per device is
-exact: `Trainer.abstract_state()` on an `AbstractMesh` gives ShapeDtypeStructs with the
+exact: `StateBuilder.abstract_state()` on an `AbstractMesh` gives ShapeDtypeStructs with the
 NamedShardings that training uses, and `sharding.bytes_per_device` sums their shard shapes.
 
 **Activations** saved for the backward pass, per sample, per transformer block, in bytes, with
@@ -65,10 +65,11 @@ data × fsdp) = floor((capacity − margin − fixed) / activations per sample),
 
 The activation count is meant as an upper estimate: a backend that fuses elementwise producers
 (GeLU internals, LayerNorm) into their backward consumers keeps less, down to the Korthikanti
-count (printed as a lower reference); how much less on TPU/GPU is not measured here. `--xla_check` compiles the training step
-(`Trainer._step`: loss, gradients, AdamW, EMA) of a smaller DiT on this machine's XLA for
-several batch sizes (a few minutes on a 2-core CPU) and prints XLA's temp bytes per sample (the
-difference between batch sizes) next to the formula. On CPU, XLA runs bf16 matmuls in f32 (its
+count (printed as a lower reference); how much less on TPU/GPU is not measured here.
+`--xla_check` compiles the training step (`StateBuilder.make_train_step`: loss, gradients,
+AdamW, EMA) of a smaller DiT on this machine's XLA for several batch sizes (a few minutes on a
+2-core CPU) and prints XLA's temp bytes per sample (the difference between batch sizes) next to
+the formula. On CPU, XLA runs bf16 matmuls in f32 (its
 bf16 temp bytes are f32-like) and fuses differently from TPU/GPU, so there the f32 row is the
 meaningful comparison.
 """
@@ -86,13 +87,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'configs'))
-import imagenet256_latent  # pylint: disable=g-import-not-at-top,wrong-import-position
+# The repository root, so that `configs` imports when run as `python benchmarks/memory.py`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import imagenet256_latent
 
-from guidedflow import sharding  # pylint: disable=wrong-import-position
-from guidedflow import train  # pylint: disable=wrong-import-position
-from guidedflow.models import dit  # pylint: disable=wrong-import-position
+from guidedflow import sampler as sampler_lib
+from guidedflow import sharding
+from guidedflow import tasks
+from guidedflow.models import dit
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 IMAGE_SHAPE = (32, 32, 4)
 DEFAULT_MESHES = ('1,1,1', '1,8,1', '1,64,1', '1,16,4', '1,8,8')
@@ -162,15 +166,17 @@ def traced_residual_bytes_per_sample(config, image_shape=IMAGE_SHAPE) -> int:
   """Bytes per sample of the residuals that `jax.vjp` of the training loss keeps (traced with
   `jax.eval_shape`; nothing runs): the difference between batch sizes 2 and 1."""
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  trainer = train.Trainer(config, image_shape, mesh)
-  trainer.init_rest()
-  params = trainer.abstract_state()['params']
+  builder = sampler_lib.state_builder(config, image_shape, mesh)
+  builder.init_rest()
+  params = builder.abstract_state()['params']
+  loss = tasks.get_task(config).loss
 
   def residual_bytes(batch_size):
     batch = _abstract_batch(batch_size, image_shape)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     pullback = jax.eval_shape(
-        lambda p, b, k: jax.vjp(lambda q: trainer.loss(q, b, k)[0], p)[1], params, batch, key)
+        lambda p, b, k: jax.vjp(lambda q: loss(builder.merge(q), b, k)[0], p)[1],
+        params, batch, key)
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(pullback))
 
   return residual_bytes(2) - residual_bytes(1)
@@ -250,8 +256,8 @@ class MeshMemory:
 
 
 def mesh_memory(config, mesh_shape, image_shape=IMAGE_SHAPE) -> MeshMemory:
-  trainer = train.Trainer(config, image_shape, abstract_mesh(mesh_shape))
-  abstract = trainer.abstract_state()
+  abstract = sampler_lib.state_builder(config, image_shape,
+                                       abstract_mesh(mesh_shape)).abstract_state()
   parts = state_bytes(abstract)
   c = compute_bytes(config)
   param_itemsize = jnp.dtype(config.model.param_dtype).itemsize
@@ -273,18 +279,18 @@ def mesh_memory(config, mesh_shape, image_shape=IMAGE_SHAPE) -> MeshMemory:
 
 def xla_temp_bytes(config, batch_sizes, image_shape=IMAGE_SHAPE) -> list:
   """XLA's temp bytes of one compiled training step (loss, grad, AdamW, EMA) per batch size,
-  on one local device (`jax.jit(Trainer._step).lower(abstract).compile().memory_analysis()`)."""
+  on one local device (`train_step.jitted.lower(abstract).compile().memory_analysis()`)."""
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  trainer = train.Trainer(config, image_shape, mesh)
-  trainer.init_rest()
-  state = trainer.abstract_state()
+  builder = sampler_lib.state_builder(config, image_shape, mesh)
+  state = builder.abstract_state()
+  # The jitted (donated) step the training loop runs.
+  step = builder.make_train_step(tasks.get_task(config).loss).jitted
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   temps = []
   for batch_size in batch_sizes:
     batch = _abstract_batch(batch_size, image_shape)
-    step = trainer._step  # pylint: disable=protected-access  # the step train_step jits
     with jax.set_mesh(mesh):
-      compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch, key).compile()
+      compiled = step.lower(state, batch, key).compile()
     temps.append(compiled.memory_analysis().temp_size_in_bytes)
   return temps
 

@@ -11,13 +11,22 @@ Prints numbers only; it asserts nothing.
 """
 
 import json
+import os
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+# The repository root: the config files import `configs` (run as `python benchmarks/...`).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from guidedflow import evaluate
-from guidedflow import train
+from guidedflow import feature_networks
+from guidedflow import input_pipeline
+from guidedflow import sampler as sampler_lib
+from guidedflow import validation
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config the checkpoint was trained with.',
@@ -52,10 +61,11 @@ def main(argv):
   if config.eval.feature_network == 'none':
     raise app.UsageError('quality_vs_nfe needs a feature network: set '
                          '--config.eval.feature_network=fmnist_classifier (or inception_v3).')
-  train.validate_config(config)
-  eval_set, trainer, state = train.load_for_inference(
-      config, FLAGS.workdir, config.input.eval_split)
-  result = evaluate.run(config, FLAGS.workdir, trainer, state, eval_set, None, guidance=False)
+  validation.validate_config(config)
+  sampler = sampler_lib.Sampler.from_workdir(config, FLAGS.workdir)
+  eval_set = input_pipeline.create_dataset(config.input, config.input.eval_split)
+  result = evaluate.run(config, FLAGS.workdir, sampler, feature_networks.load(config), eval_set,
+                        None, guidance=False)
   rows = result['steps_sweep']
   if FLAGS.json:
     print(json.dumps(dict(step=result['step'], feature_network=result['feature_network'],

@@ -5,11 +5,11 @@
 
 In one process: the f32 and bf16 matmul peaks (`P32`, `P16`: a jnp 2048² matmul, bf16 with f32
 accumulation), then for each workload and compute dtype
-  * the real train step of the program (`train.Trainer.train_step`: loss, grad, global-norm clip,
-    AdamW, EMA, non-finite guard; donated state), built from the same config code as
-    `python -m guidedflow.main`;
+  * the real train step of the program (`train_state.StateBuilder.make_train_step` with the
+    generator task's loss: loss, grad, global-norm clip, AdamW, EMA, non-finite guard; donated
+    state), built from the same config code as `python -m guidedflow.main`;
   * 50-step CFG sampling (Euler, w = 2: each step one forward of the doubled batch) and plain
-    conditional sampling (w = 1: one forward of the batch) through `Trainer.sample`, and one
+    conditional sampling (w = 1: one forward of the batch) through `Sampler.sample`, and one
     forward of the batch and of the doubled batch, so that the sampler's time can be compared
     with NFE × one forward (`vs_fwd`: 1.00 = the sampler costs exactly its model evaluations).
 FLOPs are analytic (`guidedflow.models.flops_per_example`, 2 × multiply-adds of matmuls/convs,
@@ -35,12 +35,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs'))
-import default as default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-import fashion_mnist as fmnist_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+# The repository root, so that `configs` imports when run as `python benchmarks/...`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import default as default_config
+from configs import fashion_mnist as fmnist_config
 
-from guidedflow import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from guidedflow import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from guidedflow import models
+from guidedflow import sampler as sampler_lib
+from guidedflow import tasks
+from guidedflow import validation
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 DTYPES = {'f32': 'float32', 'bf16': 'bfloat16'}
 
@@ -117,15 +122,16 @@ def matmul_peak(dtype, size, steps):
   return 2 * size**3 / _time(lambda: matmul(a, b), steps) / 1e9
 
 
-def _trainer(make, dtype_name, train_batch):
+def _builder(make, dtype_name, train_batch):
+  """(the generator's StateBuilder, config, image shape) of one workload."""
   config, image_shape = make()
   config.model.dtype = DTYPES[dtype_name]
   if train_batch:
     config.train.batch_size = train_batch
   config.mesh.shape = (1, 1, 1)
   config.train.num_steps = 10_000  # the learning-rate schedule only
-  train.validate_config(config)
-  return train.Trainer(config, image_shape, train.make_mesh(config)), config
+  validation.validate_config(config)
+  return sampler_lib.state_builder(config, image_shape), config, tuple(image_shape)
 
 
 def _flops(config, image_shape):
@@ -139,57 +145,60 @@ def _flops(config, image_shape):
   return models.flops_per_example(config.model.name, **kwargs)
 
 
-def bench_train(trainer, config, steps, rounds):
+def bench_train(builder, config, image_shape, steps, rounds):
   batch_size = config.train.batch_size
   rng = np.random.default_rng(0)
-  batch = {'image': rng.uniform(-1, 1, (batch_size,) + trainer.image_shape).astype(np.float32),
-           'label': rng.integers(0, trainer.num_classes, batch_size).astype(np.int32)}
-  batch = jax.device_put(batch, trainer.batch_sharding)
+  batch = {'image': rng.uniform(-1, 1, (batch_size,) + image_shape).astype(np.float32),
+           'label': rng.integers(0, config.input.num_classes, batch_size).astype(np.int32)}
+  batch = jax.device_put(batch, builder.batch_sharding)
   key = jax.random.PRNGKey(0)
-  state = trainer.init_state()
+  state = builder.init_state()
+  train_step = builder.make_train_step(tasks.get_task(config).loss)
   start = time.perf_counter()
-  state, _ = trainer.train_step(state, batch, key)
+  state, _ = train_step(state, batch, key)
   jax.block_until_ready(state)
   first_s = time.perf_counter() - start
   holder = [state]
 
   def step():
-    holder[0], metrics = trainer.train_step(holder[0], batch, key)
+    holder[0], metrics = train_step(holder[0], batch, key)
     return metrics['loss']
 
   seconds = _time(step, steps, rounds)
   return holder[0], batch_size / seconds, first_s
 
 
-def bench_sample(trainer, params, sample_batch, num_steps, guidance_scale, rounds):
-  labels = np.arange(sample_batch, dtype=np.int32) % trainer.num_classes
+def bench_sample(sampler, sample_batch, num_steps, guidance_scale, rounds):
+  labels = np.arange(sample_batch, dtype=np.int32) % sampler.num_classes
   key = jax.random.PRNGKey(1)
   options = dict(num_steps=num_steps, method='euler')
   start = time.perf_counter()
-  _, nfe = trainer.sample(params, key, labels, guidance_scale, **options)
+  _, nfe = sampler.sample(key, labels, guidance_scale, **options)
   first_s = time.perf_counter() - start
   # The first call compiled and ran it: the timed rounds need no other warm-up.
-  seconds = _time(lambda: trainer.sample(params, key, labels, guidance_scale, **options)[0],
+  seconds = _time(lambda: sampler.sample(key, labels, guidance_scale, **options)[0],
                   1, rounds, warm_up=False)
   return seconds, nfe, first_s
 
 
-def bench_forward(trainer, params, batch, steps, rounds):
+def bench_forward(builder, params, image_shape, batch, steps, rounds):
   """Seconds of one jitted forward of `batch` rows (the sampler's unit of work)."""
-  forward = jax.jit(lambda p, x, t, y: trainer.model_fn(p)(x, t, y))
-  x = jnp.zeros((batch,) + trainer.image_shape, jnp.float32)
+  forward = jax.jit(lambda p, x, t, y: builder.merge(p)(x, t, y))
+  x = jnp.zeros((batch,) + image_shape, jnp.float32)
   t = jnp.full((batch,), 0.5, jnp.float32)
   y = jnp.zeros((batch,), jnp.int32)
-  with jax.set_mesh(trainer.mesh):
+  with jax.set_mesh(builder.mesh):
     return _time(lambda: forward(params, x, t, y), steps, rounds)
 
 
 def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peaks):
-  trainer, config = _trainer(make, dtype_name, train_batch)
-  flops = _flops(config, trainer.image_shape)
+  builder, config, image_shape = _builder(make, dtype_name, train_batch)
+  flops = _flops(config, image_shape)
   peak = peaks[dtype_name]
-  state, train_ips, train_compile_s = bench_train(trainer, config, args.steps, args.rounds)
-  params = state['ema_params']
+  state, train_ips, train_compile_s = bench_train(builder, config, image_shape, args.steps,
+                                                  args.rounds)
+  sampler = sampler_lib.Sampler.from_train_state(config, builder, state, image_shape)
+  params = sampler.params  # the EMA weights
   row = dict(case=name, model=config.model.name,
              variant=config.model.variant if config.model.name == 'dit' else
              'x'.join(map(str, config.model.unet_channels)), dtype=dtype_name,
@@ -197,11 +206,11 @@ def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peak
              train_images_per_s=train_ips, train_gflops=3 * flops * train_ips / 1e9,
              train_compile_s=train_compile_s)
   row['train_x_peak'] = row['train_gflops'] / peak
-  fwd_1 = bench_forward(trainer, params, sample_batch, args.steps, args.rounds)
-  fwd_2 = bench_forward(trainer, params, 2 * sample_batch, args.steps, args.rounds)
+  fwd_1 = bench_forward(builder, params, image_shape, sample_batch, args.steps, args.rounds)
+  fwd_2 = bench_forward(builder, params, image_shape, 2 * sample_batch, args.steps, args.rounds)
   n = args.sample_steps
-  cfg_s, cfg_nfe, cfg_compile_s = bench_sample(trainer, params, sample_batch, n, 2.0, args.rounds)
-  cond_s, cond_nfe, _ = bench_sample(trainer, params, sample_batch, n, 1.0, args.rounds)
+  cfg_s, cfg_nfe, cfg_compile_s = bench_sample(sampler, sample_batch, n, 2.0, args.rounds)
+  cond_s, cond_nfe, _ = bench_sample(sampler, sample_batch, n, 1.0, args.rounds)
   row.update(
       sample_batch=sample_batch, sample_steps=n, sample_compile_s=cfg_compile_s,
       cfg_nfe=cfg_nfe, cfg_samples_per_s=sample_batch / cfg_s,

@@ -114,6 +114,7 @@ class Evaluator:
       images, labels = _real_images(self.train_dataset, num_samples)
       same_n = self.measure(images, labels)
       same_n.pop('fd_per_class', None)
+      same_n.pop('accuracy_per_class', None)
       result['same_n'] = {'num_samples': int(len(labels)), **same_n}
     return result
 
@@ -164,6 +165,9 @@ class Evaluator:
     metrics.update(evaluation.density_coverage(real, features, k=k))
     if out.get('logits') is not None:
       metrics['accuracy'] = evaluation.classification_accuracy(out['logits'], labels)
+      per_class = evaluation.per_class_accuracy(out['logits'], labels, self.sampler.num_classes)
+      metrics['accuracy_per_class'] = [None if np.isnan(a) else round(float(a), 4)
+                                       for a in per_class]
     metrics.update(evaluation.pixel_statistics(images))
     return {key: (round(float(v), 5) if isinstance(v, (float, np.floating)) else v)
             for key, v in metrics.items()}
@@ -268,7 +272,7 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
   rows, grid_columns = [], []
   for w in (scales if guidance else ()):
     row, images, labels = evaluator.evaluate(samples_per_class=per_class, guidance_scale=w)
-    logging.info('w=%g: %s', w, json.dumps({k: row[k] for k in row if k != 'fd_per_class'}))
+    logging.info('w=%g: %s', w, json.dumps(_summary(row)))
     rows.append(row)
     grid_columns.append(_first_per_class(images, labels, num_classes,
                                          config.eval.grid_rows_per_class))
@@ -300,7 +304,7 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
                                        guidance_scale=config.sampling.guidance_scale,
                                        method=method, num_steps=int(num_steps))
         logging.info('%s %d steps: %s', method, num_steps,
-                     json.dumps({k: row[k] for k in row if k != 'fd_per_class'}))
+                     json.dumps(_summary(row)))
         step_rows.append(row)
     result['steps_sweep'] = step_rows
     _write(os.path.join(out_dir, 'steps_sweep.json'), json.dumps(step_rows, indent=2))
@@ -313,6 +317,11 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
 
   _write(os.path.join(out_dir, 'evaluate.json'), json.dumps(result, indent=2))
   return result
+
+
+def _summary(row):
+  """A row without its per-class lists, for the log."""
+  return {k: v for k, v in row.items() if not k.endswith('_per_class')}
 
 
 def _real_row(real_data):

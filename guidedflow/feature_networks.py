@@ -132,6 +132,11 @@ def load_classifier(workdir, *, batch_size=500):
   if not ckpt_dir.is_dir():
     raise FeatureNetworkNotFoundError(f'no Fashion-MNIST classifier checkpoint in {workdir}; '
                                       f'train one with: {_train_command(workdir)}')
+  if (epath.Path(workdir) / 'classifier_result.json').exists() and not result_path.exists():
+    raise FeatureNetworkNotFoundError(
+        f'the classifier in {workdir} was trained by an older guidedflow (before every model '
+        'trained through one loop) and its checkpoints cannot be read now; train it again in a '
+        f'new --workdir: {_train_command(workdir + "_v2")}')
   result = json.loads(result_path.read_text()) if result_path.exists() else {}
   if result.get('task') != classifier.ClassifierTask.name:
     raise FeatureNetworkNotFoundError(

@@ -31,12 +31,12 @@ def model_kwargs(config):
   model = config.model
   if model.name == 'dit':
     return {'variant': model.variant,
-            'remat': models.dit.remat_policy_name(model.get('remat', 'none')),
-            'scan_blocks': bool(model.get('scan_blocks', True)),
-            'attention_impl': model.get('attention_impl', 'einsum')}
+            'remat': models.dit.remat_policy_name(validation.get(config, 'model.remat')),
+            'scan_blocks': bool(validation.get(config, 'model.scan_blocks')),
+            'attention_impl': validation.get(config, 'model.attention_impl')}
   return {'channels': tuple(model.unet_channels),
           'num_residual_layers': model.unet_num_residual_layers,
-          'norm': model.get('unet_norm', 'group')}
+          'norm': validation.get(config, 'model.unet_norm')}
 
 
 def model_constructor(config, image_shape):

@@ -193,12 +193,6 @@ def plan_evaluations(plan, num_steps):
   return total
 
 
-def evaluations_per_sample(method, num_steps, use_cfg, guidance_interval=None, t_start=0.0):
-  """Model evaluations per sample (info['nfe']); a doubled CFG batch [x; x] counts 2."""
-  plan = cfg_plan(method, _concrete_grid(num_steps, t_start), guidance_interval, use_cfg)
-  return plan_evaluations(plan, num_steps)
-
-
 def _num_frames(return_trajectory, num_steps):
   if return_trajectory is True:
     return min(TRAJECTORY_FRAMES, num_steps + 1)

@@ -8,7 +8,7 @@ Parameters carry *logical* axis names (nnx `out_sharding` metadata, set with
 
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from absl import logging
 import jax
@@ -180,13 +180,7 @@ def _granules(devices) -> tuple[int, bool]:
   return len({d.process_index for d in devices}), True
 
 
-def logical_to_mesh_spec(logical_names: Sequence[str | None] | None,
-                         rules: Rules = DEFAULT_RULES) -> PartitionSpec:
-  """('embed', 'mlp') → PartitionSpec('fsdp', 'tensor'); a mesh axis is used at most once."""
-  return _mesh_spec(logical_names, rules)
-
-
-def _mesh_spec(logical_names, rules: Rules, shape: Sequence[int] | None = None,
+def mesh_spec(logical_names, rules: Rules, shape: Sequence[int] | None = None,
                mesh: Mesh | None = None) -> PartitionSpec:
   """Maps names dim by dim; with `shape` and `mesh`, a dim the mesh axes don't divide stays
   replicated (and leaves its mesh axis free for a later dim)."""
@@ -247,30 +241,11 @@ def state_shardings(state, mesh: Mesh | jax.sharding.AbstractMesh, rules: Rules 
         names = None  # e.g. a factored optimizer statistic: replicate rather than guess
       if _elements_per_layer(shape, names) < min_shard_size:
         names = None
-      spec = _mesh_spec(names, rules, shape, mesh)
+      spec = mesh_spec(names, rules, shape, mesh)
       return x.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, PartitionSpec())
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def create_sharded_model(model_ctor: Callable[[], nnx.Module], mesh: Mesh,
-                         rules: Rules = DEFAULT_RULES,
-                         min_shard_size: int = MIN_SHARD_SIZE) -> nnx.Module:
-  """Builds `model_ctor()` with every parameter created directly in its shards.
-
-  The shapes come from `nnx.eval_shape`, the shardings from `state_shardings`, and the
-  initialisation runs under `jax.jit` with those `out_shardings`, so no device ever holds the
-  whole model. `model_ctor` must make its own `nnx.Rngs` (e.g.
-  `lambda: DiT('XL/2', ..., rngs=nnx.Rngs(0))`).
-  """
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(model_ctor))
-  shardings = state_shardings(abstract_state, mesh, rules, min_shard_size)
-
-  init = jax.jit(lambda: nnx.state(model_ctor()), out_shardings=shardings)
-  with jax.set_mesh(mesh):
-    state = init()
-  return nnx.merge(graphdef, state)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -43,13 +43,15 @@ _GENERATOR_POSITIVE = (
     'eval.nearest_k', 'eval.grid_rows_per_class')
 _COMMON_POSITIVE = ('train.num_steps', 'train.batch_size', 'train.log_every_steps',
                     'checkpoint.every_steps', 'checkpoint.max_to_keep', 'input.num_classes')
-# Keys added after configs were first written: their value when a config lacks them.
+# Keys added after configs were first written: their value when a config lacks them (the
+# behaviour before the key existed). Read them with `get`.
 _DEFAULTS = {'model.unet_norm': 'group', 'model.attention_impl': 'einsum',
-             'optim.schedule': 'constant', 'mesh.distributed': 'auto',
-             'checkpoint.max_to_keep': 3}
+             'model.remat': 'none', 'model.scan_blocks': True, 'optim.schedule': 'constant',
+             'mesh.distributed': 'auto', 'checkpoint.max_to_keep': 3}
 
 
-def _get(config, dotted):
+def get(config, dotted):
+  """`config.<dotted>`, or its default when the config predates the key (`_DEFAULTS`)."""
   node = config
   for part in dotted.split('.'):
     if part not in node:
@@ -60,14 +62,14 @@ def _get(config, dotted):
 
 def _choices(config, table):
   for key, allowed in table.items():
-    value = _get(config, key)
+    value = get(config, key)
     if value not in allowed:
       raise errors.ConfigError(f'config.{key}={value!r} is not one of {tuple(allowed)}.')
 
 
 def _positive(config, keys):
   for key in keys:
-    value = _get(config, key)
+    value = get(config, key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise errors.ConfigError(f'config.{key}={value!r} must be a positive integer.')
 
@@ -118,7 +120,7 @@ def _check_mesh(config):
 def _check_classifier(config):
   _positive(config, ('eval.batch_size', 'model.feature_dim'))
   for key in ('input.num_train_examples', 'eval.num_examples'):
-    value = _get(config, key)
+    value = get(config, key)
     if not isinstance(value, int) or value < 0:
       raise errors.ConfigError(f'config.{key}={value!r} must be an integer >= 0 (0: all).')
   if not config.model.channels or any(int(c) < 1 for c in config.model.channels):
@@ -142,16 +144,17 @@ def _check_generator(config):
   if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
     raise errors.ConfigError(f'config.sampling.guidance_interval={interval!r} must be None or '
                              '(t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1.')
-  _check_model(config.model)
+  _check_model(config)
   _check_eval(config)
 
 
-def _check_model(model):
-  remat = model.get('remat', 'none')
+def _check_model(config):
+  model = config.model
+  remat = get(config, 'model.remat')
   if remat not in (True, False) and remat not in dit.REMAT_POLICIES:
     raise errors.ConfigError(f'config.model.remat={remat!r} is not one of {dit.REMAT_POLICIES} '
                              '(True / False are accepted as full / none).')
-  if model.get('attention_impl', 'einsum') == 'cudnn' and model.dtype != 'bfloat16':
+  if get(config, 'model.attention_impl') == 'cudnn' and model.dtype != 'bfloat16':
     raise errors.ConfigError("config.model.attention_impl='cudnn' needs "
                              '--config.model.dtype=bfloat16 (and a GPU).')
 

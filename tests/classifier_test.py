@@ -222,6 +222,11 @@ def test_missing_or_unfinished_classifier_says_how_to_train(tmp_path, trained):
   os.remove(os.path.join(unfinished, 'result.json'))
   with pytest.raises(feature_networks.FeatureNetworkNotFoundError, match='did not finish'):
     feature_networks.load_classifier(unfinished)
+  # A workdir of the classifier's former own loop (classifier_result.json, no result.json).
+  os.rename(os.path.join(unfinished, 'config.json'), os.path.join(unfinished,
+                                                                 'classifier_result.json'))
+  with pytest.raises(feature_networks.FeatureNetworkNotFoundError, match='older guidedflow'):
+    feature_networks.load_classifier(unfinished)
 
 
 def test_config_errors_name_the_key(tmp_path):

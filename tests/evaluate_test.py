@@ -99,6 +99,9 @@ def test_real_images_measure_as_perfect_samples(trained, network, tmp_path):
   assert metrics['black_fraction'] == pytest.approx(float(np.mean(real == 0)), abs=1e-5)
   # The samples' accuracy is the classifier's accuracy on the real images: the same number.
   assert metrics['accuracy'] == pytest.approx(floor['accuracy'], abs=1e-6)
+  counts = np.bincount(labels, minlength=10)
+  assert np.dot(metrics['accuracy_per_class'], counts) / counts.sum() == pytest.approx(
+      metrics['accuracy'], abs=1e-3)  # per-class accuracies, rounded to 4 digits
   assert floor['accuracy'] > 0.4  # nearest centroid on pixels is well above chance (0.1)
   shuffled = evaluator.measure(real, np.random.default_rng(1).permutation(labels))
   assert shuffled['accuracy'] < floor['accuracy'] - 0.2

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from guidedflow import sampler
 from tests import subprocess_env
 
 _spec = importlib.util.spec_from_file_location(
@@ -58,8 +59,8 @@ def test_state_is_params_plus_adamw_plus_ema(report):
 
 def test_fsdp8_state_is_exact_shard_sum():
   config = memory.imagenet256_latent.get_config('S/2')
-  trainer = memory.train.Trainer(config, memory.IMAGE_SHAPE, memory.abstract_mesh((1, 8, 1)))
-  abstract = trainer.abstract_state()
+  abstract = sampler.state_builder(config, memory.IMAGE_SHAPE,
+                                   memory.abstract_mesh((1, 8, 1))).abstract_state()
   mesh_sizes = {'data': 1, 'fsdp': 8, 'tensor': 1}
   expected = replicated_bytes = 0
   for path, x in jax.tree_util.tree_leaves_with_path(abstract):

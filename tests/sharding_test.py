@@ -34,6 +34,14 @@ _CHILD = textwrap.dedent(r'''
     def spec(a):
       return [list(e) if isinstance(e, tuple) else e for e in a.sharding.spec]
 
+    def create_sharded_model(model_ctor, mesh):
+      """The model with every parameter created in its shards (as the train state is)."""
+      graphdef, abstract = nnx.split(nnx.eval_shape(model_ctor))
+      shardings = sharding.state_shardings(abstract, mesh, min_shard_size=0)
+      with jax.set_mesh(mesh):
+        state = jax.jit(lambda: nnx.state(model_ctor()), out_shardings=shardings)()
+      return nnx.merge(graphdef, state)
+
     def dit(scan_blocks=True):
       return create_model('dit', variant='test/4', input_size=16, in_channels=4,
                           num_classes=10, width=64, depth=2, scan_blocks=scan_blocks,
@@ -42,7 +50,7 @@ _CHILD = textwrap.dedent(r'''
     report = {'num_devices': jax.device_count()}
     for shape, scan_blocks in [((2, 4, 1), True), ((1, 4, 2), True), ((1, 4, 2), False)]:
       mesh = sharding.make_mesh(shape)
-      model = sharding.create_sharded_model(lambda: dit(scan_blocks), mesh, min_shard_size=0)
+      model = create_sharded_model(lambda: dit(scan_blocks), mesh)
       # Scanned: one stacked module, parameters (depth, ...); unscanned: blocks[0].
       block = model.blocks if scan_blocks else model.blocks[0]
       fc1 = block.fc1.kernel[...]
@@ -78,9 +86,9 @@ _CHILD = textwrap.dedent(r'''
       report[str(shape)]['out_devices'] = len(out.sharding.device_set)
 
     mesh = sharding.make_mesh((1, 4, 2))
-    unet = sharding.create_sharded_model(lambda: create_model(
+    unet = create_sharded_model(lambda: create_model(
         'unet', input_size=16, in_channels=1, num_classes=10, channels=(8, 16),
-        num_residual_layers=1, rngs=nnx.Rngs(0)), mesh, min_shard_size=0)
+        num_residual_layers=1, rngs=nnx.Rngs(0)), mesh)
     report['unet_down'] = spec(unet.encoders[0].downsample.kernel[...])
     report['unet_final'] = spec(unet.final_conv.kernel[...])  # 1 output channel: replicated
 
@@ -180,14 +188,14 @@ def test_make_mesh(report):
 # ---- Single-process checks (no devices needed) ------------------------------------------------
 
 
-def test_logical_to_mesh_spec():
-  assert sharding.logical_to_mesh_spec(('embed', 'mlp')) == P('fsdp', 'tensor')
-  assert sharding.logical_to_mesh_spec(('mlp', 'heads')) == P('tensor', None)  # no reuse
-  assert sharding.logical_to_mesh_spec((None, None, 'conv_in', 'conv_out')) == P(
+def test_mesh_spec_maps_logical_names():
+  assert sharding.mesh_spec(('embed', 'mlp'), sharding.DEFAULT_RULES) == P('fsdp', 'tensor')
+  assert sharding.mesh_spec(('mlp', 'heads'), sharding.DEFAULT_RULES) == P('tensor', None)  # no reuse
+  assert sharding.mesh_spec((None, None, 'conv_in', 'conv_out'), sharding.DEFAULT_RULES) == P(
       None, None, 'fsdp', 'tensor')
-  assert sharding.logical_to_mesh_spec(('classes', 'unknown')) == P(None, None)
-  assert sharding.logical_to_mesh_spec(None) == P()
-  assert sharding.logical_to_mesh_spec(('embed',), rules=(('embed', ('data', 'fsdp')),)) == P(
+  assert sharding.mesh_spec(('classes', 'unknown'), sharding.DEFAULT_RULES) == P(None, None)
+  assert sharding.mesh_spec(None, sharding.DEFAULT_RULES) == P()
+  assert sharding.mesh_spec(('embed',), (('embed', ('data', 'fsdp')),)) == P(
       ('data', 'fsdp'))
 
 

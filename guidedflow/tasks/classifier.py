@@ -18,10 +18,12 @@ from flax import nnx
 from ml_collections import config_dict
 
 from guidedflow import errors
+from guidedflow import feature_networks
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
 from guidedflow import models
 from guidedflow import tasks
+from guidedflow import train
 from guidedflow import train_state
 from guidedflow.models.classifier import Classifier
 
@@ -92,7 +94,6 @@ class ClassifierTask(tasks.Task):
             'num_test_examples': dataset.num_examples, 'eval_s': round(time.time() - t0, 2)}
 
   def periodic(self, run, state, step):
-    from guidedflow import train  # pylint: disable=g-import-not-at-top  # (cycle)
     if not train.itstime(step, self.config.eval.get('every_steps', 0), run.num_steps,
                          last=False):
       return {}
@@ -105,7 +106,6 @@ class ClassifierTask(tasks.Task):
   def evaluate(self, workdir):
     """--mode=evaluate: test accuracy of the finished classifier in `workdir` on the eval split,
     through the feature-network path the sample metrics use (uint8 images)."""
-    from guidedflow import feature_networks  # pylint: disable=g-import-not-at-top  # (cycle)
     network = feature_networks.load_classifier(workdir, batch_size=self.config.eval.batch_size)
     dataset = self.eval_dataset()
     data = dataset.get_batch(np.arange(dataset.num_examples))
