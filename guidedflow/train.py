@@ -33,7 +33,8 @@ def itstime(step, every_n_steps, total_steps, *, last=True):
 
 
 class Chrono:
-  """Training throughput and ETA, with time spent in periodic work (grids, evals) left out."""
+  """Training throughput and ETA, with the time of periodic work (grids, evaluations,
+  checkpoints) left out."""
 
   def __init__(self, start_step, num_steps, batch_size):
     self.start_step, self.num_steps, self.batch_size = start_step, num_steps, batch_size
@@ -155,11 +156,12 @@ def _check_finite(state, ckpt, workdir):
         'Lower config.optim.learning_rate, enable config.optim.grad_clip_norm, or check the data.')
 
 
-def _log_metrics(step, num_steps, pending, chrono, writer, batch_size):
+def _log_metrics(step, num_steps, pending, chrono, writer, batch_size, extra_keys):
+  """Logs the means of the steps since the last log (all to TensorBoard, `extra_keys` beside
+  loss, gradient norm and learning rate to the log line); returns them."""
   summary = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
   steps_per_s, eta = chrono.tick(step)
-  extra = ''.join(f'  {k} {v:.4g}' for k, v in summary.items()
-                  if k not in ('loss', 'grad_norm', 'learning_rate'))
+  extra = ''.join(f'  {k} {summary[k]:.4g}' for k in extra_keys)
   logging.info('step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e%s  %.2f steps/s  %.0f img/s  '
                'ETA %s', step, num_steps, summary['loss'], summary['grad_norm'],
                summary['learning_rate'], extra, steps_per_s, steps_per_s * batch_size,
@@ -221,7 +223,8 @@ def train_and_evaluate(config, workdir):
       pending.append(metrics)
       if itstime(step, config.train.log_every_steps, num_steps):
         _check_finite(state, ckpt, workdir)
-        last_summary = _log_metrics(step, num_steps, pending, chrono, writer, batch_size)
+        last_summary = _log_metrics(step, num_steps, pending, chrono, writer, batch_size,
+                                    task.log_keys)
         pending = []
       with chrono.paused():
         writer.scalars(step, task.periodic(run, state, step))
@@ -230,7 +233,8 @@ def train_and_evaluate(config, workdir):
         save(step)
         return state, {'task': task.name, 'step': step, 'preempted': True}
       if itstime(step, config.checkpoint.every_steps, num_steps, last=False):
-        save(step)
+        with chrono.paused():
+          save(step)
     if step > start_step:
       save(step)
     with chrono.paused():

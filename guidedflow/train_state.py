@@ -225,6 +225,12 @@ def restore_or_init(builder, ckpt):
   step = ckpt.latest_step()
   if step is None:
     return builder.init_state(), None
+  saved_task = (ckpt.restore_config(step) or {}).get('task', 'generate')
+  task = builder.config.get('task', 'generate')
+  if saved_task != task:
+    raise errors.ConfigError(
+        f'{ckpt.directory} holds a checkpoint of config.task={saved_task!r}, but this config '
+        f'is for config.task={task!r}: use the config it was trained with, or another --workdir.')
   state, data_state = ckpt.restore(builder.abstract_state(), step=step)
   builder.init_rest()
   logging.info('Restored checkpoint at step %d from %s.', step, ckpt.directory)

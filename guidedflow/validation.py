@@ -85,12 +85,10 @@ def validate_config(config):
     raise errors.ConfigError(f'config.train.batch_size={batch} must be divisible by the number '
                              f'of processes ({processes}).')
   task = config.get('task', 'generate')
-  if task == 'classifier':
-    _check_classifier(config)
-  elif task == 'generate':
-    _check_generator(config)
-  else:
-    raise errors.ConfigError(f"config.task={task!r} is not one of ('generate', 'classifier').")
+  checks = {'generate': _check_generator, 'classifier': _check_classifier}
+  if task not in checks:
+    raise errors.ConfigError(f'config.task={task!r} is not one of {tuple(checks)}.')
+  checks[task](config)
 
 
 def _check_optim(optim):

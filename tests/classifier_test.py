@@ -19,6 +19,7 @@ from guidedflow import errors
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
+from guidedflow import sampler as sampler_lib
 from guidedflow import train
 from guidedflow.models.classifier import Classifier
 from guidedflow.tasks import classifier as classifier_task
@@ -227,6 +228,12 @@ def test_missing_or_unfinished_classifier_says_how_to_train(tmp_path, trained):
                                                                  'classifier_result.json'))
   with pytest.raises(feature_networks.FeatureNetworkNotFoundError, match='older guidedflow'):
     feature_networks.load_classifier(unfinished)
+
+
+def test_generator_config_on_a_classifier_workdir_names_the_task(trained):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match="config.task='classifier'"):
+    sampler_lib.Sampler.from_workdir(tiny.get_config(), trained[0])
 
 
 def test_config_errors_name_the_key(tmp_path):

@@ -26,6 +26,9 @@ class Task:
   name = None
   # What --mode=evaluate / sample print about the task when they do not apply.
   description = ''
+  # Metrics of `loss` printed in the log line besides loss, grad_norm and learning_rate (all
+  # of them go to TensorBoard).
+  log_keys = ()
 
   def __init__(self, config):
     self.config = config

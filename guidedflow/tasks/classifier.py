@@ -57,6 +57,7 @@ class ClassifierTask(tasks.Task):
 
   name = 'classifier'
   description = 'the feature network for the sample metrics'
+  log_keys = ('accuracy',)
 
   def train_dataset(self):
     return input_pipeline.take(super().train_dataset(),
