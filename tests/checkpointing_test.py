@@ -1,6 +1,5 @@
 """Tests for guidedflow.checkpointing: round trips, retention, mismatches, SIGTERM preemption."""
 
-import json
 import os
 import signal
 import socket

@@ -11,7 +11,6 @@ atol 1e-5. Checkpoint restores are exact.
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

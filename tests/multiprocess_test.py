@@ -12,7 +12,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from configs import tiny
 from guidedflow import sampler
