@@ -179,7 +179,7 @@ def train_and_evaluate(config, workdir):
   Returns:
     (final train state, the task's JSON-able result, also written to <workdir>/result.json).
   """
-  workdir = os.fspath(workdir)
+  t_start, workdir = time.time(), os.fspath(workdir)
   task = tasks_lib.get_task(config)
   validation.validate_config(config)
   # Workdir files go through etils.epath: a local path or gs://BUCKET/... (Cloud TPU).
@@ -243,7 +243,8 @@ def train_and_evaluate(config, workdir):
               'image_shape': list(run.image_shape), **result,
               **{f'train_{k}': round(v, 5) for k, v in last_summary.items()
                  if k in ('loss', 'accuracy')},
-              **chrono.summary(step), 'seconds': round(time.time() - chrono.t_start, 2)}
+              'setup_s': round(chrono.t_start - t_start, 2), **chrono.summary(step),
+              'seconds': round(time.time() - t_start, 2)}
     if jax.process_index() == 0:
       (epath.Path(workdir) / 'result.json').write_text(json.dumps(result, indent=2))
     logging.info('Done: %s', json.dumps(result))
