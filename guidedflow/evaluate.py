@@ -274,28 +274,23 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
     row, images, labels = evaluator.evaluate(samples_per_class=per_class, guidance_scale=w)
     logging.info('w=%g: %s', w, json.dumps(_summary(row)))
     rows.append(row)
-    grid_columns.append(_first_per_class(images, labels, num_classes,
+    grid_columns.append(first_per_class(images, labels, num_classes,
                                          config.eval.grid_rows_per_class))
   if len(rows) == 1:
     result.update(rows[0])
   elif rows:
     result['guidance_sweep'] = rows
-    _write(os.path.join(out_dir, 'guidance_sweep.json'), json.dumps(rows, indent=2))
-    _write(os.path.join(out_dir, 'guidance_sweep.md'),
-           markdown_table(rows + _real_row(result['real_data'])))
+    _write_sweep(out_dir, 'guidance_sweep', rows, _real_row(result['real_data']),
+                 'guidance_scale', 'guidance scale w',
+                 f'{config.input.dataset}: quality vs w ({rows[0]["method"]}, '
+                 f'{rows[0]["num_steps"]} steps, {rows[0]["num_samples"]} samples)')
     if jax.process_index() == 0:
-      _plot(os.path.join(out_dir, 'guidance_sweep.png'), rows, 'guidance_scale',
-            'guidance scale w', f'{config.input.dataset}: quality vs w '
-            f'({rows[0]["method"]}, {rows[0]["num_steps"]} steps, {rows[0]["num_samples"]} '
-            'samples)')
-      grid = _column_grid(grid_columns)
-      images_lib.save_png(os.path.join(out_dir, 'guidance_grid.png'), grid, upscale=2)
-    logging.info('Guidance sweep:\n%s', markdown_table(rows))
+      images_lib.save_png(os.path.join(out_dir, 'guidance_grid.png'),
+                          _column_grid(grid_columns), upscale=2)
 
   if config.eval.num_steps:
-    methods = tuple(config.eval.methods or (config.sampling.method,))
     step_rows = []
-    for method in methods:
+    for method in tuple(config.eval.methods or (config.sampling.method,)):
       if method == 'euler_maruyama' and not config.sampling.sigma:
         logging.warning('euler_maruyama with config.sampling.sigma=0 is the Euler ODE sampler; '
                         'set --config.sampling.sigma (and sigma_schedule) for an SDE.')
@@ -303,20 +298,24 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
         row, _, _ = evaluator.evaluate(samples_per_class=per_class,
                                        guidance_scale=config.sampling.guidance_scale,
                                        method=method, num_steps=int(num_steps))
-        logging.info('%s %d steps: %s', method, num_steps,
-                     json.dumps(_summary(row)))
+        logging.info('%s %d steps: %s', method, num_steps, json.dumps(_summary(row)))
         step_rows.append(row)
     result['steps_sweep'] = step_rows
-    _write(os.path.join(out_dir, 'steps_sweep.json'), json.dumps(step_rows, indent=2))
-    _write(os.path.join(out_dir, 'steps_sweep.md'), markdown_table(step_rows))
-    if jax.process_index() == 0:
-      _plot(os.path.join(out_dir, 'steps_sweep.png'), step_rows, 'nfe', 'NFE per sample',
-            f'{config.input.dataset}: quality vs NFE (w = {config.sampling.guidance_scale})',
-            group_key='method', log_x=True)
-    logging.info('Steps sweep:\n%s', markdown_table(step_rows))
+    _write_sweep(out_dir, 'steps_sweep', step_rows, [], 'nfe', 'NFE per sample',
+                 f'{config.input.dataset}: quality vs NFE (w = {config.sampling.guidance_scale})',
+                 group_key='method', log_x=True)
 
   _write(os.path.join(out_dir, 'evaluate.json'), json.dumps(result, indent=2))
   return result
+
+
+def _write_sweep(out_dir, name, rows, extra_rows, x_key, x_label, title, **plot_kwargs):
+  """<name>.json (rows), <name>.md (rows + extra_rows, e.g. the same-N real row), <name>.png."""
+  _write(os.path.join(out_dir, f'{name}.json'), json.dumps(rows, indent=2))
+  _write(os.path.join(out_dir, f'{name}.md'), markdown_table(rows + extra_rows))
+  if jax.process_index() == 0:
+    _plot(os.path.join(out_dir, f'{name}.png'), rows, x_key, x_label, title, **plot_kwargs)
+  logging.info('%s:\n%s', name, markdown_table(rows))
 
 
 def _summary(row):
@@ -332,7 +331,7 @@ def _real_row(real_data):
            'images_per_s': '–', **real_data['same_n']}]
 
 
-def _first_per_class(images, labels, num_classes, rows_per_class):
+def first_per_class(images, labels, num_classes, rows_per_class):
   """(num_classes * rows_per_class) images: the first samples of each class, class-major."""
   picked = [images[labels == c][:rows_per_class] for c in range(num_classes)]
   return np.concatenate(picked)

@@ -136,12 +136,10 @@ class GeneratorTask(tasks.Task):
       with (epath.Path(out_dir) / 'samples.npz').open('wb') as f:
         np.savez(f, images=images, labels=labels)
       per_class = min(num // num_classes, 10)
-      if per_class:
-        order = np.argsort(labels, kind='stable')  # grid: one row per class
-        rows = np.stack([images[order][labels[order] == c][:per_class]
-                         for c in range(num_classes)])
-        grid = images_lib.make_grid(rows.reshape((-1,) + rows.shape[2:]), rows=num_classes,
-                                    cols=per_class)
+      if per_class:  # one row per class
+        grid = images_lib.make_grid(
+            evaluate_lib.first_per_class(images, labels, num_classes, per_class),
+            rows=num_classes, cols=per_class)
         images_lib.save_png(os.path.join(out_dir, 'grid.png'), grid, upscale=2)
     result = {
         'num_samples': num, 'nfe': nfe, 'seconds': round(seconds, 2),
