@@ -147,9 +147,11 @@ def test_resumes_bitwise_after_sigterm(trained, tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
   _poison_iterator(monkeypatch, 25, lambda b: dict(b, image=b['image'] * jnp.nan))
+  handler = signal.getsignal(signal.SIGTERM)
   with pytest.raises(errors.TrainingError, match='step 25') as info:
     train.train_and_evaluate(_tiny_config(), str(tmp_path))
   assert 'last good checkpoint (step 20)' in str(info.value)
+  assert signal.getsignal(signal.SIGTERM) is handler  # torn down on the error, too
   with checkpointing.Checkpointer(str(tmp_path / 'checkpoints'), handle_sigterm=False) as ckpt:
     assert ckpt.all_steps() == [20]
 
