@@ -7,7 +7,6 @@ shape, so one compile), one fingerprint of the weights (references cached under 
 network's weights are refused).
 """
 
-import json
 import os
 
 from etils import epath
@@ -18,6 +17,7 @@ from flax import nnx
 
 from guidedflow import errors
 from guidedflow import images as images_lib
+from guidedflow import tasks
 from guidedflow.models import inception
 
 NAMES = ('fmnist_classifier', 'inception_v3')
@@ -125,24 +125,23 @@ def load_classifier(workdir, *, batch_size=500):
     FeatureNetworkNotFoundError: no classifier there, or its training did not finish; the
       message gives the command that trains (or resumes) it.
   """
-  from guidedflow.tasks import classifier  # pylint: disable=g-import-not-at-top  # (cycle)
   workdir = os.fspath(workdir)
-  result_path = epath.Path(workdir) / 'result.json'
   ckpt_dir = epath.Path(workdir) / 'checkpoints'
   if not ckpt_dir.is_dir():
     raise FeatureNetworkNotFoundError(f'no Fashion-MNIST classifier checkpoint in {workdir}; '
                                       f'train one with: {_train_command(workdir)}')
-  if (epath.Path(workdir) / 'classifier_result.json').exists() and not result_path.exists():
+  if ((epath.Path(workdir) / 'classifier_result.json').exists() and
+      not (epath.Path(workdir) / 'result.json').exists()):
     raise FeatureNetworkNotFoundError(
         f'the classifier in {workdir} was trained by an older guidedflow (before every model '
         'trained through one loop) and its checkpoints cannot be read now; train it again in a '
         f'new --workdir: {_train_command(workdir + "_v2")}')
-  result = json.loads(result_path.read_text()) if result_path.exists() else {}
-  if result.get('task') != classifier.ClassifierTask.name:
+  try:
+    model, result, config = tasks.load_trained(workdir, 'classifier', _train_command(workdir))
+  except errors.CheckpointNotFoundError as e:
     raise FeatureNetworkNotFoundError(
-        f'the Fashion-MNIST classifier in {workdir} did not finish training (no result.json of '
-        f'a classifier run there); train or resume it with: {_train_command(workdir)}')
-  model, step, config = classifier.load_model(workdir, result)
+        f'the Fashion-MNIST classifier in {workdir} did not finish training: {e}') from None
+  step = result['step']
   meta = {'num_classes': model.num_classes, 'feature_dim': model.feature_dim,
           'channels': tuple(config.model.channels), 'test_accuracy': result['test_accuracy'],
           'step': step, 'workdir': workdir, 'dataset': config.input.dataset}

@@ -6,8 +6,17 @@ owns everything else (state in shards, the step, EMA, schedule, logging, checkpo
 preemption, teardown). A new model is a new task, never a new loop.
 """
 
+import json
+import os
+
+from etils import epath
+import jax
+from ml_collections import config_dict
+import numpy as np
+
 from guidedflow import errors
 from guidedflow import input_pipeline
+from guidedflow import train_state
 
 
 class Task:
@@ -74,3 +83,34 @@ def get_task(config):
   if name not in tasks:
     raise errors.ConfigError(f'config.task={name!r} is not one of {tuple(tasks)}.')
   return tasks[name](config)
+
+
+def load_trained(workdir, task_name, train_command):
+  """(model with the weights of the finished `task_name` run in `workdir`, its result.json,
+  its config), on this process's first device.
+
+  A run is finished when the loop wrote result.json for the newest checkpoint.
+
+  Raises:
+    CheckpointNotFoundError: no such run, or it did not finish; the message gives
+      `train_command`, which trains or resumes it.
+  """
+  workdir = os.fspath(workdir)
+  result_path = epath.Path(workdir) / 'result.json'
+  result = json.loads(result_path.read_text()) if result_path.exists() else {}
+  checkpoints = config_dict.ConfigDict({'checkpoint': {'every_steps': 0, 'max_to_keep': 1}})
+  with train_state.open_checkpointer(checkpoints, workdir, handle_sigterm=False) as ckpt:
+    step = ckpt.latest_step()
+    saved = ckpt.restore_config(step) if step is not None else None
+    if saved is None or result.get('task') != task_name or step != result.get('step'):
+      raise errors.CheckpointNotFoundError(
+          f'no finished {task_name} run in {workdir} (newest checkpoint: step {step}; '
+          f'result.json: {result.get("task")} at step {result.get("step")}); train or resume it '
+          f'with: {train_command}')
+    config = config_dict.ConfigDict(saved)
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1),
+                             ('data', 'fsdp', 'tensor'))
+    construct = get_task(config).model_constructor(tuple(result['image_shape']))
+    builder = train_state.StateBuilder(construct, config, mesh)
+    state, _ = ckpt.restore(builder.abstract_state(), step=step)
+  return builder.merge(state['params']), result, config

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from ml_collections import config_dict
 
 from guidedflow import errors
 from guidedflow import feature_networks
@@ -24,7 +23,6 @@ from guidedflow import input_pipeline
 from guidedflow import models
 from guidedflow import tasks
 from guidedflow import train
-from guidedflow import train_state
 from guidedflow.models.classifier import Classifier
 
 def augment(images, key, *, random_flip, max_shift):
@@ -136,30 +134,3 @@ def model_constructor(config, image_shape):
   except ValueError as e:
     raise errors.ConfigError(f'config.model: {e}') from None
   return construct
-
-
-def load_model(workdir, result):
-  """(Classifier with the weights of the finished run in `workdir`, its step, its config).
-
-  `result` is the run's result.json; its step must be the newest checkpoint's.
-  """
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1),
-                           ('data', 'fsdp', 'tensor'))
-  with train_state.open_checkpointer(_CHECKPOINT_CONFIG, workdir, handle_sigterm=False) as ckpt:
-    step = ckpt.latest_step()
-    saved = ckpt.restore_config(step) if step is not None else None
-    if saved is None or step != result.get('step'):
-      raise errors.CheckpointNotFoundError(
-          f'the classifier in {workdir} did not finish training (newest checkpoint: step '
-          f'{step}, result.json: step {result.get("step")}); resume it with: python -m '
-          f'guidedflow.main --config configs/fmnist_classifier.py --workdir {workdir}')
-    config = config_dict.ConfigDict(saved)
-    construct = model_constructor(config, result['image_shape'])
-    builder = train_state.StateBuilder(construct, config, mesh)
-    state, _ = ckpt.restore(builder.abstract_state(), step=step)
-  return builder.merge(state['params']), int(step), config
-
-
-# Enough of a config for `open_checkpointer` to read a workdir (no saves happen).
-_CHECKPOINT_CONFIG = config_dict.ConfigDict({'checkpoint': {'every_steps': 0,
-                                                            'max_to_keep': 1}})
