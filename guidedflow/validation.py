@@ -18,6 +18,7 @@ from guidedflow import paths
 from guidedflow import sampling
 from guidedflow import sharding
 from guidedflow import train_state
+from guidedflow.models import autoencoder
 from guidedflow.models import dit
 from guidedflow.models import unet
 
@@ -85,7 +86,8 @@ def validate_config(config):
     raise errors.ConfigError(f'config.train.batch_size={batch} must be divisible by the number '
                              f'of processes ({processes}).')
   task = config.get('task', 'generate')
-  checks = {'generate': _check_generator, 'classifier': _check_classifier}
+  checks = {'generate': _check_generator, 'classifier': _check_classifier,
+            'autoencoder': _check_autoencoder}
   if task not in checks:
     raise errors.ConfigError(f'config.task={task!r} is not one of {tuple(checks)}.')
   checks[task](config)
@@ -125,6 +127,21 @@ def _check_classifier(config):
     raise errors.ConfigError(f'config.model.channels={config.model.channels!r} must be a '
                              'non-empty tuple of positive conv widths, e.g. (32, 64, 128).')
   _choices(config, {'model.dtype': tuple(models.DTYPES)})
+
+
+def _check_autoencoder(config):
+  _positive(config, ('eval.batch_size', 'model.layers_per_block', 'model.latent_channels',
+                     'model.norm_groups', 'eval.num_latent_examples',
+                     'eval.num_quality_examples'))
+  _choices(config, {'model.dtype': tuple(models.DTYPES),
+                    'loss.reconstruction': autoencoder.RECONSTRUCTION_LOSSES,
+                    'eval.feature_network': ('none',) + feature_networks.NAMES})
+  if not config.model.channels or any(int(c) < 1 for c in config.model.channels):
+    raise errors.ConfigError(f'config.model.channels={config.model.channels!r} must be a '
+                             'non-empty tuple of positive widths, e.g. (32, 64, 64).')
+  for key in ('loss.kl_weight', 'loss.feature_weight'):
+    if not get(config, key) >= 0:
+      raise errors.ConfigError(f'config.{key}={get(config, key)!r} must be >= 0.')
 
 
 def _check_generator(config):

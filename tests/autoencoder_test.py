@@ -1,6 +1,8 @@
 """The KL autoencoder (SD-VAE family): shapes, the SD-VAE's size, the KL closed form, the
 resamplers' arithmetic and a reconstruction loss that falls in a short run."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +10,14 @@ import optax
 import pytest
 from flax import nnx
 
+from guidedflow import errors
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
+from guidedflow import tasks
+from guidedflow import train
+from guidedflow import validation
 from guidedflow.models import autoencoder as ae
+from guidedflow.tasks import autoencoder as autoencoder_task
 from guidedflow.models.layers import param_count
 
 
@@ -124,3 +131,95 @@ def test_bad_widths_are_refused():
     _tiny(channels=(8, 10))
   with pytest.raises(ValueError, match='at least one level'):
     _tiny(channels=())
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def _task_config(**loss):
+  from configs import fmnist_autoencoder  # pylint: disable=g-import-not-at-top
+  config = fmnist_autoencoder.get_config()
+  config.model.channels = (8, 16, 16)
+  config.model.norm_groups = 4
+  config.input.num_train_examples = 512
+  config.eval.num_examples = 200
+  config.eval.batch_size = 100
+  config.eval.num_latent_examples = 300
+  config.eval.num_quality_examples = 100
+  config.eval.feature_network = 'none'
+  config.train.num_steps = 30
+  config.train.batch_size = 32
+  config.train.log_every_steps = 10
+  config.optim.warmup_steps = 2
+  config.optim.learning_rate = 3e-3
+  for key, value in loss.items():
+    config.loss[key] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained_autoencoder(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('autoencoder'))
+  state, result = train.train_and_evaluate(_task_config(), workdir)
+  return workdir, state, result
+
+
+def test_task_trains_and_reports_psnr_and_latent_statistics(trained_autoencoder):
+  workdir, state, result = trained_autoencoder
+  assert result['task'] == 'autoencoder' and result['step'] == 30
+  assert 8 < result['test_psnr'] < 60 and result['test_mse'] > 0
+  # PSNR is 10 log10(4 / MSE) per image: at most the PSNR of the mean MSE (Jensen).
+  assert result['test_psnr'] >= 10 * np.log10(4 / result['test_mse']) - 1e-3
+  assert result['latent_shape'] == [7, 7, 4]
+  assert result['latent_scale'] == pytest.approx(1 / result['latent_std'], rel=1e-4)
+  assert 'ema_params' in state
+  assert os.path.exists(os.path.join(workdir, 'samples', 'reconstructions.png'))
+  model, loaded, _ = tasks.load_trained(workdir, 'autoencoder', 'train it')
+  assert loaded['step'] == 30 and model.latent_channels == 4
+
+
+class _Affine(nnx.Module):
+  """encode: mean = 2x + 1 on the first 4×4 pixels, log-variance at the clip −30 (σ ≈ 3e-7)."""
+
+  def __init__(self):
+    self.w = nnx.Param(jnp.ones(()))
+
+  def encode(self, x):
+    mean = 2 * self.w[...] * x[:, :4, :4, :] + 1
+    return mean, jnp.full(mean.shape, -30.0)
+
+
+def test_latent_scale_is_one_over_the_std_of_known_latents():
+  images = np.random.default_rng(0).integers(0, 256, (300, 28, 28, 1), dtype=np.uint8)
+  dataset = input_pipeline.ArrayDataset(images, np.zeros(300, np.int64), num_classes=10)
+  stats = autoencoder_task.latent_statistics(_Affine(), dataset, _task_config())
+  x = images_lib.to_model(images[:, :4, :4, :]).astype(np.float64)
+  assert stats['latent_std'] == pytest.approx(2 * x.std(), rel=1e-4)
+  assert stats['latent_shift'] == pytest.approx(2 * x.mean() + 1, abs=1e-4)
+  assert stats['latent_scale'] == pytest.approx(1 / (2 * x.std()), rel=1e-4)
+
+
+def test_loss_terms_add_up_with_their_weights():
+  config = _task_config(kl_weight=0.5, reconstruction='l2')
+  task = tasks.get_task(config)
+  model = autoencoder_task.model_constructor(config, (28, 28, 1))()
+  x = images_lib.to_model(jnp.asarray(input_pipeline.load_fashion_mnist(None, 'test')[0][:4]))
+  batch = {'image': x, 'label': jnp.zeros(4, jnp.int32)}
+  key = jax.random.PRNGKey(3)
+  total, metrics = task.loss(model, batch, key)
+  reconstruction, mean, logvar = model(x, key)
+  rec = float(jnp.mean(jnp.square(reconstruction - x)))
+  kl = float(jnp.mean(ae.kl_divergence(mean, logvar))) / (28 * 28)
+  assert float(metrics['reconstruction']) == pytest.approx(rec, rel=1e-5)
+  assert float(metrics['kl']) == pytest.approx(kl, rel=1e-5)
+  assert float(total) == pytest.approx(rec + 0.5 * kl, rel=1e-5)
+
+
+def test_autoencoder_config_errors_name_the_key():
+  config = _task_config(reconstruction='l3')
+  with pytest.raises(errors.ConfigError, match="loss.reconstruction='l3'"):
+    validation.validate_config(config)
+  config = _task_config()
+  config.model.channels = (8, 16, 16, 16)  # 28 does not divide by 8
+  with pytest.raises(errors.ConfigError, match='does not divide'):
+    autoencoder_task.model_constructor(config, (28, 28, 1))

@@ -28,6 +28,7 @@ from flax import nnx
 from guidedflow.models.layers import partitioned
 
 LOGVAR_RANGE = (-30.0, 20.0)
+RECONSTRUCTION_LOSSES = ('l1', 'l2')  # per-pixel error of a training objective
 GROUPNORM_EPS = 1e-6
 
 

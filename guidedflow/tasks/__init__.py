@@ -43,10 +43,16 @@ class Task:
     self.config = config
 
   def train_dataset(self):
-    return input_pipeline.create_dataset(self.config.input, self.config.input.train_split)
+    """The train split, or its first `input.num_train_examples` (0 or absent: all)."""
+    return input_pipeline.take(
+        input_pipeline.create_dataset(self.config.input, self.config.input.train_split),
+        self.config.input.get('num_train_examples', 0))
 
   def eval_dataset(self):
-    return input_pipeline.create_dataset(self.config.input, self.config.input.eval_split)
+    """The eval split, or its first `eval.num_examples` (0 or absent: all)."""
+    return input_pipeline.take(
+        input_pipeline.create_dataset(self.config.input, self.config.input.eval_split),
+        self.config.eval.get('num_examples', 0))
 
   def model_constructor(self, image_shape):
     raise NotImplementedError
@@ -76,9 +82,12 @@ class Task:
 
 def get_task(config):
   """The task named by `config.task` ('generate' when the config has no such key)."""
-  from guidedflow.tasks import classifier  # pylint: disable=g-import-not-at-top
-  from guidedflow.tasks import generator  # pylint: disable=g-import-not-at-top
-  tasks = {t.name: t for t in (generator.GeneratorTask, classifier.ClassifierTask)}
+  # pylint: disable=g-import-not-at-top  # the tasks import this module
+  from guidedflow.tasks import autoencoder
+  from guidedflow.tasks import classifier
+  from guidedflow.tasks import generator
+  tasks = {t.name: t for t in (generator.GeneratorTask, classifier.ClassifierTask,
+                               autoencoder.AutoencoderTask)}
   name = config.get('task', 'generate')
   if name not in tasks:
     raise errors.ConfigError(f'config.task={name!r} is not one of {tuple(tasks)}.')

@@ -19,7 +19,6 @@ from flax import nnx
 from guidedflow import errors
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
-from guidedflow import input_pipeline
 from guidedflow import models
 from guidedflow import tasks
 from guidedflow import train
@@ -56,13 +55,6 @@ class ClassifierTask(tasks.Task):
   name = 'classifier'
   description = 'the feature network for the sample metrics'
   log_keys = ('accuracy',)
-
-  def train_dataset(self):
-    return input_pipeline.take(super().train_dataset(),
-                               self.config.input.get('num_train_examples', 0))
-
-  def eval_dataset(self):
-    return input_pipeline.take(super().eval_dataset(), self.config.eval.get('num_examples', 0))
 
   def model_constructor(self, image_shape):
     return model_constructor(self.config, image_shape)
