@@ -223,3 +223,28 @@ def test_autoencoder_config_errors_name_the_key():
   config.model.channels = (8, 16, 16, 16)  # 28 does not divide by 8
   with pytest.raises(errors.ConfigError, match='does not divide'):
     autoencoder_task.model_constructor(config, (28, 28, 1))
+
+
+def test_feature_loss_compares_classifier_features(tmp_path):
+  """With loss.feature_weight > 0 the loss adds weight · ‖φ(x̂) − φ(x)‖² of the classifier's
+  features (a tiny classifier trained here, loaded from its workdir)."""
+  from configs import fmnist_classifier  # pylint: disable=g-import-not-at-top
+  clf = fmnist_classifier.get_config()
+  clf.model.channels, clf.model.feature_dim = (8, 8), 16
+  clf.input.num_train_examples, clf.eval.num_examples = 256, 100
+  clf.train.num_steps, clf.train.batch_size, clf.eval.batch_size = 4, 32, 100
+  train.train_and_evaluate(clf, str(tmp_path / 'clf'))
+  config = _task_config(feature_weight=2.0)
+  config.eval.classifier_workdir = str(tmp_path / 'clf')
+  task = tasks.get_task(config)
+  model = autoencoder_task.model_constructor(config, (28, 28, 1))()
+  x = images_lib.to_model(jnp.asarray(input_pipeline.load_fashion_mnist(None, 'test')[0][:4]))
+  batch = {'image': x, 'label': jnp.zeros(4, jnp.int32)}
+  total, metrics = task.loss(model, batch, jax.random.PRNGKey(0))
+  reconstruction, _, _ = model(x, jax.random.PRNGKey(0))
+  classifier = tasks.load_trained(str(tmp_path / 'clf'), 'classifier', 'x')[0]
+  feature = float(jnp.mean(jnp.square(classifier.features(reconstruction) -
+                                      classifier.features(x))))
+  assert float(metrics['feature']) == pytest.approx(feature, rel=1e-4) and feature > 0
+  expected = float(metrics['reconstruction']) + 1e-6 * float(metrics['kl']) + 2.0 * feature
+  assert float(total) == pytest.approx(expected, rel=1e-5)
