@@ -70,10 +70,14 @@ def test_config_validation_names_the_key(key, value, needle):
 
 
 def test_all_configs_validate():
-  from configs import default, fashion_mnist, imagenet256_latent  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from configs import default, fashion_mnist, fmnist_autoencoder, fmnist_classifier
+  from configs import imagenet256_latent
   for config in (default.get_config(), fashion_mnist.get_config(), fashion_mnist.get_config('dit'),
-                 tiny.get_config(), imagenet256_latent.get_config()):
+                 tiny.get_config(), imagenet256_latent.get_config(),
+                 fmnist_classifier.get_config(), fmnist_autoencoder.get_config()):
     validation.validate_config(config)
+    assert tasks.get_task(config).name == config.get('task', 'generate')
 
 
 def test_fashion_mnist_default_builds_its_model_and_evaluates_at_5000_per_w():
