@@ -1,4 +1,4 @@
-"""The Fashion-MNIST autoencoder of latent diffusion: 28×28×1 ↔ 7×7×4 (the SD-VAE family).
+"""The Fashion-MNIST autoencoder of latent diffusion: 28×28×1 ↔ 7×7×8 (the SD-VAE family).
 
 Usage:
   python -m guidedflow.main --config configs/fmnist_autoencoder.py --workdir runs/fmnist_autoencoder
@@ -20,11 +20,12 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.task = 'autoencoder'  # guidedflow/tasks/autoencoder.py
 
-  # ---- Model (guidedflow/models/autoencoder.py): two down-samplings, 28 → 14 → 7.
+  # ---- Model (guidedflow/models/autoencoder.py): two down-samplings, 28 → 14 → 7. Pilots
+  # (README, "Latent diffusion"): 4 latent channels reached PSNR 24.4 dB, 8 reached 25.8 dB.
   config.model = ml_collections.ConfigDict()
-  config.model.channels = (32, 64, 64)
+  config.model.channels = (16, 32, 32)
   config.model.layers_per_block = 1
-  config.model.latent_channels = 4
+  config.model.latent_channels = 8
   config.model.norm_groups = 8
   config.model.dtype = 'float32'
 
@@ -39,7 +40,7 @@ def get_config():
 
   # ---- Training loop.
   config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 3_000
+  config.train.num_steps = 2_000       # 15.5 min on 2 cores (150 img/s, shared machine)
   config.train.batch_size = 64
   config.train.seed = 0
   config.train.log_every_steps = 100
