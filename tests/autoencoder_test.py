@@ -141,6 +141,7 @@ def _task_config(**loss):
   config = fmnist_autoencoder.get_config()
   config.model.channels = (8, 16, 16)
   config.model.norm_groups = 4
+  config.model.latent_channels = 4
   config.input.num_train_examples = 512
   config.eval.num_examples = 200
   config.eval.batch_size = 100
