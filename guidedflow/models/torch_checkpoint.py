@@ -41,36 +41,7 @@ class _CheckpointUnpickler(torch_weights._RestrictedUnpickler):
 
 def _torch_pickle(path: str) -> tuple[Any, dict[str, np.ndarray]]:
   """The unpickled top-level object of a `torch.save` file and its storages' data."""
-  storages = {}
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as archive:
-      names = archive.namelist()
-      pickles = [n for n in names if n.endswith('/data.pkl') and n.count('/') == 1]
-      if not pickles:
-        raise ValueError('zip archive without <name>/data.pkl')
-      prefix = pickles[0][:-len('data.pkl')]
-      big = prefix + 'byteorder' in names and archive.read(prefix + 'byteorder').strip() == b'big'
-      with archive.open(pickles[0]) as f:
-        result = _CheckpointUnpickler(f, storages).load()
-      data = {key: np.frombuffer(archive.read(f'{prefix}data/{key}'),
-                                 ref.dtype.newbyteorder('>' if big else '<')).astype(ref.dtype)
-              for key, ref in storages.items()}
-    return result, data
-  with open(path, 'rb') as f:
-    if _CheckpointUnpickler(f).load() != torch_weights._LEGACY_MAGIC:
-      raise ValueError('not a torch.save file (bad magic number)')
-    _CheckpointUnpickler(f).load()  # protocol version
-    order = '<' if _CheckpointUnpickler(f).load().get('little_endian', True) else '>'
-    result = _CheckpointUnpickler(f, storages).load()
-    data = {}
-    for key in _CheckpointUnpickler(f).load():
-      ref = storages[str(key)]
-      (numel,) = struct.unpack(order + 'q', f.read(8))
-      raw = f.read(numel * ref.dtype.itemsize)
-      if len(raw) != numel * ref.dtype.itemsize:
-        raise ValueError(f'file truncated in storage {key}')
-      data[str(key)] = np.frombuffer(raw, ref.dtype.newbyteorder(order)).astype(ref.dtype)
-  return result, data
+  return torch_weights.read_pickle(path, _CheckpointUnpickler)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:

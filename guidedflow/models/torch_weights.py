@@ -115,7 +115,7 @@ def _tensors(result: Any, storage_data: Mapping[str, np.ndarray]) -> dict[str, n
           for k, v in result.items() if isinstance(v, _TensorRef)}
 
 
-def _read_zip(path: str) -> dict[str, np.ndarray]:
+def _read_zip(path: str, unpickler) -> tuple[Any, dict[str, np.ndarray]]:
   with zipfile.ZipFile(path) as archive:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith('/data.pkl') and n.count('/') == 1]
@@ -127,33 +127,42 @@ def _read_zip(path: str) -> dict[str, np.ndarray]:
       byteorder = '>'
     storages = {}
     with archive.open(pickles[0]) as f:
-      result = _RestrictedUnpickler(f, storages).load()
+      result = unpickler(f, storages).load()
     data = {}
     for key, ref in storages.items():
       raw = np.frombuffer(archive.read(f'{prefix}data/{key}'), ref.dtype.newbyteorder(byteorder))
       data[key] = raw.astype(ref.dtype)
-  return _tensors(result, data)
+  return result, data
 
 
-def _read_legacy(path: str) -> dict[str, np.ndarray]:
+def _read_legacy(path: str, unpickler) -> tuple[Any, dict[str, np.ndarray]]:
   with open(path, 'rb') as f:
-    if _RestrictedUnpickler(f).load() != _LEGACY_MAGIC:
+    if unpickler(f).load() != _LEGACY_MAGIC:
       raise ValueError('not a torch.save file (bad magic number)')
-    if _RestrictedUnpickler(f).load() != _LEGACY_PROTOCOL:
+    if unpickler(f).load() != _LEGACY_PROTOCOL:
       raise ValueError('unsupported torch.save protocol version')
-    sys_info = _RestrictedUnpickler(f).load()
+    sys_info = unpickler(f).load()
     byteorder = '<' if sys_info.get('little_endian', True) else '>'
     storages = {}
-    result = _RestrictedUnpickler(f, storages).load()
+    result = unpickler(f, storages).load()
     data = {}
-    for key in _RestrictedUnpickler(f).load():
+    for key in unpickler(f).load():
       ref = storages[str(key)]
       (numel,) = struct.unpack(byteorder + 'q', f.read(8))
       raw = f.read(numel * ref.dtype.itemsize)
       if len(raw) != numel * ref.dtype.itemsize:
         raise ValueError(f'file truncated in storage {key}')
       data[str(key)] = np.frombuffer(raw, ref.dtype.newbyteorder(byteorder)).astype(ref.dtype)
-  return _tensors(result, data)
+  return result, data
+
+
+def read_pickle(path: str, unpickler=None) -> tuple[Any, dict[str, np.ndarray]]:
+  """(the unpickled top-level object, its storages' data) of a `torch.save` file, zip or
+  legacy; `unpickler` (default: the restricted one) decides which classes may appear."""
+  unpickler = unpickler or _RestrictedUnpickler
+  if zipfile.is_zipfile(path):
+    return _read_zip(path, unpickler)
+  return _read_legacy(path, unpickler)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -167,9 +176,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   try:
-    if zipfile.is_zipfile(path):
-      return _read_zip(path)
-    return _read_legacy(path)
+    return _tensors(*read_pickle(path))
   except (pickle.UnpicklingError, EOFError, KeyError, struct.error, zipfile.BadZipFile,
           AttributeError, TypeError, ValueError) as e:
     raise ValueError(f'{path}: not a readable PyTorch state-dict file ({e}).') from e

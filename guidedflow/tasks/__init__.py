@@ -11,6 +11,7 @@ import os
 
 from etils import epath
 import jax
+from flax import nnx
 from ml_collections import config_dict
 import numpy as np
 
@@ -78,6 +79,16 @@ class Task:
 
   def evaluate(self, workdir):
     raise NotImplementedError
+
+
+def checked_constructor(construct):
+  """`construct`, once its model has been built abstractly (`nnx.eval_shape`): a model that
+  refuses its arguments raises ConfigError with the model's message."""
+  try:
+    nnx.eval_shape(construct)
+  except ValueError as e:
+    raise errors.ConfigError(f'config.model: {e}') from None
+  return construct
 
 
 def get_task(config):

@@ -210,8 +210,4 @@ def model_constructor(config, image_shape):
         dtype=models.DTYPES[config.model.dtype], param_dtype=jnp.float32,
         rngs=nnx.Rngs(config.train.seed))
 
-  try:
-    nnx.eval_shape(construct)
-  except ValueError as e:
-    raise errors.ConfigError(f'config.model: {e}') from None
-  return construct
+  return tasks.checked_constructor(construct)

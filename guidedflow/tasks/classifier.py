@@ -16,7 +16,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from guidedflow import errors
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
 from guidedflow import models
@@ -121,8 +120,4 @@ def model_constructor(config, image_shape):
                       dtype=models.DTYPES[config.model.dtype], param_dtype=jnp.float32,
                       rngs=nnx.Rngs(config.train.seed))
 
-  try:
-    nnx.eval_shape(construct)
-  except ValueError as e:
-    raise errors.ConfigError(f'config.model: {e}') from None
-  return construct
+  return tasks.checked_constructor(construct)
