@@ -122,6 +122,11 @@ def load_trained(workdir, task_name, train_command):
   with train_state.open_checkpointer(checkpoints, workdir, handle_sigterm=False) as ckpt:
     step = ckpt.latest_step()
     saved = ckpt.restore_config(step) if step is not None else None
+    other = (saved or {}).get('task', 'generate')
+    if saved is not None and other != task_name:
+      raise errors.CheckpointNotFoundError(
+          f'{workdir} holds a run of config.task={other!r}, not {task_name!r}: give the '
+          f'--workdir of a {task_name!r} run.')
     if saved is None or result.get('task') != task_name or step != result.get('step'):
       raise errors.CheckpointNotFoundError(
           f'no finished {task_name} run in {workdir} (newest checkpoint: step {step}; '
