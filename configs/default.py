@@ -57,7 +57,19 @@ def get_config():
   config.input.num_classes = 10
   config.input.train_split = 'train'
   config.input.eval_split = 'test'
-  config.input.space = 'pixels'        # 'pixels' (images) | 'latents' (autoencoder latents: no pixel metrics yet)
+  config.input.space = 'pixels'        # 'pixels' | 'latents' (train on config.autoencoder's latents)
+  config.input.image_size = 0          # > 0: ADM center crop to this size (ImageFolder / TFDS JPEGs)
+
+  # ---- Latent diffusion (input.space='latents'; guidedflow/latents.py, latent_cache.py).
+  config.autoencoder = ml_collections.ConfigDict()
+  config.autoencoder.workdir = config_dict.placeholder(str)  # a finished configs/fmnist_autoencoder.py run
+  config.autoencoder.weights = config_dict.placeholder(str)  # or a Stable Diffusion VAE file
+  config.autoencoder.cache = True      # encode each split once into the latent cache; False: on the fly
+  config.autoencoder.cache_dir = config_dict.placeholder(str)  # None: <workdir>/latent_cache
+  config.autoencoder.cache_dtype = 'float32'  # 'float32' | 'float16' (half the disk)
+  config.autoencoder.flip = False      # also encode horizontal mirrors (2 examples per image)
+  config.autoencoder.batch_size = 256  # encoding batch
+  config.autoencoder.workers = 0       # grain worker processes decoding JPEGs while encoding
 
   # ---- Training loop.
   config.train = ml_collections.ConfigDict()
@@ -91,6 +103,7 @@ def get_config():
   config.sampling.num_samples = 1000   # --mode=sample: total samples, balanced over classes
   config.sampling.batch_size = 500     # samples per compiled sampler call
   config.sampling.seed = 0
+  config.sampling.npz_keys = 'guidedflow'  # samples.npz keys: 'guidedflow' (images, labels) | 'adm' (arr_0, arr_1)
   config.sampling.grid_guidance_scales = (1.0, 2.0, 4.0)  # grid columns: one block per w
   config.sampling.grid_samples_per_class = 4  # images per (class, w) cell of the grid
   config.sampling.grid_classes = config_dict.placeholder(tuple)  # None: every class; or a tuple of class ids (grid rows)

@@ -225,8 +225,10 @@ class TfdsDataset(Dataset):
   """A TFDS dataset prepared in array_record format, read through a random-access source."""
 
   def __init__(self, source: Any, *, name: str, split: str, image_key: str, label_key: str,
-               num_classes: int, image_shape: tuple[int, ...] | None = None):
+               num_classes: int, image_shape: tuple[int, ...] | None = None,
+               image_size: int = 0):
     self.source = source
+    self.image_size = int(image_size or 0)  # > 0: ADM center crop (images of varying size)
     self.name, self.split = name, split
     self.image_key, self.label_key = image_key, label_key
     self.num_examples = len(source)
@@ -234,6 +236,9 @@ class TfdsDataset(Dataset):
     if self.num_examples == 0:
       raise DataError(f'TFDS dataset {name!r} split {split!r} is empty; choose another split '
                       '(--config.input.train_split / eval_split).')
+    if self.image_size and image_shape is not None:
+      channels = image_shape[-1] if len(image_shape) == 3 and image_shape[-1] else 3
+      image_shape = (self.image_size, self.image_size, channels)
     if image_shape is None or any(d is None for d in image_shape):
       image_shape = np.shape(self._read([0])[image_key])[1:]  # Shape of the first example.
     image_shape = tuple(int(d) for d in image_shape)
@@ -245,9 +250,14 @@ class TfdsDataset(Dataset):
     getitems = getattr(self.source, '__getitems__', None)
     records = getitems(keys) if getitems is not None else [self.source[k] for k in keys]
     out = {}
+    crop = lambda x: x
+    if self.image_size:
+      from guidedflow import image_folder  # pylint: disable=g-import-not-at-top
+      crop = lambda x: image_folder.center_crop_array(x, self.image_size)
     for key in (self.image_key, self.label_key):
       try:
-        out[key] = np.stack([np.asarray(r[key]) for r in records])
+        out[key] = np.stack([crop(np.asarray(r[key])) if key == self.image_key
+                             else np.asarray(r[key]) for r in records])
       except KeyError:
         raise DataError(
             f'TFDS dataset {self.name!r} has no feature {key!r}; its features are '
@@ -306,7 +316,7 @@ def load_tfds_source(name: str, split: str, data_dir: str | None = None) -> tupl
 
 
 def _tfds_dataset(name: str, split: str, data_dir: str | None, image_key: str, label_key: str,
-                  num_classes: int) -> TfdsDataset:
+                  num_classes: int, image_size: int = 0) -> TfdsDataset:
   source, builder = load_tfds_source(name, split, data_dir)
   features = builder.info.features
   image_shape = None
@@ -325,7 +335,7 @@ def _tfds_dataset(name: str, split: str, data_dir: str | None, image_key: str, l
         f'TFDS dataset {name!r} declares {declared} classes in {label_key!r} but '
         f'--config.input.num_classes={num_classes}. Set --config.input.num_classes={declared}.')
   return TfdsDataset(source, name=name, split=split, image_key=image_key, label_key=label_key,
-                     num_classes=num_classes, image_shape=image_shape)
+                     num_classes=num_classes, image_shape=image_shape, image_size=image_size)
 
 
 def _cfg(config: Any, key: str, default: Any) -> Any:
@@ -339,22 +349,28 @@ def create_dataset(input_config: Any, split: str) -> Dataset:
 
   Args:
     input_config: the config's `input` group (ConfigDict, dict or any attribute object) with
-      `dataset` ('fashion_mnist' | 'tfds:<name>'), `data_dir`, `image_key`, `label_key`,
-      `num_classes`.
+      `dataset` ('fashion_mnist' | 'tfds:<name>' | 'imagefolder'), `data_dir`, `image_key`,
+      `label_key`, `num_classes`, `image_size` (> 0: ADM center crop, `image_folder`).
     split: split name, e.g. `input_config.train_split` ('train') or `eval_split` ('test'); TFDS
       slicing like 'train[:90%]' works for TFDS datasets.
   """
   dataset = _cfg(input_config, 'dataset', 'fashion_mnist')
   data_dir = _cfg(input_config, 'data_dir', None)
   num_classes = int(_cfg(input_config, 'num_classes', 10))
+  image_size = int(_cfg(input_config, 'image_size', 0) or 0)
+  if dataset == 'imagefolder':
+    from guidedflow import image_folder  # pylint: disable=g-import-not-at-top
+    return image_folder.ImageFolderDataset(data_dir or '', split, image_size=image_size,
+                                           num_classes=num_classes)
   if dataset == 'fashion_mnist':
     images, labels = load_fashion_mnist(data_dir, split)
     return ArrayDataset(images, labels, num_classes=num_classes, name=dataset, split=split)
   if isinstance(dataset, str) and dataset.startswith('tfds:') and len(dataset) > 5:
     return _tfds_dataset(dataset[5:], split, data_dir, _cfg(input_config, 'image_key', 'image'),
-                         _cfg(input_config, 'label_key', 'label'), num_classes)
+                         _cfg(input_config, 'label_key', 'label'), num_classes, image_size)
   raise DataError(f'Unknown dataset {dataset!r}: set --config.input.dataset to '
-                  "'fashion_mnist' or 'tfds:<name>' (a TFDS dataset prepared as array_record).")
+                  "'fashion_mnist', 'tfds:<name>' (a TFDS dataset prepared as array_record) or "
+                  "'imagefolder' (class folders of JPEGs under input.data_dir/<split>).")
 
 
 def take(dataset: Dataset, num_examples: int) -> Dataset:
@@ -382,6 +398,15 @@ def _process_slice(global_batch_size: int, process_index: int | None,
     raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
   local = global_batch_size // process_count
   return process_index * local, (process_index + 1) * local
+
+
+def to_model(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A dataset batch as the model takes it: 'image' through `images.to_model`, the rest (labels,
+  latent moments) as it is."""
+  out = dict(batch)
+  if 'image' in out:
+    out['image'] = images_lib.to_model(out['image'])
+  return out
 
 
 def _to_jax(batch: dict[str, np.ndarray], sharding: Any) -> dict[str, jax.Array]:
@@ -468,10 +493,9 @@ class BatchIterator:
     return indices
 
   def host_batch(self, step: int, seed: int | None = None) -> dict[str, np.ndarray]:
-    """This process's slice of the batch of `step` as numpy (images float32 in [-1, 1])."""
+    """This process's slice of the batch of `step` as numpy (`to_model`)."""
     indices = self.global_indices(step, seed)[self._lo:self._hi]
-    batch = self.dataset.get_batch(indices)
-    return {'image': images_lib.to_model(batch['image']), 'label': batch['label']}
+    return to_model(self.dataset.get_batch(indices))
 
   # -- iteration ----------------------------------------------------------------------------------
 
@@ -557,5 +581,4 @@ def eval_batches(dataset: Dataset, batch_size: int, *, sharding=None,
     positions = np.arange(b * batch_size, (b + 1) * batch_size)[lo:hi]
     mask = (positions < dataset.num_examples).astype(np.float32)
     batch = dataset.get_batch(np.where(mask > 0, positions, positions % dataset.num_examples))
-    yield _to_jax({'image': images_lib.to_model(batch['image']), 'label': batch['label'],
-                   'mask': mask}, sharding)
+    yield _to_jax(dict(to_model(batch), mask=mask), sharding)

@@ -20,9 +20,10 @@ config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/fashion_mnist.py or configs/fashion_mnist.py:unet.',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples and TensorBoard logs.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate'],
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate', 'encode'],
                   'train: train (resuming from --workdir); sample: write samples.npz + grid.png '
-                  'from the latest EMA checkpoint; evaluate: print metrics as JSON.')
+                  'from the latest EMA checkpoint; evaluate: print metrics as JSON; encode: '
+                  'write the latent cache of a latent generator (training writes it too).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -57,10 +58,10 @@ def main(argv):
     if FLAGS.mode == 'train':
       _, result = train.train_and_evaluate(config, FLAGS.workdir)
       print(json.dumps(result))
-    elif FLAGS.mode == 'sample':
-      print(json.dumps(tasks.get_task(config).sample(FLAGS.workdir)))
     else:
-      print(json.dumps(tasks.get_task(config).evaluate(FLAGS.workdir), indent=2))
+      task = tasks.get_task(config, FLAGS.workdir)
+      result = getattr(task, FLAGS.mode)(FLAGS.workdir)
+      print(json.dumps(result, indent=2 if FLAGS.mode == 'evaluate' else None))
   except errors.UserError as e:  # the message says what is wrong and how to fix it
     logging.error('%s: %s', type(e).__name__, e)
     print(f'error: {e}', file=sys.stderr)

@@ -18,6 +18,7 @@ from flax import nnx
 from guidedflow import errors
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
+from guidedflow import latents
 from guidedflow import models
 from guidedflow import paths
 from guidedflow import sampling
@@ -77,33 +78,47 @@ def state_builder(config, image_shape, mesh=None):
 class Sampler:
   """Samples from a generator's weights with the configured sampler.
 
+  A latent generator (`latent_space` given) decodes inside the same compiled program: what
+  `sample` returns is pixels either way.
+
   Attributes:
     params: the weights sampled from (the EMA weights of a train state).
     step: the training step of those weights.
-    num_classes, image_shape, config.
+    image_shape: what the generator generates (latents of a latent generator).
+    output_shape: what `sample` returns (pixels).
+    num_classes, config, latent_space.
   """
 
-  def __init__(self, config, builder, params, *, image_shape, step=None):
+  def __init__(self, config, builder, params, *, image_shape, step=None, latent_space=None):
     self.config = config
     self.builder = builder
     self.params = params
     self.step = step
     self.image_shape = tuple(image_shape)
+    self.latent_space = latent_space
+    self.output_shape = self.image_shape
+    if latent_space is not None:
+      height, width, _ = self.image_shape
+      f = latent_space.downsample_factor
+      self.output_shape = (height * f, width * f, latent_space.in_channels)
     self.num_classes = config.input.num_classes
     self.null_label = config.input.num_classes
     self.path = paths.get_path(config.path.schedule)
     self._compiled = {}
 
   @classmethod
-  def from_train_state(cls, config, builder, state, image_shape):
+  def from_train_state(cls, config, builder, state, image_shape, latent_space=None):
     return cls(config, builder, _weights(state), image_shape=image_shape,
-               step=int(state['step']))
+               step=int(state['step']), latent_space=latent_space)
 
   @classmethod
-  def from_workdir(cls, config, workdir):
-    """The newest checkpoint's EMA weights (CheckpointNotFoundError without one)."""
-    builder, state, image_shape = load(config, workdir)
-    return cls.from_train_state(config, builder, state, image_shape)
+  def from_workdir(cls, config, workdir, latent_space=None):
+    """The newest checkpoint's EMA weights (CheckpointNotFoundError without one); a latent
+    generator's autoencoder is `latent_space` or, when None, the config's."""
+    if latent_space is None:
+      latent_space = latents.load(config)
+    builder, state, image_shape = load(config, workdir, latent_space)
+    return cls.from_train_state(config, builder, state, image_shape, latent_space)
 
   def update(self, state):
     """Samples from `state`'s weights from now on (same compiled programs)."""
@@ -114,20 +129,22 @@ class Sampler:
     if cache_key not in self._compiled:
       parameterization = self.config.loss.parameterization
 
-      def run(params, key, labels, guidance_scale, sigma):
+      def run(params, decoder_params, key, labels, guidance_scale, sigma):
         model = self.builder.merge(params)
         samples, info = sampling.sample(
             lambda x, t, y: model(x, t, y), key, labels, shape=self.image_shape, path=self.path,
             parameterization=parameterization, null_label=self.null_label,
             guidance_scale=guidance_scale if use_cfg else 1.0, sigma=sigma, **options)
+        if self.latent_space is not None:
+          samples = self.latent_space.decode(decoder_params, samples)
         return samples, info['nfe']
 
       # The batch is split over (data, fsdp) like a training batch; the noise is drawn with
       # the partitionable threefry, so the samples do not depend on the mesh.
       b = self.builder
       self._compiled[cache_key] = jax.jit(
-          run, in_shardings=(b.param_shardings, b.replicated, b.batch_sharding, b.replicated,
-                             b.replicated),
+          run, in_shardings=(b.param_shardings, b.replicated, b.replicated, b.batch_sharding,
+                             b.replicated, b.replicated),
           out_shardings=(b.batch_sharding, b.replicated))
     return self._compiled[cache_key]
 
@@ -155,8 +172,9 @@ class Sampler:
     padded = np.pad(labels, (0, -num % sharding.batch_axes_size(self.builder.mesh)))
     with jax.set_mesh(self.builder.mesh):
       labels = jax.device_put(padded, self.builder.batch_sharding)
-      samples, nfe = program(self.params, key, labels, jnp.float32(guidance_scale),
-                             jnp.float32(sigma))
+      decoder_params = self.latent_space.params if self.latent_space is not None else None
+      samples, nfe = program(self.params, decoder_params, key, labels,
+                             jnp.float32(guidance_scale), jnp.float32(sigma))
       if len(padded) != num:
         samples = samples[:num]
     return samples, int(nfe)
@@ -201,13 +219,16 @@ def _weights(state):
   return state['ema_params'] if 'ema_params' in state else state['params']
 
 
-def load(config, workdir):
-  """(StateBuilder, newest train state, image shape) of a generator workdir.
+def load(config, workdir, latent_space=None):
+  """(StateBuilder, newest train state, generated shape) of a generator workdir; the shape is
+  the latents' of `latent_space` when given.
 
   Raises:
     CheckpointNotFoundError: the workdir holds no checkpoint.
   """
   validation.validate_config(config)
   image_shape = input_pipeline.create_dataset(config.input, config.input.train_split).image_shape
+  if latent_space is not None:
+    image_shape = latent_space.latent_shape(image_shape)
   builder = state_builder(config, image_shape)
   return builder, train_state.load_latest(builder, config, workdir), tuple(image_shape)

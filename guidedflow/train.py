@@ -180,8 +180,8 @@ def train_and_evaluate(config, workdir):
     (final train state, the task's JSON-able result, also written to <workdir>/result.json).
   """
   t_start, workdir = time.time(), os.fspath(workdir)
-  task = tasks_lib.get_task(config)
   validation.validate_config(config)
+  task = tasks_lib.get_task(config, workdir)
   # Workdir files go through etils.epath: a local path or gs://BUCKET/... (Cloud TPU).
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   dataset = task.train_dataset()

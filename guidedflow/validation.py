@@ -12,6 +12,8 @@ import jax
 
 from guidedflow import errors
 from guidedflow import feature_networks
+from guidedflow import latent_cache
+from guidedflow import latents
 from guidedflow import losses
 from guidedflow import models
 from guidedflow import paths
@@ -35,6 +37,8 @@ _GENERATOR_CHOICES = {
     'sampling.method': sampling.METHODS,
     'sampling.sigma_schedule': sampling.SIGMA_SCHEDULES,
     'eval.feature_network': ('none',) + feature_networks.NAMES,
+    'input.space': latents.SPACES,
+    'sampling.npz_keys': ('guidedflow', 'adm'),
 }
 _COMMON_CHOICES = {'optim.schedule': train_state.SCHEDULES,
                    'mesh.distributed': sharding.DISTRIBUTED_MODES}
@@ -48,7 +52,10 @@ _COMMON_POSITIVE = ('train.num_steps', 'train.batch_size', 'train.log_every_step
 # behaviour before the key existed). Read them with `get`.
 _DEFAULTS = {'model.unet_norm': 'group', 'model.attention_impl': 'einsum',
              'model.remat': 'none', 'model.scan_blocks': True, 'optim.schedule': 'constant',
-             'mesh.distributed': 'auto', 'checkpoint.max_to_keep': 3}
+             'mesh.distributed': 'auto', 'checkpoint.max_to_keep': 3, 'input.space': 'pixels',
+             'autoencoder.cache': True, 'autoencoder.cache_dtype': 'float32',
+             'autoencoder.flip': False, 'autoencoder.batch_size': 256,
+             'autoencoder.workers': 0, 'sampling.npz_keys': 'guidedflow'}
 
 
 def get(config, dotted):
@@ -161,6 +168,23 @@ def _check_generator(config):
                              '(t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1.')
   _check_model(config)
   _check_eval(config)
+  _check_latents(config)
+
+
+def _check_latents(config):
+  if get(config, 'input.space') != 'latents':
+    return
+  workdir, weights = get(config, 'autoencoder.workdir'), get(config, 'autoencoder.weights')
+  if bool(workdir) == bool(weights):
+    raise errors.ConfigError(
+        "config.input.space='latents' needs exactly one autoencoder: "
+        '--config.autoencoder.workdir=DIR (a finished run of configs/fmnist_autoencoder.py) or '
+        '--config.autoencoder.weights=FILE (a Stable Diffusion VAE file).')
+  _choices(config, {'autoencoder.cache_dtype': latent_cache.DTYPES})
+  _positive(config, ('autoencoder.batch_size',))
+  if get(config, 'autoencoder.workers') < 0:
+    raise errors.ConfigError('config.autoencoder.workers must be >= 0 (0: decode in this '
+                             'process).')
 
 
 def _check_model(config):
@@ -188,9 +212,3 @@ def _check_eval(config):
     if method not in sampling.METHODS:
       raise errors.ConfigError(f'config.eval.methods={evaluation.methods!r}: {method!r} is not '
                                f'one of {sampling.METHODS}.')
-  if (config.input.get('space', 'pixels') == 'latents' and
-      evaluation.feature_network != 'none'):
-    raise errors.ConfigError(
-        f'config.eval.feature_network={evaluation.feature_network!r} measures images, but '
-        "config.input.space='latents': the data are autoencoder latents and nothing decodes "
-        'them to pixels yet. Set --config.eval.feature_network=none (held-out loss only).')

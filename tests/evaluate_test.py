@@ -203,8 +203,8 @@ def test_bad_eval_config_is_refused():
   with pytest.raises(errors.ConfigError, match='eval.num_steps'):
     validation.validate_config(config)
   config = _config()
-  config.input.space = 'latents'  # e.g. configs/imagenet256_latent.py with Inception
-  with pytest.raises(errors.ConfigError, match='feature_network=none'):
+  config.input.space = 'latents'  # latents without an autoencoder to decode them
+  with pytest.raises(errors.ConfigError, match='exactly one autoencoder'):
     validation.validate_config(config)
 
 

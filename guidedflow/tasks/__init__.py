@@ -30,7 +30,8 @@ class Task:
     eval_metrics(model, batch, key): dict of means over the batch's real rows (batch['mask']).
     periodic(run, state, step): after every step; returns scalars for TensorBoard.
     final(run, state): after the last step; returns the JSON-able result of the run.
-  Modes of `guidedflow.main` besides training: sample(workdir), evaluate(workdir).
+  Modes of `guidedflow.main` besides training: sample(workdir), evaluate(workdir),
+  encode(workdir).
   """
 
   name = None
@@ -40,8 +41,9 @@ class Task:
   # of them go to TensorBoard).
   log_keys = ()
 
-  def __init__(self, config):
+  def __init__(self, config, workdir=None):
     self.config = config
+    self.workdir = workdir  # None outside a run (e.g. a model loaded for inference)
 
   def train_dataset(self):
     """The train split, or its first `input.num_train_examples` (0 or absent: all)."""
@@ -72,6 +74,12 @@ class Task:
     del run, state  # Unused.
     return {}
 
+  def encode(self, workdir):
+    del workdir  # Unused.
+    raise errors.ConfigError(f'--mode=encode does not apply to config.task={self.name!r} '
+                             f'({self.description}): it writes the latent cache of a latent '
+                             "generator (config.input.space='latents').")
+
   def sample(self, workdir):
     del workdir  # Unused.
     raise errors.ConfigError(f'--mode=sample does not apply to config.task={self.name!r} '
@@ -91,8 +99,9 @@ def checked_constructor(construct):
   return construct
 
 
-def get_task(config):
-  """The task named by `config.task` ('generate' when the config has no such key)."""
+def get_task(config, workdir=None):
+  """The task named by `config.task` ('generate' when the config has no such key), for the
+  run in `workdir`."""
   # pylint: disable=g-import-not-at-top  # the tasks import this module
   from guidedflow.tasks import autoencoder
   from guidedflow.tasks import classifier
@@ -102,7 +111,7 @@ def get_task(config):
   name = config.get('task', 'generate')
   if name not in tasks:
     raise errors.ConfigError(f'config.task={name!r} is not one of {tuple(tasks)}.')
-  return tasks[name](config)
+  return tasks[name](config, workdir)
 
 
 def load_trained(workdir, task_name, train_command):

@@ -49,8 +49,8 @@ class AutoencoderTask(tasks.Task):
   description = 'the autoencoder of latent diffusion'
   log_keys = ('reconstruction', 'kl')
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, workdir=None):
+    super().__init__(config, workdir)
     self._features = None  # (graphdef, params) of the classifier for the feature loss
 
   def model_constructor(self, image_shape):

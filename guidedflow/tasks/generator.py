@@ -15,14 +15,18 @@ from etils import epath
 import jax
 import numpy as np
 
+from guidedflow import errors
 from guidedflow import evaluate as evaluate_lib
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
+from guidedflow import latent_cache
+from guidedflow import latents
 from guidedflow import losses
 from guidedflow import paths
 from guidedflow import sampler as sampler_lib
 from guidedflow import tasks
 from guidedflow import train
+from guidedflow import validation
 
 _PERIODIC_KEYS = ('fd', 'precision', 'recall', 'accuracy', 'black_fraction', 'pixel_std')
 
@@ -33,17 +37,71 @@ class GeneratorTask(tasks.Task):
   name = 'generate'
   description = 'a generative model'
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, workdir=None):
+    super().__init__(config, workdir)
     self.path = paths.get_path(config.path.schedule)
     self._sampler = None
     self._periodic_eval = None  # None: not set up yet; False: disabled
+    self._latent_space = None
 
   def model_constructor(self, image_shape):
     return sampler_lib.model_constructor(self.config, image_shape)
 
+  # -- data: pixels, or latent moments of them (the cache, or encoded on the fly)
+
+  def latent_space(self):
+    """The frozen autoencoder of a latent generator (None in pixel space)."""
+    if self._latent_space is None and latents.is_latent(self.config):
+      self._latent_space = latents.load(self.config)
+    return self._latent_space
+
+  def pixel_train_dataset(self):
+    return super().train_dataset()
+
+  def pixel_eval_dataset(self):
+    return super().eval_dataset()
+
+  def train_dataset(self):
+    return self._latent_dataset(self.pixel_train_dataset(), 'train', flip=True)
+
+  def eval_dataset(self):
+    return self._latent_dataset(self.pixel_eval_dataset(), 'eval', flip=False)
+
+  def _latent_dataset(self, pixels, which, *, flip):
+    space = self.latent_space()
+    if space is None:
+      return pixels
+    config = self.config.autoencoder
+    flip = flip and config.get('flip', False)
+    if not config.get('cache', True):
+      return latents.EncodedDataset(pixels, space, flip=flip)
+    if config.get('cache_dir') is None and self.workdir is None:
+      raise errors.ConfigError('the latent cache needs --config.autoencoder.cache_dir (or a '
+                               'workdir: <workdir>/latent_cache).')
+    root = config.get('cache_dir') or os.path.join(self.workdir, 'latent_cache')
+    return latent_cache.open_split(
+        space, pixels, os.path.join(root, which), flip=flip, batch_size=config.batch_size,
+        dtype=config.get('cache_dtype', 'float32'), workers=config.get('workers', 0))
+
+  def encode(self, workdir):
+    """--mode=encode: writes the latent cache of the train and eval splits (when absent) and
+    returns what each holds and how fast it was encoded."""
+    if self.latent_space() is None:
+      return super().encode(workdir)
+    if not self.config.autoencoder.get('cache', True):
+      raise errors.ConfigError('--mode=encode writes the latent cache, but '
+                               'config.autoencoder.cache=False encodes on the fly.')
+    return {which: dict(dataset.meta, directory=os.fspath(dataset.directory))
+            for which, dataset in (('train', self.train_dataset()),
+                                   ('eval', self.eval_dataset()))}
+
   def loss(self, model, batch, key):
     config = self.config.loss
+    space = self.latent_space()
+    if space is not None:  # z = mean + std·ε drawn here, from the step's key
+      key_z, key = jax.random.split(key)
+      batch = dict(batch, image=space.to_generator(batch['mean'], batch['logvar'], key_z))
+      del batch['mean'], batch['logvar']
     kwargs = None
     if config.time_sampler == 'logit_normal':
       kwargs = dict(mean=config.logit_normal_mean, std=config.logit_normal_std)
@@ -57,8 +115,8 @@ class GeneratorTask(tasks.Task):
 
   def _sampler_of(self, run, state):
     if self._sampler is None:
-      self._sampler = sampler_lib.Sampler.from_train_state(self.config, run.builder, state,
-                                                           run.image_shape)
+      self._sampler = sampler_lib.Sampler.from_train_state(
+          self.config, run.builder, state, run.image_shape, latent_space=self.latent_space())
     self._sampler.update(state)
     return self._sampler
 
@@ -100,7 +158,7 @@ class GeneratorTask(tasks.Task):
           network = feature_networks.load(self.config)
           self._periodic_eval = evaluate_lib.Evaluator(
               self.config, run.workdir, self._sampler_of(run, state), network,
-              self.eval_dataset())
+              self.pixel_eval_dataset())
         except FileNotFoundError as e:  # no classifier / Inception weights: keep training
           logging.warning('Periodic sample metrics disabled: %s', e)
     if not self._periodic_eval:
@@ -120,9 +178,10 @@ class GeneratorTask(tasks.Task):
   # -- modes
 
   def sample(self, workdir):
-    """--mode=sample: <workdir>/samples/samples.npz (uint8 `images`, int32 `labels`) and
-    grid.png from the EMA weights; returns the settings, NFE and seconds."""
-    sampler = sampler_lib.Sampler.from_workdir(self.config, workdir)
+    """--mode=sample: <workdir>/samples/samples.npz (uint8 `images`, int32 `labels`; `arr_0`,
+    `arr_1` with sampling.npz_keys='adm') and grid.png from the EMA weights (decoded pixels for
+    a latent generator); returns the settings, NFE, seconds and images/s."""
+    sampler = sampler_lib.Sampler.from_workdir(self.config, workdir, self.latent_space())
     sconfig = self.config.sampling
     num, num_classes = sconfig.num_samples, sampler.num_classes
     labels = (np.arange(num) % num_classes).astype(np.int32)  # balanced classes
@@ -133,8 +192,10 @@ class GeneratorTask(tasks.Task):
     out_dir = os.path.join(workdir, 'samples')
     if jax.process_index() == 0:
       epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+      keys = (('arr_0', 'arr_1') if validation.get(self.config, 'sampling.npz_keys') == 'adm'
+              else ('images', 'labels'))  # ADM's evaluator reads arr_0
       with (epath.Path(out_dir) / 'samples.npz').open('wb') as f:
-        np.savez(f, images=images, labels=labels)
+        np.savez(f, **dict(zip(keys, (images, labels))))
       per_class = min(num // num_classes, 10)
       if per_class:  # one row per class
         grid = images_lib.make_grid(
@@ -143,6 +204,7 @@ class GeneratorTask(tasks.Task):
         images_lib.save_png(os.path.join(out_dir, 'grid.png'), grid, upscale=2)
     result = {
         'num_samples': num, 'nfe': nfe, 'seconds': round(seconds, 2),
+        'images_per_s': round(num / max(seconds, 1e-9), 2),
         'method': sconfig.method, 'num_steps': sconfig.num_steps,
         'guidance_scale': sconfig.guidance_scale, 'sigma_schedule': sconfig.sigma_schedule,
         'sigma': sconfig.sigma, 'seed': sconfig.seed, 'step': sampler.step,
@@ -154,7 +216,8 @@ class GeneratorTask(tasks.Task):
   def evaluate(self, workdir):
     """--mode=evaluate: held-out loss of the raw and EMA weights, then sample quality and
     sweeps (guidedflow/evaluate.py) unless `config.eval.feature_network='none'`."""
-    builder, state, image_shape = sampler_lib.load(self.config, workdir)
+    space = self.latent_space()
+    builder, state, image_shape = sampler_lib.load(self.config, workdir, space)
     run = train.Run(self.config, workdir, builder, None, image_shape, 0, self)
     dataset = self.eval_dataset()
     heldout = {name: run.heldout(state[key], dataset, batch_size=self.config.train.batch_size,
@@ -164,8 +227,9 @@ class GeneratorTask(tasks.Task):
               'num_batches': self.config.eval.num_batches, **heldout,
               'parameterization': self.config.loss.parameterization}
     if self.config.eval.feature_network != 'none':
-      sampler = sampler_lib.Sampler.from_train_state(self.config, builder, state, image_shape)
+      sampler = sampler_lib.Sampler.from_train_state(self.config, builder, state, image_shape,
+                                                     latent_space=space)
       result.update(evaluate_lib.run(self.config, workdir, sampler,
-                                     feature_networks.load(self.config), dataset,
-                                     self.train_dataset()))
+                                     feature_networks.load(self.config),
+                                     self.pixel_eval_dataset(), self.pixel_train_dataset()))
     return result
