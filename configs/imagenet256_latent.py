@@ -1,9 +1,19 @@
 """ImageNet 256×256 in latent space: the DiT-XL/2 / SiT-XL/2 recipe, for accelerators.
 
-Not run in CI. The generator trains on 32×32×4 latents of 256×256 images (an 8× autoencoder),
-stored as a TFDS dataset in array_record format with features `latent` (float32, 32×32×4,
-already multiplied by the autoencoder's scale factor) and `label` (int, 1000 classes), e.g.
-prepared with `tfds build` into $TFDS_DATA_DIR on the TPU VM or GCS.
+Not run in CI (tests/imagenet_pipeline_test.py runs the same path on a tiny stand-in). The
+whole path of latent diffusion (guidedflow/latents.py, latent_cache.py, image_folder.py):
+  ImageNet JPEGs (an ImageFolder `<data_dir>/train/<wnid>/*.JPEG`, `<data_dir>/val/<wnid>/...`,
+  or TFDS `imagenet2012` prepared as array_record: --config.input.dataset=tfds:imagenet2012
+  --config.input.eval_split=validation) → ADM center crop to 256 → the Stable Diffusion VAE
+  (`sd-vae-ft-ema`, a file you download: --config.autoencoder.weights=PATH) encodes every
+  image and its mirror once into the latent cache (float16 moments, 32×32×4) → DiT-XL/2 on
+  z = (mean + std·ε) · 0.18215, ε fresh each step → sampling → SD-VAE decode → Inception-v3
+  FID (pytorch-fid's weights file: --config.eval.inception_weights=PATH) against the val split;
+  `--mode=sample` writes samples.npz with ADM's keys (arr_0 images, arr_1 labels) for the ADM
+  evaluator (guided-diffusion/evaluations) with its VIRTUAL_imagenet256_labeled.npz.
+Steps: `--mode=encode` (writes the cache; every process encodes its slice, JPEG decoding in
+`autoencoder.workers` grain processes), then train, `--mode=sample`, `--mode=evaluate`. The
+cache directory must be visible to every host (each reads the rows of its part of each batch).
 
 Recipe (SiT-XL/2, in our conventions): linear path, velocity prediction, uniform t, label
 dropout 0.1, AdamW lr 1e-4 constant, no weight decay, batch 256, EMA 0.9999, bf16 compute with
@@ -53,13 +63,19 @@ def get_config(arg='XL/2'):
   config.model.dtype = 'bfloat16'
   config.model.param_dtype = 'float32'
 
-  config.input.dataset = 'tfds:imagenet256_latents'
-  config.input.data_dir = None          # TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
-  config.input.image_key = 'latent'
-  config.input.label_key = 'label'
+  config.input.dataset = 'imagefolder'  # or 'tfds:imagenet2012' (eval_split 'validation')
+  config.input.data_dir = '/data/imagenet'
+  config.input.image_size = 256          # ADM center crop
   config.input.num_classes = 1000
-  config.input.eval_split = 'validation'
+  config.input.train_split = 'train'
+  config.input.eval_split = 'val'
   config.input.space = 'latents'
+  config.autoencoder.weights = '/data/sd-vae-ft-ema/diffusion_pytorch_model.safetensors'
+  config.autoencoder.cache_dir = '/data/latent_cache/imagenet256_sd-vae-ft-ema'
+  config.autoencoder.cache_dtype = 'float16'  # 1.28M × 2 views × 32·32·4 × 2 moments: 42 GB
+  config.autoencoder.flip = True         # fast-DiT: each image and its mirror
+  config.autoencoder.batch_size = 64
+  config.autoencoder.workers = 16        # grain processes decoding JPEGs
 
   config.path.schedule = 'linear'
   config.loss.parameterization = 'velocity'
@@ -88,9 +104,10 @@ def get_config(arg='XL/2'):
   config.sampling.batch_size = 256
   config.sampling.grid_samples_per_class = 4
   config.sampling.grid_classes = (88, 207, 279, 360, 387, 417, 812, 933, 974, 979)  # as DiT
+  config.sampling.npz_keys = 'adm'       # samples.npz: arr_0 (uint8 images), arr_1 (labels)
   config.eval.guidance_scales = (1.0, 1.5, 2.0, 4.0)
-  # FID needs pixels: Inception on decoded latents comes with the autoencoder (latent diffusion);
-  # until then validation refuses a feature network on latents, so evaluation is held-out loss.
-  config.eval.feature_network = 'none'
-  config.eval.samples_per_class = 50  # 50k samples, the standard FID-50k
+  config.eval.feature_network = 'inception_v3'
+  config.eval.inception_weights = '/data/pt_inception-2015-12-05-6726825d.pth'
+  config.eval.num_real_images = 50_000   # the val split's statistics
+  config.eval.samples_per_class = 50     # 50k samples, the standard FID-50k
   return config
