@@ -458,6 +458,12 @@ class BatchIterator:
     self.sharding = sharding
     self.step = int(start_step)
     self._lo, self._hi = _process_slice(self.global_batch_size, process_index, process_count)
+    # A process-local dataset (this process's shard of the latent cache): this process's part
+    # of every batch is drawn from it alone, by its own permutations.
+    self._stream_batch, self._rng_extra = self.global_batch_size, ()
+    if getattr(dataset, 'process_local', False):
+      self._stream_batch, self._lo, self._hi = self._hi - self._lo, 0, self._hi - self._lo
+      self._rng_extra = (jax.process_index() if process_index is None else process_index,)
     self._permutations: dict[int, np.ndarray] = {}
     self._perm_lock = threading.Lock()
     if prefetch is None:
@@ -473,17 +479,19 @@ class BatchIterator:
     with self._perm_lock:
       perm = self._permutations.get((seed, epoch))
       if perm is None:
-        perm = np.random.default_rng([seed, epoch]).permutation(self.dataset.num_examples)
+        perm = np.random.default_rng([seed, epoch, *self._rng_extra]).permutation(
+            self.dataset.num_examples)
         if len(self._permutations) >= 4:  # A batch touches at most a few consecutive epochs.
           self._permutations.pop(min(self._permutations))
         self._permutations[(seed, epoch)] = perm
       return perm
 
   def global_indices(self, step: int, seed: int | None = None) -> np.ndarray:
-    """Dataset indices of the whole global batch of `step` (same on every process)."""
+    """Dataset indices of the whole global batch of `step` (same on every process); of this
+    process's part of it for a process-local dataset."""
     seed = self.seed if seed is None else seed
     n = self.dataset.num_examples
-    positions = np.arange(step * self.global_batch_size, (step + 1) * self.global_batch_size,
+    positions = np.arange(step * self._stream_batch, (step + 1) * self._stream_batch,
                           dtype=np.int64)
     epochs, offsets = np.divmod(positions, n)
     indices = np.empty_like(positions)

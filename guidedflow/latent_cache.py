@@ -1,17 +1,20 @@
 """The latent cache: a split encoded once into latent moments on disk, read by random access.
 
 Layout of `<cache_dir>/<split>/`:
-  moments-PPPPP-of-QQQQQ.npy  (n_p, 2, h, w, c): mean and log-variance of the examples of
-                              process p's contiguous slice (example e = image e // 2, mirrored
-                              when odd, with `autoencoder.flip`; else image e)
+  moments-PPPPP-of-QQQQQ.npy  (n_p, 2, h, w, c): mean and log-variance of process p's examples
+                              p, p + Q, p + 2Q, ... (example e = image e // 2, mirrored when
+                              odd, with `autoencoder.flip`; else image e)
   labels-PPPPP-of-QQQQQ.npy   (n_p,) int32
   meta.json                   what was encoded (`latents.describe`: the autoencoder's
                               fingerprint, dataset, split, flips, shapes), shards, throughput
-Each process encodes and writes its own slice (JPEG decoding in grain worker processes when
+Each process encodes and writes its own shard (JPEG decoding in grain worker processes when
 the dataset reads files); meta.json is written last, by process 0, so a cache without it is
-incomplete and is written again. Reading memory-maps the shards: each process touches only
-the rows of its slice of each batch. A cache whose meta.json describes other latents (another
-autoencoder, dataset, split or flip setting) is refused, never overwritten.
+incomplete and is written again. Reading memory-maps the shards and touches only the rows of
+this process's slice of each batch. For training, a cache written by as many processes as run
+now is read process-locally: each process draws its part of every batch from its own shard
+(`LatentCacheDataset(shard=p)`), so a host needs only its shard on its disk. A cache whose
+meta.json describes other latents (another autoencoder, dataset, split or flip setting) is
+refused, never overwritten.
 """
 
 import json
@@ -39,8 +42,11 @@ def _shard_names(process, count):
   return f'moments-{suffix}', f'labels-{suffix}'
 
 
-def _slice(num, process, count):
-  return num * process // count, num * (process + 1) // count
+def _examples(num, process, count):
+  """The examples of process `process`'s shard: every `count`-th, from `process` (a uniform
+  sample of the split: an ImageFolder is sorted by class); example e is row e // count of
+  shard e % count."""
+  return np.arange(process, num, count)
 
 
 def _image_batches(dataset, indices, flip, batch_size, workers):
@@ -73,13 +79,12 @@ def write(space, dataset, directory, *, flip, batch_size=256, dtype='float32', w
   directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   num = dataset.num_examples * (2 if flip else 1)
-  lo, hi = _slice(num, process, count)
+  examples = _examples(num, process, count)
   shape = space.latent_shape(dataset.image_shape)
-  moments = np.empty((hi - lo, 2) + shape, np.dtype(dtype))
-  labels = np.empty((hi - lo,), np.int32)
+  moments = np.empty((len(examples), 2) + shape, np.dtype(dtype))
+  labels = np.empty((len(examples),), np.int32)
   t0, done = time.time(), 0
-  for images, batch_labels in _image_batches(dataset, np.arange(lo, hi), flip, batch_size,
-                                             workers):
+  for images, batch_labels in _image_batches(dataset, examples, flip, batch_size, workers):
     n = len(batch_labels)
     padded = np.concatenate([images, np.repeat(images[-1:], batch_size - n, 0)])
     mean, logvar = space.encode(padded)  # one compiled batch shape
@@ -87,7 +92,7 @@ def write(space, dataset, directory, *, flip, batch_size=256, dtype='float32', w
     labels[done:done + n] = batch_labels
     done += n
     logging.log_every_n_seconds(logging.INFO, 'Encoded %d/%d examples into %s.', 30, done,
-                                hi - lo, directory)
+                                len(examples), directory)
   seconds = time.time() - t0
   names = _shard_names(process, count)
   for name, array in zip(names, (moments, labels)):
@@ -97,14 +102,14 @@ def write(space, dataset, directory, *, flip, batch_size=256, dtype='float32', w
     tmp.rename(directory / name)
   meta = dict(latents_lib.describe(space, dataset, flip), num_examples=int(num),
               dtype=str(np.dtype(dtype)), process_count=count,
-              encode_images_per_s=round((hi - lo) / max(seconds, 1e-9), 1),
+              encode_images_per_s=round(len(examples) / max(seconds, 1e-9), 1),
               encode_s=round(seconds, 2))
   _barrier(f'latent cache {directory}: shards written')
   if process == 0:
     (directory / META).write_text(json.dumps(meta, indent=2))
   _barrier(f'latent cache {directory}: meta written')
   logging.info('Latent cache %s: %d examples encoded at %.1f img/s (this process).', directory,
-               hi - lo, meta['encode_images_per_s'])
+               len(examples), meta['encode_images_per_s'])
   return meta
 
 
@@ -115,9 +120,13 @@ def _barrier(name):
 
 
 class LatentCacheDataset(input_pipeline.Dataset):
-  """Random access to a written cache: `get_batch` → {'mean', 'logvar', 'label'} (float32)."""
+  """Random access to a written cache: `get_batch` → {'mean', 'logvar', 'label'} (float32).
 
-  def __init__(self, directory, expected=None):
+  `shard=p` opens only process p's shard (`process_local`: the batch iterator then draws this
+  process's part of every batch from it alone, and the other shards need not be on this host).
+  """
+
+  def __init__(self, directory, expected=None, *, shard=None):
     directory = epath.Path(directory)
     meta = latents_lib.read_json(directory / META)
     if meta is None:
@@ -131,29 +140,32 @@ class LatentCacheDataset(input_pipeline.Dataset):
     self.pixel_shape = tuple(meta['image_shape'])
     self.num_classes = None  # set by `open_split`
     count = int(meta['process_count'])
-    self._moments, self._labels, starts = [], [], [0]
-    for p in range(count):
+    self.process_local = shard is not None
+    self._count = 1 if shard is not None else count
+    self._moments, self._labels = [], []
+    for p in (range(count) if shard is None else [shard]):
       moments_name, labels_name = _shard_names(p, count)
       self._moments.append(np.load(os.fspath(directory / moments_name), mmap_mode='r'))
       self._labels.append(np.load(os.fspath(directory / labels_name), mmap_mode='r'))
-      starts.append(starts[-1] + len(self._labels[-1]))
-    if starts[-1] != self.num_examples:
-      raise input_pipeline.DataError(
-          f'latent cache {directory} holds {starts[-1]} examples but its {META} says '
-          f'{self.num_examples}: it is damaged; delete it and write it again.')
-    self._starts = np.array(starts)
+      expected_rows = len(_examples(self.num_examples, p, count))
+      if len(self._labels[-1]) != expected_rows or len(self._moments[-1]) != expected_rows:
+        raise input_pipeline.DataError(
+            f'latent cache {directory}: shard {moments_name} holds {len(self._moments[-1])} '
+            f'examples, not the {expected_rows} of its {META}: it is damaged; delete the '
+            'directory and write it again.')
+    if shard is not None:
+      self.num_examples = len(self._labels[0])
 
   def get_batch(self, indices):
     indices = np.asarray(indices, np.int64)
-    shards = np.searchsorted(self._starts, indices, side='right') - 1
+    shards, rows = indices % self._count, indices // self._count
     moments = np.empty((len(indices), 2) + self.image_shape, np.float32)
     labels = np.empty((len(indices),), np.int32)
     for s in np.unique(shards):
       where = np.nonzero(shards == s)[0]
-      rows = indices[where] - self._starts[s]
-      order = np.argsort(rows)  # ascending reads of the memory map
-      moments[where[order]] = self._moments[s][rows[order]]
-      labels[where[order]] = self._labels[s][rows[order]]
+      where = where[np.argsort(rows[where])]  # ascending reads of the memory map
+      moments[where] = self._moments[s][rows[where]]
+      labels[where] = self._labels[s][rows[where]]
     return {'mean': moments[:, 0], 'logvar': moments[:, 1], 'label': labels}
 
 
@@ -175,8 +187,13 @@ def check(meta, expected, directory):
         'again.')
 
 
-def open_split(space, dataset, directory, *, flip, batch_size, dtype, workers):
-  """The cache of `dataset` in `directory`, written first when absent or incomplete."""
+def open_split(space, dataset, directory, *, flip, batch_size, dtype, workers,
+               process_local=False):
+  """The cache of `dataset` in `directory`, written first when absent or incomplete.
+
+  With `process_local`, a cache written by as many processes as run now is opened as this
+  process's shard only (each process trains on the examples it encoded).
+  """
   expected = latents_lib.describe(space, dataset, flip)
   meta = latents_lib.read_json(epath.Path(directory) / META)
   if meta is None:
@@ -184,6 +201,15 @@ def open_split(space, dataset, directory, *, flip, batch_size, dtype, workers):
                  directory)
     write(space, dataset, directory, flip=flip, batch_size=batch_size, dtype=dtype,
           workers=workers)
-  cached = LatentCacheDataset(directory, expected)
+  shard = None
+  if process_local and jax.process_count() > 1:
+    written_by = int(latents_lib.read_json(epath.Path(directory) / META)['process_count'])
+    if written_by == jax.process_count():
+      shard = jax.process_index()
+    else:
+      logging.warning('The latent cache %s was written by %d processes, not %d: every process '
+                      'reads the rows of its batch slices from all shards.', directory,
+                      written_by, jax.process_count())
+  cached = LatentCacheDataset(directory, expected, shard=shard)
   cached.num_classes = dataset.num_classes
   return cached

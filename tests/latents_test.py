@@ -186,3 +186,25 @@ def test_on_the_fly_encoding_trains_like_the_cache(autoencoder_dir, latent_run, 
   _, fly = train.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(tmp_path / 'latent_cache')
   assert fly['train_loss'] == pytest.approx(result['train_loss'], rel=1e-4)
+
+
+def test_a_process_trains_on_its_own_shard_alone(space, pixels, tmp_path):
+  """Process-local reading: with the other shard gone from this host, process 1 still draws
+  its half of every batch, from its own examples only, a permutation per epoch, resumably."""
+  for process in (1, 0):
+    latent_cache.write(space, pixels, str(tmp_path), flip=False, batch_size=16,
+                       process_index=process, process_count=2)
+  whole = latent_cache.LatentCacheDataset(str(tmp_path))
+  os.remove(tmp_path / 'moments-00000-of-00002.npy')
+  mine = latent_cache.LatentCacheDataset(str(tmp_path), shard=1)
+  assert mine.process_local and mine.num_examples == 20
+  kwargs = dict(global_batch_size=8, seed=3, process_index=1, process_count=2)
+  iterator = input_pipeline.BatchIterator(mine, **kwargs)
+  epoch = np.concatenate([iterator.host_batch(s)['label'] for s in range(5)])  # 5 × 4 = 20
+  expected = whole.get_batch(np.arange(1, 40, 2))['label']  # process 1 holds examples 1, 3, ...
+  np.testing.assert_array_equal(np.sort(epoch), np.sort(expected))
+  batch = iterator.host_batch(2)
+  np.testing.assert_array_equal(
+      batch['mean'], whole.get_batch(2 * iterator.global_indices(2) + 1)['mean'])
+  resumed = input_pipeline.BatchIterator(mine, start_step=2, **kwargs)
+  np.testing.assert_array_equal(resumed.host_batch(2)['mean'], batch['mean'])

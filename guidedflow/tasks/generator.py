@@ -81,7 +81,8 @@ class GeneratorTask(tasks.Task):
     root = config.get('cache_dir') or os.path.join(self.workdir, 'latent_cache')
     return latent_cache.open_split(
         space, pixels, os.path.join(root, which), flip=flip, batch_size=config.batch_size,
-        dtype=config.get('cache_dtype', 'float32'), workers=config.get('workers', 0))
+        dtype=config.get('cache_dtype', 'float32'), workers=config.get('workers', 0),
+        process_local=which == 'train')
 
   def encode(self, workdir):
     """--mode=encode: writes the latent cache of the train and eval splits (when absent) and
