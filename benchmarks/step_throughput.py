@@ -18,7 +18,8 @@ over the peak of the compute dtype's matmul. Workloads (issue 12): W1 DiT-S/2 on
 latents, 1000 classes, train batch 32, sample batch 16; W2 DiT-T/4 on 28×28×1, batch 128 / 64;
 unet, the Fashion-MNIST default U-Net at its batch (configs/fashion_mnist.py) / 64;
 unet-lecture, the same with the lecture's widths (32, 64, 128) and GroupNorm (the default before
-issue 13).
+issue 13); latent, configs/fashion_mnist_latent.py's DiT-XS/1 on 7×7×8 latents, batch 32 / 64 (latent-T:
+DiT-T/1).
 Prints numbers only; it asserts nothing about speed. Machines differ: compare runs on one
 machine, as ratios.
 """
@@ -78,6 +79,10 @@ CASES = {
     'unet': (_unet(), None, 64),  # None: the config's own train batch
     # The default before issue 13: the lecture's widths with GroupNorm.
     'unet-lecture': (_unet((32, 64, 128), 2, 'group'), None, 64),
+    # configs/fashion_mnist_latent.py: DiT-T/1 on the 7×7×8 latents of the autoencoder (the
+    # sampler here does not decode; decoding is timed by --mode=sample).
+    'latent': (_dit('XS/1', 7, 8, 10), 32, 64),
+    'latent-T': (_dit('T/1', 7, 8, 10), 32, 64),
 }
 SMOKE_CASES = {
     'dit-test': (_dit('test/4', 16, 4, 10), 8, 4),

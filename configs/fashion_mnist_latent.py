@@ -11,15 +11,15 @@ z = mean + std·ε afresh from the cached moments. Samples are decoded inside th
 `--mode=sample` writes pixel images and `--mode=evaluate` measures pixels with the same
 metrics and sweeps as the pixel models.
 
-The argument picks the DiT variant (default 'T/1': 49 tokens of 1×1×C patches, the token
-count of the pixel DiT-T/4).
+The argument picks the DiT variant (default 'XS/1': 49 tokens of 1×1×8 patches, width 192,
+6 blocks; about the U-Net default's cost per image: 46 vs 72 train img/s, benchmarks/README.md).
 """
 
 from configs import fashion_mnist
 
 
-def get_config(variant='T/1'):
-  config = fashion_mnist.get_config(f'dit={variant or "T/1"}')
+def get_config(variant='XS/1'):
+  config = fashion_mnist.get_config(f'dit={variant or "XS/1"}')
   config.input.space = 'latents'
   config.autoencoder.workdir = 'runs/fmnist_autoencoder'
   config.autoencoder.cache = True       # False: encode every batch on the fly instead
@@ -27,9 +27,10 @@ def get_config(variant='T/1'):
                                         # pixel default trains without mirrors: compare alike
   config.autoencoder.batch_size = 500
 
-  # The same wall-clock as the pixel default (configs/fashion_mnist.py), spent on more, larger
-  # steps: the DiT's matmuls run closer to the CPU's peak at batch 64 than at 32.
-  config.train.num_steps = 3_600
+  # The pixel default's training wall-clock (3,600 steps of 32 at 72 img/s): 2,200 steps of
+  # 32 at 46 img/s (benchmarks/step_throughput.py --cases unet,latent, one run).
+  config.train.num_steps = 2_200
   config.train.batch_size = 32
-  config.optim.learning_rate = 1e-3
+  config.train.sample_every_steps = 1_100
+  config.checkpoint.every_steps = 550
   return config

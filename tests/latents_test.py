@@ -208,3 +208,12 @@ def test_a_process_trains_on_its_own_shard_alone(space, pixels, tmp_path):
       batch['mean'], whole.get_batch(2 * iterator.global_indices(2) + 1)['mean'])
   resumed = input_pipeline.BatchIterator(mine, start_step=2, **kwargs)
   np.testing.assert_array_equal(resumed.host_batch(2)['mean'], batch['mean'])
+
+
+def test_encode_mode_needs_a_latent_generator(autoencoder_dir, tmp_path):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match='--mode=encode'):
+    tasks.get_task(tiny.get_config(), str(tmp_path)).encode(str(tmp_path))
+  with pytest.raises(errors.ConfigError, match='on the fly'):
+    config = _generator_config(autoencoder_dir, cache=False)
+    tasks.get_task(config, str(tmp_path)).encode(str(tmp_path))

@@ -42,9 +42,11 @@ from guidedflow.models.layers import (LAYER_AXIS, as_hw, layer_norm_f32, partiti
 
 # Width / depth / heads of each size; the patch size is written after a slash: 'XL/2', 'S/4'.
 # S, B, L, XL are the DiT paper's; T is a CPU-sized model for 28×28 Fashion-MNIST (use T/4 —
-# 49 tokens — or T/2 — 196 tokens, ~4× the cost); 'test' is for unit tests only.
+# 49 tokens — or T/2 — 196 tokens, ~4× the cost), XS a narrower one (XS/1 on the 7×7 latents
+# of configs/fashion_mnist_latent.py); 'test' is for unit tests only.
 VARIANTS = {
     'test': dict(width=32, depth=1, num_heads=2),
+    'XS': dict(width=192, depth=6, num_heads=3),
     'T': dict(width=256, depth=6, num_heads=4),
     'S': dict(width=384, depth=12, num_heads=6),
     'B': dict(width=768, depth=12, num_heads=12),
