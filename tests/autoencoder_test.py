@@ -177,6 +177,12 @@ def test_task_trains_and_reports_psnr_and_latent_statistics(trained_autoencoder)
   assert os.path.exists(os.path.join(workdir, 'samples', 'reconstructions.png'))
   model, loaded, _ = tasks.load_trained(workdir, 'autoencoder', 'train it')
   assert loaded['step'] == 30 and model.latent_channels == 4
+  # The loaded weights are the EMA's, which result.json (PSNR, latent scale) reports on.
+  loaded_leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  for name, other in (('ema_params', True), ('params', False)):
+    same = all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(loaded_leaves, jax.tree.leaves(state[name])))
+    assert same == other, name
 
 
 class _Affine(nnx.Module):

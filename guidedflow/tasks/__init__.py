@@ -115,8 +115,9 @@ def get_task(config, workdir=None):
 
 
 def load_trained(workdir, task_name, train_command):
-  """(model with the weights of the finished `task_name` run in `workdir`, its result.json,
-  its config), on this process's first device.
+  """(model with the weights of the finished `task_name` run in `workdir` — its EMA weights
+  when it kept an EMA, the weights its result.json reports on —, its result.json, its config),
+  on this process's first device.
 
   A run is finished when the loop wrote result.json for the newest checkpoint.
 
@@ -147,4 +148,5 @@ def load_trained(workdir, task_name, train_command):
     construct = get_task(config).model_constructor(tuple(result['image_shape']))
     builder = train_state.StateBuilder(construct, config, mesh)
     state, _ = ckpt.restore(builder.abstract_state(), step=step)
-  return builder.merge(state['params']), result, config
+  # The weights the run reported on: its EMA when it kept one.
+  return builder.merge(state.get('ema_params', state['params'])), result, config
