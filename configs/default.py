@@ -59,6 +59,7 @@ def get_config():
   config.input.eval_split = 'test'
   config.input.space = 'pixels'        # 'pixels' | 'latents' (train on config.autoencoder's latents)
   config.input.image_size = 0          # > 0: ADM center crop to this size (ImageFolder / TFDS JPEGs)
+  config.input.num_train_examples = 0  # > 0: train on the first N examples only (0: all)
 
   # ---- Latent diffusion (input.space='latents'; guidedflow/latents.py, latent_cache.py).
   config.autoencoder = ml_collections.ConfigDict()
@@ -146,6 +147,7 @@ def get_config():
   config.eval.nearest_k = 3            # k of the k-NN precision/recall and density/coverage
   config.eval.grid_rows_per_class = 2  # guidance_grid.png: rows per class, one column per w
   config.eval.num_batches = 20         # held-out loss: batches of train.batch_size (0 = whole split)
+  config.eval.num_examples = 0         # > 0: the eval split's first N examples only (0: all)
   config.eval.every_steps = 0          # periodic evaluation during training (TensorBoard); 0 = only at the end
   config.eval.periodic_samples_per_class = 20  # samples per class of the periodic evaluation (0: held-out loss only)
 

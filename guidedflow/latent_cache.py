@@ -206,6 +206,8 @@ def open_split(space, dataset, directory, *, flip, batch_size, dtype, workers,
     written_by = int(latents_lib.read_json(epath.Path(directory) / META)['process_count'])
     if written_by == jax.process_count():
       shard = jax.process_index()
+      logging.info('Reading the latent cache %s process-locally: shard %d of %d.', directory,
+                   shard, written_by)
     else:
       logging.warning('The latent cache %s was written by %d processes, not %d: every process '
                       'reads the rows of its batch slices from all shards.', directory,

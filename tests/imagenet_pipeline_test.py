@@ -130,3 +130,21 @@ def test_imagenet_path_end_to_end(stand_in, tmp_path):
   assert np.isfinite(evaluated['fd']) and evaluated['fd'] > 0
   with open(os.path.join(workdir, 'eval', 'evaluate.json')) as f:
     assert json.load(f)['num_samples'] == 4
+
+
+def test_image_folder_errors_say_what_to_set(tmp_path):
+  with pytest.raises(input_pipeline.DataError, match='input.data_dir'):
+    image_folder.ImageFolderDataset(tmp_path, 'train', image_size=32, num_classes=2)
+  (tmp_path / 'train' / 'a').mkdir(parents=True)
+  (tmp_path / 'train' / 'b').mkdir()
+  (tmp_path / 'train' / 'c').mkdir()
+  with pytest.raises(input_pipeline.DataError, match='input.image_size'):
+    image_folder.ImageFolderDataset(tmp_path, 'train', image_size=0, num_classes=3)
+  with pytest.raises(input_pipeline.DataError, match='num_classes=3'):
+    image_folder.ImageFolderDataset(tmp_path, 'train', image_size=32, num_classes=2)
+  with pytest.raises(input_pipeline.DataError, match='holds no images'):
+    image_folder.ImageFolderDataset(tmp_path, 'train', image_size=32, num_classes=3)
+  (tmp_path / 'train' / 'a' / 'broken.jpg').write_bytes(b'not a jpeg')
+  dataset = image_folder.ImageFolderDataset(tmp_path, 'train', image_size=32, num_classes=3)
+  with pytest.raises(input_pipeline.DataError, match='cannot decode .*broken.jpg'):
+    dataset.get_batch([0])

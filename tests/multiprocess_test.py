@@ -111,3 +111,26 @@ def test_sigterm_to_one_process_saves_the_same_step_and_resumes(tmp_path):
     assert f'step {step + 2}/{step + 2}' in log
   state, _, steps = _restore(workdir)
   assert int(state['step']) == step + 2 and step + 2 in steps
+
+
+def test_two_processes_write_and_train_on_their_own_latent_cache_shards(tmp_path):
+  """A latent generator over 2 processes: each encodes every other example into its own shard
+  (meta.json once, by process 0), then trains on its shard alone (process-local reading)."""
+  from guidedflow import train  # pylint: disable=g-import-not-at-top
+  from tests import latents_test  # pylint: disable=g-import-not-at-top
+  autoencoder_dir = str(tmp_path / 'autoencoder')
+  train.train_and_evaluate(latents_test._autoencoder_config(), autoencoder_dir)  # pylint: disable=protected-access
+  launcher = _launch(tmp_path / 'logs', tmp_path / 'run', '--config.train.num_steps=3',
+                     '--config.model.variant=test/1', '--config.input.space=latents',
+                     f'--config.autoencoder.workdir={autoencoder_dir}',
+                     '--config.input.num_train_examples=96', '--config.eval.num_examples=40',
+                     '--config.autoencoder.batch_size=16')
+  logs = _finish(launcher, tmp_path / 'logs')
+  cache = tmp_path / 'run' / 'latent_cache' / 'train'
+  assert sorted(p.name for p in cache.glob('moments-*')) == [
+      'moments-00000-of-00002.npy', 'moments-00001-of-00002.npy']
+  assert np.load(cache / 'moments-00001-of-00002.npy').shape == (48, 2, 7, 7, 4)
+  for process, log in enumerate(logs):
+    assert f'process-locally: shard {process} of 2' in log
+    assert 'step 3/3' in log
+  np.testing.assert_allclose(_losses(logs[0]), _losses(logs[1]), rtol=0)  # one global loss
