@@ -12,7 +12,7 @@ z = mean + std·ε afresh from the cached moments. Samples are decoded inside th
 metrics and sweeps as the pixel models.
 
 The argument picks the DiT variant (default 'XS/1': 49 tokens of 1×1×8 patches, width 192,
-6 blocks; about the U-Net default's cost per image: 46 vs 72 train img/s, benchmarks/README.md).
+6 blocks; about the U-Net default's cost per image: 93 vs 107 train img/s, benchmarks/README.md).
 """
 
 from configs import fashion_mnist
@@ -27,10 +27,10 @@ def get_config(variant='XS/1'):
                                         # pixel default trains without mirrors: compare alike
   config.autoencoder.batch_size = 500
 
-  # The pixel default's training wall-clock (3,600 steps of 32 at 72 img/s): 2,200 steps of
-  # 32 at 46 img/s (benchmarks/step_throughput.py --cases unet,latent, one run).
-  config.train.num_steps = 2_200
+  # The pixel default's training wall-clock: its 3,600 steps of 32 at 107 img/s are 3,100
+  # steps of 32 at 93 img/s (benchmarks/step_throughput.py --cases unet,latent, one quiet run).
+  config.train.num_steps = 3_100
   config.train.batch_size = 32
-  config.train.sample_every_steps = 1_100
-  config.checkpoint.every_steps = 550
+  config.train.sample_every_steps = 1_550
+  config.checkpoint.every_steps = 775
   return config
