@@ -139,6 +139,7 @@ def get_config():
   config.eval.classifier_workdir = 'runs/fmnist_classifier'  # made by: python -m guidedflow.main --config configs/fmnist_classifier.py --workdir runs/fmnist_classifier
   config.eval.inception_weights = config_dict.placeholder(str)  # inception_v3: path to pt_inception-2015-12-05-6726825d.pth
   config.eval.reference_path = config_dict.placeholder(str)  # None: <workdir>/eval/reference_<split>_<network>_<n>.npz (cached)
+  config.eval.feature_batch_size = 0   # images per feature-network call (0: 500 classifier, 50 Inception)
   config.eval.num_real_images = 10_000  # real images for the reference (eval split) and the floor (train split)
   config.eval.samples_per_class = 100  # generated images per class for each evaluated setting
   config.eval.guidance_scales = config_dict.placeholder(tuple)  # None: sampling.guidance_scale; several = guidance sweep, e.g. 1,1.5,2,3,4

@@ -160,9 +160,11 @@ def load_inception(path, *, batch_size=50, dtype=jnp.float32):
 def load(config):
   """The network named by `config.eval.feature_network`."""
   name = config.eval.feature_network
+  batch_size = config.eval.get('feature_batch_size', 0)  # 0: the network's default
+  kwargs = {'batch_size': batch_size} if batch_size else {}
   if name == 'fmnist_classifier':
-    return load_classifier(config.eval.classifier_workdir)
+    return load_classifier(config.eval.classifier_workdir, **kwargs)
   if name == 'inception_v3':
-    return load_inception(config.eval.inception_weights or '')
+    return load_inception(config.eval.inception_weights or '', **kwargs)
   raise errors.ConfigError(f'config.eval.feature_network={name!r} is not one of {NAMES}.')
 

@@ -100,6 +100,7 @@ def _config(root, vae_file, inception_file):
   config.eval.nearest_k = 1
   config.eval.grid_rows_per_class = 1
   config.eval.inception_weights = str(inception_file)
+  config.eval.feature_batch_size = 4
   return config
 
 

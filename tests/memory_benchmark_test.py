@@ -58,7 +58,7 @@ def test_state_is_params_plus_adamw_plus_ema(report):
 
 
 def test_fsdp8_state_is_exact_shard_sum():
-  config = memory.imagenet256_latent.get_config('S/2')
+  config = memory.recipe('S/2')
   abstract = sampler.state_builder(config, memory.IMAGE_SHAPE,
                                    memory.abstract_mesh((1, 8, 1))).abstract_state()
   mesh_sizes = {'data': 1, 'fsdp': 8, 'tensor': 1}
@@ -122,7 +122,7 @@ def test_max_batch_monotone_in_capacity_and_fsdp(report):
 
 
 def test_activation_formula_hand_computed():
-  config = memory.imagenet256_latent.get_config('S/2')
+  config = memory.recipe('S/2')
   cfg = memory.dit_config(config)
   s, h, a = 256, 384, 6
   assert (cfg.num_tokens, cfg.width, cfg.num_heads, cfg.depth) == (s, h, a, 12)
@@ -155,7 +155,7 @@ def test_formula_matches_residuals_jax_saves(report, dtype):
     formula = report['activations']['per_sample']
     traced = report['activations']['traced_per_sample']
   else:
-    config = memory.imagenet256_latent.get_config('S/2')
+    config = memory.recipe('S/2')
     config.model.dtype = dtype
     formula = memory.activation_bytes_per_sample(memory.dit_config(config), 4)
     traced = memory.traced_residual_bytes_per_sample(config)
