@@ -126,6 +126,9 @@ def load_trained(workdir, task_name, train_command):
       `train_command`, which trains or resumes it.
   """
   workdir = os.fspath(workdir)
+  if not (epath.Path(workdir) / 'checkpoints').is_dir():  # checked first: opening creates it
+    raise errors.CheckpointNotFoundError(f'no {task_name} run in {workdir}; train it with: '
+                                         f'{train_command}')
   result_path = epath.Path(workdir) / 'result.json'
   result = json.loads(result_path.read_text()) if result_path.exists() else {}
   checkpoints = config_dict.ConfigDict({'checkpoint': {'every_steps': 0, 'max_to_keep': 1}})
