@@ -28,8 +28,9 @@ from guidedflow.models.layers import as_hw, partitioned
 NORMS = ('group', 'none')  # normalisation in the residual blocks
 
 
-def _conv(c_in: int, c_out: int, *, strides: int = 1, dtype, param_dtype, rngs: nnx.Rngs,
-          zero: bool = False) -> nnx.Conv:
+def conv3x3(c_in: int, c_out: int, *, strides: int = 1, dtype, param_dtype, rngs: nnx.Rngs,
+            zero: bool = False) -> nnx.Conv:
+  """3×3 'SAME' conv (lecun-normal, or zero-initialised with `zero`), with logical axis names."""
   kernel_init = nnx.initializers.zeros_init() if zero else nnx.initializers.lecun_normal()
   return nnx.Conv(c_in, c_out, (3, 3), strides=strides, padding='SAME', dtype=dtype,
                   param_dtype=param_dtype, rngs=rngs,
@@ -63,11 +64,13 @@ class Adapter(nnx.Module):
     return self.fc2(nnx.silu(self.fc1(emb)))[:, None, None, :]  # (B, 1, 1, C)
 
 
-def _maybe_norm(norm: str, channels: int, **kw) -> nnx.GroupNorm | None:
+def maybe_norm(norm: str, channels: int, **kw) -> nnx.GroupNorm | None:
+  """A GroupNorm for norm='group', None (identity) for norm='none'."""
   return _norm(channels, **kw) if norm == 'group' else None
 
 
-def _apply(norm: nnx.GroupNorm | None, x: jax.Array) -> jax.Array:
+def apply_norm(norm: nnx.GroupNorm | None, x: jax.Array) -> jax.Array:
+  """`norm(x)`, or x when `norm` is None."""
   return x if norm is None else norm(x)
 
 
@@ -76,36 +79,46 @@ class ResidualLayer(nnx.Module):
 
   With norm='none' the norms are identities and conv2 starts at zero (SkipInit): every block is
   the identity at initialisation, so the residual stream keeps its scale without normalisation.
+  With y_embed_dim=0 the block has no label adapter (no y_bias; call it with y_emb=None): the
+  noise-aware classifier's blocks see only the time.
   """
 
   def __init__(self, channels: int, t_embed_dim: int, y_embed_dim: int, *, dtype, param_dtype,
                rngs: nnx.Rngs, norm: str = 'group'):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm1 = _maybe_norm(norm, channels, **kw)
-    self.conv1 = _conv(channels, channels, **kw)
+    self.norm1 = maybe_norm(norm, channels, **kw)
+    self.conv1 = conv3x3(channels, channels, **kw)
     self.t_adapter = Adapter(t_embed_dim, channels, **kw)
-    self.y_adapter = Adapter(y_embed_dim, channels, **kw)
-    self.norm2 = _maybe_norm(norm, channels, **kw)
-    self.conv2 = _conv(channels, channels, zero=norm == 'none', **kw)
+    # Built in this order so that a generator's parameters (and their random init) are those of
+    # checkpoints written before the adapter became optional.
+    self.y_adapter = Adapter(y_embed_dim, channels, **kw) if y_embed_dim > 0 else None
+    self.norm2 = maybe_norm(norm, channels, **kw)
+    self.conv2 = conv3x3(channels, channels, zero=norm == 'none', **kw)
 
-  def __call__(self, x: jax.Array, t_emb: jax.Array, y_emb: jax.Array) -> jax.Array:
-    h = self.conv1(nnx.silu(_apply(self.norm1, x)))
-    h = h + self.t_adapter(t_emb) + self.y_adapter(y_emb)
-    h = self.conv2(nnx.silu(_apply(self.norm2, h)))
+  def __call__(self, x: jax.Array, t_emb: jax.Array, y_emb: jax.Array | None = None
+               ) -> jax.Array:
+    h = self.conv1(nnx.silu(apply_norm(self.norm1, x)))
+    h = h + self.t_adapter(t_emb)
+    if self.y_adapter is not None:
+      h = h + self.y_adapter(y_emb)
+    h = self.conv2(nnx.silu(apply_norm(self.norm2, h)))
     return x + h
 
 
 class Encoder(nnx.Module):
-  """Residual blocks at `c_in`, then a stride-2 conv to `c_out` (resolution halves)."""
+  """Residual blocks at `c_in`, then a stride-2 conv to `c_out` (resolution halves).
+
+  y_embed_dim=0: no label adapters (y_emb=None), as in every block class here.
+  """
 
   def __init__(self, c_in: int, c_out: int, num_residual_layers: int, t_embed_dim: int,
                y_embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, norm: str = 'group'):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.res_blocks = nnx.List([ResidualLayer(c_in, t_embed_dim, y_embed_dim, norm=norm, **kw)
                                 for _ in range(num_residual_layers)])
-    self.downsample = _conv(c_in, c_out, strides=2, **kw)
+    self.downsample = conv3x3(c_in, c_out, strides=2, **kw)
 
-  def __call__(self, x, t_emb, y_emb):
+  def __call__(self, x, t_emb, y_emb=None):
     for block in self.res_blocks:
       x = block(x, t_emb, y_emb)
     return self.downsample(x)
@@ -120,7 +133,7 @@ class Midcoder(nnx.Module):
         ResidualLayer(channels, t_embed_dim, y_embed_dim, dtype=dtype, param_dtype=param_dtype,
                       rngs=rngs, norm=norm) for _ in range(num_residual_layers)])
 
-  def __call__(self, x, t_emb, y_emb):
+  def __call__(self, x, t_emb, y_emb=None):
     for block in self.res_blocks:
       x = block(x, t_emb, y_emb)
     return x
@@ -132,11 +145,11 @@ class Decoder(nnx.Module):
   def __init__(self, c_in: int, c_out: int, num_residual_layers: int, t_embed_dim: int,
                y_embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, norm: str = 'group'):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.upsample_conv = _conv(c_in, c_out, **kw)
+    self.upsample_conv = conv3x3(c_in, c_out, **kw)
     self.res_blocks = nnx.List([ResidualLayer(c_out, t_embed_dim, y_embed_dim, norm=norm, **kw)
                                 for _ in range(num_residual_layers)])
 
-  def __call__(self, x, t_emb, y_emb):
+  def __call__(self, x, t_emb, y_emb=None):
     b, h, w, c = x.shape
     x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method='bilinear')
     x = self.upsample_conv(x)
@@ -201,8 +214,8 @@ class UNet(nnx.Module):
                        'channel levels or a size divisible by it.')
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     c0 = self.channels[0]
-    self.init_conv = _conv(self.in_channels, c0, **kw)
-    self.init_norm = _maybe_norm(norm, c0, **kw)
+    self.init_conv = conv3x3(self.in_channels, c0, **kw)
+    self.init_norm = maybe_norm(norm, c0, **kw)
     self.time_embedder = FourierEncoder(t_embed_dim, param_dtype=param_dtype, rngs=rngs)
     self.label_embed = nnx.Embed(
         self.num_classes + 1, y_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -215,7 +228,7 @@ class UNet(nnx.Module):
                              **block_kw)
     self.decoders = nnx.List([Decoder(b, a, num_residual_layers, t_embed_dim, y_embed_dim,
                                       **block_kw) for a, b in reversed(pairs)])
-    self.final_conv = _conv(c0, self.in_channels, zero=True, **kw)
+    self.final_conv = conv3x3(c0, self.in_channels, zero=True, **kw)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
     if tuple(x.shape[1:3]) != self.input_size or x.shape[3] != self.in_channels:
@@ -223,7 +236,7 @@ class UNet(nnx.Module):
                        f'{x.shape}.')
     t_emb = self.time_embedder(t).astype(self.dtype)  # (B, t_embed_dim)
     y_emb = self.label_embed(y)                       # (B, y_embed_dim)
-    x = nnx.silu(_apply(self.init_norm, self.init_conv(x.astype(self.dtype))))
+    x = nnx.silu(apply_norm(self.init_norm, self.init_conv(x.astype(self.dtype))))
     residuals = []
     for encoder in self.encoders:
       x = encoder(x, t_emb, y_emb)

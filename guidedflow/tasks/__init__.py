@@ -106,8 +106,10 @@ def get_task(config, workdir=None):
   from guidedflow.tasks import autoencoder
   from guidedflow.tasks import classifier
   from guidedflow.tasks import generator
+  from guidedflow.tasks import noisy_classifier
   tasks = {t.name: t for t in (generator.GeneratorTask, classifier.ClassifierTask,
-                               autoencoder.AutoencoderTask)}
+                               autoencoder.AutoencoderTask,
+                               noisy_classifier.NoisyClassifierTask)}
   name = config.get('task', 'generate')
   if name not in tasks:
     raise errors.ConfigError(f'config.task={name!r} is not one of {tuple(tasks)}.')
