@@ -98,7 +98,12 @@ def get_config():
   config.sampling.method = 'heun'      # 'euler' | 'heun' | 'euler_maruyama'
   config.sampling.num_steps = 50
   config.sampling.guidance_scale = 2.0  # w: (1 − w)·u(x|∅) + w·u(x|y); 1 = conditional, 0 = unconditional
-  config.sampling.guidance_interval = config_dict.placeholder(tuple)  # None or (t_lo, t_hi): w applies only there, 1 outside
+  # 'cfg' (classifier-free, w) | 'classifier' (the unconditional field + w_c b_t ∇log p_t(y|x) of
+  # the noise-aware classifier in classifier_workdir) | 'cfg+classifier' (both, w and w_c).
+  config.sampling.guidance = 'cfg'
+  config.sampling.classifier_scale = 1.0  # w_c of classifier guidance
+  config.sampling.classifier_workdir = 'runs/fmnist_noisy_classifier'  # made by: python -m guidedflow.main --config configs/fmnist_noisy_classifier.py --workdir runs/fmnist_noisy_classifier
+  config.sampling.guidance_interval = config_dict.placeholder(tuple)  # None or (t_lo, t_hi): w and w_c apply only there (w = 1, w_c = 0 outside)
   config.sampling.sigma_schedule = 'constant'  # euler_maruyama: 'constant' | 'decreasing' | 'path'
   config.sampling.sigma = 0.0          # euler_maruyama noise level σ
   config.sampling.num_samples = 1000   # --mode=sample: total samples, balanced over classes
@@ -143,6 +148,7 @@ def get_config():
   config.eval.num_real_images = 10_000  # real images for the reference (eval split) and the floor (train split)
   config.eval.samples_per_class = 100  # generated images per class for each evaluated setting
   config.eval.guidance_scales = config_dict.placeholder(tuple)  # None: sampling.guidance_scale; several = guidance sweep, e.g. 1,1.5,2,3,4
+  config.eval.classifier_scales = config_dict.placeholder(tuple)  # None: sampling.classifier_scale; several = w_c sweep (classifier guidance)
   config.eval.num_steps = config_dict.placeholder(tuple)  # steps sweep (quality vs NFE), e.g. 5,10,20,50; None: no sweep
   config.eval.methods = config_dict.placeholder(tuple)  # samplers of the steps sweep; None: (sampling.method,)
   config.eval.nearest_k = 3            # k of the k-NN precision/recall and density/coverage

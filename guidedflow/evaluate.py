@@ -28,6 +28,7 @@ import numpy as np
 from guidedflow import evaluation
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
+from guidedflow import validation
 
 
 def _real_images(dataset, num_images):
@@ -118,9 +119,10 @@ class Evaluator:
       result['same_n'] = {'num_samples': int(len(labels)), **same_n}
     return result
 
-  def generate(self, samples_per_class, guidance_scale, *, method=None, num_steps=None,
-               seed=None):
-    """uint8 samples, balanced over classes, with the same noise for every w (same seed)."""
+  def generate(self, samples_per_class, guidance_scale, *, classifier_scale=None, method=None,
+               num_steps=None, seed=None):
+    """uint8 samples, balanced over classes, with the same noise for every w and w_c (same
+    seed); w_c (None: `sampling.classifier_scale`) applies with classifier guidance only."""
     config = self.config.sampling
     num_classes = self.sampler.num_classes
     labels = np.tile(np.arange(num_classes, dtype=np.int32), samples_per_class)
@@ -129,15 +131,18 @@ class Evaluator:
     t0 = time.time()
     images, nfe, first_call_s = self.sampler.sample_images(
         key, labels, float(guidance_scale), batch_size=config.batch_size, method=method,
-        num_steps=num_steps)
+        num_steps=num_steps, classifier_scale=classifier_scale)
     seconds = time.time() - t0
     steady = seconds - first_call_s  # throughput without the first call (it includes the compile)
     if num > batch and steady > 0:
       images_per_s = (num - batch) / steady
     else:
       images_per_s = num / max(seconds, 1e-9)
-    return images, labels, {'nfe': nfe, 'sample_seconds': round(seconds, 2),
-                            'images_per_s': round(images_per_s, 2)}
+    timing = {'nfe': nfe, 'sample_seconds': round(seconds, 2),
+              'images_per_s': round(images_per_s, 2)}
+    if self.sampler.guidance != 'cfg':
+      timing['classifier_nfe'] = self.sampler.classifier_nfe
+    return images, labels, timing
 
   def measure(self, images, labels):
     """Metrics of uint8 `images` with intended class `labels` against the reference."""
@@ -172,19 +177,28 @@ class Evaluator:
     return {key: (round(float(v), 5) if isinstance(v, (float, np.floating)) else v)
             for key, v in metrics.items()}
 
-  def evaluate(self, *, samples_per_class, guidance_scale, method=None, num_steps=None):
+  def evaluate(self, *, samples_per_class, guidance_scale, classifier_scale=None, method=None,
+               num_steps=None):
     """Samples and measures one sampler setting; returns (row dict, uint8 images, labels)."""
     sconfig = self.config.sampling
     images, labels, timing = self.generate(samples_per_class, guidance_scale,
-                                           method=method, num_steps=num_steps)
-    row = {
-        'guidance_scale': float(guidance_scale), 'method': method or sconfig.method,
+                                           classifier_scale=classifier_scale, method=method,
+                                           num_steps=num_steps)
+    row = {'guidance': self.sampler.guidance}
+    if self.sampler.guidance != 'classifier':
+      row['guidance_scale'] = float(guidance_scale)
+    if self.sampler.guidance != 'cfg':
+      row['classifier_scale'] = float(
+          validation.get(self.config, 'sampling.classifier_scale') if classifier_scale is None
+          else classifier_scale)
+    row.update({
+        'method': method or sconfig.method,
         'num_steps': int(num_steps or sconfig.num_steps), 'sigma_schedule': sconfig.sigma_schedule,
         'sigma': float(sconfig.sigma),
         'guidance_interval': (list(sconfig.guidance_interval)
                               if sconfig.guidance_interval is not None else None),
         'seed': int(sconfig.seed), 'num_samples': int(len(labels)), **timing,
-    }
+    })
     row.update(self.measure(images, labels))
     return row, images, labels
 
@@ -192,9 +206,11 @@ class Evaluator:
 # ----------------------------------------------------------------------------- sweeps + files
 
 
-_COLUMNS = (('guidance_scale', 'w'), ('method', 'method'), ('num_steps', 'steps'),
-            ('nfe', 'NFE'), ('fd', 'FD'), ('precision', 'precision'), ('recall', 'recall'),
-            ('density', 'density'), ('coverage', 'coverage'), ('accuracy', 'accuracy'),
+_COLUMNS = (('guidance_scale', 'w'), ('classifier_scale', 'w_c'), ('guidance', 'guidance'),
+            ('method', 'method'), ('num_steps', 'steps'), ('nfe', 'NFE'),
+            ('classifier_nfe', 'classifier NFE'), ('fd', 'FD'), ('precision', 'precision'),
+            ('recall', 'recall'), ('density', 'density'), ('coverage', 'coverage'),
+            ('accuracy', 'accuracy'),
             ('black_fraction', 'black px'), ('pixel_std', 'pixel std'),
             ('num_samples', 'N'), ('images_per_s', 'img/s'))
 
@@ -262,7 +278,7 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
   num_classes = sampler.num_classes
   out_dir = os.path.join(workdir, 'eval')
   per_class = config.eval.samples_per_class
-  scales = tuple(config.eval.guidance_scales or (config.sampling.guidance_scale,))
+  settings, x_key, x_label = guidance_settings(config, sampler.guidance)
   result = {'step': sampler.step, 'feature_network': evaluator.network.name,
             'reference': evaluator.reference['path'],
             'samples_per_class': per_class,
@@ -270,9 +286,10 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
   logging.info('Real data: %s', json.dumps(result['real_data']))
 
   rows, grid_columns = [], []
-  for w in (scales if guidance else ()):
-    row, images, labels = evaluator.evaluate(samples_per_class=per_class, guidance_scale=w)
-    logging.info('w=%g: %s', w, json.dumps(_summary(row)))
+  for w, w_c in (settings if guidance else ()):
+    row, images, labels = evaluator.evaluate(samples_per_class=per_class, guidance_scale=w,
+                                             classifier_scale=w_c)
+    logging.info('%s w=%g w_c=%s: %s', sampler.guidance, w, w_c, json.dumps(_summary(row)))
     rows.append(row)
     grid_columns.append(first_per_class(images, labels, num_classes,
                                          config.eval.grid_rows_per_class))
@@ -280,10 +297,11 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
     result.update(rows[0])
   elif rows:
     result['guidance_sweep'] = rows
-    _write_sweep(out_dir, 'guidance_sweep', rows, _real_row(result['real_data']),
-                 'guidance_scale', 'guidance scale w',
-                 f'{config.input.dataset}: quality vs w ({rows[0]["method"]}, '
-                 f'{rows[0]["num_steps"]} steps, {rows[0]["num_samples"]} samples)')
+    _write_sweep(out_dir, 'guidance_sweep', rows, _real_row(result['real_data'], x_key),
+                 x_key, x_label,
+                 f'{config.input.dataset}: quality vs {x_label.split()[-1]} ({sampler.guidance}, '
+                 f'{rows[0]["method"]}, {rows[0]["num_steps"]} steps, '
+                 f'{rows[0]["num_samples"]} samples)')
     if jax.process_index() == 0:
       images_lib.save_png(os.path.join(out_dir, 'guidance_grid.png'),
                           _column_grid(grid_columns), upscale=2)
@@ -323,12 +341,32 @@ def _summary(row):
   return {k: v for k, v in row.items() if not k.endswith('_per_class')}
 
 
-def _real_row(real_data):
+def _real_row(real_data, x_key='guidance_scale'):
   """The same-N real-data floor as a table row (empty when there is none)."""
   if 'same_n' not in real_data:
     return []
-  return [{'guidance_scale': 'real train images', 'method': '–', 'num_steps': '–', 'nfe': '–',
-           'images_per_s': '–', **real_data['same_n']}]
+  return [{'guidance': '–', 'guidance_scale': '–', 'classifier_scale': '–', 'method': '–',
+           'num_steps': '–', 'nfe': '–', 'classifier_nfe': '–', 'images_per_s': '–',
+           **real_data['same_n'], x_key: 'real train images'}]
+
+
+def guidance_settings(config, guidance):
+  """The (w, w_c) pairs --mode=evaluate measures, the swept key and its axis label.
+
+  'cfg': `eval.guidance_scales` (w_c unused); 'classifier': `eval.classifier_scales` (w unused);
+  'cfg+classifier': every pair of the two lists. A list left None is the `sampling` value.
+  """
+  scales = tuple(config.eval.guidance_scales or (config.sampling.guidance_scale,))
+  if guidance == 'cfg':
+    return [(float(w), None) for w in scales], 'guidance_scale', 'guidance scale w'
+  classifier_scales = tuple(validation.get(config, 'eval.classifier_scales')
+                            or (validation.get(config, 'sampling.classifier_scale'),))
+  if guidance == 'classifier':
+    scales = (1.0,)
+  settings = [(float(w), float(w_c)) for w in scales for w_c in classifier_scales]
+  if len(classifier_scales) > 1 or len(scales) == 1:
+    return settings, 'classifier_scale', 'classifier scale w_c'
+  return settings, 'guidance_scale', 'guidance scale w'
 
 
 def first_per_class(images, labels, num_classes, rows_per_class):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from guidedflow import paths as paths_lib
 
 
-def _per_sample(value, like):
+def per_sample(value, like):
   """Broadcasts a scalar or per-sample (B,) value against `like` of shape (B, ...)."""
   value = jnp.asarray(value, like.dtype)
   if value.ndim == 1 and like.ndim > 1:
@@ -29,7 +29,7 @@ def cfg_combine(cond, uncond, guidance_scale):
   Returns:
     The guided prediction, shape (B, ...).
   """
-  w = _per_sample(guidance_scale, cond)
+  w = per_sample(guidance_scale, cond)
   return (1.0 - w) * uncond + w * cond
 
 
@@ -110,7 +110,7 @@ def classifier_guided_velocity(u, t, x, y, grad_log_prob_fn, w, path):
   """
   path = paths_lib.get_path(path)
   _, b = path.velocity_coefficients(paths_lib.expand_time(t, x))
-  return u + _per_sample(w, u) * b * grad_log_prob_fn(x, t, y)
+  return u + per_sample(w, u) * b * grad_log_prob_fn(x, t, y)
 
 
 def grad_log_prob_from_logits(logits_fn):

@@ -1,10 +1,15 @@
-"""Inference of the generator: its model from the config, EMA weights, CFG sampling, grids.
+"""Inference of the generator: its model from the config, EMA weights, guided sampling, grids.
 
 `Sampler.from_workdir(config, workdir)` restores the newest checkpoint's EMA weights;
 `Sampler.from_train_state(...)` wraps the weights of a running training. `--mode=sample`,
 evaluation, the periodic sample grids, the notebook and the benchmarks all sample through it.
 The sampler costs exactly its NFE: w = 1 runs the conditional batch alone, and with a guidance
 interval the doubled CFG batch runs only inside it (`sampling.cfg_plan`).
+
+Guidance (`config.sampling.guidance`): 'cfg' (classifier-free, scale w), 'classifier' (the
+generator's unconditional field ∅ plus w_c b_t ∇log p_t(y|x) of the noise-aware classifier in
+`sampling.classifier_workdir`) or 'cfg+classifier' (both, w and w_c separate). A Sampler built
+without a classifier (the periodic grids of a training) samples with CFG alone.
 """
 
 import time
@@ -89,8 +94,14 @@ class Sampler:
     num_classes, config, latent_space.
   """
 
-  def __init__(self, config, builder, params, *, image_shape, step=None, latent_space=None):
+  def __init__(self, config, builder, params, *, image_shape, step=None, latent_space=None,
+               classifier=None):
     self.config = config
+    self.classifier = classifier  # a `GuidanceClassifier` for classifier guidance, or None
+    if classifier is not None:  # replicated on the generator's mesh, where the program runs
+      classifier.params = jax.device_put(classifier.params, builder.replicated)
+    self.guidance = validation.get(config, 'sampling.guidance') if classifier else 'cfg'
+    self.classifier_nfe = 0  # classifier forward (= backward) passes per sample, last call
     self.builder = builder
     self.params = params
     self.step = step
@@ -103,60 +114,97 @@ class Sampler:
       self.output_shape = (height * f, width * f, latent_space.in_channels)
     self.num_classes = config.input.num_classes
     self.null_label = config.input.num_classes
+    # A generator trained with label_dropout = 1 has seen only ∅: it samples unconditionally.
+    self.unconditional = config.loss.label_dropout >= 1.0
     self.path = paths.get_path(config.path.schedule)
     self._compiled = {}
 
   @classmethod
-  def from_train_state(cls, config, builder, state, image_shape, latent_space=None):
+  def from_train_state(cls, config, builder, state, image_shape, latent_space=None,
+                       classifier=None):
     return cls(config, builder, _weights(state), image_shape=image_shape,
-               step=int(state['step']), latent_space=latent_space)
+               step=int(state['step']), latent_space=latent_space, classifier=classifier)
 
   @classmethod
   def from_workdir(cls, config, workdir, latent_space=None):
     """The newest checkpoint's EMA weights (CheckpointNotFoundError without one); a latent
-    generator's autoencoder is `latent_space` or, when None, the config's."""
+    generator's autoencoder is `latent_space` or, when None, the config's; the noise-aware
+    classifier of `sampling.classifier_workdir` when `sampling.guidance` uses one."""
     if latent_space is None:
       latent_space = latents.load(config)
     builder, state, image_shape = load(config, workdir, latent_space)
-    return cls.from_train_state(config, builder, state, image_shape, latent_space)
+    classifier = load_classifier(config, image_shape, latent_space)
+    return cls.from_train_state(config, builder, state, image_shape, latent_space, classifier)
 
   def update(self, state):
     """Samples from `state`'s weights from now on (same compiled programs)."""
     self.params, self.step = _weights(state), int(state['step'])
 
-  def _program(self, options, use_cfg):
-    cache_key = tuple(sorted(options.items())) + (('use_cfg', use_cfg),)
+  def _program(self, options, use_cfg, use_classifier):
+    cache_key = tuple(sorted(options.items())) + (('use_cfg', use_cfg),
+                                                  ('use_classifier', use_classifier))
     if cache_key not in self._compiled:
       parameterization = self.config.loss.parameterization
 
-      def run(params, decoder_params, key, labels, guidance_scale, sigma):
+      def run(params, decoder_params, classifier_params, key, labels, classifier_labels,
+              guidance_scale, classifier_scale, sigma):
         model = self.builder.merge(params)
+        classifier_fn = None
+        if use_classifier:
+          classifier = nnx.merge(self.classifier.graphdef, classifier_params)
+          classifier_fn = lambda x, t: classifier(x, t)  # pylint: disable=unnecessary-lambda
         samples, info = sampling.sample(
             lambda x, t, y: model(x, t, y), key, labels, shape=self.image_shape, path=self.path,
             parameterization=parameterization, null_label=self.null_label,
-            guidance_scale=guidance_scale if use_cfg else 1.0, sigma=sigma, **options)
+            guidance_scale=guidance_scale if use_cfg else 1.0, sigma=sigma,
+            classifier_fn=classifier_fn, classifier_scale=classifier_scale,
+            classifier_labels=classifier_labels if use_classifier else None, **options)
         if self.latent_space is not None:
           samples = self.latent_space.decode(decoder_params, samples)
-        return samples, info['nfe']
+        return samples, info['nfe'], info['classifier_nfe']
 
       # The batch is split over (data, fsdp) like a training batch; the noise is drawn with
       # the partitionable threefry, so the samples do not depend on the mesh.
       b = self.builder
       self._compiled[cache_key] = jax.jit(
-          run, in_shardings=(b.param_shardings, b.replicated, b.replicated, b.batch_sharding,
-                             b.replicated, b.replicated),
-          out_shardings=(b.batch_sharding, b.replicated))
+          run, in_shardings=(b.param_shardings, b.replicated, b.replicated, b.replicated,
+                             b.batch_sharding, b.batch_sharding, b.replicated, b.replicated,
+                             b.replicated),
+          out_shardings=(b.batch_sharding, b.replicated, b.replicated))
     return self._compiled[cache_key]
 
-  def sample(self, key, labels, guidance_scale, *, num_steps=None, method=None,
-             sigma_schedule=None, sigma=None):
-    """Samples (float, [−1, 1]) for int `labels`, and the NFE per sample (the model
-    evaluations run, a doubled batch counting 2).
+  def _guidance_inputs(self, labels, guidance_scale, classifier_scale):
+    """(generator labels, classifier labels, w, w_c, use_cfg, use_classifier) of a call."""
+    classifier_scale = (validation.get(self.config, 'sampling.classifier_scale')
+                        if classifier_scale is None else classifier_scale)
+    classifier_labels = labels
+    if self.guidance == 'cfg':
+      classifier_scale = 0.0
+    elif self.guidance == 'classifier':  # the generator's unconditional field
+      guidance_scale = 1.0
+      labels = np.full_like(labels, self.null_label)
+    if self.unconditional:  # only ∅ was trained; w is meaningless (CFG of ∅ with itself)
+      labels, guidance_scale = np.full_like(labels, self.null_label), 1.0
+    use_classifier = self.classifier is not None and float(classifier_scale) != 0.0
+    return (labels, classifier_labels, float(guidance_scale), float(classifier_scale),
+            sampling.uses_cfg(guidance_scale), use_classifier)
 
-    `guidance_scale` is a Python number: w = 1 compiles and runs the conditional batch alone,
-    every other w shares one compiled doubled-batch program.
+  def sample(self, key, labels, guidance_scale, *, classifier_scale=None, num_steps=None,
+             method=None, sigma_schedule=None, sigma=None):
+    """Samples (float, [−1, 1]) for int `labels`, and the generator's NFE per sample (the model
+    evaluations run, a doubled batch counting 2); `self.classifier_nfe` holds the classifier's
+    forward (= backward) passes per sample of the call.
+
+    `guidance_scale` (w) and `classifier_scale` (w_c; None: `sampling.classifier_scale`) are
+    Python numbers: w = 1 compiles and runs the conditional batch alone, w_c = 0 never runs the
+    classifier, every other value shares one compiled program. Which of them apply is
+    `self.guidance` ('cfg': w; 'classifier': w_c on the unconditional field; 'cfg+classifier':
+    both).
     """
     config = self.config.sampling
+    labels = np.asarray(labels, np.int32)
+    (labels, classifier_labels, guidance_scale, classifier_scale, use_cfg,
+     use_classifier) = self._guidance_inputs(labels, guidance_scale, classifier_scale)
     options = dict(
         num_steps=num_steps or config.num_steps, method=method or config.method,
         sigma_schedule=sigma_schedule or config.sigma_schedule,
@@ -165,18 +213,22 @@ class Sampler:
     sigma = config.sigma if sigma is None else sigma
     sampling.validate_sampling_args(
         parameterization=self.config.loss.parameterization, null_label=self.null_label,
-        guidance_scale=guidance_scale, labels=np.asarray(labels), **options)
-    program = self._program(options, sampling.uses_cfg(guidance_scale))
-    labels = np.asarray(labels, np.int32)
+        guidance_scale=guidance_scale, labels=labels, classifier_scale=classifier_scale,
+        classifier_labels=classifier_labels if use_classifier else None, **options)
+    program = self._program(options, use_cfg, use_classifier)
     num = len(labels)
-    padded = np.pad(labels, (0, -num % sharding.batch_axes_size(self.builder.mesh)))
+    pad = (0, -num % sharding.batch_axes_size(self.builder.mesh))
     with jax.set_mesh(self.builder.mesh):
-      labels = jax.device_put(padded, self.builder.batch_sharding)
+      labels, classifier_labels = (jax.device_put(np.pad(a, pad), self.builder.batch_sharding)
+                                   for a in (labels, classifier_labels))
       decoder_params = self.latent_space.params if self.latent_space is not None else None
-      samples, nfe = program(self.params, decoder_params, key, labels,
-                             jnp.float32(guidance_scale), jnp.float32(sigma))
-      if len(padded) != num:
+      classifier_params = self.classifier.params if use_classifier else None
+      samples, nfe, classifier_nfe = program(
+          self.params, decoder_params, classifier_params, key, labels, classifier_labels,
+          jnp.float32(guidance_scale), jnp.float32(classifier_scale), jnp.float32(sigma))
+      if pad[1]:
         samples = samples[:num]
+    self.classifier_nfe = int(classifier_nfe)
     return samples, int(nfe)
 
   def sample_images(self, key, labels, guidance_scale, *, batch_size=None, **options):
@@ -203,14 +255,17 @@ class Sampler:
                                   start + len(chunk), len(labels))
     return np.concatenate(outputs), nfe, first_call_s
 
-  def guidance_grid(self, key, scales):
-    """uint8 grid: one row per class, one block of columns per guidance scale (same noise)."""
+  def guidance_grid(self, key, scales, *, classifier_scales=None):
+    """uint8 grid: one row per class, one block of columns per guidance scale (same noise);
+    with `classifier_scales`, one block per classifier scale w_c (at `scales[0]`)."""
     per_class = self.config.sampling.grid_samples_per_class
     classes = self.config.sampling.grid_classes
     classes = np.arange(self.num_classes) if classes is None else np.asarray(classes)
     labels = np.repeat(classes, per_class).astype(np.int32)
-    blocks = [images_lib.to_uint8(sharding.to_host(self.sample(key, labels, float(w))[0]))
-              for w in scales]
+    settings = ([(float(scales[0]), float(w_c)) for w_c in classifier_scales]
+                if classifier_scales else [(float(w), None) for w in scales])
+    blocks = [images_lib.to_uint8(sharding.to_host(
+        self.sample(key, labels, w, classifier_scale=w_c)[0])) for w, w_c in settings]
     return images_lib.make_guidance_grid(blocks, num_classes=len(classes),
                                          samples_per_class=per_class)
 
@@ -232,3 +287,48 @@ def load(config, workdir, latent_space=None):
     image_shape = latent_space.latent_shape(image_shape)
   builder = state_builder(config, image_shape)
   return builder, train_state.load_latest(builder, config, workdir), tuple(image_shape)
+
+
+class GuidanceClassifier:
+  """A finished noise-aware classifier run p_t(y|x), split for the compiled sampler.
+
+  Attributes: graphdef, params (its weights), workdir, result (its result.json), config.
+  """
+
+  def __init__(self, model, result, config, workdir):
+    self.graphdef, self.params = nnx.split(model)
+    self.result, self.config, self.workdir = result, config, workdir
+
+
+def load_classifier(config, image_shape, latent_space=None):
+  """The noise-aware classifier of `sampling.classifier_workdir` when `sampling.guidance` uses
+  one (None for 'cfg'), checked against the generator it guides.
+
+  Raises:
+    CheckpointNotFoundError: no finished classifier run there (the message gives the command
+      that trains one).
+    ConfigError: the classifier was trained for other images, classes or another path.
+  """
+  guidance = validation.get(config, 'sampling.guidance')
+  if guidance == 'cfg':
+    return None
+  if latent_space is not None:
+    raise errors.ConfigError(
+        f"sampling.guidance={guidance!r} on a latent generator needs a noise-aware classifier "
+        "of latents, which guidedflow does not train yet: use sampling.guidance='cfg'.")
+  from guidedflow.tasks import noisy_classifier  # pylint: disable=g-import-not-at-top
+  workdir = config.sampling.classifier_workdir
+  model, result, classifier_config = noisy_classifier.load(workdir)
+  trained = (tuple(result['image_shape']), int(classifier_config.input.num_classes),
+             classifier_config.path.schedule)
+  wanted = (tuple(image_shape), int(config.input.num_classes), config.path.schedule)
+  if trained != wanted:
+    describe = lambda s: f'{"x".join(map(str, s[0]))} images of {s[1]} classes on the {s[2]} path'
+    raise errors.ConfigError(
+        f'the noise-aware classifier in {workdir} was trained on {describe(trained)}, but the '
+        f'generator makes {describe(wanted)}: train one for it with: python -m guidedflow.main '
+        '--config configs/fmnist_noisy_classifier.py --workdir DIR (setting its input and '
+        'path.schedule to the generator\'s), then pass --config.sampling.classifier_workdir=DIR.')
+  logging.info('Classifier guidance (%s) with the noise-aware classifier of %s (step %s).',
+               guidance, workdir, result.get('step'))
+  return GuidanceClassifier(model, result, classifier_config, workdir)

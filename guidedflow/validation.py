@@ -39,6 +39,7 @@ _GENERATOR_CHOICES = {
     'eval.feature_network': ('none',) + feature_networks.NAMES,
     'input.space': latents.SPACES,
     'sampling.npz_keys': ('guidedflow', 'adm'),
+    'sampling.guidance': sampling.GUIDANCE_MODES,
 }
 _COMMON_CHOICES = {'optim.schedule': train_state.SCHEDULES,
                    'mesh.distributed': sharding.DISTRIBUTED_MODES}
@@ -55,7 +56,9 @@ _DEFAULTS = {'model.unet_norm': 'group', 'model.attention_impl': 'einsum',
              'mesh.distributed': 'auto', 'checkpoint.max_to_keep': 3, 'input.space': 'pixels',
              'autoencoder.cache': True, 'autoencoder.cache_dtype': 'float32',
              'autoencoder.flip': False, 'autoencoder.batch_size': 256,
-             'autoencoder.workers': 0, 'sampling.npz_keys': 'guidedflow'}
+             'autoencoder.workers': 0, 'sampling.npz_keys': 'guidedflow',
+             'sampling.guidance': 'cfg', 'sampling.classifier_scale': 0.0,
+             'sampling.classifier_workdir': None, 'eval.classifier_scales': None}
 
 
 def get(config, dotted):
@@ -94,7 +97,7 @@ def validate_config(config):
                              f'of processes ({processes}).')
   task = config.get('task', 'generate')
   checks = {'generate': _check_generator, 'classifier': _check_classifier,
-            'autoencoder': _check_autoencoder}
+            'autoencoder': _check_autoencoder, 'noisy_classifier': _check_noisy_classifier}
   if task not in checks:
     raise errors.ConfigError(f'config.task={task!r} is not one of {tuple(checks)}.')
   checks[task](config)
@@ -136,6 +139,23 @@ def _check_classifier(config):
   _choices(config, {'model.dtype': tuple(models.DTYPES)})
 
 
+def _check_noisy_classifier(config):
+  _positive(config, ('eval.batch_size', 'eval.time_bins', 'model.num_residual_layers',
+                     'model.t_embed_dim'))
+  _choices(config, {'model.dtype': tuple(models.DTYPES), 'model.norm': unet.NORMS,
+                    'path.schedule': paths.SCHEDULES, 'loss.time_sampler': losses.TIME_SAMPLERS})
+  for key in ('input.num_train_examples', 'eval.num_examples', 'train.random_shift_pixels'):
+    value = get(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise errors.ConfigError(f'config.{key}={value!r} must be an integer >= 0.')
+  if not config.model.channels or any(int(c) < 1 for c in config.model.channels):
+    raise errors.ConfigError(f'config.model.channels={config.model.channels!r} must be a '
+                             'non-empty tuple of positive widths, e.g. (32, 64, 128).')
+  if config.loss.time_sampler == 'logit_normal' and not config.loss.logit_normal_std > 0:
+    raise errors.ConfigError(f'config.loss.logit_normal_std={config.loss.logit_normal_std} '
+                             'must be > 0.')
+
+
 def _check_autoencoder(config):
   _positive(config, ('eval.batch_size', 'model.layers_per_block', 'model.latent_channels',
                      'model.norm_groups', 'eval.num_latent_examples',
@@ -154,12 +174,13 @@ def _check_autoencoder(config):
 def _check_generator(config):
   _choices(config, _GENERATOR_CHOICES)
   _positive(config, _GENERATOR_POSITIVE)
-  if not 0.0 <= config.loss.label_dropout < 1.0:
+  if not 0.0 <= config.loss.label_dropout <= 1.0:
     raise errors.ConfigError(
-        f'config.loss.label_dropout={config.loss.label_dropout} must be in [0, 1) (it is the '
-        'probability η of training on the null label).')
+        f'config.loss.label_dropout={config.loss.label_dropout} must be in [0, 1] (it is the '
+        'probability η of training on the null label; 1 trains an unconditional generator).')
   if not math.isfinite(config.sampling.guidance_scale):
     raise errors.ConfigError('config.sampling.guidance_scale must be a finite number.')
+  _check_classifier_guidance(config)
   if not config.sampling.grid_guidance_scales:
     raise errors.ConfigError('config.sampling.grid_guidance_scales must name at least one scale.')
   interval = config.sampling.guidance_interval
@@ -169,6 +190,29 @@ def _check_generator(config):
   _check_model(config)
   _check_eval(config)
   _check_latents(config)
+
+
+def _check_classifier_guidance(config):
+  guidance = get(config, 'sampling.guidance')
+  scale = get(config, 'sampling.classifier_scale')
+  if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    raise errors.ConfigError(f'config.sampling.classifier_scale={scale!r} must be a finite '
+                             'number (w_c of classifier guidance).')
+  for w_c in get(config, 'eval.classifier_scales') or ():
+    if not isinstance(w_c, (int, float)) or not math.isfinite(w_c):
+      raise errors.ConfigError(f'config.eval.classifier_scales='
+                               f'{get(config, "eval.classifier_scales")!r} must be numbers, e.g. '
+                               '--config.eval.classifier_scales=0,1,2,4')
+  if guidance != 'cfg' and not get(config, 'sampling.classifier_workdir'):
+    raise errors.ConfigError(
+        f"config.sampling.guidance={guidance!r} needs the noise-aware classifier's run: "
+        '--config.sampling.classifier_workdir=DIR (trained with python -m guidedflow.main '
+        '--config configs/fmnist_noisy_classifier.py --workdir DIR).')
+  if guidance == 'cfg+classifier' and config.loss.label_dropout >= 1.0:
+    raise errors.ConfigError(
+        "config.sampling.guidance='cfg+classifier' needs a conditional generator, but "
+        'config.loss.label_dropout=1 trained an unconditional one (it has no CFG): use '
+        "--config.sampling.guidance=classifier.")
 
 
 def _check_latents(config):

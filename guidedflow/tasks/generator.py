@@ -206,11 +206,15 @@ class GeneratorTask(tasks.Task):
     result = {
         'num_samples': num, 'nfe': nfe, 'seconds': round(seconds, 2),
         'images_per_s': round(num / max(seconds, 1e-9), 2),
-        'method': sconfig.method, 'num_steps': sconfig.num_steps,
+        'method': sconfig.method, 'num_steps': sconfig.num_steps, 'guidance': sampler.guidance,
         'guidance_scale': sconfig.guidance_scale, 'sigma_schedule': sconfig.sigma_schedule,
         'sigma': sconfig.sigma, 'seed': sconfig.seed, 'step': sampler.step,
         'output': os.path.join(out_dir, 'samples.npz'),
     }
+    if sampler.guidance != 'cfg':
+      result.update(classifier_scale=validation.get(self.config, 'sampling.classifier_scale'),
+                    classifier_nfe=sampler.classifier_nfe,
+                    classifier_workdir=sampler.classifier.workdir)
     logging.info('Samples: %s', json.dumps(result))
     return result
 
@@ -228,8 +232,9 @@ class GeneratorTask(tasks.Task):
               'num_batches': self.config.eval.num_batches, **heldout,
               'parameterization': self.config.loss.parameterization}
     if self.config.eval.feature_network != 'none':
-      sampler = sampler_lib.Sampler.from_train_state(self.config, builder, state, image_shape,
-                                                     latent_space=space)
+      sampler = sampler_lib.Sampler.from_train_state(
+          self.config, builder, state, image_shape, latent_space=space,
+          classifier=sampler_lib.load_classifier(self.config, image_shape, space))
       result.update(evaluate_lib.run(self.config, workdir, sampler,
                                      feature_networks.load(self.config),
                                      self.pixel_eval_dataset(), self.pixel_train_dataset()))

@@ -1,0 +1,34 @@
+"""Fashion-MNIST, an unconditional generator: the generator of classifier guidance.
+
+The default recipe (configs/fashion_mnist.py: U-Net, 3,600 steps of 32, ~25 minutes on a 2-core
+CPU) trained with label_dropout = 1: every label is the null label ∅, so the network learns
+u_t(x) alone and costs exactly what the conditional generator costs. It samples class y only
+through a noise-aware classifier (classifier guidance, configs/fmnist_noisy_classifier.py).
+
+Usage (the classifier first, a few minutes; then the generator, ~25 minutes; then sample or
+evaluate with classifier guidance):
+  python -m guidedflow.main --config configs/fmnist_noisy_classifier.py \\
+      --workdir runs/fmnist_noisy_classifier
+  python -m guidedflow.main --config configs/fashion_mnist_unconditional.py \\
+      --workdir runs/fmnist_unconditional
+  python -m guidedflow.main --config configs/fashion_mnist_unconditional.py \\
+      --workdir runs/fmnist_unconditional --mode=evaluate --config.eval.classifier_scales=1,2,4
+
+Training needs no classifier (its sample grids are unconditional); --mode=sample and
+--mode=evaluate guide with the classifier in sampling.classifier_workdir.
+"""
+
+from configs import fashion_mnist
+
+
+def get_config():
+  config = fashion_mnist.get_config('unet')
+  config.loss.label_dropout = 1.0  # unconditional: the label embedding sees only ∅
+  # Without a classifier the samples are unconditional whatever the labels and w.
+  config.sampling.guidance_scale = 1.0
+  config.sampling.grid_guidance_scales = (1.0,)
+  # Sampling and evaluation: u(x) + w_c b_t ∇log p_t(y|x) with the noise-aware classifier.
+  config.sampling.guidance = 'classifier'
+  config.sampling.classifier_scale = 1.0
+  config.sampling.classifier_workdir = 'runs/fmnist_noisy_classifier'
+  return config
