@@ -76,3 +76,29 @@ def test_step_throughput_smoke():
   assert abs(row['train_gflops'] - 3 * row['gflop_per_image'] * row['train_images_per_s']) < 1e-6
   assert abs(row['train_x_peak'] - row['train_gflops'] / report['peaks']['f32']) < 1e-9
   assert row['fwd_ms'] > 0 and row['fwd_doubled_ms'] > 0 and row['cfg_vs_fwd'] > 0
+
+
+def _sweep_rows(key, scales, fds):
+  return [{key: s, 'nfe': 19, 'classifier_nfe': 19 if key == 'classifier_scale' else 0,
+           'fd': fd, 'recall': 0.6 - 0.1 * i, 'precision': 0.8, 'accuracy': 0.8 + 0.05 * i,
+           'images_per_s': 20.0, 'num_samples': 100}
+          for i, (s, fd) in enumerate(zip(scales, fds))]
+
+
+def test_guidance_routes_table_and_figure(tmp_path):
+  cfg, cg = tmp_path / 'cfg.json', tmp_path / 'cg.json'
+  cfg.write_text(json.dumps(_sweep_rows('guidance_scale', [1.0, 2.0], [12.0, 9.5])))
+  cg.write_text(json.dumps(_sweep_rows('classifier_scale', [0.0, 1.0, 4.0], [20.0, 15.0, 18.0])))
+  figure = tmp_path / 'routes.png'
+  out = _run('guidance_routes.py', f'--sweep=CFG={cfg}', f'--sweep=CG={cg}', f'--out={figure}')
+  lines = out.splitlines()
+  assert lines[0].startswith('| route | w | w_c |') and len(lines) == 2 + 5 + 1
+  # The best FD of each route is bold, and only it; seconds per image = 1 / img/s.
+  assert '| CFG | 2.0 | – | 19 | 0 | **9.50** |' in out
+  assert '| CG | – | 1.0 | 19 | 19 | **15.00** |' in out and out.count('**') == 4
+  assert '| 0.050 | 100 |' in out
+  assert figure.stat().st_size > 10_000
+  bad = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'guidance_routes.py'),
+                        f'--sweep={cfg}'], cwd=REPO, env=subprocess_env.env(),
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and 'must be LABEL=PATH' in bad.stderr
