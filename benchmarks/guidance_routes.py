@@ -35,7 +35,7 @@ def read_sweeps(specs):
   """[(label, rows)] of LABEL=PATH specs; a UserError names a bad spec or file."""
   sweeps = []
   for spec in specs:
-    label, sep, path = spec.partition('=')
+    label, sep, path = spec.rpartition('=')
     if not sep or not label or not path:
       raise errors.ConfigError(f'--sweep {spec!r} must be LABEL=PATH, e.g. '
                                'CFG=runs/fmnist/eval/guidance_sweep.json')

@@ -12,7 +12,7 @@ evaluate with classifier guidance):
   python -m guidedflow.main --config configs/fashion_mnist_unconditional.py \\
       --workdir runs/fmnist_unconditional
   python -m guidedflow.main --config configs/fashion_mnist_unconditional.py \\
-      --workdir runs/fmnist_unconditional --mode=evaluate --config.eval.classifier_scales=1,2,4
+      --workdir runs/fmnist_unconditional --mode=evaluate --config.eval.classifier_scales=0,1,2
 
 Training needs no classifier (its sample grids are unconditional); --mode=sample and
 --mode=evaluate guide with the classifier in sampling.classifier_workdir.
@@ -29,6 +29,10 @@ def get_config():
   config.sampling.grid_guidance_scales = (1.0,)
   # Sampling and evaluation: u(x) + w_c b_t ∇log p_t(y|x) with the noise-aware classifier.
   config.sampling.guidance = 'classifier'
-  config.sampling.classifier_scale = 1.0
+  # Measured (README, N = 1,000, Heun 10): guiding on t ∈ [0.1, 1] at w_c = 2 gives FD 49.7 and
+  # class accuracy 0.54, against FD 71.1 / accuracy 0.51 at w_c = 1 from t = 0 (b_t = (1 − t)/t is
+  # 999 at the grid's first time, where the classifier is at chance).
+  config.sampling.classifier_scale = 2.0
+  config.sampling.guidance_interval = (0.1, 1.0)
   config.sampling.classifier_workdir = 'runs/fmnist_noisy_classifier'
   return config
