@@ -11,6 +11,7 @@ import os
 
 from etils import epath
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from ml_collections import config_dict
 import numpy as np
@@ -155,3 +156,11 @@ def load_trained(workdir, task_name, train_command):
     state, _ = ckpt.restore(builder.abstract_state(), step=step)
   # The weights the run reported on: its EMA when it kept one.
   return builder.merge(state.get('ema_params', state['params'])), result, config
+
+
+def masked_mean(values, batch):
+  """Mean of per-example `values` over the batch's real rows (`batch['mask']`, when padded)."""
+  mask = batch.get('mask')
+  if mask is None:
+    return jnp.mean(values)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)

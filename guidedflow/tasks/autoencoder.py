@@ -31,13 +31,6 @@ from guidedflow import tasks
 from guidedflow import train
 from guidedflow.models import autoencoder as autoencoder_lib
 
-def _masked_mean(values, batch):
-  mask = batch.get('mask')
-  if mask is None:
-    return jnp.mean(values)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def _per_example(values):
   return jnp.mean(values.reshape(values.shape[0], -1), axis=1)
 
@@ -71,13 +64,13 @@ class AutoencoderTask(tasks.Task):
     error = reconstruction - x
     error = jnp.abs(error) if config.reconstruction == 'l1' else jnp.square(error)
     pixels = np.prod(x.shape[1:])
-    rec = _masked_mean(_per_example(error), batch)
-    kl = _masked_mean(autoencoder_lib.kl_divergence(mean, logvar), batch) / pixels
+    rec = tasks.masked_mean(_per_example(error), batch)
+    kl = tasks.masked_mean(autoencoder_lib.kl_divergence(mean, logvar), batch) / pixels
     total = rec + config.kl_weight * kl
     metrics = {'reconstruction': rec, 'kl': kl}
     if config.get('feature_weight', 0.0) > 0:
       features = self._feature_fn()
-      feature = _masked_mean(_per_example(jnp.square(
+      feature = tasks.masked_mean(_per_example(jnp.square(
           features(reconstruction) - jax.lax.stop_gradient(features(x)))), batch)
       total = total + config.feature_weight * feature
       metrics['feature'] = feature
@@ -90,8 +83,8 @@ class AutoencoderTask(tasks.Task):
     mse = _per_example(jnp.square(reconstruction - x))
     # PSNR on the [0, 1] scale: the data range of [−1, 1] is 2, so 10 log10(4 / MSE).
     psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
-    return {'l1': _masked_mean(_per_example(jnp.abs(reconstruction - x)), batch),
-            'mse': _masked_mean(mse, batch), 'psnr': _masked_mean(psnr, batch)}
+    return {'l1': tasks.masked_mean(_per_example(jnp.abs(reconstruction - x)), batch),
+            'mse': tasks.masked_mean(mse, batch), 'psnr': tasks.masked_mean(psnr, batch)}
 
   def _heldout(self, run, params):
     return run.heldout(params, self.eval_dataset(), batch_size=self.config.eval.batch_size,

@@ -41,13 +41,6 @@ def augment(images, key, *, random_flip, max_shift):
   return images
 
 
-def _masked_mean(values, batch):
-  mask = batch.get('mask')
-  if mask is None:
-    return jnp.mean(values)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 class ClassifierTask(tasks.Task):
   """A CNN classifier p(y|x) of clean images; reports its test accuracy at the end."""
 
@@ -74,7 +67,7 @@ class ClassifierTask(tasks.Task):
     labels = batch['label']
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     hits = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return {'loss': _masked_mean(loss, batch), 'accuracy': _masked_mean(hits, batch)}
+    return {'loss': tasks.masked_mean(loss, batch), 'accuracy': tasks.masked_mean(hits, batch)}
 
   def _test(self, run, params):
     t0 = time.time()

@@ -32,13 +32,6 @@ from guidedflow.tasks import classifier
 CONFIG_PATH = 'configs/fmnist_noisy_classifier.py'
 
 
-def _masked_mean(values, batch):
-  mask = batch.get('mask')
-  if mask is None:
-    return jnp.mean(values)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def bin_centres(num_bins):
   """The times t_k = (k + ½)/K, k = 0..K−1, at which held-out accuracy is measured."""
   return [(k + 0.5) / num_bins for k in range(num_bins)]
@@ -81,7 +74,7 @@ class NoisyClassifierTask(tasks.Task):
     labels = batch['label']
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     hits = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return _masked_mean(loss, batch), _masked_mean(hits, batch)
+    return tasks.masked_mean(loss, batch), tasks.masked_mean(hits, batch)
 
   def loss(self, model, batch, key):
     config = self.config
