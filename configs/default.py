@@ -79,6 +79,9 @@ def get_config():
   config.train.seed = 0
   config.train.log_every_steps = 100
   config.train.sample_every_steps = 5_000   # sample grid (PNG + TensorBoard); 0 = only at the end
+  # Resuming refuses keys that change what the weights mean (model, path, parameterization,
+  # classes, data); True resumes anyway (fine-tuning on purpose) and logs each such key.
+  config.train.allow_config_change = False
 
   # ---- Optimizer: AdamW, linear warm-up, optional cosine decay, global-norm clipping, EMA.
   config.optim = ml_collections.ConfigDict()

@@ -41,6 +41,7 @@ def get_config():
 
   # ---- Training loop.
   config.train = ml_collections.ConfigDict()
+  config.train.allow_config_change = False  # see configs/default.py
   config.train.num_steps = 3_000       # 61 min on 2 cores (54 img/s, other jobs running)
   config.train.batch_size = 64
   config.train.seed = 0

@@ -63,6 +63,7 @@ def get_config():
 
   # ---- Training loop.
   config.train = ml_collections.ConfigDict()
+  config.train.allow_config_change = False  # see configs/default.py
   # 1800 steps of 64 = 1.9 epochs at ~300 train images/s on an idle 2-core CPU (measured:
   # 298 img/s; ~190 img/s beside another training): ~6.5 minutes. Batch 64 rather than 128:
   # about the same images/s, twice the updates. After 600 steps of 64 the test accuracy was

@@ -6,82 +6,118 @@ states, saved with `StandardSave`), `data` (the `BatchIterator` state, JSON) and
 deletes old steps only after a newer one is finalised, so a crash or preemption mid-save never
 loses the last good checkpoint.
 
+A step whose files are damaged (truncated, missing, or bytes changed: every array's checksum,
+`guidedflow.checksums`, is saved with it and verified on restore) is reported by step and
+reason and skipped: `restore_newest` returns the newest step that restores, and moves the
+damaged ones aside (`<directory>_damaged/<step>`, never deleted) when asked to (training does;
+sampling and evaluation only skip, they never change a run's files). A save that does not fit
+on the disk keeps the previous checkpoint and raises `DiskFullError` with the space needed.
+
 Preemption (`should_stop`), one code path on CPU, GPU and TPU:
 - With `jax.distributed.initialize()` (any number of processes) JAX's preemption service
   catches SIGTERM on any process and `CheckpointManager.reached_preemption(step)` turns True on
   every process at the same step (the step after the largest one any process had reached).
+  Ctrl-C is passed on to it as a SIGTERM.
 - Without it (single-process runs, or a JAX preemption service disabled by
-  `jax_enable_preemption_service=False`), a SIGTERM handler installed here sets a flag. With
-  several processes the flags are combined with a tiny all-gather at every `should_stop` call,
-  so all processes see the same answer at the same step; the loop must call `should_stop`
-  at every step on every process (as with JAX's service). A second SIGTERM terminates at once.
+  `jax_enable_preemption_service=False`), `guidedflow.stop_signals` turns SIGTERM and Ctrl-C
+  into a flag. With several processes the flags are combined with a tiny all-gather at every
+  `should_stop` call, so all processes see the same answer at the same step; the loop must call
+  `should_stop` at every step on every process (as with JAX's service). A second signal aborts
+  at once.
 The loop then does: `if ckpt.should_stop(step): ckpt.save(step, ..., force=True);
-ckpt.wait_until_finished(); exit(0)`.
+ckpt.wait_until_finished(); exit(ckpt.exit_status)`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import signal
+import shutil
+import sys
 import threading
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from guidedflow import checksums as checksums_lib
 from guidedflow import errors
+from guidedflow import stop_signals
+from guidedflow import tree_compat
+from guidedflow import workdir as workdir_lib
 
 
-class CheckpointMismatchError(errors.UserError, ValueError):
-  """The checkpoint's state tree, shapes or dtypes differ from the model being restored."""
+CheckpointMismatchError = tree_compat.CheckpointMismatchError  # raised by restore; here for callers
 
 
-def _key_name(key: Any) -> str:
-  for attribute in ('key', 'name', 'idx'):
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
+class DamagedCheckpointError(errors.UserError, IOError):
+  """A checkpoint step cannot be read back (files missing or truncated, checksums differ)."""
+
+  def __init__(self, step: int, reason: str):
+    super().__init__(f'checkpoint step {step} is damaged: {reason}')
+    self.step, self.reason = step, reason
 
 
-def _flat_by_path(tree: Any) -> dict[str, Any]:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {'/'.join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+class DiskFullError(errors.UserError, OSError):
+  """A checkpoint does not fit on the disk; the previous one is kept."""
 
 
-def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
-  dtype = getattr(leaf, 'dtype', None)
-  return tuple(np.shape(leaf)), np.dtype(np.asarray(leaf).dtype if dtype is None else dtype)
+def one_line(error: BaseException, limit: int = 300) -> str:
+  """`error` as one short line: the type and first message line of the error it was raised
+  from at the bottom of its chain (tensorstore's own error, not orbax's wrappers)."""
+  seen = {id(error)}
+  while (error.__cause__ or error.__context__) is not None and id(
+      error.__cause__ or error.__context__) not in seen:
+    error = error.__cause__ or error.__context__
+    seen.add(id(error))
+  lines = str(error).strip().splitlines()
+  text = f'{type(error).__name__}: {lines[0] if lines else ""}'.strip()
+  return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
-def _describe(leaf: Any) -> str:
-  shape, dtype = _shape_dtype(leaf)
-  return f'{shape} {dtype.name}'
+def _is_read_noise(error: BaseException | None) -> bool:
+  text = str(error)
+  return (text == 'Event loop is closed' or
+          text.startswith('Encountered error while reading array index'))
 
 
-_NUMBERED_BLOCK = re.compile(r'(^|/)blocks/\d+/')
+class _DropReadNoise(logging.Filter):
+  """asyncio's 'Task exception was never retrieved' for the reads of a failed restore."""
+
+  def filter(self, record):
+    return not (record.exc_info and _is_read_noise(record.exc_info[1]))
 
 
-def _block_layout_fix(saved: dict, expected: dict) -> str | None:
-  """The fix when the trees differ only in the DiT block layout — one subtree per block
-  ('blocks/0/...', `scan_blocks=False`) vs blocks stacked on a leading axis ('blocks/...')."""
-  def merged(paths):
-    return {_NUMBERED_BLOCK.sub(r'\1blocks/', path) for path in paths}
+def _drop_closed_event_loop_errors() -> None:
+  """After a failed restore, tensorstore reads still in flight fail too: tensorstore reports
+  each as unraisable (sys.unraisablehook) and asyncio logs each task's exception as 'never
+  retrieved' — dozens of interleaved tracebacks on stderr of no consequence (the restore
+  already failed and is reported in one line). Drop those; every other error is reported as
+  before."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_event_loop_errors', False):
+    return
 
-  saved_numbered = any(_NUMBERED_BLOCK.search(path) for path in saved)
-  if saved_numbered == any(_NUMBERED_BLOCK.search(path) for path in expected):
-    return None
-  if merged(saved) != merged(expected):
-    return None
-  if saved_numbered:
-    return ("its DiT blocks are saved one per block ('blocks/0/...', the layout before scanned "
-            'blocks became the default) but the model stacks them for nnx.scan. Restore it with '
-            '--config.model.scan_blocks=false (same model, same results).')
-  return ("its DiT blocks are stacked for nnx.scan ('blocks/...' with a leading layer axis) but "
-          'the model has one module per block. Restore it with --config.model.scan_blocks=true.')
+  def hook(unraisable):
+    if not _is_read_noise(unraisable.exc_value):
+      previous(unraisable)
+
+  hook.drops_closed_event_loop_errors = True
+  sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(_DropReadNoise())
+
+
+def _megabytes(num_bytes: float) -> str:
+  return f'{num_bytes / 2**20:.1f} MB'
+
+
+def state_bytes(state: Any) -> int:
+  """Bytes of all array leaves of `state` (their global size, not this process's shards)."""
+  return int(sum(np.prod(np.shape(x)) * np.dtype(tree_compat.shape_dtype(x)[1]).itemsize
+                 for x in jax.tree.leaves(state)))
 
 
 def _with_sharding(abstract_state: Any) -> Any:
@@ -97,7 +133,7 @@ def _with_sharding(abstract_state: Any) -> Any:
     default = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def leaf_to_abstract(leaf):
-    shape, dtype = _shape_dtype(leaf)
+    shape, dtype = tree_compat.shape_dtype(leaf)
     sharding = getattr(leaf, 'sharding', None)
     return jax.ShapeDtypeStruct(shape, dtype, sharding=default if sharding is None else sharding)
 
@@ -124,8 +160,9 @@ class Checkpointer:
       forced saves).
     async_save: write in a background thread (call `wait_until_finished` before reading or
       exiting). Synchronous by default: simpler, and cheap for small models.
-    handle_sigterm: install the SIGTERM handler when JAX's preemption service is not active
-      (see the module docstring). Must be constructed in the main thread for that.
+    handle_sigterm: handle SIGTERM and Ctrl-C as stop requests (`guidedflow.stop_signals`;
+      Ctrl-C only when JAX's preemption service owns SIGTERM). Must be constructed in the main
+      thread for that.
   """
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
@@ -140,17 +177,18 @@ class Checkpointer:
         enable_async_checkpointing=async_save)
     # Handlers named up front so that a fresh manager can read metadata before any save.
     handlers = {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
-                'config': ocp.JsonCheckpointHandler()}
+                'config': ocp.JsonCheckpointHandler(),
+                'checksums': ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
                                           options=options)
     self._save_interval_steps = int(save_interval_steps)
-    self._sigterm = threading.Event()
+    _drop_closed_event_loop_errors()
     self._stopped = False
-    self._handler_installed = False
-    self._previous_handler = None
     self._use_jax_preemption = _jax_preemption_service_active()
-    if handle_sigterm and not self._use_jax_preemption:
-      self._install_sigterm_handler()
+    self._signals = stop_signals.StopSignals(
+        forward_sigterm_to=os.getpid() if self._use_jax_preemption else None)
+    if handle_sigterm:
+      self._signals.install()
 
   # -- preemption -------------------------------------------------------------------------------
 
@@ -160,31 +198,18 @@ class Checkpointer:
     processes when there are several) or 'none' (no handler: SIGTERM kills the process)."""
     if self._use_jax_preemption:
       return 'jax'
-    return 'sigterm' if self._handler_installed else 'none'
+    return 'sigterm' if self._signals.installed else 'none'
 
-  def _install_sigterm_handler(self) -> None:
-    if threading.current_thread() is not threading.main_thread():
-      logging.warning('Checkpointer created outside the main thread: no SIGTERM handler, so a '
-                      'preemption kills the run without a final checkpoint.')
-      return
-    self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-    self._handler_installed = True
+  @property
+  def exit_status(self) -> int:
+    """The status to exit with after a stop: 130 when this process got Ctrl-C, else 0."""
+    return self._signals.exit_status or 0
 
-  def _on_sigterm(self, signum, frame) -> None:
-    del frame  # Unused.
-    if self._sigterm.is_set():  # Second SIGTERM: stop waiting for the loop, die now.
-      self._restore_sigterm_handler()
-      os.kill(os.getpid(), signum)
-      return
-    self._sigterm.set()
-    logging.warning('SIGTERM received: saving a checkpoint at the next step, then exiting.')
-
-  def _restore_sigterm_handler(self) -> None:
-    if self._handler_installed:
-      # None: the previous handler was not set from Python; fall back to the default.
-      previous = signal.SIG_DFL if self._previous_handler is None else self._previous_handler
-      signal.signal(signal.SIGTERM, previous)
-      self._handler_installed = False
+  @property
+  def stop_signal(self) -> str | None:
+    """'SIGINT' or 'SIGTERM' when this process got a stop signal, else None."""
+    signum = self._signals.first_signal
+    return None if signum is None else stop_signals.signal_name(signum)
 
   def should_stop(self, step: int) -> bool:
     """True, on every process at the same step, once any process got a preemption signal.
@@ -196,16 +221,16 @@ class Checkpointer:
     if self._use_jax_preemption:
       stop = bool(self._manager.reached_preemption(step))
     elif jax.process_count() > 1:
-      flags = multihost_utils.process_allgather(np.int32(self._sigterm.is_set()))
+      flags = multihost_utils.process_allgather(np.int32(self._signals.requested.is_set()))
       stop = bool(np.any(flags))
     else:
-      stop = self._sigterm.is_set()
+      stop = self._signals.requested.is_set()
     if stop:
-      logging.warning('Preemption: stopping at step %d.', step)
+      logging.warning('Stop requested (preemption, SIGTERM or Ctrl-C): stopping at step %d.', step)
     self._stopped = stop
     return stop
 
-  # -- save / restore ---------------------------------------------------------------------------
+  # -- save -------------------------------------------------------------------------------------
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -215,24 +240,93 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, data_state: Mapping[str, Any],
            config: Mapping[str, Any] | None = None, force: bool = False) -> bool:
-    """Saves `state` (pytree of arrays), `data_state` and `config` (JSON-able) at `step`.
+    """Saves `state` (pytree of arrays) with its checksums, `data_state` and `config`
+    (JSON-able) at `step`.
 
     `config` may be a ConfigDict; it is stored as JSON, so tuples come back as lists.
 
     Without `force`, saves only at multiples of `save_interval_steps`. Returns whether a save
     was started; a step that already has a checkpoint is not written again (returns False).
     Call on every process.
+
+    Raises:
+      DiskFullError: the disk cannot hold the checkpoint (checked before writing on local
+        disks, and when the write fails); the previous checkpoints are kept.
     """
     step = int(step)
     if not force and (self._save_interval_steps <= 0 or step % self._save_interval_steps):
       return False
     if step in self._manager.all_steps():
       return False
-    items = {'state': ocp.args.StandardSave(state), 'data': ocp.args.JsonSave(dict(data_state))}
+    needed = self._check_free_space(step, state)
+    items = {'state': ocp.args.StandardSave(state), 'data': ocp.args.JsonSave(dict(data_state)),
+             'checksums': ocp.args.JsonSave(checksums_lib.checksums(state))}
     if config is not None:
       config = config.to_dict() if hasattr(config, 'to_dict') else dict(config)  # ConfigDict.
       items['config'] = ocp.args.JsonSave(config)
-    return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+    try:
+      return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+    except Exception as e:  # pylint: disable=broad-except
+      if not workdir_lib.is_disk_full(e):
+        raise
+      self._remove_partial(step)
+      raise DiskFullError(self._disk_full_message(step, needed)) from e
+
+  def _free_bytes(self) -> int | None:
+    if '://' in self.directory:
+      return None  # object stores have no free-space figure
+    try:
+      return shutil.disk_usage(self.directory).free
+    except OSError:
+      return None
+
+  def _disk_full_message(self, step: int, needed: str) -> str:
+    free = self._free_bytes()
+    kept = [s for s in self._manager.all_steps() if s != step]
+    kept_text = (f'the previous checkpoint (step {max(kept)}) is kept' if kept
+                 else 'no earlier checkpoint exists')
+    free_text = '' if free is None else f', {_megabytes(free)} free'
+    return (f'No space left to save checkpoint step {step} in {self.directory}: it needs '
+            f'{needed}{free_text}; {kept_text}. Free space on that disk (or use a --workdir on '
+            'a bigger one and copy the checkpoints there), then rerun the same command to '
+            'resume.')
+
+  def _previous_step_bytes(self) -> int | None:
+    """On-disk bytes of the newest finished local step (a save of the same state takes about
+    as much: same arrays, same compression); None without one."""
+    step = self._manager.latest_step()
+    if step is None or '://' in self.directory:
+      return None
+    total = 0
+    for root, _, files in os.walk(os.path.join(self.directory, str(step))):
+      total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+  def _check_free_space(self, step: int, state: Any) -> str:
+    """Refuses a save that will not fit, judged by the size of the previous checkpoint (before
+    the first one, the arrays' uncompressed size is only reported when the write fails);
+    returns the space the save needs, as text for the messages."""
+    previous = self._previous_step_bytes()
+    if previous is None:
+      return f'up to {_megabytes(state_bytes(state))} (the arrays, before compression)'
+    needed = f'about {_megabytes(previous)} (the size of step {self._manager.latest_step()})'
+    free = self._free_bytes()
+    if free is not None and free < previous:
+      raise DiskFullError(self._disk_full_message(step, needed))
+    return needed
+
+  def _remove_partial(self, step: int) -> None:
+    """Deletes the unfinished temporary directory of a failed save (it is never a checkpoint)
+    to give the space back; finished steps are not touched."""
+    if jax.process_index() != 0:
+      return
+    for path in epath.Path(self.directory).glob(f'{step}.orbax-checkpoint-tmp*'):
+      try:
+        path.rmtree() if path.is_dir() else path.unlink()
+      except OSError as e:
+        logging.warning('Could not remove the partial checkpoint %s: %s', path, e)
+
+  # -- restore ----------------------------------------------------------------------------------
 
   def _resolve_step(self, step: int | None) -> int:
     if step is None:
@@ -244,33 +338,25 @@ class Checkpointer:
                               f'{self.all_steps()}.')
     return int(step)
 
+  def _saved_tree(self, step: int) -> dict[str, Any]:
+    """The saved state's leaves by path, from the step's metadata (DamagedCheckpointError when
+    it cannot be read: a checkpoint without metadata is damaged, not another model's)."""
+    try:
+      metadata = self._manager.item_metadata(step)['state']
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(step, f'its metadata cannot be read ({one_line(e)})') from e
+    saved = tree_compat.flat_by_path(getattr(metadata, 'tree', metadata)) if metadata is not None else {}
+    if not saved:
+      raise DamagedCheckpointError(step, 'the state metadata is missing or empty')
+    return saved
+
   def _check_matches(self, abstract_state: Any, step: int) -> None:
-    metadata = self._manager.item_metadata(step)['state']
-    saved = _flat_by_path(getattr(metadata, 'tree', metadata))
-    expected = _flat_by_path(abstract_state)
-    fix = ('The checkpoint was written by a different model/optimizer config. Restore with the '
-           'config it was trained with (saved in the checkpoint) or use another --workdir.')
-    where = f'Checkpoint {self.directory} step {step}'
-    layout_fix = _block_layout_fix(saved, expected)
-    if layout_fix:
-      raise CheckpointMismatchError(f'{where}: {layout_fix}')
-    for path, want in expected.items():
-      if path not in saved:
-        raise CheckpointMismatchError(f'{where} has no parameter {path!r} that the model '
-                                      f'expects ({_describe(want)}). {fix}')
-      have = saved[path]
-      if _shape_dtype(have) != _shape_dtype(want):
-        raise CheckpointMismatchError(
-            f'{where}: parameter {path!r} was saved as {_describe(have)} but the model '
-            f'expects {_describe(want)}. {fix}')
-    extra = [path for path in saved if path not in expected]
-    if extra:
-      raise CheckpointMismatchError(f'{where} holds parameter {extra[0]!r} '
-                                    f'({_describe(saved[extra[0]])}) that the model does not '
-                                    f'have ({len(extra)} such). {fix}')
+    tree_compat.check_matches(self._saved_tree(step), abstract_state,
+                              f'Checkpoint {self.directory} step {step}')
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Restores (state, data_state) of `step` (default: latest) into `abstract_state`'s layout.
+    """Restores (state, data_state) of `step` (default: latest) into `abstract_state`'s layout
+    and verifies the arrays' checksums (when the step has them).
 
     Args:
       abstract_state: pytree like the saved state with `jax.ShapeDtypeStruct` leaves (or
@@ -281,40 +367,138 @@ class Checkpointer:
     Raises:
       FileNotFoundError: no such checkpoint.
       CheckpointMismatchError: tree, shape or dtype differs; names the first parameter path.
+      DamagedCheckpointError: files missing, unreadable or changed since the save.
     """
     step = self._resolve_step(step)
     self._check_matches(abstract_state, step)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_with_sharding(abstract_state)),
-        data=ocp.args.JsonRestore()))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_with_sharding(abstract_state)),
+          data=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(step, f'it cannot be read ({one_line(e)})') from e
+    saved_sums = self._restore_item(step, 'checksums')
+    if saved_sums is None:
+      logging.info('Checkpoint step %d has no checksums (written before they were saved); '
+                   'restored unverified.', step)
+    else:
+      bad = checksums_lib.mismatches(saved_sums, restored['state'])
+      if bad:
+        raise DamagedCheckpointError(
+            step, f'the checksums of {len(bad)} array(s) differ from the saved ones, first '
+            f'{bad[0]!r} (its files changed on disk after the save)')
+    if restored['data'] is None:
+      raise DamagedCheckpointError(step, 'the data-iterator state is missing')
     return restored['state'], dict(restored['data'])
 
+  def _restore_item(self, step: int, name: str) -> Any:
+    """A JSON item of `step`; None when the step has none (saved without it)."""
+    item_dir = epath.Path(self.directory) / str(step) / name
+    if not item_dir.exists():
+      return None
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          **{name: ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(step, f'its {name} cannot be read ({one_line(e)})') from e
+    return restored[name]
+
   def restore_config(self, step: int | None = None) -> dict | None:
-    """The config saved with `step` (default: latest); None if there is none."""
+    """The config saved with `step` (default: latest); None if there is none.
+
+    Raises:
+      DamagedCheckpointError: the step has a config that cannot be read.
+    """
     try:
       step = self._resolve_step(step)
     except FileNotFoundError:
       return None
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore()))
-    except (KeyError, FileNotFoundError):  # Saved without a config.
-      return None
-    config = restored['config']
+    config = self._restore_item(step, 'config')
     return None if config is None else dict(config)
+
+  def restore_newest(self, abstract_state: Any, *, move_damaged: bool,
+                     check_config: Callable[[int, dict | None], None] | None = None
+                     ) -> tuple[int, Any, dict] | None:
+    """(step, state, data_state) of the newest step that restores; None without any step.
+
+    A damaged step is reported (step and reason) and skipped; with `move_damaged` it is moved
+    to `<directory>_damaged/<step>` (kept, never deleted) so that training can save that step
+    again. `check_config(step, saved config)` runs before each restore and may raise (a
+    checkpoint of another task or objective is an error, not damage).
+
+    Raises:
+      CheckpointMismatchError, and what `check_config` raises, for an intact step.
+      CheckpointNotFoundError: every step is damaged (they were moved aside when asked).
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    for step in steps:
+      try:
+        if check_config is not None:
+          check_config(step, self.restore_config(step))
+        state, data_state = self.restore(abstract_state, step)
+        failure = None
+      except DamagedCheckpointError as e:
+        failure = e
+      failure = _any_process_failed(failure, step)
+      if failure is None:
+        return step, state, data_state
+      logging.error('Checkpoint %s in %s; skipping it%s.', str(failure)[len('checkpoint '):],
+                    self.directory, ', trying the step before' if step != steps[-1] else '')
+      if move_damaged:
+        self.move_aside(step)
+    where = f'{self.directory}_damaged' if move_damaged else self.directory
+    raise errors.CheckpointNotFoundError(
+        f'None of the {len(steps)} checkpoint(s) in {self.directory} can be restored (damaged; '
+        f'kept in {where}, see the log for each reason). Start again in a new --workdir, or '
+        'restore the checkpoints from a backup.')
+
+  def move_aside(self, step: int) -> str:
+    """Moves step `step` to `<directory>_damaged/<step>[.k]`; returns the new path."""
+    target_dir = epath.Path(f'{self.directory}_damaged')
+    target = target_dir / str(step)
+    if jax.process_index() == 0:
+      target_dir.mkdir(parents=True, exist_ok=True)
+      k = 0
+      while target.exists():
+        k += 1
+        target = target_dir / f'{step}.{k}'
+      (epath.Path(self.directory) / str(step)).rename(target)
+      logging.error('Moved the damaged checkpoint step %d to %s (kept for inspection; delete '
+                    'it when you no longer need it).', step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'guidedflow_move_aside_{step}')
+    self._manager.reload()
+    return os.fspath(target)
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves, releases the manager and restores the previous SIGTERM handler."""
-    self._manager.wait_until_finished()
-    self._manager.close()
-    if threading.current_thread() is threading.main_thread():
-      self._restore_sigterm_handler()
+    """Waits for pending saves, releases the manager and restores the previous signal
+    handlers."""
+    try:
+      self._manager.wait_until_finished()
+      self._manager.close()
+    finally:
+      if threading.current_thread() is threading.main_thread():
+        self._signals.uninstall()
 
   def __enter__(self) -> 'Checkpointer':
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _any_process_failed(failure: DamagedCheckpointError | None,
+                        step: int) -> DamagedCheckpointError | None:
+  """`failure`, or one naming another process, when any process failed to restore `step`
+  (all processes must skip the same steps)."""
+  if jax.process_count() == 1:
+    return failure
+  flags = multihost_utils.process_allgather(np.int32(failure is not None))
+  if failure is None and np.any(flags):
+    failure = DamagedCheckpointError(step, 'another process could not read it')
+  return failure

@@ -175,15 +175,41 @@ class Dataset(abc.ABC):
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  """Raises DataError unless every label is in [0, num_classes), with the fix the labels
+  suggest: 1-based ids (subtract 1), a dense 0..M (num_classes=M+1), or a few odd values
+  such as an 'unlabeled' marker -1 or 255 (drop or remap them; raising num_classes to 256
+  would train 246 empty classes)."""
   if labels.size == 0:
     return
   low, high = int(labels.min()), int(labels.max())
-  if low < 0 or high >= num_classes:
+  if low >= 0 and high < num_classes:
+    return
+  allowed = f'--config.input.num_classes={num_classes} allows only [0, {num_classes - 1}]'
+  values, counts = np.unique(labels, return_counts=True)
+  if low == 1 and (high == num_classes or len(values) == high):  # 1..K, or every id of 1..high
+    resize = (f' and set --config.input.num_classes={high}' if high != num_classes else '')
     raise DataError(
-        f'{where} has labels in [{low}, {high}] but --config.input.num_classes={num_classes} '
-        f'allows only [0, {num_classes - 1}]. Set --config.input.num_classes={high + 1} '
-        '(labels must be 0..K-1; index K is the null label of classifier-free guidance) or '
-        'check --config.input.label_key.')
+        f'{where} has labels 1..{high}: they look 1-based, but {allowed} (index {num_classes} '
+        f'is the null label of classifier-free guidance). Subtract 1 from every label when '
+        f'preparing the data{resize}, or check --config.input.label_key.')
+  if low == 0 and len(values) == high + 1:  # every id of 0..high occurs: real classes
+    raise DataError(
+        f'{where} has labels 0..{high}, every one of them used, but {allowed}. Set '
+        f'--config.input.num_classes={high + 1} (labels must be 0..K-1; index K is the null '
+        'label of classifier-free guidance) or check --config.input.label_key.')
+  outside = (values < 0) | (values >= num_classes)
+  shown = ', '.join(f'{v} ({c} example{"s" if c > 1 else ""})'
+                    for v, c in zip(values[outside][:5], counts[outside][:5]))
+  more = f', and {int(outside.sum()) - 5} more' if outside.sum() > 5 else ''
+  num_outside = int(counts[outside].sum())
+  # Several values on many examples may be classes; one value (a marker) or a few never are.
+  classes = (f'; if they are classes, set --config.input.num_classes={high + 1}'
+             if low >= 0 and outside.sum() > 1 and num_outside > labels.size // 10 else '')
+  raise DataError(
+      f'{where}: {num_outside} of {labels.size} examples have labels outside '
+      f'[0, {num_classes - 1}]: {shown}{more}; {allowed}. Drop or remap those examples (e.g. '
+      'an "unlabeled" marker such as -1 or 255) when preparing the data, or check '
+      f'--config.input.label_key{classes}.')
 
 
 def _as_nhwc(images: np.ndarray, where: str) -> np.ndarray:

@@ -10,10 +10,14 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from guidedflow import checkpointing
+from guidedflow import cli
 from guidedflow import errors
 from guidedflow import sharding
 from guidedflow import tasks
 from guidedflow import train
+from guidedflow import validation
+from guidedflow import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -41,7 +45,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  config = FLAGS.config
+  config = cli.get_config()
   try:
     # Before anything touches a backend: every process must join first.
     mesh = config.get('mesh') or {}
@@ -54,19 +58,36 @@ def main(argv):
   logging.info('JAX %s, process %d/%d, %d devices (%d local): %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.local_device_count(), jax.local_devices())
+  created = False
   try:
+    if FLAGS.mode == 'train':
+      validation.validate_config(config)  # before the workdir is touched
+    created = workdir_lib.prepare(FLAGS.workdir, FLAGS.mode)
     if FLAGS.mode == 'train':
       _, result = train.train_and_evaluate(config, FLAGS.workdir)
       print(json.dumps(result))
+      if result.get('stop_signal'):
+        sys.exit(result['exit_status'])
     else:
       task = tasks.get_task(config, FLAGS.workdir)
       result = getattr(task, FLAGS.mode)(FLAGS.workdir)
       print(json.dumps(result, indent=2 if FLAGS.mode == 'evaluate' else None))
-  except errors.UserError as e:  # the message says what is wrong and how to fix it
-    logging.error('%s: %s', type(e).__name__, e)
-    print(f'error: {e}', file=sys.stderr)
+  except (errors.UserError, OSError) as e:  # the message says what is wrong and how to fix it
+    if not isinstance(e, errors.UserError) and not e.errno:
+      raise  # not a file-system error with a cause we can name: keep the traceback
+    if created and not isinstance(e, (errors.TrainingError, checkpointing.DiskFullError)):
+      workdir_lib.cleanup_if_unused(FLAGS.workdir)  # failed before training: leave nothing
+    message = str(e) if isinstance(e, errors.UserError) else workdir_lib.describe_os_error(e)
+    logging.error('%s: %s', type(e).__name__, message)
+    print(f'error: {message}', file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and exits 130)
+    if created:
+      workdir_lib.cleanup_if_unused(FLAGS.workdir)
+    print(f'error: interrupted (Ctrl-C) during --mode={FLAGS.mode}; every checkpoint saved '
+          'before is kept.', file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -20,6 +20,7 @@ import numpy as np
 
 from guidedflow import errors
 from guidedflow import input_pipeline
+from guidedflow import resume_config
 from guidedflow import sharding
 from guidedflow import tasks as tasks_lib
 from guidedflow import train_state
@@ -150,10 +151,13 @@ def heldout_metrics(eval_step, params, dataset, *, batch_size, num_batches, batc
 def _check_finite(state, ckpt, workdir):
   bad = int(state['nonfinite_step'])
   if bad >= 0:
+    last = ckpt.latest_step()
+    kept = (f'The last good checkpoint (step {last}) is kept in {workdir}/checkpoints.'
+            if last is not None else 'No checkpoint was saved before it.')
     raise errors.TrainingError(
-        f'Non-finite loss or gradient at step {bad + 1} (update {bad}); training stopped. The '
-        f'last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}/checkpoints. '
-        'Lower config.optim.learning_rate, enable config.optim.grad_clip_norm, or check the data.')
+        f'Non-finite loss or gradient at step {bad + 1} (update {bad}); training stopped. '
+        f'{kept} Lower config.optim.learning_rate, enable config.optim.grad_clip_norm, or check '
+        'the data.')
 
 
 def _log_metrics(step, num_steps, pending, chrono, writer, batch_size, extra_keys):
@@ -185,12 +189,15 @@ def train_and_evaluate(config, workdir):
   # Workdir files go through etils.epath: a local path or gs://BUCKET/... (Cloud TPU).
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   dataset = task.train_dataset()
+  task.check_inputs()  # every other split the run reads: fail now, not after training
   builder = train_state.StateBuilder(task.model_constructor(dataset.image_shape), config,
                                      train_state.make_mesh(config))
   num_steps, batch_size = config.train.num_steps, config.train.batch_size
   with contextlib.ExitStack() as stack:  # closes everything, also when training fails
     ckpt = stack.enter_context(train_state.open_checkpointer(config, workdir))
-    state, data_state = train_state.restore_or_init(builder, ckpt)
+    state, data_state = train_state.restore_or_init(
+        builder, ckpt, check_config=lambda config, saved, step: resume_config.check(
+            config, saved, step, ckpt.directory))
     if jax.process_index() == 0:
       (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
     start_step = int(state['step'])
@@ -229,9 +236,13 @@ def train_and_evaluate(config, workdir):
       with chrono.paused():
         writer.scalars(step, task.periodic(run, state, step))
       if ckpt.should_stop(step):
-        logging.warning('Preemption signal received: saving step %d and exiting.', step)
+        logging.warning('Stop requested (%s): saving step %d and exiting.',
+                        ckpt.stop_signal or 'preemption', step)
         save(step)
-        return state, {'task': task.name, 'step': step, 'preempted': True}
+        ckpt.wait_until_finished()
+        logging.warning('Saved step %d; rerun the same command to resume from it.', step)
+        return state, {'task': task.name, 'step': step, 'preempted': True,
+                       'stop_signal': ckpt.stop_signal, 'exit_status': ckpt.exit_status}
       if itstime(step, config.checkpoint.every_steps, num_steps, last=False):
         with chrono.paused():
           save(step)

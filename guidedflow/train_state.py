@@ -215,30 +215,43 @@ def open_checkpointer(config, workdir, *, handle_sigterm=True):
       save_interval_steps=config.checkpoint.every_steps, handle_sigterm=handle_sigterm)
 
 
-def restore_or_init(builder, ckpt):
-  """(state, data-iterator state) of the newest checkpoint, restored straight into the
+def restore_or_init(builder, ckpt, *, move_damaged=True, check_config=None):
+  """(state, data-iterator state) of the newest checkpoint that restores, straight into the
   builder's shardings (whatever mesh wrote it); a fresh state and None without one.
 
+  Damaged steps are skipped with the reason logged, and moved aside with `move_damaged`
+  (training); `check_config(config, saved config, step)` may refuse a step's saved config.
+
   Raises:
+    ConfigError: the checkpoint is of another task (or `check_config` refused it).
     CheckpointMismatchError: the checkpoint holds another model; names the parameter.
+    CheckpointNotFoundError: every checkpoint is damaged.
   """
-  step = ckpt.latest_step()
-  if step is None:
-    return builder.init_state(), None
-  saved_task = (ckpt.restore_config(step) or {}).get('task', 'generate')
   task = builder.config.get('task', 'generate')
-  if saved_task != task:
-    raise errors.ConfigError(
-        f'{ckpt.directory} holds a checkpoint of config.task={saved_task!r}, but this config '
-        f'is for config.task={task!r}: use the config it was trained with, or another --workdir.')
-  state, data_state = ckpt.restore(builder.abstract_state(), step=step)
+
+  def check(step, saved):
+    saved_task = (saved or {}).get('task', 'generate')
+    if saved_task != task:
+      raise errors.ConfigError(
+          f'{ckpt.directory} holds a checkpoint of config.task={saved_task!r}, but this config '
+          f'is for config.task={task!r}: use the config it was trained with, or another '
+          '--workdir.')
+    if check_config is not None:
+      check_config(builder.config, saved, step)
+
+  found = ckpt.restore_newest(builder.abstract_state(), move_damaged=move_damaged,
+                              check_config=check)
+  if found is None:
+    return builder.init_state(), None
+  step, state, data_state = found
   builder.init_rest()
   logging.info('Restored checkpoint at step %d from %s.', step, ckpt.directory)
   return state, data_state
 
 
 def load_latest(builder, config, workdir):
-  """The newest train state in `workdir`, for inference (sampling, evaluation).
+  """The newest train state in `workdir` that restores, for inference (sampling, evaluation);
+  damaged steps are skipped (reported, not moved: inference never changes a run's files).
 
   Raises:
     CheckpointNotFoundError: the workdir holds no checkpoint.
@@ -248,4 +261,4 @@ def load_latest(builder, config, workdir):
       raise errors.CheckpointNotFoundError(
           f'No checkpoint in {workdir}/checkpoints. Train first: python -m guidedflow.main '
           f'--config <config> --workdir {workdir}')
-    return restore_or_init(builder, ckpt)[0]
+    return restore_or_init(builder, ckpt, move_damaged=False)[0]

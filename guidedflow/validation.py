@@ -58,7 +58,8 @@ _DEFAULTS = {'model.unet_norm': 'group', 'model.attention_impl': 'einsum',
              'autoencoder.flip': False, 'autoencoder.batch_size': 256,
              'autoencoder.workers': 0, 'sampling.npz_keys': 'guidedflow',
              'sampling.guidance': 'cfg', 'sampling.classifier_scale': 0.0,
-             'sampling.classifier_workdir': None, 'eval.classifier_scales': None}
+             'sampling.classifier_workdir': None, 'eval.classifier_scales': None,
+             'train.allow_config_change': False}
 
 
 def get(config, dotted):
@@ -89,7 +90,7 @@ def validate_config(config):
   """Checks `config` for its task (`config.task`); raises ConfigError naming key and fix."""
   _choices(config, _COMMON_CHOICES)
   _positive(config, _COMMON_POSITIVE)
-  _check_optim(config.optim)
+  _check_optim(config)
   _check_mesh(config)
   batch, processes = config.train.batch_size, jax.process_count()
   if batch % processes:
@@ -103,9 +104,21 @@ def validate_config(config):
   checks[task](config)
 
 
-def _check_optim(optim):
-  if not optim.learning_rate > 0:
-    raise errors.ConfigError(f'config.optim.learning_rate={optim.learning_rate} must be > 0.')
+def _check_number(config, key, *, above=None, at_least=None, example=''):
+  """config.<key> must be a finite number > `above` (or >= `at_least`): a bare comparison
+  refuses nan but lets inf through, which then fails only once training runs."""
+  value = get(config, key)
+  bound = f'> {above}' if above is not None else f'>= {at_least}'
+  if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+      or (above is not None and not value > above)
+      or (at_least is not None and not value >= at_least)):
+    raise errors.ConfigError(f'config.{key}={value!r} must be a finite number {bound}'
+                             + (f', e.g. --config.{key}={example}.' if example else '.'))
+
+
+def _check_optim(config):
+  optim = config.optim
+  _check_number(config, 'optim.learning_rate', above=0, example='3e-4')
   if not 0.0 <= optim.get('ema_decay', 0.0) < 1.0:
     raise errors.ConfigError(f'config.optim.ema_decay={optim.ema_decay} must be in [0, 1) '
                              '(0: no EMA).')
@@ -151,9 +164,8 @@ def _check_noisy_classifier(config):
   if not config.model.channels or any(int(c) < 1 for c in config.model.channels):
     raise errors.ConfigError(f'config.model.channels={config.model.channels!r} must be a '
                              'non-empty tuple of positive widths, e.g. (32, 64, 128).')
-  if config.loss.time_sampler == 'logit_normal' and not config.loss.logit_normal_std > 0:
-    raise errors.ConfigError(f'config.loss.logit_normal_std={config.loss.logit_normal_std} '
-                             'must be > 0.')
+  if config.loss.time_sampler == 'logit_normal':
+    _check_number(config, 'loss.logit_normal_std', above=0)
 
 
 def _check_autoencoder(config):
@@ -167,8 +179,7 @@ def _check_autoencoder(config):
     raise errors.ConfigError(f'config.model.channels={config.model.channels!r} must be a '
                              'non-empty tuple of positive widths, e.g. (32, 64, 64).')
   for key in ('loss.kl_weight', 'loss.feature_weight'):
-    if not get(config, key) >= 0:
-      raise errors.ConfigError(f'config.{key}={get(config, key)!r} must be >= 0.')
+    _check_number(config, key, at_least=0)
 
 
 def _check_generator(config):

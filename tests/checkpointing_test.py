@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from guidedflow import checkpointing
+from guidedflow import tree_compat
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,11 +153,11 @@ def test_block_layout_hint_only_for_a_pure_layout_difference():
   numbered = {'params/blocks/0/fc1/kernel': 0, 'params/blocks/1/fc1/kernel': 0,
               'params/patch/kernel': 0}
   stacked = {'params/blocks/fc1/kernel': 0, 'params/patch/kernel': 0}
-  assert 'scan_blocks=false' in checkpointing._block_layout_fix(numbered, stacked)
-  assert 'scan_blocks=true' in checkpointing._block_layout_fix(stacked, numbered)
-  assert checkpointing._block_layout_fix(numbered, numbered) is None
+  assert 'scan_blocks=false' in tree_compat._block_layout_fix(numbered, stacked)
+  assert 'scan_blocks=true' in tree_compat._block_layout_fix(stacked, numbered)
+  assert tree_compat._block_layout_fix(numbered, numbered) is None
   other = {'params/blocks/fc2/kernel': 0, 'params/patch/kernel': 0}  # a different model
-  assert checkpointing._block_layout_fix(numbered, other) is None
+  assert tree_compat._block_layout_fix(numbered, other) is None
 
 
 def test_restore_missing_step_and_config(tmp_path):

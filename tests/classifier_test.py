@@ -159,6 +159,11 @@ def test_non_finite_loss_stops_keeping_the_last_good_checkpoint(tmp_path, monkey
 def test_mismatched_checkpoint_is_refused_naming_the_parameter(trained):
   config = _tiny_config()
   config.model.feature_dim = 48
+  # The changed key is named first (it changes what the weights mean) ...
+  with pytest.raises(errors.ConfigError, match='config.model.feature_dim=32, this config has 48'):
+    train.train_and_evaluate(config, trained[0])
+  # ... and allowing the change cannot make other shapes fit: the parameter is named.
+  config.train.allow_config_change = True
   with pytest.raises(checkpointing.CheckpointMismatchError, match='feature_layer'):
     train.train_and_evaluate(config, trained[0])
 

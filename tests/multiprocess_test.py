@@ -98,7 +98,7 @@ def test_sigterm_to_one_process_saves_the_same_step_and_resumes(tmp_path):
   pid = int(open(log_dir / 'process_1.pid').read())
   os.kill(pid, signal.SIGTERM)  # one process only, as a preempted host would get
   logs = _finish(launcher, log_dir)
-  stops = [re.findall(r'Preemption: stopping at step (\d+)', log) for log in logs]
+  stops = [re.findall(r'Stop requested .*: stopping at step (\d+)', log) for log in logs]
   assert stops[0] and stops[0] == stops[1], stops
   step = int(stops[0][0])
   state, _, steps = _restore(workdir)

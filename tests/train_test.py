@@ -267,7 +267,7 @@ def test_exact_resume_after_sigterm(tmp_path):
       break
   _, rest = proc.communicate(timeout=300)
   assert proc.returncode == 0, ''.join(lines) + rest
-  assert 'Preemption' in rest, rest[-2000:]
+  assert 'Stop requested (SIGTERM)' in rest, rest[-2000:]
   stopped, data_state = _restore(tmp_path / 'split')
   stopped_at = int(stopped['step'])
   assert 5 <= stopped_at < num_steps and data_state['step'] == stopped_at

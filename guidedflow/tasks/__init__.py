@@ -16,6 +16,7 @@ from flax import nnx
 from ml_collections import config_dict
 import numpy as np
 
+from guidedflow import checkpointing
 from guidedflow import errors
 from guidedflow import input_pipeline
 from guidedflow import train_state
@@ -26,6 +27,8 @@ class Task:
 
   Hooks the loop calls (all optional but `model_constructor` and `loss`):
     train_dataset(), eval_dataset(): the data.
+    check_inputs(): at start-up, before compiling: opens every other input the run will read
+      (the train split is open already), so a missing one fails now, not after training.
     model_constructor(image_shape): zero-argument function building the nnx model.
     loss(model, batch, key): (scalar loss, dict of scalar metrics), inside the jitted step.
     eval_metrics(model, batch, key): dict of means over the batch's real rows (batch['mask']).
@@ -57,6 +60,11 @@ class Task:
     return input_pipeline.take(
         input_pipeline.create_dataset(self.config.input, self.config.input.eval_split),
         self.config.eval.get('num_examples', 0))
+
+  def check_inputs(self):
+    """Opens the eval split, which the held-out metrics of `periodic` and `final` read: a
+    missing or malformed split raises DataError before the first step, not after the last."""
+    check_eval_split(self.eval_dataset, self.config)
 
   def model_constructor(self, image_shape):
     raise NotImplementedError
@@ -100,6 +108,17 @@ def checked_constructor(construct):
   return construct
 
 
+def check_eval_split(open_split, config):
+  """Calls `open_split()`; its DataError is raised again saying which split it is and why the
+  run needs it at all."""
+  try:
+    open_split()
+  except input_pipeline.DataError as e:
+    raise input_pipeline.DataError(
+        f'the eval split {config.input.eval_split!r} (config.input.eval_split; the held-out '
+        f'metrics read it during and after training) cannot be opened: {e}') from None
+
+
 def get_task(config, workdir=None):
   """The task named by `config.task` ('generate' when the config has no such key), for the
   run in `workdir`."""
@@ -136,24 +155,34 @@ def load_trained(workdir, task_name, train_command):
   result = json.loads(result_path.read_text()) if result_path.exists() else {}
   checkpoints = config_dict.ConfigDict({'checkpoint': {'every_steps': 0, 'max_to_keep': 1}})
   with train_state.open_checkpointer(checkpoints, workdir, handle_sigterm=False) as ckpt:
-    step = ckpt.latest_step()
-    saved = ckpt.restore_config(step) if step is not None else None
-    other = (saved or {}).get('task', 'generate')
-    if saved is not None and other != task_name:
+    try:
+      return _restore_finished(ckpt, workdir, task_name, train_command, result)
+    except checkpointing.DamagedCheckpointError as e:
       raise errors.CheckpointNotFoundError(
-          f'{workdir} holds a run of config.task={other!r}, not {task_name!r}: give the '
-          f'--workdir of a {task_name!r} run.')
-    if saved is None or result.get('task') != task_name or step != result.get('step'):
-      raise errors.CheckpointNotFoundError(
-          f'no finished {task_name} run in {workdir} (newest checkpoint: step {step}; '
-          f'result.json: {result.get("task")} at step {result.get("step")}); train or resume it '
-          f'with: {train_command}')
-    config = config_dict.ConfigDict(saved)
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1),
-                             ('data', 'fsdp', 'tensor'))
-    construct = get_task(config).model_constructor(tuple(result['image_shape']))
-    builder = train_state.StateBuilder(construct, config, mesh)
-    state, _ = ckpt.restore(builder.abstract_state(), step=step)
+          f'the {task_name} run in {workdir} is unusable: {e}. Rerun its training, which sets '
+          f'the damaged step aside and redoes it from the one before: {train_command}') from e
+
+
+def _restore_finished(ckpt, workdir, task_name, train_command, result):
+  """`load_trained`'s restore of the finished run's newest step."""
+  step = ckpt.latest_step()
+  saved = ckpt.restore_config(step) if step is not None else None
+  other = (saved or {}).get('task', 'generate')
+  if saved is not None and other != task_name:
+    raise errors.CheckpointNotFoundError(
+        f'{workdir} holds a run of config.task={other!r}, not {task_name!r}: give the '
+        f'--workdir of a {task_name!r} run.')
+  if saved is None or result.get('task') != task_name or step != result.get('step'):
+    raise errors.CheckpointNotFoundError(
+        f'no finished {task_name} run in {workdir} (newest checkpoint: step {step}; '
+        f'result.json: {result.get("task")} at step {result.get("step")}); train or resume it '
+        f'with: {train_command}')
+  config = config_dict.ConfigDict(saved)
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1),
+                           ('data', 'fsdp', 'tensor'))
+  construct = get_task(config).model_constructor(tuple(result['image_shape']))
+  builder = train_state.StateBuilder(construct, config, mesh)
+  state, _ = ckpt.restore(builder.abstract_state(), step=step)
   # The weights the run reported on: its EMA when it kept one.
   return builder.merge(state.get('ema_params', state['params'])), result, config
 

@@ -61,6 +61,11 @@ class GeneratorTask(tasks.Task):
   def pixel_eval_dataset(self):
     return super().eval_dataset()
 
+  def check_inputs(self):
+    """Opens the pixel eval split (the held-out loss and sample metrics read it): a latent
+    run encodes it only when the held-out loss first needs it, not at start-up."""
+    tasks.check_eval_split(self.pixel_eval_dataset, self.config)
+
   def train_dataset(self):
     return self._latent_dataset(self.pixel_train_dataset(), 'train', flip=True)
 
@@ -185,24 +190,18 @@ class GeneratorTask(tasks.Task):
     sampler = sampler_lib.Sampler.from_workdir(self.config, workdir, self.latent_space())
     sconfig = self.config.sampling
     num, num_classes = sconfig.num_samples, sampler.num_classes
-    labels = (np.arange(num) % num_classes).astype(np.int32)  # balanced classes
+    labels, note = balanced_labels(num, num_classes)
+    if note and not sampler.unconditional:
+      logging.warning('%s', note)
     t0 = time.time()
     images, nfe, _ = sampler.sample_images(jax.random.PRNGKey(sconfig.seed), labels,
                                            sconfig.guidance_scale)
     seconds = time.time() - t0
     out_dir = os.path.join(workdir, 'samples')
     if jax.process_index() == 0:
-      epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
       keys = (('arr_0', 'arr_1') if validation.get(self.config, 'sampling.npz_keys') == 'adm'
               else ('images', 'labels'))  # ADM's evaluator reads arr_0
-      with (epath.Path(out_dir) / 'samples.npz').open('wb') as f:
-        np.savez(f, **dict(zip(keys, (images, labels))))
-      per_class = min(num // num_classes, 10)
-      if per_class:  # one row per class
-        grid = images_lib.make_grid(
-            evaluate_lib.first_per_class(images, labels, num_classes, per_class),
-            rows=num_classes, cols=per_class)
-        images_lib.save_png(os.path.join(out_dir, 'grid.png'), grid, upscale=2)
+      write_samples(out_dir, images, labels, num_classes, keys)
     result = {
         'num_samples': num, 'nfe': nfe, 'seconds': round(seconds, 2),
         'images_per_s': round(num / max(seconds, 1e-9), 2),
@@ -210,6 +209,7 @@ class GeneratorTask(tasks.Task):
         'guidance_scale': sconfig.guidance_scale, 'sigma_schedule': sconfig.sigma_schedule,
         'sigma': sconfig.sigma, 'seed': sconfig.seed, 'step': sampler.step,
         'output': os.path.join(out_dir, 'samples.npz'),
+        'grid': os.path.join(out_dir, 'grid.png'),
     }
     if sampler.guidance != 'cfg':
       result.update(classifier_scale=validation.get(self.config, 'sampling.classifier_scale'),
@@ -239,3 +239,38 @@ class GeneratorTask(tasks.Task):
                                      feature_networks.load(self.config),
                                      self.pixel_eval_dataset(), self.pixel_train_dataset()))
     return result
+
+
+def balanced_labels(num_samples, num_classes):
+  """(int32 labels cycling over 0..num_classes-1, so that per-class counts differ by at most
+  one; a warning saying which classes get fewer, or None when every class gets as many)."""
+  labels = (np.arange(num_samples) % num_classes).astype(np.int32)
+  count, extra = divmod(num_samples, num_classes)
+  fix = f'set --config.sampling.num_samples to a multiple of {num_classes} for equal counts.'
+  if not count:
+    return labels, (f'sampling.num_samples={num_samples} < {num_classes} classes: only classes '
+                    f'0-{num_samples - 1} are drawn (1 sample each), classes {num_samples}-'
+                    f'{num_classes - 1} get none; {fix}')
+  if extra:
+    return labels, (f'sampling.num_samples={num_samples} is not a multiple of {num_classes} '
+                    f'classes: classes 0-{extra - 1} get {count + 1} samples, classes '
+                    f'{extra}-{num_classes - 1} get {count}; {fix}')
+  return labels, None
+
+
+def write_samples(out_dir, images, labels, num_classes, keys):
+  """<out_dir>/samples.npz (`keys` name the images and labels) and grid.png: one row per class
+  drawn, up to 10 samples each. The previous grid.png goes first, so a grid never shows
+  samples of another run than the samples.npz beside it."""
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'grid.png').unlink(missing_ok=True)
+  with (out / 'samples.npz').open('wb') as f:
+    np.savez(f, **dict(zip(keys, (images, labels))))
+  rows = min(len(labels), num_classes)  # balanced labels: classes 0..rows-1 are drawn
+  per_class = min(max(len(labels) // num_classes, 1), 10)
+  grid = images_lib.make_grid(evaluate_lib.first_per_class(images, labels, rows, per_class),
+                              rows=rows, cols=per_class)
+  images_lib.save_png(os.fspath(out / 'grid.png'), grid, upscale=2)
+  logging.info('Wrote %s and grid.png (%d classes, %d per class).', out / 'samples.npz', rows,
+               per_class)

@@ -1,0 +1,173 @@
+"""Mistakes a user makes on the command line end in one `error:` line and exit status 1.
+
+Each case runs `python -m guidedflow.main` in a subprocess and checks its exit status, that
+stderr has exactly one line starting `error:` that names the cause, and no traceback. Config
+and data mistakes fail before anything compiles; the sampling case trains configs/tiny.py once.
+"""
+
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from guidedflow import input_pipeline
+from tests import subprocess_env
+
+REPO = subprocess_env.REPO
+_FASHION_MNIST = input_pipeline.FASHION_MNIST_DIR
+
+
+def _main(*args, workdir):
+  return subprocess.run(
+      [sys.executable, '-m', 'guidedflow.main', '--workdir', str(workdir), *args], cwd=REPO,
+      env=subprocess_env.env(), capture_output=True, text=True, timeout=300)
+
+
+def _one_error(proc, *fragments):
+  """The one `error:` line of `proc`, which failed without a traceback; it holds `fragments`."""
+  assert proc.returncode != 0, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+  return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config mistakes (issue 17, part 5): they fail while the flags are parsed.
+
+
+@pytest.mark.parametrize('override, fragments', [
+    ('--config.train.nonsense=1',
+     ("--config.train.nonsense=1: config.train has no key 'nonsense'", 'its keys: ',
+      'num_steps')),
+    ('--config.train.num_step=1', ("did you mean 'num_steps'?",)),
+    ('--config.trian.num_steps=1', ("config has no key 'trian'", "did you mean 'train'?")),
+], ids=['unknown', 'misspelled', 'misspelled_group'])
+def test_unknown_config_key(tmp_path, override, fragments):
+  proc = _main('--config', 'configs/tiny.py', override, workdir=tmp_path / 'run')
+  _one_error(proc, *fragments)
+  assert proc.returncode == 1
+  assert not (tmp_path / 'run').exists()
+
+
+def test_missing_config_file(tmp_path):
+  proc = _main('--config', 'configs/tini.py', workdir=tmp_path / 'run')
+  _one_error(proc, 'configs/tini.py does not exist', 'did you mean configs/tiny.py?',
+             'run from the repository root')
+
+
+def test_config_file_with_syntax_error(tmp_path):
+  path = tmp_path / 'broken.py'
+  path.write_text('from configs import tiny\n\n\ndef get_config(:\n  return tiny.get_config()\n')
+  proc = _main('--config', str(path), workdir=tmp_path / 'run')
+  _one_error(proc, f'SyntaxError at {path}:4', 'fix the config file')
+
+
+def test_config_file_whose_get_config_raises(tmp_path):
+  path = tmp_path / 'raises.py'
+  path.write_text('from configs import tiny\n\n\ndef get_config(variant):\n'
+                  '  if variant != "small":\n'
+                  '    raise ValueError(f"unknown variant {variant!r}")\n'
+                  '  return tiny.get_config()\n')
+  proc = _main('--config', f'{path}:huge', workdir=tmp_path / 'run')
+  _one_error(proc, "get_config('huge') raised ValueError", f'{path}:6',
+             "unknown variant 'huge'", 'or its argument')
+
+
+@pytest.mark.parametrize('value', ['inf', 'nan'])
+def test_non_finite_learning_rate(tmp_path, value):
+  proc = _main('--config', 'configs/tiny.py', f'--config.optim.learning_rate={value}',
+               workdir=tmp_path / 'run')
+  _one_error(proc, f'config.optim.learning_rate={value} must be a finite number > 0')
+  assert 'First step' not in proc.stderr  # refused before compiling
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels outside [0, num_classes) (part 5): the fix the labels suggest.
+
+
+def _write_idx(directory, prefix, labels):
+  images = np.zeros((len(labels), 28, 28), np.uint8)
+  for kind, magic, array in (('images-idx3', 2051, images), ('labels-idx1', 2049,
+                                                              np.asarray(labels, np.uint8))):
+    header = magic.to_bytes(4, 'big') + b''.join(d.to_bytes(4, 'big') for d in array.shape)
+    with open(os.path.join(directory, f'{prefix}-{kind}-ubyte.gz'), 'wb') as f:
+      f.write(gzip.compress(header + array.tobytes()))
+
+
+@pytest.mark.parametrize('labels, num_classes, fragments', [
+    (np.where(np.arange(16) < 3, 255, np.arange(16) % 10), 10,
+     ('3 of 16 examples have labels outside [0, 9]: 255 (3 examples)', 'Drop or remap')),
+    (np.arange(16) % 10 + 1, 10, ('labels 1..10: they look 1-based', 'Subtract 1')),
+    (np.arange(16) % 12, 10, ('labels 0..11', '--config.input.num_classes=12')),
+], ids=['unlabeled_255', 'one_based', 'dense_0_to_11'])
+def test_labels_out_of_range(tmp_path, labels, num_classes, fragments):
+  _write_idx(tmp_path, 'train', labels)
+  _write_idx(tmp_path, 't10k', np.arange(16) % 10)
+  proc = _main('--config', 'configs/tiny.py', f'--config.input.data_dir={tmp_path}',
+               f'--config.input.num_classes={num_classes}', workdir=tmp_path / 'run')
+  line = _one_error(proc, *fragments)
+  assert 'num_classes=256' not in line
+
+
+def test_negative_labels_are_counted():
+  with pytest.raises(input_pipeline.DataError, match=r'2 of 4 examples .*: -1 \(2 examples\)'):
+    input_pipeline.ArrayDataset(np.zeros((4, 2, 2), np.uint8), [0, -1, 3, -1], num_classes=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Late discoveries (part 6): a split the run reads only at the end is checked at start-up.
+
+
+def test_missing_eval_split_fails_before_training(tmp_path):
+  data = tmp_path / 'train_only'
+  data.mkdir()
+  for name in os.listdir(_FASHION_MNIST):
+    if name.startswith('train-'):
+      os.symlink(os.path.join(_FASHION_MNIST, name), data / name)
+  workdir = tmp_path / 'run'
+  proc = _main('--config', 'configs/tiny.py', f'--config.input.data_dir={data}',
+               workdir=workdir)
+  _one_error(proc, "the eval split 'test'", 't10k-images-idx3-ubyte.gz', 'is missing from')
+  assert 'First step' not in proc.stderr
+  assert not (workdir / 'checkpoints').exists() or not os.listdir(workdir / 'checkpoints')
+
+
+# ---------------------------------------------------------------------------------------------
+# --mode=sample with num_samples not a multiple of the classes (part 8).
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('tiny') / 'run'
+  proc = _main('--config', 'configs/tiny.py', workdir=workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def _sample(workdir, num_samples):
+  proc = _main('--config', 'configs/tiny.py', '--mode=sample',
+               f'--config.sampling.num_samples={num_samples}', workdir=workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  samples = workdir / 'samples'
+  labels = np.load(samples / 'samples.npz')['labels']
+  grid = np.asarray(Image.open(samples / 'grid.png'))
+  assert os.path.getmtime(samples / 'grid.png') >= os.path.getmtime(samples / 'samples.npz')
+  return proc, labels, grid
+
+
+def test_sample_fewer_than_the_classes_logs_them_and_refreshes_the_grid(trained_workdir):
+  _, labels, grid = _sample(trained_workdir, 20)
+  np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.full(10, 2))
+  cell = 2 * (28 + 1)  # upscale 2, one pixel apart
+  assert grid.shape[:2] == (10 * cell + 2, 2 * cell + 2)
+  proc, labels, grid = _sample(trained_workdir, 7)
+  np.testing.assert_array_equal(labels, np.arange(7))  # 7 distinct classes, one each
+  assert 'only classes 0-6 are drawn' in proc.stderr
+  assert grid.shape[:2] == (7 * cell + 2, 1 * cell + 2)  # this run's grid: 7 rows, 1 column
