@@ -260,7 +260,8 @@ class Checkpointer:
       return False
     needed = self._check_free_space(step, state)
     items = {'state': ocp.args.StandardSave(state), 'data': ocp.args.JsonSave(dict(data_state)),
-             'checksums': ocp.args.JsonSave(checksums_lib.checksums(state))}
+             'checksums': ocp.args.JsonSave({'algorithm': checksums_lib.ALGORITHM,
+                                             'arrays': checksums_lib.checksums(state)})}
     if config is not None:
       config = config.to_dict() if hasattr(config, 'to_dict') else dict(config)  # ConfigDict.
       items['config'] = ocp.args.JsonSave(config)
@@ -377,12 +378,12 @@ class Checkpointer:
           data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
       raise DamagedCheckpointError(step, f'it cannot be read ({one_line(e)})') from e
-    saved_sums = self._restore_item(step, 'checksums')
-    if saved_sums is None:
-      logging.info('Checkpoint step %d has no checksums (written before they were saved); '
-                   'restored unverified.', step)
+    saved_sums = self._restore_item(step, 'checksums') or {}
+    if saved_sums.get('algorithm') != checksums_lib.ALGORITHM:
+      logging.info('Checkpoint step %d has no checksums of this version (%s); restored '
+                   'unverified.', step, saved_sums.get('algorithm', 'written before them'))
     else:
-      bad = checksums_lib.mismatches(saved_sums, restored['state'])
+      bad = checksums_lib.mismatches(saved_sums['arrays'], restored['state'])
       if bad:
         raise DamagedCheckpointError(
             step, f'the checksums of {len(bad)} array(s) differ from the saved ones, first '

@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Saved beside the checksums: a checkpoint whose checksums were computed otherwise is restored
+# unverified rather than blamed. Change it whenever the function below changes.
+ALGORITHM = 'sum-lowbias32-odd-weights/v1'
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 

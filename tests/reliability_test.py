@@ -179,6 +179,26 @@ def test_changed_arrays_are_caught_by_the_checksums(tmp_path):
   assert os.listdir(str(directory) + '_damaged') == ['4']
 
 
+def test_checksums_of_another_algorithm_are_not_blamed(tmp_path):
+  """A step whose checksums were computed by another algorithm version restores unverified;
+  the same step with this version's checksums of other arrays is damaged."""
+  directory = tmp_path / 'checkpoints'
+  with checkpointing.Checkpointer(directory, handle_sigterm=False) as ckpt:
+    ckpt.save(2, _tree(1.0), data_state={'step': 2}, force=True)
+  metadata = directory / '2' / 'checksums' / 'metadata'
+  saved = json.loads(metadata.read_text())
+  assert saved['algorithm'] == checksums.ALGORITHM
+  saved['arrays']['w'] = '00000000'
+  metadata.write_text(json.dumps(saved))
+  with checkpointing.Checkpointer(directory, handle_sigterm=False) as ckpt:
+    with pytest.raises(checkpointing.DamagedCheckpointError, match="first 'w'"):
+      ckpt.restore(_abstract(_tree(1.0)), 2)
+  metadata.write_text(json.dumps(dict(saved, algorithm='an-older-one/v0')))
+  with checkpointing.Checkpointer(directory, handle_sigterm=False) as ckpt:
+    state, _ = ckpt.restore(_abstract(_tree(1.0)), 2)
+  np.testing.assert_array_equal(state['w'], _tree(1.0)['w'])
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.int32, jnp.uint8, jnp.bool_])
 def test_checksum_catches_every_single_element_change_and_a_swap(dtype):
   x = (jnp.arange(24).reshape(2, 3, 4) % 2 == 0 if dtype == jnp.bool_
