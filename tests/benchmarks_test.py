@@ -102,3 +102,12 @@ def test_guidance_routes_table_and_figure(tmp_path):
                         f'--sweep={cfg}'], cwd=REPO, env=subprocess_env.env(),
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and 'must be LABEL=PATH' in bad.stderr
+
+
+def test_checkpoint_io_smoke():
+  """The checksum pass, a save and a verified restore of the tiny config's state, timed."""
+  row = json.loads(_run('checkpoint_io.py', '--smoke', '--json'))
+  assert row['config'] == 'configs/tiny.py' and row['state_mb'] > 0
+  for key in ('checksum_first_s', 'checksum_s', 'save_s', 'restore_verified_s'):
+    assert row[key] > 0, row
+  assert abs(row['checksum_fraction_of_save'] - row['checksum_s'] / row['save_s']) < 0.01
