@@ -119,6 +119,14 @@ def _check_number(config, key, *, above=None, at_least=None, example=''):
 def _check_optim(config):
   optim = config.optim
   _check_number(config, 'optim.learning_rate', above=0, example='3e-4')
+  for key in ('optim.weight_decay', 'optim.grad_clip_norm', 'optim.b1', 'optim.b2'):
+    _check_number(config, key, at_least=0)
+  for key in ('optim.b1', 'optim.b2'):
+    if not get(config, key) < 1:
+      raise errors.ConfigError(f'config.{key}={get(config, key)!r} must be in [0, 1), e.g. '
+                               f'--config.{key}={0.9 if key.endswith("b1") else 0.999}.')
+  if get(config, 'optim.schedule') == 'cosine':
+    _check_number(config, 'optim.final_lr_factor', at_least=0)
   if not 0.0 <= optim.get('ema_decay', 0.0) < 1.0:
     raise errors.ConfigError(f'config.optim.ema_decay={optim.ema_decay} must be in [0, 1) '
                              '(0: no EMA).')
@@ -192,6 +200,13 @@ def _check_generator(config):
   if not math.isfinite(config.sampling.guidance_scale):
     raise errors.ConfigError('config.sampling.guidance_scale must be a finite number.')
   _check_classifier_guidance(config)
+  _check_number(config, 'sampling.sigma', at_least=0)
+  _check_number(config, 'loss.t_eps', at_least=0)
+  if not config.loss.t_eps < 0.5:
+    raise errors.ConfigError(f'config.loss.t_eps={config.loss.t_eps} must be < 0.5 (the '
+                             'distance kept from the ends of [0, 1]), e.g. 1e-3.')
+  if config.loss.time_sampler == 'logit_normal':
+    _check_number(config, 'loss.logit_normal_std', above=0)
   if not config.sampling.grid_guidance_scales:
     raise errors.ConfigError('config.sampling.grid_guidance_scales must name at least one scale.')
   interval = config.sampling.guidance_interval

@@ -7,6 +7,7 @@ and data mistakes fail before anything compiles; the sampling case trains config
 
 import gzip
 import os
+import re
 import subprocess
 import sys
 
@@ -86,6 +87,25 @@ def test_non_finite_learning_rate(tmp_path, value):
                workdir=tmp_path / 'run')
   _one_error(proc, f'config.optim.learning_rate={value} must be a finite number > 0')
   assert 'First step' not in proc.stderr  # refused before compiling
+
+
+@pytest.mark.parametrize('key, value, fragment', [
+    ('optim.weight_decay', float('inf'), 'finite number >= 0'),
+    ('optim.grad_clip_norm', float('nan'), 'finite number >= 0'),
+    ('optim.b1', 1.0, 'must be in [0, 1)'),
+    ('optim.b2', -0.5, 'finite number >= 0'),
+    ('sampling.sigma', -1.0, 'finite number >= 0'),
+    ('loss.t_eps', 0.5, 'must be < 0.5'),
+])
+def test_other_float_keys_are_checked_before_anything_runs(key, value, fragment):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from guidedflow import errors, validation  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  group, name = key.split('.')
+  config[group][name] = value
+  with pytest.raises(errors.ConfigError, match=re.escape(f'config.{key}=')) as raised:
+    validation.validate_config(config)
+  assert fragment in str(raised.value)
 
 
 # ---------------------------------------------------------------------------------------------
