@@ -28,7 +28,14 @@ EXTRAS_REQUIRE = {
         "gcsfs>=2024.2",
         "google-cloud-storage>=2.14,<4",
     ],
+    # --mode=compile (guidedflow/aot.py): libtpu, the XLA:TPU compiler, pinned by jax's own
+    # `tpu` extra to the jax version installed (0.0.42.1 for jax 0.10.2). Compiles for TPU
+    # topologies on a CPU-only machine; the default backend stays CPU.
+    "aot": [
+        "jax[tpu]>=0.10.2,<0.13",
+    ],
     "test": [
+        "jax[tpu]>=0.10.2,<0.13",  # tests/aot_test.py compiles for TPU topologies
         "pytest>=8,<10",
         "pytest-xdist>=3.5,<4",
         "chex>=0.1.90,<0.2",

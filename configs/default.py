@@ -133,6 +133,14 @@ def get_config():
   config.mesh.num_processes = config_dict.placeholder(int)  # None: env JAX_NUM_PROCESSES (or auto-detected)
   config.mesh.process_id = config_dict.placeholder(int)     # None: env JAX_PROCESS_ID (or auto-detected)
 
+  # ---- --mode=compile: the train step compiled ahead of time for a TPU target (needs libtpu:
+  # pip install -e '.[aot]'); per-device memory, FLOPs, collectives (guidedflow/aot.py).
+  config.compile = ml_collections.ConfigDict()
+  config.compile.topology = config_dict.placeholder(str)  # 'v5p-64', 'v5e-32', 'v4-32', 'v5p:4x4x2'
+  config.compile.num_slices = 1        # slices joined over DCN (config.mesh.dcn_shape spans them)
+  config.compile.step_time_s = 1.0     # the step time the reported MFU assumes
+  config.compile.image_shape = config_dict.placeholder(tuple)  # None: the dataset's (H, W, C)
+
   # ---- Checkpoints (orbax) in <workdir>/checkpoints.
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 1_000

@@ -1,15 +1,19 @@
 """Entry point: python -m guidedflow.main --config configs/x.py --workdir DIR [--mode=...]."""
 
+import importlib.util
 import json
 import logging as pylogging
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 from ml_collections import config_flags
 
+from guidedflow import aot
 from guidedflow import checkpointing
 from guidedflow import cli
 from guidedflow import errors
@@ -24,10 +28,12 @@ config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/fashion_mnist.py or configs/fashion_mnist.py:unet.',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples and TensorBoard logs.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate', 'encode'],
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate', 'encode', 'compile'],
                   'train: train (resuming from --workdir); sample: write samples.npz + grid.png '
                   'from the latest EMA checkpoint; evaluate: print metrics as JSON; encode: '
-                  'write the latent cache of a latent generator (training writes it too).')
+                  'write the latent cache of a latent generator (training writes it too); '
+                  'compile: compile the train step for config.compile.topology (a TPU) and '
+                  'report per-device memory, FLOPs and collectives.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -41,9 +47,27 @@ class _QuietLibraries(pylogging.Filter):
     return not ('/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
 
 
+def _skip_tpu_probe_without_tpu():
+  """libtpu installed for --mode=compile on a machine without a TPU chip (and no GPU plugin):
+  JAX would probe for a TPU at start-up and libtpu print its errors on every run. Use the
+  CPU unless JAX_PLATFORMS says otherwise; compiles for TPU topologies still work."""
+  if os.environ.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None:
+    return
+  if any(importlib.util.find_spec(p) for p in ('jax_cuda12_plugin', 'jax_cuda13_plugin')):
+    return
+  try:  # JAX's own PCI check (private, read defensively)
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  except (ImportError, AttributeError, OSError):
+    return
+  if not chips:
+    jax.config.update('jax_platforms', 'cpu')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _skip_tpu_probe_without_tpu()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = cli.get_config()
   try:
@@ -60,7 +84,7 @@ def main(argv):
                jax.local_device_count(), jax.local_devices())
   created = False
   try:
-    if FLAGS.mode == 'train':
+    if FLAGS.mode in ('train', 'compile'):
       validation.validate_config(config)  # before the workdir is touched
     created = workdir_lib.prepare(FLAGS.workdir, FLAGS.mode)
     if FLAGS.mode == 'train':
@@ -68,6 +92,8 @@ def main(argv):
       print(json.dumps(result))
       if result.get('stop_signal'):
         sys.exit(result['exit_status'])
+    elif FLAGS.mode == 'compile':
+      print(json.dumps(_compile(config, FLAGS.workdir)))
     else:
       task = tasks.get_task(config, FLAGS.workdir)
       result = getattr(task, FLAGS.mode)(FLAGS.workdir)
@@ -87,6 +113,17 @@ def main(argv):
     print(f'error: interrupted (Ctrl-C) during --mode={FLAGS.mode}; every checkpoint saved '
           'before is kept.', file=sys.stderr)
     sys.exit(130)
+
+
+def _compile(config, workdir):
+  """--mode=compile: the report of `aot.run`, also written to <workdir>/compile.json."""
+  task = tasks.get_task(config, workdir)
+  shape = (config.get('compile') or {}).get('image_shape')
+  image_shape = tuple(shape) if shape else tuple(task.train_dataset().image_shape)
+  report = aot.run(task, config, image_shape)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / 'compile.json').write_text(json.dumps(report, indent=2))
+  return report
 
 
 if __name__ == '__main__':

@@ -190,16 +190,19 @@ class StateBuilder:
 # ----------------------------------------------------------------------------- mesh & checkpoints
 
 
-def make_mesh(config):
-  """The device mesh of `config.mesh` (default: all devices on the data axis); ConfigError
-  when it does not fit the devices or the batch does not split over its batch shards."""
+def make_mesh(config, devices=None):
+  """The device mesh of `config.mesh` over `devices` (default: all; e.g. a TPU topology's for
+  ahead-of-time compiles); ConfigError when it does not fit the devices or the batch does not
+  split over its batch shards."""
   mesh_config = config.get('mesh') or {}
   shape = tuple(mesh_config.get('shape', (-1, 1, 1)))
   try:
-    mesh = sharding.make_mesh(shape, dcn_shape=tuple(mesh_config.get('dcn_shape', (1, 1, 1))))
+    mesh = sharding.make_mesh(shape, devices,
+                              dcn_shape=tuple(mesh_config.get('dcn_shape', (1, 1, 1))))
   except ValueError as e:
-    raise errors.ConfigError(f'{e} (this job has {jax.device_count()} devices in '
-                             f'{jax.process_count()} processes).') from e
+    where = (f'this job has {jax.device_count()} devices in {jax.process_count()} processes'
+             if devices is None else f'the target has {len(devices)} devices')
+    raise errors.ConfigError(f'{e} ({where}).') from e
   shards = sharding.batch_axes_size(mesh)
   batch = config.train.batch_size
   if batch % shards:

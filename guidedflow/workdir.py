@@ -83,7 +83,7 @@ def prepare(workdir, mode):
                        'is created when missing).')
   created = False
   if not path.exists():
-    if mode != 'train':
+    if mode not in ('train', 'compile'):
       raise errors.CheckpointNotFoundError(
           f'No checkpoint to {mode}: --workdir {workdir} does not exist. Train first: '
           f'python -m guidedflow.main --config <config> --workdir {workdir}')

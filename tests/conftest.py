@@ -2,7 +2,11 @@
 
 import os
 
-import jax
+# Tests run on CPU. libtpu (installed by the test extra for tests/aot_test.py, which asks for
+# TPU topologies explicitly) would otherwise make every process probe for a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CACHE_DIR = os.environ.get(
     "GUIDEDFLOW_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))

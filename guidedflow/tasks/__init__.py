@@ -61,6 +61,12 @@ class Task:
         input_pipeline.create_dataset(self.config.input, self.config.input.eval_split),
         self.config.eval.get('num_examples', 0))
 
+  def abstract_batch(self, batch_size, image_shape):
+    """{key: (shape, dtype)} of a global train batch, for ahead-of-time compiles
+    (`guidedflow.aot`): images and labels."""
+    return {'image': ((batch_size, *image_shape), jnp.float32),
+            'label': ((batch_size,), jnp.int32)}
+
   def check_inputs(self):
     """Opens the eval split, which the held-out metrics of `periodic` and `final` read: a
     missing or malformed split raises DataError before the first step, not after the last."""

@@ -61,6 +61,14 @@ class GeneratorTask(tasks.Task):
   def pixel_eval_dataset(self):
     return super().eval_dataset()
 
+  def abstract_batch(self, batch_size, image_shape):
+    if self.latent_space() is not None:
+      raise errors.ConfigError('--mode=compile of a latent generator is not supported yet '
+                               '(its batches are latent moments from the cache); compile the '
+                               'same DiT with --config.input.space=pixels '
+                               '--config.compile.image_shape=<latent shape>, e.g. 32,32,4.')
+    return super().abstract_batch(batch_size, image_shape)
+
   def check_inputs(self):
     """Opens the pixel eval split (the held-out loss and sample metrics read it): a latent
     run encodes it only when the held-out loss first needs it, not at start-up."""

@@ -1,0 +1,267 @@
+"""Ahead-of-time compilation of the real train step for TPU topologies this machine does not
+have (`--mode=compile`): does a config fit, what does a step cost, what does it communicate.
+
+With libtpu installed (`pip install -e '.[aot]'`; the default backend stays CPU),
+`jax.experimental.topologies.get_topology_desc` gives the devices of a TPU topology and
+`jit(...).lower(abstract arguments with their shardings).compile()` runs XLA:TPU here. What is
+compiled is the loop's own jitted step (`StateBuilder.make_train_step(task.loss)`) on the
+config's mesh laid over the topology's devices (a hybrid ICI × DCN mesh across slices), with a
+global batch of `train.batch_size`: nothing is allocated, nothing runs. The compiler reports per
+device the argument bytes (parameters, optimizer state, EMA, batch), output and temporary bytes,
+the FLOPs of a step, and the collectives of its optimized HLO.
+"""
+
+import dataclasses
+import math
+import os
+import re
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from guidedflow import errors
+from guidedflow import train_state
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_bytes: int           # per chip
+  peak_bf16_flops: float   # per chip, dense
+  cores_per_chip: int      # how accelerator-type names count (v4-32 = 32 TensorCores)
+  dims: int                # ICI topology dimensions
+
+
+CHIPS = {
+    'v4': Chip(32 * GiB, 275e12, 2, 3),
+    'v5e': Chip(16 * GiB, 197e12, 1, 2),
+    'v5p': Chip(95 * GiB, 459e12, 2, 3),
+    'v6e': Chip(32 * GiB, 918e12, 1, 2),
+}
+_ALIASES = {'v5litepod': 'v5e', 'v6litepod': 'v6e'}
+
+
+class DoesNotFitError(errors.UserError):
+  """The compiled step needs more memory per device than the chip has."""
+
+
+_FIT_ADVICE = ('Shard more (a larger fsdp axis in --config.mesh.shape), recompute activations '
+               '(--config.model.remat=full), or lower the per-device batch '
+               '(--config.train.batch_size).')
+
+
+def _grid(chips, dims):
+  """The ICI topology gcloud gives `chips` chips: 2D slices as 2^a × 2^b, 3D as 2×2×… cubes."""
+  if chips < 1 or chips & (chips - 1):
+    raise errors.ConfigError(f'{chips} chips is not a power of two; give the topology itself, '
+                             'e.g. --config.compile.topology=v5p:4x4x2')
+  shape = [1] * dims
+  axis = 0
+  while math.prod(shape) < chips:
+    shape[axis] *= 2
+    axis = (axis + 1) % dims
+  return 'x'.join(map(str, sorted(shape)))
+
+
+def parse_topology(name):
+  """(generation, 'gen:AxBxC', number of chips) of an accelerator type ('v5p-64', 'v5e-32',
+  'v5litepod-16', 'v4-32') or a raw topology ('v5p:4x4x2')."""
+  raw = re.fullmatch(r'(v\d+[a-z]*):(\d+(?:x\d+)*)', name or '')
+  typed = re.fullmatch(r'(v\d+[a-z]*)-(\d+)', name or '')
+  generation = _ALIASES.get((raw or typed).group(1), (raw or typed).group(1)) if (
+      raw or typed) else None
+  if generation not in CHIPS:
+    raise errors.ConfigError(
+        f'config.compile.topology={name!r} is not a TPU accelerator type or topology: use e.g. '
+        f'v5p-64, v5e-32, v4-32 or v5p:4x4x2 (generations: {", ".join(CHIPS)}).')
+  chip = CHIPS[generation]
+  if raw:
+    return generation, f'{generation}:{raw.group(2)}', math.prod(map(int, raw.group(2).split('x')))
+  cores = int(typed.group(2))
+  if cores % chip.cores_per_chip:
+    raise errors.ConfigError(f'config.compile.topology={name!r}: {generation} types count '
+                             f'{chip.cores_per_chip} cores per chip.')
+  chips = cores // chip.cores_per_chip
+  return generation, f'{generation}:{_grid(chips, chip.dims)}', chips
+
+
+def topology_devices(name, num_slices=1):
+  """The devices of `num_slices` slices of topology `name` (needs libtpu; nothing runs)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  generation, topology, chips = parse_topology(name)
+  # Compile-only: no TPU is opened, so several processes (parallel tests, two compiles) may
+  # load libtpu at once; without this, the second stops at libtpu's multi-process lockfile.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # else libtpu logs a bogus error
+  kwargs = {'num_slices': num_slices} if num_slices > 1 else {}
+  try:
+    devices = topologies.get_topology_desc(topology_name=topology, platform='tpu',
+                                           **kwargs).devices
+  except Exception as e:  # pylint: disable=broad-except  # no libtpu, or it refuses the name
+    raise errors.ConfigError(
+        f'cannot describe TPU topology {topology} ({type(e).__name__}: '
+        f'{str(e).strip().splitlines()[0] if str(e).strip() else ""}). --mode=compile needs '
+        "libtpu: pip install -e '.[aot]'.") from e
+  return generation, topology, chips * num_slices, list(devices)
+
+
+_COLLECTIVE = re.compile(
+    r'^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<type>.*?)\s(?P<op>all-gather|reduce-scatter|all-reduce|'
+    r'all-to-all|collective-permute)(?:-start)?\(', re.MULTILINE)
+_ARRAY = re.compile(r'([a-z]+[0-9]*)\[([0-9,]*)\]')
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4,
+          's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+
+
+def collectives(hlo_text):
+  """{op: {'count', 'bytes'}} of the collectives in optimized HLO text (result shapes, per
+  device; async pairs counted once, at their start)."""
+  out = {}
+  for match in _COLLECTIVE.finditer(hlo_text):
+    nbytes = sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
+                 for dtype, dims in _ARRAY.findall(match.group('type')))
+    entry = out.setdefault(match.group('op'), {'count': 0, 'bytes': 0})
+    entry['count'] += 1
+    entry['bytes'] += nbytes
+  return out
+
+
+def _abstract_batch(task, config, image_shape, mesh_builder):
+  batch = config.train.batch_size
+  sharding = mesh_builder.batch_sharding
+  spec = task.abstract_batch(batch, tuple(image_shape))
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+          for k, (shape, dtype) in spec.items()}
+
+
+def _largest_arrays(abstract_state, count=3):
+  """'path (MB per device)' of the largest per-device shards of the state."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
+  sizes = []
+  for path, leaf in leaves:
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    sizes.append((math.prod(shard) * np.dtype(leaf.dtype).itemsize,
+                  '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path
+                           if getattr(k, 'name', None) != 'value')))
+  sizes.sort(reverse=True)
+  return ', '.join(f'{name} {size / 2**20:.0f} MB' for size, name in sizes[:count])
+
+
+def _analytic_flops(task, image_shape, config, num_devices):
+  """3 × the model's analytic forward FLOPs per image × the global batch ÷ devices (None when
+  the model has no count)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  model = nnx.eval_shape(task.model_constructor(tuple(image_shape)))
+  if not hasattr(model, 'flops_per_example'):
+    return None
+  return 3.0 * model.flops_per_example() * config.train.batch_size / num_devices
+
+
+def compile_train_step(task, config, image_shape, devices):
+  """Lowers and compiles the loop's train step for `devices`; returns the compiler's figures."""
+  mesh = train_state.make_mesh(config, devices)
+  builder = train_state.StateBuilder(task.model_constructor(tuple(image_shape)), config, mesh)
+  builder.rest = jax.tree.map(np.asarray, jax.eval_shape(lambda: builder._init_fn()[1]))  # pylint: disable=protected-access
+  if jax.tree.leaves(builder.rest):
+    raise errors.ConfigError('--mode=compile: this model has non-parameter state, which the '
+                             'compile-only path cannot make without running it.')
+  step = builder.make_train_step(task.loss)
+  state = builder.abstract_state()
+  batch = _abstract_batch(task, config, image_shape, builder)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=builder.replicated)
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    lowered = step.jitted.lower(state, batch, key)
+  t1 = time.time()
+  # A TPU executable cannot be read back from the persistent cache without a TPU client: keep
+  # these compiles out of it (jax warns on every lookup otherwise).
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses what cannot fit in HBM
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    raise DoesNotFitError(
+        f'the train step does not fit the target ({str(e).strip().splitlines()[0]}); largest '
+        f'arrays per device: {_largest_arrays(state)}. {_FIT_ADVICE}') from None
+  finally:
+    jax.config.update('jax_enable_compilation_cache', cache)
+  t2 = time.time()
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {
+      'mesh': dict(mesh.shape), 'devices': len(devices),
+      'analytic_flops_per_device': _analytic_flops(task, image_shape, config, len(devices)),
+      'parameters': builder.param_count(state),
+      'argument_bytes': int(memory.argument_size_in_bytes),
+      'output_bytes': int(memory.output_size_in_bytes),
+      'alias_bytes': int(memory.alias_size_in_bytes),
+      'temp_bytes': int(memory.temp_size_in_bytes),
+      # XLA's cost analysis counts a while loop's body once: with scanned DiT blocks this is
+      # about one block's share, so the MFU below uses the analytic count.
+      'compiler_flops_per_device': float(cost.get('flops', 0.0)),
+      'collectives': collectives(compiled.as_text()),
+      'lower_s': round(t1 - t0, 2), 'compile_s': round(t2 - t1, 2),
+      'largest_arrays': _largest_arrays(state),
+  }
+
+
+def run(task, config, image_shape):
+  """--mode=compile: the table (logged) and the JSON-able report.
+
+  Raises:
+    DoesNotFitError: the step needs more per-device memory than the chip has; names the
+      largest arrays and what to change.
+  """
+  options = config.get('compile') or {}
+  name, slices = options.get('topology'), int(options.get('num_slices') or 1)
+  if not name:
+    raise errors.ConfigError('--mode=compile needs a target: --config.compile.topology=v5p-64 '
+                             '(or v5e-32, v4-32, v5p:4x4x2).')
+  generation, topology, chips, devices = topology_devices(name, slices)
+  chip = CHIPS[generation]
+  figures = compile_train_step(task, config, image_shape, devices)
+  per_device_hbm = chip.hbm_bytes * chips / len(devices)
+  total = (figures['argument_bytes'] + figures['output_bytes'] - figures['alias_bytes']
+           + figures['temp_bytes'])
+  step_time = float(options.get('step_time_s') or 1.0)
+  peak = chip.peak_bf16_flops * chips / len(devices)
+  report = dict(topology=name, ici_topology=topology, num_slices=slices, chips=chips,
+                **figures, total_bytes=int(total), hbm_bytes_per_device=int(per_device_hbm),
+                headroom=round(1 - total / per_device_hbm, 3), step_time_s=step_time,
+                mfu_at_step_time=(None if figures['analytic_flops_per_device'] is None else round(
+                    figures['analytic_flops_per_device'] / step_time / peak, 4)))
+  _log_table(report)
+  if total > per_device_hbm:
+    raise DoesNotFitError(
+        f'config does not fit {name}: the train step needs {total / GiB:.2f} GiB per device '
+        f'(arguments {figures["argument_bytes"] / GiB:.2f}, temporaries '
+        f'{figures["temp_bytes"] / GiB:.2f}) but a device has {per_device_hbm / GiB:.1f} GiB; '
+        f'largest arrays per device: {figures["largest_arrays"]}. {_FIT_ADVICE}')
+  return report
+
+
+def _log_table(r):
+  gib = lambda b: f'{b / GiB:.3f} GiB'  # pylint: disable=unnecessary-lambda-assignment
+  rows = [('target', f'{r["topology"]} ({r["ici_topology"]} × {r["num_slices"]} slice(s), '
+                     f'{r["devices"]} devices)'),
+          ('mesh', r['mesh']), ('parameters', f'{r["parameters"] / 1e6:.2f}M'),
+          ('arguments / device', gib(r['argument_bytes'])),
+          ('outputs / device (donated)', f'{gib(r["output_bytes"])} ({gib(r["alias_bytes"])})'),
+          ('temporaries / device', gib(r['temp_bytes'])),
+          ('total / HBM per device', f'{gib(r["total_bytes"])} / {gib(r["hbm_bytes_per_device"])}'
+                                     f' (headroom {r["headroom"]:.1%})'),
+          ('FLOPs / step / device', f'{r["analytic_flops_per_device"] or float("nan"):.4g} '
+                                    f'(analytic; XLA counts {r["compiler_flops_per_device"]:.4g})'),
+          (f'MFU at {r["step_time_s"]} s/step', f'{(r["mfu_at_step_time"] or 0):.2%}'),
+          ('collectives', ', '.join(f'{op} ×{c["count"]} ({c["bytes"] / 2**20:.1f} MB)'
+                                    for op, c in sorted(r['collectives'].items())) or 'none'),
+          ('lower / compile', f'{r["lower_s"]} s / {r["compile_s"]} s')]
+  logging.info('Ahead-of-time compile of the train step:\n%s',
+               '\n'.join(f'  {k:28s} {v}' for k, v in rows))
