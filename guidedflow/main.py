@@ -119,6 +119,7 @@ def _compile(config, workdir):
   """--mode=compile: the report of `aot.run`, also written to <workdir>/compile.json."""
   task = tasks.get_task(config, workdir)
   shape = (config.get('compile') or {}).get('image_shape')
+  task.abstract_batch(1, tuple(shape or (1, 1, 1)))  # what the task cannot compile: say so now
   image_shape = tuple(shape) if shape else tuple(task.train_dataset().image_shape)
   report = aot.run(task, config, image_shape)
   if jax.process_index() == 0:

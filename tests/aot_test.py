@@ -117,3 +117,10 @@ def test_compile_mode_reports_and_writes_compile_json(tmp_path):
   assert report['ici_topology'] == 'v5e:2x2' and report['chips'] == 4
   assert 0 < report['total_bytes'] < report['hbm_bytes_per_device'] and report['headroom'] > 0.9
   assert 'Ahead-of-time compile of the train step' in out.stderr
+
+
+def test_latent_generator_is_refused_with_the_pixel_space_recipe():
+  from configs import imagenet256_latent  # pylint: disable=g-import-not-at-top
+  task = tasks.get_task(imagenet256_latent.get_config('XL/2,v5p-64'))
+  with pytest.raises(errors.ConfigError, match='--config.input.space=pixels'):
+    task.abstract_batch(256, (32, 32, 4))

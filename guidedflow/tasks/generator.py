@@ -62,7 +62,7 @@ class GeneratorTask(tasks.Task):
     return super().eval_dataset()
 
   def abstract_batch(self, batch_size, image_shape):
-    if self.latent_space() is not None:
+    if latents.is_latent(self.config):
       raise errors.ConfigError('--mode=compile of a latent generator is not supported yet '
                                '(its batches are latent moments from the cache); compile the '
                                'same DiT with --config.input.space=pixels '
