@@ -28,15 +28,7 @@ def _main(*args, workdir):
       env=subprocess_env.env(), capture_output=True, text=True, timeout=300)
 
 
-def _one_error(proc, *fragments):
-  """The one `error:` line of `proc`, which failed without a traceback; it holds `fragments`."""
-  assert proc.returncode != 0, proc.stderr[-3000:]
-  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-  lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-  assert len(lines) == 1, proc.stderr[-3000:]
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
-  return lines[0]
+_one_error = subprocess_env.one_error_line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,15 +42,7 @@ def _main(workdir, *args, mode='train'):
                         env=subprocess_env.env(), capture_output=True, text=True, timeout=600)
 
 
-def _error_line(out, *words):
-  """The one `error:` line of a failed run (asserted: one, no traceback, names `words`)."""
-  assert out.returncode != 0, out.stderr[-3000:]
-  assert 'Traceback' not in out.stderr, out.stderr[-5000:]
-  lines = [line for line in out.stderr.splitlines() if line.startswith('error:')]
-  assert len(lines) == 1, out.stderr[-3000:]
-  for word in words:
-    assert word in lines[0], lines[0]
-  return lines[0]
+_error_line = subprocess_env.one_error_line
 
 
 def _files(directory):
