@@ -27,12 +27,15 @@ parameters, AdamW moments and EMA over fsdp). Pick it with the topology after th
   configs/imagenet256_latent.py:XL/2,v5p-64  → v5p-64 = 32 chips (8 hosts × 4), 95 GiB HBM each:
       mesh (4, 8, 1): per-device batch 256/32 = 8 (raise train.batch_size to 1024 for 32).
   configs/imagenet256_latent.py:XL/2,v5e-32  → v5e-32 = 32 chips (8 hosts × 4), 16 GiB HBM each:
-      mesh (2, 16, 1): per-device batch 8.
+      mesh (2, 16, 1): per-device batch 8, model.remat='full' (XLA:TPU, --mode=compile: 81 GB
+      of temporaries per chip without remat, does not fit; 4.1 GiB with it, 70% headroom).
   no topology: mesh (-1, 8, 1), FSDP-8 and data parallel over the rest (any multiple of 8 chips).
 DiT-XL/2 (675M parameters) holds 10.06 GiB of f32 state (parameters, AdamW mu and nu, EMA);
 FSDP-8 leaves 1.27 GiB of it per chip. Activations are ~0.9 GiB per sample (bf16, no remat), so
 the largest per-device batch is ~30 on a 32 GiB v4 chip with FSDP-8 (we use 16), ~95 on v5p
 (we use 8) and ~14 on a 16 GiB v5e (we use 8): `python benchmarks/memory.py` prints the table.
+XLA:TPU's own figures (--mode=compile, README "Compile for a TPU target") are larger: 43 GiB of
+temporaries per v5p chip at 8 per device, and v5e-32 fits only with remat.
 Tensor parallelism (mesh (d, f, t)) splits activations too; DiT-XL/2 at 256 px does not need it.
 Multi-slice (e.g. 2 × v5p-64 over DCN): --config.mesh.dcn_shape=2,1,1 with mesh.shape per slice.
 
@@ -43,6 +46,8 @@ Usage:
 from configs import default
 
 
+# Where --mode=compile shows the step does not fit without recomputing the blocks' activations.
+REMAT = {'v5e-32': 'full'}
 # TPU topology → mesh (data, fsdp, tensor); the global batch must divide by data × fsdp.
 TOPOLOGIES = {
     'v4-32': (2, 8, 1),
@@ -93,6 +98,7 @@ def get_config(arg='XL/2'):
   config.optim.grad_clip_norm = 0.0
   config.optim.ema_decay = 0.9999
   config.mesh.shape = TOPOLOGIES.get(topology, (-1, 8, 1))
+  config.model.remat = REMAT.get(topology, config.model.remat)
   config.mesh.distributed = 'auto'      # Cloud TPU VMs are detected; launch/tpu_vm.sh sets 'on'
   config.checkpoint.every_steps = 5_000
   config.checkpoint.max_to_keep = 5

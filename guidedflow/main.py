@@ -17,6 +17,7 @@ from guidedflow import aot
 from guidedflow import checkpointing
 from guidedflow import cli
 from guidedflow import errors
+from guidedflow import latents
 from guidedflow import sharding
 from guidedflow import tasks
 from guidedflow import train
@@ -119,7 +120,11 @@ def _compile(config, workdir):
   """--mode=compile: the report of `aot.run`, also written to <workdir>/compile.json."""
   task = tasks.get_task(config, workdir)
   shape = (config.get('compile') or {}).get('image_shape')
-  task.abstract_batch(1, tuple(shape or (1, 1, 1)))  # what the task cannot compile: say so now
+  if not shape and latents.is_latent(config):
+    raise errors.ConfigError(
+        '--mode=compile of a latent generator needs the latent shape (no autoencoder is loaded '
+        'and no data read): --config.compile.image_shape=32,32,4 for 256-px images and the SD '
+        'VAE (1/8 the side, 4 channels).')
   image_shape = tuple(shape) if shape else tuple(task.train_dataset().image_shape)
   report = aot.run(task, config, image_shape)
   if jax.process_index() == 0:

@@ -6,6 +6,7 @@ installed for the interpreter.
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -118,8 +119,24 @@ def test_compile_mode_reports_and_writes_compile_json(tmp_path):
   assert 'Ahead-of-time compile of the train step' in out.stderr
 
 
-def test_latent_generator_is_refused_with_the_pixel_space_recipe():
+def test_latent_generator_compiles_on_latent_moments_without_its_autoencoder(v5e_2x2):
+  """The ImageNet-256 latent recipe's step (scaled down): the batch is the cache's moments,
+  z is drawn in the step, no autoencoder is loaded (its weights file does not exist here)."""
   from configs import imagenet256_latent  # pylint: disable=g-import-not-at-top
-  task = tasks.get_task(imagenet256_latent.get_config('XL/2,v5p-64'))
-  with pytest.raises(errors.ConfigError, match='--config.input.space=pixels'):
-    task.abstract_batch(256, (32, 32, 4))
+  config = imagenet256_latent.get_config('XL/2')
+  config.model.variant = 'test/2'
+  config.mesh.shape = (1, 4, 1)
+  config.train.batch_size = 8
+  task = tasks.get_task(config)
+  assert set(task.abstract_batch(8, (32, 32, 4))) == {'mean', 'logvar', 'label'}
+  figures = aot.compile_train_step(task, config, (32, 32, 4), v5e_2x2)
+  assert figures['devices'] == 4 and figures['argument_bytes'] > 0
+  assert not os.path.exists(config.autoencoder.weights or '')  # nothing was loaded
+
+
+def test_latent_generator_without_its_latent_shape_is_one_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'guidedflow.main', '--config', 'configs/imagenet256_latent.py:XL/2',
+       f'--workdir={tmp_path / "run"}', '--mode=compile', '--config.compile.topology=v5p-64'],
+      cwd=REPO, env=subprocess_env.env(), capture_output=True, text=True, timeout=600)
+  subprocess_env.one_error_line(out, '--config.compile.image_shape=32,32,4')

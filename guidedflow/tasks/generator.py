@@ -13,6 +13,7 @@ import time
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from guidedflow import errors
@@ -62,12 +63,15 @@ class GeneratorTask(tasks.Task):
     return super().eval_dataset()
 
   def abstract_batch(self, batch_size, image_shape):
-    if latents.is_latent(self.config):
-      raise errors.ConfigError('--mode=compile of a latent generator is not supported yet '
-                               '(its batches are latent moments from the cache); compile the '
-                               'same DiT with --config.input.space=pixels '
-                               '--config.compile.image_shape=<latent shape>, e.g. 32,32,4.')
-    return super().abstract_batch(batch_size, image_shape)
+    """Pixels and labels; for a latent generator the cache's latent moments (mean, logvar of
+    `image_shape`, the latent shape) and labels, and the loss draws z from them as in training
+    (the autoencoder itself is not loaded: `latents.CompileStandIn`)."""
+    if not latents.is_latent(self.config):
+      return super().abstract_batch(batch_size, image_shape)
+    if self._latent_space is None:
+      self._latent_space = latents.CompileStandIn()
+    moments = ((batch_size, *image_shape), jnp.float32)
+    return {'mean': moments, 'logvar': moments, 'label': ((batch_size,), jnp.int32)}
 
   def check_inputs(self):
     """Opens the pixel eval split (the held-out loss and sample metrics read it): a latent
