@@ -12,18 +12,23 @@ the FLOPs of a step, and the collectives of its optimized HLO.
 """
 
 import dataclasses
+import json
 import math
 import os
 import re
 import time
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from guidedflow import errors
+from guidedflow import latents
+from guidedflow import tasks
 from guidedflow import train_state
+from guidedflow import tree_compat
 
 GiB = 2**30
 
@@ -103,8 +108,7 @@ def topology_devices(name, num_slices=1):
                                            **kwargs).devices
   except Exception as e:  # pylint: disable=broad-except  # no libtpu, or it refuses the name
     raise errors.ConfigError(
-        f'cannot describe TPU topology {topology} ({type(e).__name__}: '
-        f'{str(e).strip().splitlines()[0] if str(e).strip() else ""}). --mode=compile needs '
+        f'cannot describe TPU topology {topology} ({errors.one_line(e)}). --mode=compile needs '
         "libtpu: pip install -e '.[aot]'.") from e
   return generation, topology, chips * num_slices, list(devices)
 
@@ -140,14 +144,10 @@ def _abstract_batch(task, config, image_shape, mesh_builder):
 
 def _largest_arrays(abstract_state, count=3):
   """'path (MB per device)' of the largest per-device shards of the state."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
-  sizes = []
-  for path, leaf in leaves:
-    shard = leaf.sharding.shard_shape(leaf.shape)
-    sizes.append((math.prod(shard) * np.dtype(leaf.dtype).itemsize,
-                  '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path
-                           if getattr(k, 'name', None) != 'value')))
-  sizes.sort(reverse=True)
+  sizes = sorted(((math.prod(leaf.sharding.shard_shape(leaf.shape)) *
+                   np.dtype(leaf.dtype).itemsize, path.removesuffix('/value'))
+                  for path, leaf in tree_compat.flat_by_path(abstract_state).items()),
+                 reverse=True)
   return ', '.join(f'{name} {size / 2**20:.0f} MB' for size, name in sizes[:count])
 
 
@@ -212,8 +212,28 @@ def compile_train_step(task, config, image_shape, devices):
   }
 
 
-def run(task, config, image_shape):
-  """--mode=compile: the table (logged) and the JSON-able report.
+def run(config, workdir):
+  """--mode=compile: compiles the task's train step for `config.compile.topology`, logs the
+  table and returns the report, also written to <workdir>/compile.json.
+
+  The image shape is `compile.image_shape` or the train split's (a latent generator must give
+  its latent shape: no autoencoder is loaded and no data read)."""
+  task = tasks.get_task(config, workdir)
+  shape = (config.get('compile') or {}).get('image_shape')
+  if not shape and latents.is_latent(config):
+    raise errors.ConfigError(
+        '--mode=compile of a latent generator needs the latent shape (no autoencoder is loaded '
+        'and no data read): --config.compile.image_shape=32,32,4 for 256-px images and the SD '
+        'VAE (1/8 the side, 4 channels).')
+  image_shape = tuple(shape) if shape else tuple(task.train_dataset().image_shape)
+  result = report(task, config, image_shape)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / 'compile.json').write_text(json.dumps(result, indent=2))
+  return result
+
+
+def report(task, config, image_shape):
+  """The compile of `task`'s train step: the table (logged) and the JSON-able report.
 
   Raises:
     DoesNotFitError: the step needs more per-device memory than the chip has; names the

@@ -65,19 +65,6 @@ class DiskFullError(errors.UserError, OSError):
   """A checkpoint does not fit on the disk; the previous one is kept."""
 
 
-def one_line(error: BaseException, limit: int = 300) -> str:
-  """`error` as one short line: the type and first message line of the error it was raised
-  from at the bottom of its chain (tensorstore's own error, not orbax's wrappers)."""
-  seen = {id(error)}
-  while (error.__cause__ or error.__context__) is not None and id(
-      error.__cause__ or error.__context__) not in seen:
-    error = error.__cause__ or error.__context__
-    seen.add(id(error))
-  lines = str(error).strip().splitlines()
-  text = f'{type(error).__name__}: {lines[0] if lines else ""}'.strip()
-  return text if len(text) <= limit else text[:limit - 3] + '...'
-
-
 def _is_read_noise(error: BaseException | None) -> bool:
   text = str(error)
   return (text == 'Event loop is closed' or
@@ -345,7 +332,7 @@ class Checkpointer:
     try:
       metadata = self._manager.item_metadata(step)['state']
     except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(step, f'its metadata cannot be read ({one_line(e)})') from e
+      raise DamagedCheckpointError(step, f'its metadata cannot be read ({errors.one_line(e)})') from e
     saved = tree_compat.flat_by_path(getattr(metadata, 'tree', metadata)) if metadata is not None else {}
     if not saved:
       raise DamagedCheckpointError(step, 'the state metadata is missing or empty')
@@ -377,7 +364,7 @@ class Checkpointer:
           state=ocp.args.StandardRestore(_with_sharding(abstract_state)),
           data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(step, f'it cannot be read ({one_line(e)})') from e
+      raise DamagedCheckpointError(step, f'it cannot be read ({errors.one_line(e)})') from e
     saved_sums = self._restore_item(step, 'checksums') or {}
     if saved_sums.get('algorithm') != checksums_lib.ALGORITHM:
       logging.info('Checkpoint step %d has no checksums of this version (%s); restored '
@@ -401,7 +388,7 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           **{name: ocp.args.JsonRestore()}))
     except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(step, f'its {name} cannot be read ({one_line(e)})') from e
+      raise DamagedCheckpointError(step, f'its {name} cannot be read ({errors.one_line(e)})') from e
     return restored[name]
 
   def restore_config(self, step: int | None = None) -> dict | None:

@@ -64,8 +64,8 @@ def diagnose(argv, error):
   an unknown override key, else `error`'s first line."""
   try:  # --flagfile=FILE may hold --config and its overrides, as config_flags reads them
     argv = FLAGS.read_flags_from_files(argv, force_gnu=False)
-  except flags.Error:
-    pass
+  except flags.Error:  # an unreadable --flagfile: absl's own error, reported below, names it
+    argv = list(argv)
   spec = config_spec(argv)
   if spec is not None:
     try:

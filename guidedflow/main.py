@@ -9,7 +9,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from etils import epath
 import jax
 from ml_collections import config_flags
 
@@ -17,7 +16,6 @@ from guidedflow import aot
 from guidedflow import checkpointing
 from guidedflow import cli
 from guidedflow import errors
-from guidedflow import latents
 from guidedflow import sharding
 from guidedflow import tasks
 from guidedflow import train
@@ -94,7 +92,7 @@ def main(argv):
       if result.get('stop_signal'):
         sys.exit(result['exit_status'])
     elif FLAGS.mode == 'compile':
-      print(json.dumps(_compile(config, FLAGS.workdir)))
+      print(json.dumps(aot.run(config, FLAGS.workdir)))
     else:
       task = tasks.get_task(config, FLAGS.workdir)
       result = getattr(task, FLAGS.mode)(FLAGS.workdir)
@@ -114,22 +112,6 @@ def main(argv):
     print(f'error: interrupted (Ctrl-C) during --mode={FLAGS.mode}; every checkpoint saved '
           'before is kept.', file=sys.stderr)
     sys.exit(130)
-
-
-def _compile(config, workdir):
-  """--mode=compile: the report of `aot.run`, also written to <workdir>/compile.json."""
-  task = tasks.get_task(config, workdir)
-  shape = (config.get('compile') or {}).get('image_shape')
-  if not shape and latents.is_latent(config):
-    raise errors.ConfigError(
-        '--mode=compile of a latent generator needs the latent shape (no autoencoder is loaded '
-        'and no data read): --config.compile.image_shape=32,32,4 for 256-px images and the SD '
-        'VAE (1/8 the side, 4 channels).')
-  image_shape = tuple(shape) if shape else tuple(task.train_dataset().image_shape)
-  report = aot.run(task, config, image_shape)
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / 'compile.json').write_text(json.dumps(report, indent=2))
-  return report
 
 
 if __name__ == '__main__':

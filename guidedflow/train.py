@@ -195,9 +195,8 @@ def train_and_evaluate(config, workdir):
   num_steps, batch_size = config.train.num_steps, config.train.batch_size
   with contextlib.ExitStack() as stack:  # closes everything, also when training fails
     ckpt = stack.enter_context(train_state.open_checkpointer(config, workdir))
-    state, data_state = train_state.restore_or_init(
-        builder, ckpt, check_config=lambda config, saved, step: resume_config.check(
-            config, saved, step, ckpt.directory))
+    state, data_state = train_state.restore_or_init(builder, ckpt,
+                                                    check_config=resume_config.check)
     if jax.process_index() == 0:
       (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
     start_step = int(state['step'])

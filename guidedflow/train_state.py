@@ -223,7 +223,8 @@ def restore_or_init(builder, ckpt, *, move_damaged=True, check_config=None):
   builder's shardings (whatever mesh wrote it); a fresh state and None without one.
 
   Damaged steps are skipped with the reason logged, and moved aside with `move_damaged`
-  (training); `check_config(config, saved config, step)` may refuse a step's saved config.
+  (training); `check_config(config, saved config, step, checkpoint directory)` may refuse a
+  step's saved config (e.g. `resume_config.check`).
 
   Raises:
     ConfigError: the checkpoint is of another task (or `check_config` refused it).
@@ -240,7 +241,7 @@ def restore_or_init(builder, ckpt, *, move_damaged=True, check_config=None):
           f'is for config.task={task!r}: use the config it was trained with, or another '
           '--workdir.')
     if check_config is not None:
-      check_config(builder.config, saved, step)
+      check_config(builder.config, saved, step, ckpt.directory)
 
   found = ckpt.restore_newest(builder.abstract_state(), move_damaged=move_damaged,
                               check_config=check)
