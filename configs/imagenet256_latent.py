@@ -47,7 +47,7 @@ from configs import default
 
 
 # Where --mode=compile shows the step does not fit without recomputing the blocks' activations.
-REMAT = {'v5e-32': 'full'}
+REMAT = {}
 # TPU topology → mesh (data, fsdp, tensor); the global batch must divide by data × fsdp.
 TOPOLOGIES = {
     'v4-32': (2, 8, 1),

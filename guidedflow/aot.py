@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from guidedflow import errors
+from guidedflow import hlo_collectives
 from guidedflow import latents
 from guidedflow import tasks
 from guidedflow import train_state
@@ -113,27 +114,6 @@ def topology_devices(name, num_slices=1):
   return generation, topology, chips * num_slices, list(devices)
 
 
-_COLLECTIVE = re.compile(
-    r'^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<type>.*?)\s(?P<op>all-gather|reduce-scatter|all-reduce|'
-    r'all-to-all|collective-permute)(?:-start)?\(', re.MULTILINE)
-_ARRAY = re.compile(r'([a-z]+[0-9]*)\[([0-9,]*)\]')
-_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4,
-          's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
-
-
-def collectives(hlo_text):
-  """{op: {'count', 'bytes'}} of the collectives in optimized HLO text (result shapes, per
-  device; async pairs counted once, at their start)."""
-  out = {}
-  for match in _COLLECTIVE.finditer(hlo_text):
-    nbytes = sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
-                 for dtype, dims in _ARRAY.findall(match.group('type')))
-    entry = out.setdefault(match.group('op'), {'count': 0, 'bytes': 0})
-    entry['count'] += 1
-    entry['bytes'] += nbytes
-  return out
-
-
 def _abstract_batch(task, config, image_shape, mesh_builder):
   batch = config.train.batch_size
   sharding = mesh_builder.batch_sharding
@@ -161,8 +141,9 @@ def _analytic_flops(task, image_shape, config, num_devices):
   return 3.0 * model.flops_per_example() * config.train.batch_size / num_devices
 
 
-def compile_train_step(task, config, image_shape, devices):
-  """Lowers and compiles the loop's train step for `devices`; returns the compiler's figures."""
+def compile_train_step(task, config, image_shape, devices, *, keep_hlo=False):
+  """Lowers and compiles the loop's train step for `devices`; returns the compiler's figures
+  (with `keep_hlo`, also the optimized HLO text as 'hlo')."""
   mesh = train_state.make_mesh(config, devices)
   builder = train_state.StateBuilder(task.model_constructor(tuple(image_shape)), config, mesh)
   builder.rest = jax.tree.map(np.asarray, jax.eval_shape(lambda: builder._init_fn()[1]))  # pylint: disable=protected-access
@@ -193,6 +174,9 @@ def compile_train_step(task, config, image_shape, devices):
     jax.config.update('jax_enable_compilation_cache', cache)
   t2 = time.time()
   memory = compiled.memory_analysis()
+  hlo = compiled.as_text()
+  records, trips_known = hlo_collectives.instances(hlo)
+  communicated, _ = hlo_collectives.collectives(hlo)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {
@@ -206,10 +190,12 @@ def compile_train_step(task, config, image_shape, devices):
       # XLA's cost analysis counts a while loop's body once: with scanned DiT blocks this is
       # about one block's share, so the MFU below uses the analytic count.
       'compiler_flops_per_device': float(cost.get('flops', 0.0)),
-      'collectives': collectives(compiled.as_text()),
+      'collectives': communicated,  # per step: loop bodies × their trip counts
+      'loop_trip_counts_known': trips_known,
+      'largest_collectives': hlo_collectives.largest(records),
       'lower_s': round(t1 - t0, 2), 'compile_s': round(t2 - t1, 2),
       'largest_arrays': _largest_arrays(state),
-  }
+  } | ({'hlo': hlo} if keep_hlo else {})
 
 
 def run(config, workdir):

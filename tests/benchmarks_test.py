@@ -1,9 +1,12 @@
 """The benchmarks run at smoke size and print well-formed numbers (they never assert speed)."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from tests import subprocess_env
 
@@ -111,3 +114,16 @@ def test_checkpoint_io_smoke():
   for key in ('checksum_first_s', 'checksum_s', 'save_s', 'restore_verified_s'):
     assert row[key] > 0, row
   assert abs(row['checksum_fraction_of_save'] - row['checksum_s'] / row['save_s']) < 0.01
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason=f'libtpu is not installed for Python {sys.version.split()[0]}')
+def test_sharding_review_smoke():
+  report = json.loads(_run('sharding_review.py', '--smoke', '--json'))
+  assert report['ici_topology'] == 'v5e:2x2'
+  assert [(r['mesh'], r['constraints']) for r in report['rows']] == [('fsdp', False),
+                                                                      ('fsdp', True)]
+  for row in report['rows']:
+    assert row['mesh_shape'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
+    assert row['argument_gib'] > 0 and row['collectives']['all-gather']['count'] > 0
+    assert row['total_mb'] == pytest.approx(sum(c['mb'] for c in row['collectives'].values()))

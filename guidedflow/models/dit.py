@@ -24,7 +24,10 @@ Logical axis names on parameters (mapped to mesh axes by `guidedflow.sharding`):
 'layers' (the stacked-block axis, replicated), 'embed' (model width), 'mlp' (MLP hidden,
 time-MLP hidden), 'heads' (fused heads × head_dim of q/k/v and of the attention output
 projection's input), 'modulation' (the adaLN 6·width / 2·width outputs), 'patch' (p·p·C patch
-features), 'classes' (label-table rows), None (small dims).
+features), 'classes' (label-table rows), None (small dims). Activations are pinned to the
+batch split ('data' × 'fsdp'), heads and MLP hidden to 'tensor' (`layers.constrain`), so that
+under FSDP XLA gathers weights and reduce-scatters gradients instead of sharding activations
+like the weights (benchmarks/sharding_review.py).
 """
 
 import dataclasses
@@ -37,8 +40,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from guidedflow.models import precision
-from guidedflow.models.layers import (LAYER_AXIS, as_hw, layer_norm_f32, partitioned,
-                                      sincos_2d_position_embedding, timestep_embedding)
+from guidedflow.models.layers import (LAYER_AXIS, UNCONSTRAINED, as_hw, constrain,
+                                      layer_norm_f32, partitioned, sincos_2d_position_embedding,
+                                      timestep_embedding)
 
 # Width / depth / heads of each size; the patch size is written after a slash: 'XL/2', 'S/4'.
 # S, B, L, XL are the DiT paper's; T is a CPU-sized model for 28×28 Fashion-MNIST (use T/4 —
@@ -169,6 +173,7 @@ class Attention(nnx.Module):
     head_dim = width // self.num_heads
     qkv = self.qkv(x).astype(self.dtype)
     qkv = qkv.reshape(batch, tokens, self.num_heads, 3, head_dim)           # (B, N, H, 3, Dh)
+    qkv = constrain(qkv, 'batch', None, 'heads', None, None)
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]            # (B, N, H, Dh)
     if self.impl == 'einsum':
       q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
@@ -177,6 +182,7 @@ class Attention(nnx.Module):
       out = precision.einsum('bhqk,bkhd->bqhd', probs, v).astype(self.dtype)
     else:  # f32 logits (scaled in f32) and softmax, probabilities cast to the compute dtype.
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+    out = constrain(out, 'batch', None, 'heads', None)
     return self.proj(out.reshape(batch, tokens, width))
 
 
@@ -198,15 +204,18 @@ class DiTBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     # x: (B, N, D) float32 residual stream; c: (B, D) conditioning.
+    x = constrain(x, 'batch', UNCONSTRAINED, UNCONSTRAINED)
     mod = self.modulation(nnx.silu(c)).astype(jnp.float32)[:, None, :]  # (B, 1, 6D)
+    mod = constrain(mod, 'batch', None, UNCONSTRAINED)
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
     h = _modulate(layer_norm_f32(x), shift_a, scale_a).astype(self.dtype)
     x = x + gate_a * self.attn(h).astype(jnp.float32)
     h = _modulate(layer_norm_f32(x), shift_m, scale_m).astype(self.dtype)
     # GeLU in the compute dtype, as before the f32-accumulating dots: its saved intermediates
     # are (B, N, 4D) tensors, the largest residuals of the block (benchmarks/memory.py).
-    h = self.fc2(nnx.gelu(self.fc1(h).astype(self.dtype), approximate=True))
-    return x + gate_m * h.astype(jnp.float32)
+    h = constrain(self.fc1(h).astype(self.dtype), 'batch', None, 'mlp')
+    h = self.fc2(nnx.gelu(h, approximate=True))
+    return constrain(x + gate_m * h.astype(jnp.float32), 'batch', UNCONSTRAINED, UNCONSTRAINED)
 
 
 class DiT(nnx.Module):
@@ -291,10 +300,13 @@ class DiT(nnx.Module):
     x = x.reshape(batch, gh * gw, cfg.patch_dim).astype(self.dtype)
     pos = sincos_2d_position_embedding(cfg.width, gh, gw)                  # (N, D) constant
     h = self.patch_embed(x).astype(jnp.float32) + pos[None]                # (B, N, D) f32
+    # Split over the batch, not like the FSDP-sharded weights (layers.constrain).
+    h = constrain(h, 'batch', UNCONSTRAINED, UNCONSTRAINED)
 
     t_emb = timestep_embedding(t, TIME_FREQUENCY_DIM, time_scale=TIME_SCALE)  # (B, 256) f32
     t_emb = self.time_mlp2(nnx.silu(self.time_mlp1(t_emb.astype(self.dtype))))
     c = t_emb.astype(jnp.float32) + self.label_embed(y).astype(jnp.float32)  # (B, D)
+    c = constrain(c, 'batch', None)
 
     if self.scan_blocks:
       h = _scan_blocks(self.blocks, h, c, self.remat)
@@ -306,7 +318,7 @@ class DiT(nnx.Module):
     shift, scale = jnp.split(self.final_modulation(nnx.silu(c)).astype(jnp.float32)[:, None],
                              2, axis=-1)
     h = _modulate(layer_norm_f32(h), shift, scale).astype(self.dtype)
-    out = self.final_proj(h).astype(jnp.float32)                           # (B, N, p·p·C)
+    out = constrain(self.final_proj(h).astype(jnp.float32), 'batch', None, None)  # (B, N, p·p·C)
     # Unpatchify: (B, gh·gw, p·p·C) → (B, H, W, C).
     out = out.reshape(batch, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
     return out.reshape(batch, height, width, channels)

@@ -1,4 +1,5 @@
-"""Small pieces shared by the networks: logical-axis initialisers, f32 norms, time embeddings."""
+"""Small pieces shared by the networks: logical-axis initialisers and activation constraints,
+f32 norms, time embeddings."""
 
 import math
 from typing import Callable, Sequence
@@ -23,6 +24,41 @@ def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
   are placed on a mesh by `sharding.state_shardings` (init under `jax.jit`).
   """
   return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+# Logical activation dims → axes of `guidedflow.sharding`'s mesh ('data', 'fsdp', 'tensor'):
+# the batch is split over data × fsdp, heads and the MLP hidden over tensor. A name not listed
+# (None) is replicated; `UNCONSTRAINED` leaves the dim to XLA.
+ACTIVATION_RULES = {'batch': ('data', 'fsdp'), 'heads': ('tensor',), 'mlp': ('tensor',)}
+UNCONSTRAINED = jax.sharding.PartitionSpec.UNCONSTRAINED
+CONSTRAIN_ACTIVATIONS = True  # False: XLA alone decides (benchmarks/sharding_review.py compares)
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  """`x` pinned to the mesh layout of its logical dims `names` (one per dim of x).
+
+  Without this, XLA's sharding propagation may follow the FSDP-sharded weights into the
+  activations: XL-size blocks then all-gather the global batch and all-reduce (B, N, 4D)
+  partial sums instead of all-gathering weights and reduce-scattering gradients
+  (`benchmarks/sharding_review.py`). A no-op outside a multi-device mesh (`jax.set_mesh`) or
+  for mesh axes the mesh lacks; a dim its axes do not divide is left to XLA.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or not CONSTRAIN_ACTIVATIONS:
+    return x
+  spec = []
+  for dim, name in zip(x.shape, names, strict=True):
+    if name is UNCONSTRAINED or name is None:
+      spec.append(name)
+      continue
+    axes = tuple(a for a in ACTIVATION_RULES[name] if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes:
+      spec.append(None)
+    elif dim % math.prod(mesh.shape[a] for a in axes):
+      spec.append(UNCONSTRAINED)
+    else:
+      spec.append(axes if len(axes) > 1 else axes[0])
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
 def layer_norm_f32(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -48,8 +48,13 @@ def _matmul_f32(lhs, rhs, dimension_numbers):
   XLA:CPU sends a mixed dot to its matmul library (YNNPACK) only in some layouts; the others
   fall to a runtime without a bf16 × bf16 → f32 kernel ("Unsupported element type for
   DotThunk"). Transposing and flattening to one batch, one M, one K and one N dimension gives a
-  layout it always takes (and, with no batch, a plain 2-D GEMM).
+  layout it always takes (and, with no batch, a plain 2-D GEMM). Only for XLA:CPU: on TPU and
+  GPU the flattening (b and h merged into one batch dim) and the barrier would keep XLA from
+  sharding the dot and fusing around it (attention heads were all-gathered under a 'tensor'
+  mesh axis: benchmarks/sharding_review.py), so there it is the plain mixed dot.
   """
+  if _target_platform() != 'cpu':
+    return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
   (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
   x_kept = _kept(lhs.ndim, x_contract, x_batch)
   y_kept = _kept(rhs.ndim, y_contract, y_batch)
@@ -67,6 +72,14 @@ def _matmul_f32(lhs, rhs, dimension_numbers):
   shape = ([lhs.shape[d] for d in x_batch] + [lhs.shape[d] for d in x_kept]
            + [rhs.shape[d] for d in y_kept])
   return out.reshape(shape)
+
+
+def _target_platform():
+  """The platform the traced program is for: the mesh's (`jax.set_mesh`, e.g. TPU devices of an
+  ahead-of-time compile on a CPU host), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
+  return getattr(device, 'platform', None) or jax.default_backend()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
