@@ -27,6 +27,7 @@ import numpy as np
 from guidedflow import errors
 from guidedflow import hlo_collectives
 from guidedflow import latents
+from guidedflow import sampler as sampler_lib
 from guidedflow import tasks
 from guidedflow import train_state
 from guidedflow import tree_compat
@@ -141,22 +142,25 @@ def _analytic_flops(task, image_shape, config, num_devices):
   return 3.0 * model.flops_per_example() * config.train.batch_size / num_devices
 
 
-def compile_train_step(task, config, image_shape, devices, *, keep_hlo=False):
-  """Lowers and compiles the loop's train step for `devices`; returns the compiler's figures
-  (with `keep_hlo`, also the optimized HLO text as 'hlo')."""
+def _builder(task, config, image_shape, devices):
+  """The task's StateBuilder on the config's mesh over `devices`, with nothing allocated."""
   mesh = train_state.make_mesh(config, devices)
   builder = train_state.StateBuilder(task.model_constructor(tuple(image_shape)), config, mesh)
   builder.rest = jax.tree.map(np.asarray, jax.eval_shape(lambda: builder._init_fn()[1]))  # pylint: disable=protected-access
   if jax.tree.leaves(builder.rest):
     raise errors.ConfigError('--mode=compile: this model has non-parameter state, which the '
                              'compile-only path cannot make without running it.')
-  step = builder.make_train_step(task.loss)
-  state = builder.abstract_state()
-  batch = _abstract_batch(task, config, image_shape, builder)
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=builder.replicated)
+  return builder
+
+
+def _compile(what, lower, state, keep_hlo):
+  """XLA's figures for the program `lower()` returns, compiled for its devices (TPU).
+
+  Raises:
+    DoesNotFitError: XLA:TPU refused it for want of HBM.
+  """
   t0 = time.time()
-  with jax.set_mesh(mesh):
-    lowered = step.jitted.lower(state, batch, key)
+  lowered = lower()
   t1 = time.time()
   # A TPU executable cannot be read back from the persistent cache without a TPU client: keep
   # these compiles out of it (jax warns on every lookup otherwise).
@@ -168,7 +172,7 @@ def compile_train_step(task, config, image_shape, devices, *, keep_hlo=False):
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
     raise DoesNotFitError(
-        f'the train step does not fit the target ({str(e).strip().splitlines()[0]}); largest '
+        f'the {what} does not fit the target ({str(e).strip().splitlines()[0]}); largest '
         f'arrays per device: {_largest_arrays(state)}. {_FIT_ADVICE}') from None
   finally:
     jax.config.update('jax_enable_compilation_cache', cache)
@@ -176,26 +180,63 @@ def compile_train_step(task, config, image_shape, devices, *, keep_hlo=False):
   memory = compiled.memory_analysis()
   hlo = compiled.as_text()
   records, trips_known = hlo_collectives.instances(hlo)
-  communicated, _ = hlo_collectives.collectives(hlo)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {
-      'mesh': dict(mesh.shape), 'devices': len(devices),
-      'analytic_flops_per_device': _analytic_flops(task, image_shape, config, len(devices)),
-      'parameters': builder.param_count(state),
       'argument_bytes': int(memory.argument_size_in_bytes),
       'output_bytes': int(memory.output_size_in_bytes),
       'alias_bytes': int(memory.alias_size_in_bytes),
       'temp_bytes': int(memory.temp_size_in_bytes),
       # XLA's cost analysis counts a while loop's body once: with scanned DiT blocks this is
-      # about one block's share, so the MFU below uses the analytic count.
+      # about one block's share, so the MFU uses the analytic count.
       'compiler_flops_per_device': float(cost.get('flops', 0.0)),
-      'collectives': communicated,  # per step: loop bodies × their trip counts
+      # per run of the program: loop bodies × their trip counts
+      'collectives': hlo_collectives.collectives(hlo)[0],
       'loop_trip_counts_known': trips_known,
       'largest_collectives': hlo_collectives.largest(records),
       'lower_s': round(t1 - t0, 2), 'compile_s': round(t2 - t1, 2),
-      'largest_arrays': _largest_arrays(state),
   } | ({'hlo': hlo} if keep_hlo else {})
+
+
+def compile_train_step(task, config, image_shape, devices, *, keep_hlo=False, builder=None):
+  """Lowers and compiles the loop's train step for `devices`; returns the compiler's figures
+  (with `keep_hlo`, also the optimized HLO text as 'hlo')."""
+  builder = builder or _builder(task, config, image_shape, devices)
+  step = builder.make_train_step(task.loss)
+  state = builder.abstract_state()
+  batch = _abstract_batch(task, config, image_shape, builder)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=builder.replicated)
+
+  def lower():
+    with jax.set_mesh(builder.mesh):
+      return step.jitted.lower(state, batch, key)
+
+  return {'mesh': dict(builder.mesh.shape), 'devices': len(devices),
+          'analytic_flops_per_device': _analytic_flops(task, image_shape, config, len(devices)),
+          'parameters': builder.param_count(state),
+          **_compile('train step', lower, state, keep_hlo),
+          'largest_arrays': _largest_arrays(state)}
+
+
+def compile_sampler(task, config, image_shape, devices, *, builder=None):
+  """Lowers and compiles the generator's CFG sampler (`Sampler.lower_cfg`: the `sampling.*`
+  settings at `sampling.batch_size`, rounded up to the batch shards) for `devices`; None for a
+  task without one. A latent generator's sampler decodes with an abstract SD-VAE (an
+  `autoencoder.weights` config); a guidedflow autoencoder's sizes live in its run, so then the
+  sampler is compiled without decoding ('decodes': False)."""
+  if task.name != 'generate':
+    return None
+  builder = builder or _builder(task, config, image_shape, devices)
+  state = builder.abstract_state()
+  space = latents.CompileStandIn(config) if latents.is_latent(config) else None
+  decodes = space is not None and space.has_decoder
+  sampler = sampler_lib.Sampler(config, builder, sampler_lib.sampled_weights(state),
+                                image_shape=image_shape, latent_space=space if decodes else None)
+  shards = math.prod(builder.mesh.shape[a] for a in ('data', 'fsdp'))
+  batch = -(-int(config.sampling.batch_size) // shards) * shards
+  figures = _compile('CFG sampler', lambda: sampler.lower_cfg(batch), state, False)
+  return {'batch_size': batch, 'num_steps': int(config.sampling.num_steps),
+          'method': config.sampling.method, 'decodes': decodes, **figures}
 
 
 def run(config, workdir):
@@ -219,11 +260,14 @@ def run(config, workdir):
 
 
 def report(task, config, image_shape):
-  """The compile of `task`'s train step: the table (logged) and the JSON-able report.
+  """The compile of `task`'s train step and (a generator's) CFG sampler: the table (logged)
+  and the JSON-able report (the train step's figures at the top level, the sampler's under
+  'sampler').
 
   Raises:
-    DoesNotFitError: the step needs more per-device memory than the chip has; names the
-      largest arrays and what to change.
+    DoesNotFitError: the step, or the sampler beside the resident train state (the periodic
+      grids of a training), needs more per-device memory than the chip has; names the largest
+      arrays and what to change.
   """
   options = config.get('compile') or {}
   name, slices = options.get('topology'), int(options.get('num_slices') or 1)
@@ -232,10 +276,10 @@ def report(task, config, image_shape):
                              '(or v5e-32, v4-32, v5p:4x4x2).')
   generation, topology, chips, devices = topology_devices(name, slices)
   chip = CHIPS[generation]
-  figures = compile_train_step(task, config, image_shape, devices)
+  builder = _builder(task, config, image_shape, devices)
+  figures = compile_train_step(task, config, image_shape, devices, builder=builder)
   per_device_hbm = chip.hbm_bytes * chips / len(devices)
-  total = (figures['argument_bytes'] + figures['output_bytes'] - figures['alias_bytes']
-           + figures['temp_bytes'])
+  total = _total(figures)
   step_time = float(options.get('step_time_s') or 1.0)
   peak = chip.peak_bf16_flops * chips / len(devices)
   report = dict(topology=name, ici_topology=topology, num_slices=slices, chips=chips,
@@ -243,14 +287,41 @@ def report(task, config, image_shape):
                 headroom=round(1 - total / per_device_hbm, 3), step_time_s=step_time,
                 mfu_at_step_time=(None if figures['analytic_flops_per_device'] is None else round(
                     figures['analytic_flops_per_device'] / step_time / peak, 4)))
+  _check_fits(report, 'the train step', total, figures)
+  sampler = compile_sampler(task, config, image_shape, devices, builder=builder)
+  if sampler is not None:
+    # Its arguments (the EMA weights) are part of the train state, resident while a training
+    # samples its periodic grids: that peak is the train state + the sampler's own buffers.
+    sampler['total_bytes'] = int(_total(sampler))
+    sampler['with_train_state_bytes'] = int(
+        figures['argument_bytes'] + sampler['output_bytes'] + sampler['temp_bytes'])
+    report['sampler'] = sampler
   _log_table(report)
-  if total > per_device_hbm:
-    raise DoesNotFitError(
-        f'config does not fit {name}: the train step needs {total / GiB:.2f} GiB per device '
-        f'(arguments {figures["argument_bytes"] / GiB:.2f}, temporaries '
-        f'{figures["temp_bytes"] / GiB:.2f}) but a device has {per_device_hbm / GiB:.1f} GiB; '
-        f'largest arrays per device: {figures["largest_arrays"]}. {_FIT_ADVICE}')
+  if sampler is not None:
+    _check_fits(report, 'the CFG sampler beside the train state',
+                sampler['with_train_state_bytes'], sampler | {'argument_bytes': figures[
+                    'argument_bytes'], 'largest_arrays': figures['largest_arrays']})
   return report
+
+
+def _total(figures):
+  return (figures['argument_bytes'] + figures['output_bytes'] - figures['alias_bytes']
+          + figures['temp_bytes'])
+
+
+def _check_fits(report, what, total, figures):
+  hbm = report['hbm_bytes_per_device']
+  if total > hbm:
+    raise DoesNotFitError(
+        f'config does not fit {report["topology"]}: {what} needs {total / GiB:.2f} GiB per '
+        f'device (arguments {figures["argument_bytes"] / GiB:.2f}, temporaries '
+        f'{figures["temp_bytes"] / GiB:.2f}) but a device has {hbm / GiB:.1f} GiB; largest '
+        f'arrays per device: {figures["largest_arrays"]}. {_FIT_ADVICE}')
+
+
+def _collectives_row(figures):
+  return ', '.join(f'{op} ×{c["count"]} ({c["bytes"] / 2**20:.1f} MB)'
+                   for op, c in sorted(figures['collectives'].items())) or 'none'
 
 
 def _log_table(r):
@@ -266,8 +337,17 @@ def _log_table(r):
           ('FLOPs / step / device', f'{r["analytic_flops_per_device"] or float("nan"):.4g} '
                                     f'(analytic; XLA counts {r["compiler_flops_per_device"]:.4g})'),
           (f'MFU at {r["step_time_s"]} s/step', f'{(r["mfu_at_step_time"] or 0):.2%}'),
-          ('collectives', ', '.join(f'{op} ×{c["count"]} ({c["bytes"] / 2**20:.1f} MB)'
-                                    for op, c in sorted(r['collectives'].items())) or 'none'),
+          ('collectives / step', _collectives_row(r)),
           ('lower / compile', f'{r["lower_s"]} s / {r["compile_s"]} s')]
-  logging.info('Ahead-of-time compile of the train step:\n%s',
-               '\n'.join(f'  {k:28s} {v}' for k, v in rows))
+  s = r.get('sampler')
+  if s:
+    rows += [('CFG sampler', f'{s["method"]}, {s["num_steps"]} steps, batch {s["batch_size"]}'
+                             f'{", decoding to pixels" if s["decodes"] else ""}'),
+             ('  args / temps / outputs', f'{gib(s["argument_bytes"])} / {gib(s["temp_bytes"])}'
+                                          f' / {gib(s["output_bytes"])}'),
+             ('  with the train state', f'{gib(s["with_train_state_bytes"])} / '
+                                        f'{gib(r["hbm_bytes_per_device"])}'),
+             ('  collectives / call', _collectives_row(s)),
+             ('  lower / compile', f'{s["lower_s"]} s / {s["compile_s"]} s')]
+  logging.info('Ahead-of-time compile of the train step%s:\n%s',
+               ' and the CFG sampler' if s else '', '\n'.join(f'  {k:28s} {v}' for k, v in rows))

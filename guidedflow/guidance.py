@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from guidedflow import paths as paths_lib
 
@@ -34,7 +35,7 @@ def cfg_combine(cond, uncond, guidance_scale):
 
 
 def guided_prediction(model_fn, x, t, y, *, null_label, guidance_scale):
-  """CFG prediction from ONE model call on the doubled batch [x; x], labels [y; ∅].
+  """CFG prediction from ONE model call on the doubled batch: x with labels y and with ∅.
 
   Args:
     model_fn: (x, t, y) -> prediction of x's shape; t has shape (2B,).
@@ -50,11 +51,13 @@ def guided_prediction(model_fn, x, t, y, *, null_label, guidance_scale):
   batch = x.shape[0]
   t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (batch,))
   y = jnp.asarray(y)
-  prediction = model_fn(
-      jnp.concatenate([x, x], axis=0),
-      jnp.concatenate([t, t], axis=0),
-      jnp.concatenate([y, jnp.full_like(y, null_label)], axis=0))
-  cond, uncond = prediction[:batch], prediction[batch:]
+  # Each sample's conditional row is next to its unconditional one, (x_i, y_i), (x_i, ∅): a
+  # batch split over devices keeps both rows of its samples (with [x; x] halves the rows would
+  # move between devices on the way in and out).
+  pair = lambda a, b: jnp.stack([a, b], axis=1).reshape((2 * batch,) + a.shape[1:])  # pylint: disable=unnecessary-lambda-assignment
+  prediction = model_fn(pair(x, x), pair(t, t), pair(y, jnp.full_like(y, null_label)))
+  prediction = prediction.reshape((batch, 2) + prediction.shape[1:])
+  cond, uncond = prediction[:, 0], prediction[:, 1]
   return cfg_combine(cond, uncond, guidance_scale)
 
 
@@ -63,14 +66,16 @@ def guidance_active(t, interval):
 
   The bounds are compared in t's float dtype (float32 for the sampler's grid), so the sampler's
   static plan (`sampling.cfg_plan`, on the concrete grid) and `effective_scale` (traced) agree
-  at the boundaries. `interval=None` means everywhere.
+  at the boundaries. `interval=None` means everywhere. Host (numpy) times give a numpy answer,
+  computed without a device.
   """
-  t = jnp.asarray(t)
-  if not jnp.issubdtype(t.dtype, jnp.floating):
-    t = t.astype(jnp.float32)
+  xp = np if isinstance(t, (np.ndarray, np.generic, float, int)) else jnp
+  t = xp.asarray(t)
+  if not xp.issubdtype(t.dtype, xp.floating):
+    t = t.astype(xp.float32)
   if interval is None:
-    return jnp.ones(t.shape, bool)
-  t_lo, t_hi = (jnp.asarray(v, t.dtype) for v in interval)
+    return xp.ones(t.shape, bool)
+  t_lo, t_hi = (xp.asarray(v, t.dtype) for v in interval)
   return (t >= t_lo) & (t <= t_hi)
 
 

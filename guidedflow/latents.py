@@ -86,12 +86,27 @@ class LatentSpace:
 
 
 class CompileStandIn:
-  """What the train step needs of the frozen autoencoder, for ahead-of-time compiles
-  (`guidedflow.aot`): z = mean + σ·ε, shifted and scaled. The run's real shift and scale are
-  constants of the program that change neither its shapes nor its cost, so none is loaded."""
+  """The frozen autoencoder as ahead-of-time compiles (`guidedflow.aot`) see it, nothing loaded:
+  the train step's z = mean + σ·ε, shifted and scaled (the run's real shift and scale are
+  constants of the program that change neither its shapes nor its cost) and, for an SD-VAE
+  config (`autoencoder.weights`: the architecture is fixed), the sampler's decoder with
+  abstract weights. `has_decoder` is False for a guidedflow autoencoder run, whose sizes live
+  in its workdir."""
 
   shift, scale, source = 0.0, 1.0, 'an ahead-of-time compile (no autoencoder loaded)'
   to_generator = LatentSpace.to_generator
+  decode = LatentSpace.decode
+  _model = LatentSpace._model  # pylint: disable=protected-access
+
+  def __init__(self, config=None):
+    self.graphdef = self.params = None
+    self.has_decoder = bool(config is not None and config.autoencoder.get('weights'))
+    if self.has_decoder:
+      model = nnx.eval_shape(lambda: autoencoder_lib.AutoencoderKL(rngs=nnx.Rngs(0)))
+      self.graphdef, self.params = nnx.split(model)
+      self.downsample_factor = int(model.downsample_factor)
+      self.latent_channels = int(model.latent_channels)
+      self.in_channels = int(model.in_channels)
 
 
 def _fingerprint(params, shift, scale):

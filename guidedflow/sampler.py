@@ -122,7 +122,7 @@ class Sampler:
   @classmethod
   def from_train_state(cls, config, builder, state, image_shape, latent_space=None,
                        classifier=None):
-    return cls(config, builder, _weights(state), image_shape=image_shape,
+    return cls(config, builder, sampled_weights(state), image_shape=image_shape,
                step=int(state['step']), latent_space=latent_space, classifier=classifier)
 
   @classmethod
@@ -138,7 +138,7 @@ class Sampler:
 
   def update(self, state):
     """Samples from `state`'s weights from now on (same compiled programs)."""
-    self.params, self.step = _weights(state), int(state['step'])
+    self.params, self.step = sampled_weights(state), int(state['step'])
 
   def _program(self, options, use_cfg, use_classifier):
     cache_key = tuple(sorted(options.items())) + (('use_cfg', use_cfg),
@@ -201,16 +201,11 @@ class Sampler:
     `self.guidance` ('cfg': w; 'classifier': w_c on the unconditional field; 'cfg+classifier':
     both).
     """
-    config = self.config.sampling
     labels = np.asarray(labels, np.int32)
     (labels, classifier_labels, guidance_scale, classifier_scale, use_cfg,
      use_classifier) = self._guidance_inputs(labels, guidance_scale, classifier_scale)
-    options = dict(
-        num_steps=num_steps or config.num_steps, method=method or config.method,
-        sigma_schedule=sigma_schedule or config.sigma_schedule,
-        guidance_interval=(tuple(config.guidance_interval)
-                           if config.guidance_interval is not None else None))
-    sigma = config.sigma if sigma is None else sigma
+    options = self._options(num_steps, method, sigma_schedule)
+    sigma = self.config.sampling.sigma if sigma is None else sigma
     sampling.validate_sampling_args(
         parameterization=self.config.loss.parameterization, null_label=self.null_label,
         guidance_scale=guidance_scale, labels=labels, classifier_scale=classifier_scale,
@@ -230,6 +225,28 @@ class Sampler:
         samples = samples[:num]
     self.classifier_nfe = int(classifier_nfe)
     return samples, int(nfe)
+
+  def _options(self, num_steps=None, method=None, sigma_schedule=None):
+    config = self.config.sampling
+    return dict(num_steps=num_steps or config.num_steps, method=method or config.method,
+                sigma_schedule=sigma_schedule or config.sigma_schedule,
+                guidance_interval=(tuple(config.guidance_interval)
+                                   if config.guidance_interval is not None else None))
+
+  def lower_cfg(self, batch_size):
+    """The CFG program of the `sampling.*` settings (w ≠ 1; decoding included for a latent
+    generator) lowered for `batch_size` labels on abstract arguments, for ahead-of-time
+    compiles (`guidedflow.aot`): `self.params` and the decoder's may be ShapeDtypeStructs."""
+    b = self.builder
+    abstract = lambda shape, dtype, where: jax.ShapeDtypeStruct(shape, dtype, sharding=where)  # pylint: disable=unnecessary-lambda-assignment
+    labels = abstract((batch_size,), jnp.int32, b.batch_sharding)
+    scalar = abstract((), jnp.float32, b.replicated)
+    decoder = None if self.latent_space is None else jax.tree.map(
+        lambda x: abstract(x.shape, x.dtype, b.replicated), self.latent_space.params)
+    program = self._program(self._options(), use_cfg=True, use_classifier=False)
+    with jax.set_mesh(b.mesh):
+      return program.lower(self.params, decoder, None, abstract((2,), jnp.uint32, b.replicated),
+                           labels, labels, scalar, scalar, scalar)
 
   def sample_images(self, key, labels, guidance_scale, *, batch_size=None, **options):
     """uint8 samples for any number of labels, in padded batches of one compiled shape.
@@ -270,7 +287,8 @@ class Sampler:
                                          samples_per_class=per_class)
 
 
-def _weights(state):
+def sampled_weights(state):
+  """The weights a sampler samples from: the EMA's when the state has them."""
   return state['ema_params'] if 'ema_params' in state else state['params']
 
 

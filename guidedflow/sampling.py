@@ -107,8 +107,10 @@ def start_time(parameterization, method, sigma_schedule, t_eps=DEFAULT_T_EPS, cl
 
 
 def time_grid(num_steps, t_start):
-  """Uniform grid t_start = t_0 < ... < t_N = 1, float32 (N + 1,)."""
-  return jnp.linspace(t_start, 1.0, num_steps + 1, dtype=jnp.float32)
+  """Uniform grid t_start = t_0 < ... < t_N = 1, float32 (N + 1,): numpy, computed in float64
+  on the host, so the sampler's constant grid is the same on every backend and is made without
+  a device (an ahead-of-time compile for TPU devices this host does not have)."""
+  return np.linspace(float(t_start), 1.0, num_steps + 1).astype(np.float32)
 
 
 def diffusion_coefficient(t, *, path, sigma_schedule, sigma):
@@ -153,8 +155,8 @@ def uses_cfg(guidance_scale):
 
 def _concrete_grid(num_steps, t_start):
   """`time_grid` as a concrete array, also while tracing (the CFG plan is static)."""
-  with jax.ensure_compile_time_eval():
-    return time_grid(num_steps, t_start)
+  with jax.ensure_compile_time_eval():  # (a jnp grid, e.g. a test's patch, is concrete too)
+    return np.asarray(time_grid(num_steps, t_start), np.float32)
 
 
 def uses_classifier(classifier_fn, classifier_scale):
@@ -198,8 +200,7 @@ def cfg_plan(method, grid, guidance_interval, use_cfg):
   if not use_cfg:
     active = np.zeros(num_steps + 1, bool)
   else:
-    with jax.ensure_compile_time_eval():  # concrete also inside an outer jit
-      active = np.asarray(guidance.guidance_active(grid, guidance_interval))
+    active = guidance.guidance_active(grid, guidance_interval)  # numpy: the plan is static
   heun = method == 'heun'
   patterns = [(bool(active[i]), bool(active[i + 1]) if heun and i < num_steps - 1 else None)
               for i in range(num_steps)]
@@ -369,7 +370,7 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
   """Draws samples from the guided model by integrating from noise (t = 0) to data (t = 1).
 
   Integrates over the uniform grid `time_grid(num_steps, start_time(...))` in `lax.scan`. A
-  model evaluation with guidance is a CFG call on the doubled batch [x; x] with labels [y; ∅],
+  model evaluation with guidance is a CFG call on the doubled batch (each x with y and with ∅),
   combined with `guidance.cfg_combine`; the prediction is converted to velocity (and, for
   Euler–Maruyama, score) with the path's formulas. No method evaluates the model at t = 1: Euler
   and Euler–Maruyama evaluate at the left end of each step and Heun's last step is an Euler

@@ -148,9 +148,9 @@ def test_cfg_plus_classifier_runs_both_terms(runs, monkeypatch):
   labels = np.array([1, 2, 3, 4], np.int32)
   _, nfe = sampler.sample(jax.random.key(1), labels, 2.0, classifier_scale=1.0)
   jax.effects_barrier()
-  # CFG doubles the batch (labels then ∅), the classifier runs once per step.
+  # CFG doubles the batch (each label beside ∅), the classifier runs once per step.
   assert nfe == 6 and sampler.classifier_nfe == 3
-  assert all(list(s) == [1, 2, 3, 4] + [NULL] * 4 for s in seen)
+  assert all(list(s) == [1, NULL, 2, NULL, 3, NULL, 4, NULL] for s in seen)
 
 
 def test_missing_or_mismatched_classifier_is_one_clear_error(runs, tmp_path):

@@ -69,7 +69,7 @@ class GeneratorTask(tasks.Task):
     if not latents.is_latent(self.config):
       return super().abstract_batch(batch_size, image_shape)
     if self._latent_space is None:
-      self._latent_space = latents.CompileStandIn()
+      self._latent_space = latents.CompileStandIn(self.config)
     moments = ((batch_size, *image_shape), jnp.float32)
     return {'mean': moments, 'logvar': moments, 'label': ((batch_size,), jnp.int32)}
 
