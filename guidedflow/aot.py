@@ -240,23 +240,37 @@ def compile_sampler(task, config, image_shape, devices, *, builder=None):
 
 
 def run(config, workdir):
-  """--mode=compile: compiles the task's train step for `config.compile.topology`, logs the
-  table and returns the report, also written to <workdir>/compile.json.
+  """--mode=compile: compiles the task's train step (and a generator's sampler) for
+  `config.compile.topology`, logs the table and returns the report, also written to
+  <workdir>/compile.json.
 
-  The image shape is `compile.image_shape` or the train split's (a latent generator must give
-  its latent shape: no autoencoder is loaded and no data read)."""
+  The image shape is `compile.image_shape`, else the train split's; a latent generator reads no
+  data and loads no autoencoder: with an SD-VAE (fixed architecture) its latent shape follows
+  from `input.image_size`, a guidedflow autoencoder's must be given."""
   task = tasks.get_task(config, workdir)
   shape = (config.get('compile') or {}).get('image_shape')
   if not shape and latents.is_latent(config):
-    raise errors.ConfigError(
-        '--mode=compile of a latent generator needs the latent shape (no autoencoder is loaded '
-        'and no data read): --config.compile.image_shape=32,32,4 for 256-px images and the SD '
-        'VAE (1/8 the side, 4 channels).')
+    shape = _latent_shape(config)
   image_shape = tuple(shape) if shape else tuple(task.train_dataset().image_shape)
   result = report(task, config, image_shape)
   if jax.process_index() == 0:
     (epath.Path(workdir) / 'compile.json').write_text(json.dumps(result, indent=2))
   return result
+
+
+def _latent_shape(config):
+  space = latents.CompileStandIn(config)
+  size = config.input.get('image_size')
+  if not space.has_decoder or not size:
+    raise errors.ConfigError(
+        '--mode=compile of this latent generator needs its latent shape (no autoencoder is '
+        'loaded and no data read): e.g. --config.compile.image_shape=8,8,4 for the latents of '
+        'your autoencoder.')
+  f = space.downsample_factor
+  if size % f:
+    raise errors.ConfigError(f'config.input.image_size={size} is not divisible by the SD-VAE\'s '
+                             f'downsampling factor {f}.')
+  return (size // f, size // f, space.latent_channels)
 
 
 def report(task, config, image_shape):

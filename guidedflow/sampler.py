@@ -146,8 +146,13 @@ class Sampler:
     if cache_key not in self._compiled:
       parameterization = self.config.loss.parameterization
 
+      gathered = (sharding.without_axis(self.builder.param_shardings, 'fsdp')
+                  if validation.get(self.config, 'sampling.gather_weights') else None)
+
       def run(params, decoder_params, classifier_params, key, labels, classifier_labels,
               guidance_scale, classifier_scale, sigma):
+        if gathered is not None:  # once per call, not once per model evaluation (FSDP)
+          params = jax.lax.with_sharding_constraint(params, gathered)
         model = self.builder.merge(params)
         classifier_fn = None
         if use_classifier:

@@ -248,6 +248,26 @@ def state_shardings(state, mesh: Mesh | jax.sharding.AbstractMesh, rules: Rules 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def without_axis(shardings, axis: str):
+  """`shardings` (NamedShardings, or Variables holding them) with mesh axis `axis` dropped:
+  e.g. FSDP-sharded weights gathered whole on every device, tensor splits kept."""
+  def drop(spec):
+    parts = []
+    for part in spec:
+      names = (part,) if isinstance(part, str) else tuple(part or ())
+      kept = tuple(n for n in names if n != axis)
+      parts.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return PartitionSpec(*parts)
+
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      return x.replace(one(x.get_value()))
+    return NamedSharding(x.mesh, drop(x.spec))
+
+  return jax.tree.map(one, shardings, is_leaf=lambda x: isinstance(x, (nnx.Variable,
+                                                                        NamedSharding)))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dim split over ('data', 'fsdp'), the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

@@ -40,6 +40,7 @@ _GENERATOR_CHOICES = {
     'input.space': latents.SPACES,
     'sampling.npz_keys': ('guidedflow', 'adm'),
     'sampling.guidance': sampling.GUIDANCE_MODES,
+    'sampling.gather_weights': (True, False),
 }
 _COMMON_CHOICES = {'optim.schedule': train_state.SCHEDULES,
                    'mesh.distributed': sharding.DISTRIBUTED_MODES}
@@ -59,7 +60,7 @@ _DEFAULTS = {'model.unet_norm': 'group', 'model.attention_impl': 'einsum',
              'autoencoder.workers': 0, 'sampling.npz_keys': 'guidedflow',
              'sampling.guidance': 'cfg', 'sampling.classifier_scale': 0.0,
              'sampling.classifier_workdir': None, 'eval.classifier_scales': None,
-             'train.allow_config_change': False}
+             'train.allow_config_change': False, 'sampling.gather_weights': True}
 
 
 def get(config, dotted):

@@ -11,6 +11,10 @@ Runs guidedflow on a Cloud TPU VM slice (single- or multi-host) with gcloud. Set
 environment variables; each subcommand checks only the ones it needs, before running anything.
 
 Subcommands:
+  compile   here, without a TPU: `python -m guidedflow.main --mode=compile` compiles CONFIG's
+            train step and sampler for ACCELERATOR_TYPE with XLA:TPU (libtpu: pip install -e
+            '.[aot]') and fails when they do not fit its HBM. `create` and `all` run it first
+            (COMPILE=0 skips it)
   create    create the TPU VM (gcloud compute tpus tpu-vm create), or a queued resource
             (gcloud compute tpus queued-resources create) when QUEUED=1
   wait      wait until the TPU is ready (READY; a queued resource ACTIVE)
@@ -26,7 +30,7 @@ Subcommands:
             gs:// WORKDIR, else gcloud compute tpus tpu-vm scp from worker 0
   status    describe the TPU (or queued resource) and show whether training runs on each worker
   delete    delete the TPU VM (QUEUED=1: the queued resource and its node); gcloud asks to confirm
-  all       create, (wait,) setup, train
+  all       (compile,) create, (wait,) setup, train
 
 Options:
   --dry-run   print the commands (gcloud ...) instead of running them; DRY_RUN=1 does the same
@@ -50,11 +54,17 @@ Variables (required by the subcommands in brackets):
   JAX_PACKAGE       JAX requirement installed with guidedflow (default: jax[tpu])
   APT_PACKAGES      Debian/Ubuntu packages for the data (default: dataset-fashion-mnist, i.e.
                     /usr/share/datasets/fashion-mnist); a failed install only warns
-  CONFIG            config file in the repo, e.g. configs/fashion_mnist.py    [train, all]
+  CONFIG            config file in the repo, e.g. configs/fashion_mnist.py    [compile, train,
+                    all; create unless COMPILE=0]
+  COMPILE           0: `create` and `all` skip the local compile (default 1)
+  LOCAL_PYTHON      Python that runs the local compile (default: this checkout's .venv/bin/python,
+                    else python3)
+  COMPILE_DIR       workdir of the local compile, gets compile.json (default:
+                    ${TMPDIR:-/tmp}/guidedflow-compile-TPU_NAME)
   WORKDIR           checkpoints, samples, TensorBoard; use gs://BUCKET/PATH   [train, all, samples]
                     (multi-host: all workers must share it; a local path works for one host only)
   EXTRA_ARGS        more flags for guidedflow.main, parsed by the workers' shell (quote tuples:
-                    EXTRA_ARGS="--config.mesh.shape='(-1,1,1)'")
+                    EXTRA_ARGS="--config.mesh.shape='(-1,1,1)'"); the local compile gets them too
   REMOTE_ENV        environment for the training process, e.g. "LIBTPU_INIT_ARGS=--xla_foo=true"
   LOG_FILE          training log on each worker, relative to REMOTE_DIR (default: train.log)
   WORKER            worker whose log `logs` follows (default: 0)
@@ -119,12 +129,14 @@ done
 [[ -n "$SUBCOMMAND" ]] || { usage >&2; die "missing SUBCOMMAND (create, setup, train, ...)"; }
 
 case "$SUBCOMMAND" in
-  create|wait|setup|train|stop|logs|samples|status|delete|all) ;;
-  *) die "unknown subcommand '$SUBCOMMAND': use one of create, wait, setup, train, stop, logs, samples, status, delete, all" ;;
+  compile|create|wait|setup|train|stop|logs|samples|status|delete|all) ;;
+  *) die "unknown subcommand '$SUBCOMMAND': use one of compile, create, wait, setup, train, stop, logs, samples, status, delete, all" ;;
 esac
 
 SPOT="${SPOT:-0}"
 QUEUED="${QUEUED:-0}"
+COMPILE="${COMPILE:-1}"
+[[ "$COMPILE" =~ ^[01]$ ]] || die "COMPILE=$COMPILE: use COMPILE=1 or COMPILE=0"
 [[ "$SPOT" =~ ^[01]$ ]] || die "SPOT=$SPOT: use SPOT=1 or SPOT=0"
 [[ "$QUEUED" =~ ^[01]$ ]] || die "QUEUED=$QUEUED: use QUEUED=1 or QUEUED=0"
 [[ "$DRY_RUN" =~ ^[01]$ ]] || die "DRY_RUN=$DRY_RUN: use DRY_RUN=1 or DRY_RUN=0"
@@ -144,7 +156,8 @@ QUEUED_RESOURCE="${QUEUED_RESOURCE:-${TPU_NAME:-}-qr}"
 # Variables each subcommand needs; checked all at once, before anything runs.
 needed=()
 case "$SUBCOMMAND" in
-  create) needed=(TPU_NAME ZONE ACCELERATOR_TYPE) ;;
+  compile) needed=(ACCELERATOR_TYPE CONFIG) ;;
+  create) needed=(TPU_NAME ZONE ACCELERATOR_TYPE); [[ "$COMPILE" == 0 ]] || needed+=(CONFIG) ;;
   setup) needed=(TPU_NAME ZONE REPO_URL) ;;
   train) needed=(TPU_NAME ZONE CONFIG WORKDIR) ;;
   samples) needed=(WORKDIR); [[ "${WORKDIR:-}" == gs://* ]] || needed+=(TPU_NAME ZONE) ;;
@@ -174,7 +187,7 @@ if [[ "$SUBCOMMAND" == create || "$SUBCOMMAND" == all ]] && [[ -z "${RUNTIME_VER
 fi
 [[ "$WORKER" =~ ^[0-9]+$ ]] || die "WORKER=$WORKER: use a worker number (0, 1, ...)"
 [[ "$POLL_SECONDS" =~ ^[1-9][0-9]*$ ]] || die "POLL_SECONDS=$POLL_SECONDS: use a positive number of seconds"
-if [[ "$DRY_RUN" != 1 ]] && ! command -v gcloud >/dev/null; then
+if [[ "$DRY_RUN" != 1 && "$SUBCOMMAND" != compile ]] && ! command -v gcloud >/dev/null; then
   die "gcloud not found on PATH: install the Google Cloud SDK (https://cloud.google.com/sdk/docs/install), or use --dry-run to print the commands"
 fi
 
@@ -196,7 +209,32 @@ cd_checkout="cd $(q "$REMOTE_DIR") 2>/dev/null && [ -x .venv/bin/python ] || { e
 # Shell test: the training process of an earlier `train` still runs on this worker.
 is_running="[ -f $(q "$PID_FILE") ] && kill -0 \"\$(cat $(q "$PID_FILE"))\" 2>/dev/null"
 
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# Compiles CONFIG for ACCELERATOR_TYPE here with XLA:TPU (nothing runs): fails, with
+# guidedflow's one-line reason above, when it does not fit or does not compile.
+do_compile() {
+  local extra=() python="${LOCAL_PYTHON:-}" dir="${COMPILE_DIR:-${TMPDIR:-/tmp}/guidedflow-compile-${TPU_NAME:-tpu}}"
+  [[ -z "$EXTRA_ARGS" ]] || eval "extra=($EXTRA_ARGS)"  # word-split as the workers' shell does
+  [[ "$dir" == /* ]] || dir="$PWD/$dir"
+  if [[ -z "$python" ]]; then
+    python=python3
+    [[ ! -x "$REPO_ROOT/.venv/bin/python" ]] || python="$REPO_ROOT/.venv/bin/python"
+  fi
+  local command=(env JAX_PLATFORMS=cpu "$python" -m guidedflow.main --mode=compile --config "$CONFIG"
+                 --workdir "$dir" --config.compile.topology="$ACCELERATOR_TYPE" ${extra[@]+"${extra[@]}"})
+  echo "Compiling $CONFIG for $ACCELERATOR_TYPE on this machine (XLA:TPU; COMPILE=0 skips this)." >&2
+  show "${command[@]}"
+  [[ "$DRY_RUN" == 0 ]] || return 0
+  # In the checkout (CONFIG is relative to it, as on the workers); the table goes to stderr.
+  if ! (cd "$REPO_ROOT" && "${command[@]}" >/dev/null); then
+    die "$CONFIG did not compile for $ACCELERATOR_TYPE (the reason is above); no TPU was created. Fix the config, or set COMPILE=0 to skip this check"
+  fi
+  echo "$CONFIG fits $ACCELERATOR_TYPE: $dir/compile.json" >&2
+}
+
 do_create() {
+  [[ "$COMPILE" == 0 ]] || do_compile
   local flags=(--zone="$ZONE" ${project_flag[@]+"${project_flag[@]}"} --accelerator-type="$ACCELERATOR_TYPE")
   [[ "$SPOT" == 0 ]] || flags+=(--spot)
   if [[ "$QUEUED" == 1 ]]; then

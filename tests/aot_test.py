@@ -151,7 +151,14 @@ def test_compile_mode_reports_and_writes_compile_json(tmp_path):
   assert report == json.loads((tmp_path / 'run' / 'compile.json').read_text())
   assert report['ici_topology'] == 'v5e:2x2' and report['chips'] == 4
   assert 0 < report['total_bytes'] < report['hbm_bytes_per_device'] and report['headroom'] > 0.9
-  assert 'Ahead-of-time compile of the train step' in out.stderr
+  assert 'Ahead-of-time compile of the train step and the CFG sampler' in out.stderr
+  # The sampler: tiny.py's 20 samples, data parallel over 4 chips. Each device samples its own
+  # 5 (the doubled CFG rows side by side): no collective at all.
+  sampler = report['sampler']
+  assert sampler['batch_size'] == 20 and not sampler['decodes']
+  assert sampler['collectives'] == {}, sampler['collectives']
+  assert sampler['with_train_state_bytes'] == (report['argument_bytes'] + sampler['output_bytes']
+                                               + sampler['temp_bytes'])
 
 
 def test_latent_generator_compiles_on_latent_moments_without_its_autoencoder(v5e_2x2):
@@ -166,12 +173,38 @@ def test_latent_generator_compiles_on_latent_moments_without_its_autoencoder(v5e
   assert set(task.abstract_batch(8, (32, 32, 4))) == {'mean', 'logvar', 'label'}
   figures = aot.compile_train_step(task, config, (32, 32, 4), v5e_2x2)
   assert figures['devices'] == 4 and figures['argument_bytes'] > 0
+  # Its sampler decodes to pixels with the SD-VAE's architecture, weights abstract (8×8
+  # latents, 64×64 pixels: the decoder's compile grows with the image).
+  config.sampling.batch_size, config.sampling.num_steps = 4, 2
+  sampler = aot.compile_sampler(tasks.get_task(config), config, (8, 8, 4), v5e_2x2)
+  assert sampler['decodes'] and sampler['batch_size'] == 4
+  # the f32 SD-VAE decoder (49.5M parameters; jit drops the unused encoder), replicated
+  assert sampler['argument_bytes'] > 4 * 49e6
   assert not os.path.exists(config.autoencoder.weights or '')  # nothing was loaded
 
 
-def test_latent_generator_without_its_latent_shape_is_one_line(tmp_path):
+def test_latent_shape_follows_from_the_sd_vae_and_is_asked_for_otherwise(tmp_path):
+  from configs import imagenet256_latent  # pylint: disable=g-import-not-at-top
+  assert aot._latent_shape(imagenet256_latent.get_config('XL/2')) == (32, 32, 4)  # pylint: disable=protected-access
+  # A guidedflow autoencoder's sizes live in its run (not read by a compile): one line.
   out = subprocess.run(
-      [sys.executable, '-m', 'guidedflow.main', '--config', 'configs/imagenet256_latent.py:XL/2',
-       f'--workdir={tmp_path / "run"}', '--mode=compile', '--config.compile.topology=v5p-64'],
+      [sys.executable, '-m', 'guidedflow.main', '--config', 'configs/fashion_mnist_latent.py',
+       f'--workdir={tmp_path / "run"}', '--mode=compile', '--config.compile.topology=v5e-4'],
       cwd=REPO, env=subprocess_env.env(), capture_output=True, text=True, timeout=600)
-  subprocess_env.one_error_line(out, '--config.compile.image_shape=32,32,4')
+  subprocess_env.one_error_line(out, '--config.compile.image_shape=')
+  assert not (tmp_path / 'run').exists()
+
+
+@needs_libtpu
+def test_fsdp_sampler_gathers_the_weights_once_per_call(v5e_2x2):
+  """Under FSDP the sampler gathers the weights once (sampling.gather_weights, the default),
+  not at every model evaluation: its all-gathers do not grow with the number of steps."""
+  gathers = {}
+  for gather in (True, False):
+    for steps in (2, 4):
+      config = _config((1, 4, 1), 'XS/4', 64)
+      config.sampling.update(method='euler', num_steps=steps, batch_size=8, gather_weights=gather)
+      sampler = aot.compile_sampler(tasks.get_task(config), config, (28, 28, 1), v5e_2x2)
+      gathers[gather, steps] = sampler['collectives']['all-gather']['count']
+  assert gathers[True, 2] == gathers[True, 4], gathers
+  assert gathers[False, 4] > gathers[False, 2] >= 2 * 6, gathers  # per step, per block

@@ -1,6 +1,7 @@
 """Launch scripts (launch/*): help, fail-early checks, and the commands they run, against fake
 gcloud / srun / nvidia-smi / python executables that record their arguments."""
 
+import importlib.util
 import json
 import os
 import shlex
@@ -80,7 +81,8 @@ _HELP_MENTIONS = {
     'tpu_vm.sh': ['TPU_NAME', 'ZONE', 'PROJECT', 'ACCELERATOR_TYPE', 'RUNTIME_VERSION', 'SPOT',
                   'QUEUED', 'CONFIG', 'WORKDIR', 'EXTRA_ARGS', 'REPO_URL', 'REPO_REF', 'create',
                   'setup', 'train', 'logs', 'samples', 'delete', 'status', 'all', '--dry-run',
-                  'v2-alpha-tpuv5-lite', 'tpu-ubuntu2204-base'],
+                  'v2-alpha-tpuv5-lite', 'tpu-ubuntu2204-base', 'compile', 'COMPILE', 'LOCAL_PYTHON',
+                  'COMPILE_DIR', '--mode=compile'],
     'gpu.sh': ['CONFIG', 'WORKDIR', 'PYTHON', 'XLA_PYTHON_CLIENT_MEM_FRACTION', 'XLA_FLAGS',
                'GPU_XLA_FLAGS', 'latency_hiding_scheduler', '--dry-run'],
     'slurm.sbatch': ['CONFIG', 'WORKDIR', 'PYTHON', 'JAX_LOCAL_DEVICE_IDS', 'XLA_FLAGS',
@@ -129,9 +131,10 @@ def test_shellcheck_is_clean():
 
 # ----------------------------------------------------------------------------- tpu_vm.sh
 
+# COMPILE=0: these tests are about gcloud; the local compile `create` runs first has its own.
 _TPU = {'TPU_NAME': 'gf-test', 'ZONE': 'us-central2-b', 'ACCELERATOR_TYPE': 'v4-32',
         'REPO_URL': 'https://example.com/guidedflow.git', 'CONFIG': 'configs/fashion_mnist.py',
-        'WORKDIR': 'gs://bucket/runs/fmnist'}
+        'WORKDIR': 'gs://bucket/runs/fmnist', 'COMPILE': '0'}
 
 
 @pytest.fixture
@@ -409,6 +412,61 @@ def test_tpu_bad_arguments(gcloud, tmp_path, args, message):
   result = gcloud(*args)
   assert result.returncode != 0 and message in result.stderr
   assert _calls(tmp_path) == []
+
+
+# A python that records its arguments and JAX_PLATFORMS, and exits with $FAKE_PYTHON_RC.
+_FAKE_COMPILE_PYTHON = _RECORDER + r"""
+echo "$JAX_PLATFORMS" > "$FAKE_CALLS.jax_platforms"
+exit "${FAKE_PYTHON_RC:-0}"
+"""
+
+
+def test_tpu_create_compiles_the_config_here_first(gcloud, tmp_path, fake_bin):
+  python = _fake(fake_bin, 'python', _FAKE_COMPILE_PYTHON)
+  result = gcloud('create', COMPILE=1, LOCAL_PYTHON=python, ACCELERATOR_TYPE='v5p-64',
+                  EXTRA_ARGS="--config.mesh.shape='(4,8,1)' --config.train.batch_size=256",
+                  COMPILE_DIR=tmp_path / 'compile_out')
+  assert result.returncode == 0, result.stderr
+  compile_call, create = _calls(tmp_path)
+  assert compile_call == [
+      'python', '-m', 'guidedflow.main', '--mode=compile', '--config', 'configs/fashion_mnist.py',
+      '--workdir', f'{tmp_path}/compile_out', '--config.compile.topology=v5p-64',
+      '--config.mesh.shape=(4,8,1)', '--config.train.batch_size=256']
+  assert (tmp_path / 'calls.jax_platforms').read_text().strip() == 'cpu'
+  assert create[3:5] == ['tpu-vm', 'create'] and 'fits v5p-64' in result.stderr
+
+
+def test_tpu_create_stops_when_the_config_does_not_compile(gcloud, tmp_path, fake_bin):
+  python = _fake(fake_bin, 'python', _FAKE_COMPILE_PYTHON)
+  result = gcloud('all', COMPILE=1, LOCAL_PYTHON=python, FAKE_PYTHON_RC=1)
+  assert result.returncode != 0
+  assert 'did not compile for v4-32' in result.stderr and 'COMPILE=0' in result.stderr
+  assert [call[0] for call in _calls(tmp_path)] == ['python']  # no TPU created
+
+
+def test_tpu_create_needs_the_config_it_compiles(gcloud, tmp_path):
+  result = gcloud('create', COMPILE=1, drop=('CONFIG',))
+  assert result.returncode != 0 and 'CONFIG is not set' in result.stderr
+  assert _calls(tmp_path) == []
+
+
+def test_tpu_dry_run_prints_the_compile_first(gcloud, tmp_path):
+  result = gcloud('all', '--dry-run', COMPILE=1)
+  assert result.returncode == 0, result.stderr and _calls(tmp_path) == []
+  lines = [line for line in result.stdout.splitlines() if line.startswith('+ ')]
+  assert '--mode=compile' in lines[0] and lines[1].startswith('+ gcloud compute tpus tpu-vm create')
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason=f'libtpu is not installed for Python {sys.version.split()[0]}')
+def test_tpu_compile_runs_xla_tpu_here_without_gcloud(tmp_path, fake_bin):
+  """The real compile (no fake): tiny.py for a v5e-4, on this CPU, with no gcloud on PATH."""
+  env = _env(tmp_path, fake_bin, CONFIG='configs/tiny.py', ACCELERATOR_TYPE='v5litepod-4',
+             LOCAL_PYTHON=sys.executable, COMPILE_DIR=tmp_path / 'compiled')
+  result = _run('tpu_vm.sh', 'compile', env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads((tmp_path / 'compiled' / 'compile.json').read_text())
+  assert report['ici_topology'] == 'v5e:2x2' and 'fits v5litepod-4' in result.stderr
 
 
 # ----------------------------------------------------------------------------- gpu.sh

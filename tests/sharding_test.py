@@ -12,7 +12,7 @@ import textwrap
 
 import jax
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from guidedflow import sharding
 
@@ -277,3 +277,13 @@ def test_min_shard_size_counts_one_layer_of_stacked_parameters():
     layers = (None,) if scan_blocks else ()
     assert fc1['fc1']['bias'].get_value().spec == P()
     assert fc1['fc1']['kernel'].get_value().spec == P(*layers, 'fsdp', 'tensor')
+
+
+def test_without_axis_drops_one_mesh_axis_and_keeps_the_others():
+  mesh = jax.sharding.AbstractMesh((1, 2, 2), sharding.MESH_AXES)
+  specs = {'a': NamedSharding(mesh, P('fsdp', 'tensor')),
+           'b': NamedSharding(mesh, P(('data', 'fsdp'))),
+           'c': NamedSharding(mesh, P(None, 'fsdp')), 'd': NamedSharding(mesh, P())}
+  out = sharding.without_axis(specs, 'fsdp')
+  assert {k: v.spec for k, v in out.items()} == {'a': P(None, 'tensor'), 'b': P('data'),
+                                                 'c': P(None, None), 'd': P()}
