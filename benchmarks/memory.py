@@ -45,8 +45,8 @@ projection input c·s·h, loss residual 4·s·p²C. With `jax.checkpoint` around
 kept — the f32 residual stream, 4·s·h (not 2·s·h: guidedflow's residual stream is f32) — plus one block's
 activations while that block is recomputed: depth·4·s·h + A_block + outside terms. That saving
 needs a backend that schedules each block's recomputation just before its backward pass; CPU
-XLA does not (`--xla_check`'s '+remat' row: same temp bytes as without remat); check on the
-target with `memory_analysis()`.
+XLA does not (`--xla_check`'s '+remat' row: same temp bytes as without remat); XLA:TPU does,
+keeping 40–75% more per sample than this count at XL/2 (`benchmarks/memory_compiled.py`).
 
 **Largest per-device batch** (samples per data × fsdp shard; the global batch is that times
 data × fsdp) = floor((capacity − margin − fixed) / activations per sample), where fixed is

@@ -16,8 +16,6 @@ nothing runs). Per device and per row:
   * per sample: the slope of XLA's temporaries between the two batch sizes, next to the
     formula's activations per sample: what each further sample costs, free of fixed terms.
 
-Compile-only v4 topologies give 2 devices per chip (libtpu describes v4's two TensorCores
-separately, where a real v4 is one megacore device): their rows are per TensorCore.
 """
 
 import argparse

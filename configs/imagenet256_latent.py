@@ -27,15 +27,14 @@ parameters, AdamW moments and EMA over fsdp). Pick it with the topology after th
   configs/imagenet256_latent.py:XL/2,v5p-64  → v5p-64 = 32 chips (8 hosts × 4), 95 GiB HBM each:
       mesh (4, 8, 1): per-device batch 256/32 = 8 (raise train.batch_size to 1024 for 32).
   configs/imagenet256_latent.py:XL/2,v5e-32  → v5e-32 = 32 chips (8 hosts × 4), 16 GiB HBM each:
-      mesh (2, 16, 1): per-device batch 8, model.remat='full' (XLA:TPU, --mode=compile: 81 GB
-      of temporaries per chip without remat, does not fit; 4.1 GiB with it, 70% headroom).
+      mesh (2, 16, 1): per-device batch 8.
   no topology: mesh (-1, 8, 1), FSDP-8 and data parallel over the rest (any multiple of 8 chips).
 DiT-XL/2 (675M parameters) holds 10.06 GiB of f32 state (parameters, AdamW mu and nu, EMA);
-FSDP-8 leaves 1.27 GiB of it per chip. Activations are ~0.9 GiB per sample (bf16, no remat), so
-the largest per-device batch is ~30 on a 32 GiB v4 chip with FSDP-8 (we use 16), ~95 on v5p
-(we use 8) and ~14 on a 16 GiB v5e (we use 8): `python benchmarks/memory.py` prints the table.
-XLA:TPU's own figures (--mode=compile, README "Compile for a TPU target") are larger: 43 GiB of
-temporaries per v5p chip at 8 per device, and v5e-32 fits only with remat.
+FSDP-8 leaves 1.27 GiB of it per chip. XLA:TPU's own figures for the three recipes
+(--mode=compile, README "Compile for a TPU target"; no remat): 16.0 of 32 GiB per v4 chip,
+9.1 of 95 GiB per v5p chip, 8.0 of 16 GiB per v5e chip; the CFG sampler beside the train
+state stays under 4 GiB. `python benchmarks/memory.py` prints the formula's table of the
+largest per-device batch.
 Tensor parallelism (mesh (d, f, t)) splits activations too; DiT-XL/2 at 256 px does not need it.
 Multi-slice (e.g. 2 × v5p-64 over DCN): --config.mesh.dcn_shape=2,1,1 with mesh.shape per slice.
 
@@ -46,7 +45,8 @@ Usage:
 from configs import default
 
 
-# Where --mode=compile shows the step does not fit without recomputing the blocks' activations.
+# Where --mode=compile shows the step does not fit without recomputing the blocks' activations
+# (none of the recipes, since the DiT pins its activations to the batch split).
 REMAT = {}
 # TPU topology → mesh (data, fsdp, tensor); the global batch must divide by data × fsdp.
 TOPOLOGIES = {

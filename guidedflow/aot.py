@@ -105,6 +105,8 @@ def topology_devices(name, num_slices=1):
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # else libtpu logs a bogus error
   kwargs = {'num_slices': num_slices} if num_slices > 1 else {}
+  if CHIPS[generation].cores_per_chip > 1:  # one device per chip, as a real v4 / v5p is
+    kwargs['chip_config_name'] = 'megacore'
   try:
     devices = topologies.get_topology_desc(topology_name=topology, platform='tpu',
                                            **kwargs).devices

@@ -208,3 +208,12 @@ def test_fsdp_sampler_gathers_the_weights_once_per_call(v5e_2x2):
       gathers[gather, steps] = sampler['collectives']['all-gather']['count']
   assert gathers[True, 2] == gathers[True, 4], gathers
   assert gathers[False, 4] > gathers[False, 2] >= 2 * 6, gathers  # per step, per block
+
+
+@needs_libtpu
+def test_megacore_generations_have_one_device_per_chip():
+  """A real v4 or v5p chip is one (megacore) device; libtpu's compile-only v4 would otherwise
+  describe its two TensorCores as two devices."""
+  for name, chips in (('v4-32', 16), ('v5p-16', 8), ('v5litepod-8', 8)):
+    _, _, count, devices = aot.topology_devices(name)
+    assert count == chips == len(devices), (name, len(devices))
