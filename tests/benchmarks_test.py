@@ -127,3 +127,15 @@ def test_sharding_review_smoke():
     assert row['mesh_shape'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
     assert row['argument_gib'] > 0 and row['collectives']['all-gather']['count'] > 0
     assert row['total_mb'] == pytest.approx(sum(c['mb'] for c in row['collectives'].values()))
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason=f'libtpu is not installed for Python {sys.version.split()[0]}')
+def test_memory_compiled_smoke_formula_and_compiler_agree():
+  rows = json.loads(_run('memory_compiled.py', '--smoke', '--json'))
+  assert [r['per_device_batch'] for r in rows] == [1, 2]
+  for r in rows:
+    assert r['variant'] == 'S/2' and r['devices'] == 4
+    # The formula and XLA:TPU agree on the whole (README: within 10% from S/2 to XL/2).
+    assert 0.5 < r['compiled_total_gib'] / r['formula_total_gib'] < 2.0, r
+  assert 0.5 < rows[1]['compiled_per_sample_mib'] / rows[1]['formula_per_sample_mib'] < 2.0
