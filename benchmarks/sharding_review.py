@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default as default_config
 from guidedflow import aot
-from guidedflow import hlo_collectives
 from guidedflow import tasks
 from guidedflow.models import layers
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -45,17 +44,15 @@ def compile_one(args, mesh, devices, constrain):
   config.mesh.min_shard_size = args.min_shard_size
   layers.CONSTRAIN_ACTIVATIONS = constrain
   try:
-    figures = aot.compile_train_step(tasks.get_task(config), config, args.image_shape, devices,
-                                     keep_hlo=True)
+    figures = aot.compile_train_step(tasks.get_task(config), config, args.image_shape, devices)
   finally:
     layers.CONSTRAIN_ACTIVATIONS = True
-  records, _ = hlo_collectives.instances(figures.pop('hlo'))
   return dict(mesh=mesh, mesh_shape=figures['mesh'], constraints=constrain,
               argument_gib=figures['argument_bytes'] / GIB, temp_gib=figures['temp_bytes'] / GIB,
               collectives={op: {'count': c['count'], 'mb': c['bytes'] / MIB}
                            for op, c in sorted(figures['collectives'].items())},
               total_mb=sum(c['bytes'] for c in figures['collectives'].values()) / MIB,
-              largest=hlo_collectives.largest(records), compile_s=figures['compile_s'])
+              largest=figures['largest_collectives'], compile_s=figures['compile_s'])
 
 
 def main():

@@ -28,6 +28,7 @@ from guidedflow import errors
 from guidedflow import hlo_collectives
 from guidedflow import latents
 from guidedflow import sampler as sampler_lib
+from guidedflow import sharding
 from guidedflow import tasks
 from guidedflow import train_state
 from guidedflow import tree_compat
@@ -119,9 +120,8 @@ def topology_devices(name, num_slices=1):
 
 def _abstract_batch(task, config, image_shape, mesh_builder):
   batch = config.train.batch_size
-  sharding = mesh_builder.batch_sharding
   spec = task.abstract_batch(batch, tuple(image_shape))
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_builder.batch_sharding)
           for k, (shape, dtype) in spec.items()}
 
 
@@ -193,7 +193,7 @@ def _compile(what, lower, state, keep_hlo):
       # about one block's share, so the MFU uses the analytic count.
       'compiler_flops_per_device': float(cost.get('flops', 0.0)),
       # per run of the program: loop bodies × their trip counts
-      'collectives': hlo_collectives.collectives(hlo)[0],
+      'collectives': hlo_collectives.summarize(records),
       'loop_trip_counts_known': trips_known,
       'largest_collectives': hlo_collectives.largest(records),
       'lower_s': round(t1 - t0, 2), 'compile_s': round(t2 - t1, 2),
@@ -234,7 +234,7 @@ def compile_sampler(task, config, image_shape, devices, *, builder=None):
   decodes = space is not None and space.has_decoder
   sampler = sampler_lib.Sampler(config, builder, sampler_lib.sampled_weights(state),
                                 image_shape=image_shape, latent_space=space if decodes else None)
-  shards = math.prod(builder.mesh.shape[a] for a in ('data', 'fsdp'))
+  shards = sharding.batch_axes_size(builder.mesh)
   batch = -(-int(config.sampling.batch_size) // shards) * shards
   figures = _compile('CFG sampler', lambda: sampler.lower_cfg(batch), state, False)
   return {'batch_size': batch, 'num_steps': int(config.sampling.num_steps),

@@ -132,12 +132,17 @@ def collectives(hlo_text):
   """{op: {'count', 'bytes'}} per run of the program (per device; see the module docstring),
   and whether every loop's trip count was read."""
   records, known = instances(hlo_text)
+  return summarize(records), known
+
+
+def summarize(records):
+  """{op: {'count', 'bytes'}} of `instances`' records."""
   out = {}
   for r in records:
     entry = out.setdefault(r['op'], {'count': 0, 'bytes': 0})
     entry['count'] += r['count']
     entry['bytes'] += r['bytes'] * r['count']
-  return out, known
+  return out
 
 
 def largest(records, count=3):
