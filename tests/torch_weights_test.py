@@ -87,3 +87,17 @@ def test_truncated_legacy_file_is_a_value_error(tmp_path):
 def test_dtype_without_torch_storage_is_rejected(tmp_path):
   with pytest.raises(ValueError, match='no torch storage type for dtype complex64'):
     torch_weights.save_state_dict({'z': np.zeros(2, np.complex64)}, tmp_path / 'complex.pth')
+
+
+@pytest.mark.parametrize('garbage', [
+    b'\x80\x05\x96' + b'\xff' * 8,  # BYTEARRAY8 of 2^64 − 1 bytes: OverflowError in pickle
+    b'\x80\x05' + b'0',             # POP on an empty stack
+    b'\x80\x05\x94.',               # MEMOIZE on an empty stack
+], ids=['huge-length', 'pop-empty', 'memoize-empty'])
+def test_random_bytes_that_parse_as_pickle_are_a_value_error(tmp_path, garbage):
+  """Random bytes (the inception test's os.urandom file) can start with any pickle opcode:
+  whatever pickle raises for them is the one 'not a readable' ValueError."""
+  path = tmp_path / 'garbage.pth'
+  path.write_bytes(garbage)
+  with pytest.raises(ValueError, match='not a readable PyTorch state-dict'):
+    torch_weights.read_state_dict(path)

@@ -13,7 +13,6 @@ Both `torch.save` formats are read: the zip archive (torch ≥ 1.6) and the sing
 import os
 import pickle
 import struct
-import zipfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -53,8 +52,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   try:
     result, data = _torch_pickle(path)
-  except (pickle.UnpicklingError, EOFError, KeyError, struct.error, zipfile.BadZipFile,
-          AttributeError, TypeError, ValueError) as e:
+  except torch_weights.UNREADABLE as e:
     raise ValueError(f'{path}: not a readable PyTorch checkpoint ({e}).') from e
   if isinstance(result, Mapping) and isinstance(result.get('state_dict'), Mapping):
     result = result['state_dict']

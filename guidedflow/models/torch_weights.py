@@ -156,6 +156,13 @@ def _read_legacy(path: str, unpickler) -> tuple[Any, dict[str, np.ndarray]]:
   return result, data
 
 
+# What reading a damaged or foreign file can raise: random bytes parse as pickle opcodes that
+# pop an empty stack, ask for more bytes than exist or than an int64 can count.
+UNREADABLE = (pickle.UnpicklingError, EOFError, KeyError, IndexError, struct.error,
+              zipfile.BadZipFile, AttributeError, TypeError, ValueError, OverflowError,
+              MemoryError)
+
+
 def read_pickle(path: str, unpickler=None) -> tuple[Any, dict[str, np.ndarray]]:
   """(the unpickled top-level object, its storages' data) of a `torch.save` file, zip or
   legacy; `unpickler` (default: the restricted one) decides which classes may appear."""
@@ -177,8 +184,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   try:
     return _tensors(*read_pickle(path))
-  except (pickle.UnpicklingError, EOFError, KeyError, struct.error, zipfile.BadZipFile,
-          AttributeError, TypeError, ValueError) as e:
+  except UNREADABLE as e:
     raise ValueError(f'{path}: not a readable PyTorch state-dict file ({e}).') from e
 
 
