@@ -222,8 +222,12 @@ def test_checkpoint_round_trip_restores_state_and_iterator(tmp_path):
 
 def test_main_trains_samples_and_evaluates(tmp_path):
   workdir = tmp_path / 'run'
-  out = _main(workdir, '--config.train.num_steps=2')
+  out = _main(workdir, '--config.train.num_steps=2', '--config.train.sample_every_steps=1')
   assert 'step 2/2' in out.stderr, out.stderr[-3000:]
+  # A grid at every periodic step, and the final grid once (not again after the periodic one).
+  for step in (1, 2):
+    assert out.stderr.count(f'Wrote sample grid at step {step} ') == 1, out.stderr[-3000:]
+  assert os.path.exists(workdir / 'samples' / 'grid_step0000002.png')
   assert os.path.isdir(workdir / 'tensorboard')
   out = _main(workdir, '--config.sampling.num_samples=25', '--config.sampling.batch_size=10',
               mode='sample')

@@ -43,6 +43,7 @@ class GeneratorTask(tasks.Task):
     self.path = paths.get_path(config.path.schedule)
     self._sampler = None
     self._periodic_eval = None  # None: not set up yet; False: disabled
+    self._grid_step = None  # the step of the last grid written
     self._latent_space = None
 
   def model_constructor(self, image_shape):
@@ -146,6 +147,7 @@ class GeneratorTask(tasks.Task):
       for name in (f'grid_step{step:07d}.png', 'grid_latest.png'):
         images_lib.save_png(os.path.join(run.workdir, 'samples', name), grid, upscale=2)
     run.writer.image(step, 'samples/guidance_grid', grid)
+    self._grid_step = step
     logging.info('Wrote sample grid at step %d (rows: classes; column blocks: w = %s).', step,
                  ', '.join(str(w) for w in scales))
 
@@ -188,7 +190,8 @@ class GeneratorTask(tasks.Task):
     return {f'eval/{k}': float(row[k]) for k in _PERIODIC_KEYS if row.get(k) is not None}
 
   def final(self, run, state):
-    self._write_grid(run, state, int(state['step']))
+    if self._grid_step != int(state['step']):  # not when the periodic grid was this step's
+      self._write_grid(run, state, int(state['step']))
     heldout = self._heldout_loss(run, state)
     run.writer.scalars(int(state['step']), {'eval/loss_ema': heldout})
     return {'heldout_loss_ema': round(heldout, 6)}
