@@ -27,8 +27,10 @@ def get_config(variant='XS/1'):
                                         # pixel default trains without mirrors: compare alike
   config.autoencoder.batch_size = 500
 
-  # The pixel default's training wall-clock: its 3,600 steps of 32 at 107 img/s are 3,100
-  # steps of 32 at 93 img/s (benchmarks/step_throughput.py --cases unet,latent, one quiet run).
+  # The training wall-clock of the pixel model it was measured against (README, "Latent
+  # diffusion"): 3,600 U-Net steps of 32 at 107 img/s are 3,100 steps of 32 at 93 img/s
+  # (benchmarks/step_throughput.py --cases unet,latent, one quiet run). The pixel default now
+  # trains 6,400 steps; at its wall-clock this model would take ~5,500.
   config.train.num_steps = 3_100
   config.train.batch_size = 32
   config.train.sample_every_steps = 1_550
