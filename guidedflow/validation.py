@@ -50,6 +50,8 @@ _GENERATOR_POSITIVE = (
     'eval.nearest_k', 'eval.grid_rows_per_class')
 _COMMON_POSITIVE = ('train.num_steps', 'train.batch_size', 'train.log_every_steps',
                     'checkpoint.every_steps', 'checkpoint.max_to_keep', 'input.num_classes')
+# Periodic work every N steps during training, 0 = none (a negative N would run it every |N|).
+_COMMON_EVERY = ('train.sample_every_steps', 'eval.every_steps')
 # Keys added after configs were first written: their value when a config lacks them (the
 # behaviour before the key existed). Read them with `get`.
 _DEFAULTS = {'model.unet_norm': 'group', 'model.attention_impl': 'einsum',
@@ -87,10 +89,20 @@ def _positive(config, keys):
       raise errors.ConfigError(f'config.{key}={value!r} must be a positive integer.')
 
 
+def _every(config, keys):
+  for key in keys:
+    value = get(config, key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value < 0):
+      raise errors.ConfigError(f'config.{key}={value!r} must be a step count >= 0 '
+                               f'(0: none during training), e.g. --config.{key}=1000.')
+
+
 def validate_config(config):
   """Checks `config` for its task (`config.task`); raises ConfigError naming key and fix."""
   _choices(config, _COMMON_CHOICES)
   _positive(config, _COMMON_POSITIVE)
+  _every(config, _COMMON_EVERY)
   _check_optim(config)
   _check_mesh(config)
   batch, processes = config.train.batch_size, jax.process_count()

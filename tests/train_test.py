@@ -59,6 +59,8 @@ def _restore(workdir, config=None):
     ('train.num_steps', 0, 'train.num_steps=0'),
     ('loss.label_dropout', 1.5, 'loss.label_dropout=1.5'),
     ('sampling.guidance_scale', float('nan'), 'sampling.guidance_scale'),
+    ('train.sample_every_steps', -3, 'train.sample_every_steps=-3 must be a step count >= 0'),
+    ('eval.every_steps', -1, 'eval.every_steps=-1'),
 ])
 def test_config_validation_names_the_key(key, value, needle):
   config = tiny.get_config()
