@@ -77,12 +77,12 @@ def check(config, saved, step, directory):
   refused = {k: v for k, v in changed.items() if _changes_meaning(k)}
   allowed = {k: v for k, v in changed.items() if k not in refused}
   for key, (a, b) in allowed.items():
-    logging.info('Resuming step %d with a changed config.%s: %r -> %r.', step, key, a, b)
+    logging.info('Step %d restored with a changed config.%s: %r -> %r.', step, key, a, b)
   if not refused:
     return
   if validation.get(config, 'train.allow_config_change'):
     for key, (a, b) in refused.items():
-      logging.warning('Resuming step %d with config.%s changed from %r to %r '
+      logging.warning('Step %d restored with config.%s changed from %r to %r '
                       '(train.allow_config_change=true): the weights were trained for the old '
                       'value.', step, key, a, b)
     return
@@ -91,6 +91,6 @@ def check(config, saved, step, directory):
       refused) > 1 else ''
   raise errors.ConfigError(
       f'The checkpoint at step {step} in {directory} was trained with config.{key}={a!r}, this '
-      f'config has {b!r}{more}; that changes what the weights mean. Resume with the saved value '
+      f'config has {b!r}{more}; that changes what the weights mean. Pass the saved value '
       f'(--config.{key}=...), use a new --workdir, or pass '
       '--config.train.allow_config_change=true to fine-tune from these weights on purpose.')

@@ -26,6 +26,7 @@ from guidedflow import input_pipeline
 from guidedflow import latents
 from guidedflow import models
 from guidedflow import paths
+from guidedflow import resume_config
 from guidedflow import sampling
 from guidedflow import sharding
 from guidedflow import train_state
@@ -309,7 +310,8 @@ def load(config, workdir, latent_space=None):
   if latent_space is not None:
     image_shape = latent_space.latent_shape(image_shape)
   builder = state_builder(config, image_shape)
-  return builder, train_state.load_latest(builder, config, workdir), tuple(image_shape)
+  state = train_state.load_latest(builder, config, workdir, check_config=resume_config.check)
+  return builder, state, tuple(image_shape)
 
 
 class GuidanceClassifier:

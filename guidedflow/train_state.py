@@ -253,9 +253,11 @@ def restore_or_init(builder, ckpt, *, move_damaged=True, check_config=None):
   return state, data_state
 
 
-def load_latest(builder, config, workdir):
+def load_latest(builder, config, workdir, check_config=None):
   """The newest train state in `workdir` that restores, for inference (sampling, evaluation);
   damaged steps are skipped (reported, not moved: inference never changes a run's files).
+  `check_config` as for `restore_or_init` (a config that reads the weights as another model is
+  named before the restore trips over a parameter's shape).
 
   Raises:
     CheckpointNotFoundError: the workdir holds no checkpoint.
@@ -265,4 +267,4 @@ def load_latest(builder, config, workdir):
       raise errors.CheckpointNotFoundError(
           f'No checkpoint in {workdir}/checkpoints. Train first: python -m guidedflow.main '
           f'--config <config> --workdir {workdir}')
-    return restore_or_init(builder, ckpt, move_damaged=False)[0]
+    return restore_or_init(builder, ckpt, move_damaged=False, check_config=check_config)[0]

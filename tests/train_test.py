@@ -244,6 +244,10 @@ def test_main_trains_samples_and_evaluates(tmp_path):
   out = _main(workdir, mode='evaluate')
   metrics = json.loads(out.stdout[out.stdout.index('{'):])
   assert metrics['step'] == 2 and np.isfinite(metrics['loss_ema'])
+  # Another model than the one trained: the key and both values are named, not a shape error.
+  out = _main(workdir, '--config.model.variant=test/14', mode='sample', check=False)
+  subprocess_env.one_error_line(out, "trained with config.model.variant='test/7'",
+                                "this config has 'test/14'", '--config.model.variant=')
 
 
 def test_main_errors_are_clear(tmp_path):
