@@ -2,9 +2,10 @@
 
 The default recipe (configs/fashion_mnist.py: its U-Net and optimizer) at 3,600 steps of 32, the
 conditional generator's length when classifier guidance was measured against CFG (README,
-"Classifier guidance"; 14–25 minutes on a 2-core CPU), trained with label_dropout = 1: every label is the null label ∅, so the network learns
-u_t(x) alone and costs exactly what the conditional generator costs. It samples class y only
-through a noise-aware classifier (classifier guidance, configs/fmnist_noisy_classifier.py).
+"Classifier guidance"; 14–25 minutes on a 2-core CPU), trained with label_dropout = 1: every
+label is the null label ∅, so the network learns u_t(x) alone and costs exactly what the
+conditional generator costs. It samples class y only through a noise-aware classifier
+(classifier guidance, configs/fmnist_noisy_classifier.py).
 
 Usage (the classifier first, a few minutes; then the generator, ~25 minutes; then sample or
 evaluate with classifier guidance):

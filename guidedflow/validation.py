@@ -82,27 +82,25 @@ def _choices(config, table):
       raise errors.ConfigError(f'config.{key}={value!r} is not one of {tuple(allowed)}.')
 
 
-def _positive(config, keys):
+def _integers(config, keys, minimum=1):
+  """config.<key> must be an int >= `minimum`; with minimum 0 (periodic work every N steps, 0 =
+  none) a key the task's config lacks is not checked."""
   for key in keys:
     value = get(config, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise errors.ConfigError(f'config.{key}={value!r} must be a positive integer.')
-
-
-def _every(config, keys):
-  for key in keys:
-    value = get(config, key)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                              or value < 0):
-      raise errors.ConfigError(f'config.{key}={value!r} must be a step count >= 0 '
-                               f'(0: none during training), e.g. --config.{key}=1000.')
+    if value is None and minimum == 0:
+      continue
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+      raise errors.ConfigError(
+          f'config.{key}={value!r} must be a positive integer.' if minimum else
+          f'config.{key}={value!r} must be a step count >= 0 (0: none during training), e.g. '
+          f'--config.{key}=1000.')
 
 
 def validate_config(config):
   """Checks `config` for its task (`config.task`); raises ConfigError naming key and fix."""
   _choices(config, _COMMON_CHOICES)
-  _positive(config, _COMMON_POSITIVE)
-  _every(config, _COMMON_EVERY)
+  _integers(config, _COMMON_POSITIVE)
+  _integers(config, _COMMON_EVERY, minimum=0)
   _check_optim(config)
   _check_mesh(config)
   batch, processes = config.train.batch_size, jax.process_count()
@@ -162,7 +160,7 @@ def _check_mesh(config):
 
 
 def _check_classifier(config):
-  _positive(config, ('eval.batch_size', 'model.feature_dim'))
+  _integers(config, ('eval.batch_size', 'model.feature_dim'))
   for key in ('input.num_train_examples', 'eval.num_examples'):
     value = get(config, key)
     if not isinstance(value, int) or value < 0:
@@ -174,7 +172,7 @@ def _check_classifier(config):
 
 
 def _check_noisy_classifier(config):
-  _positive(config, ('eval.batch_size', 'eval.time_bins', 'model.num_residual_layers',
+  _integers(config, ('eval.batch_size', 'eval.time_bins', 'model.num_residual_layers',
                      'model.t_embed_dim'))
   _choices(config, {'model.dtype': tuple(models.DTYPES), 'model.norm': unet.NORMS,
                     'path.schedule': paths.SCHEDULES, 'loss.time_sampler': losses.TIME_SAMPLERS})
@@ -190,7 +188,7 @@ def _check_noisy_classifier(config):
 
 
 def _check_autoencoder(config):
-  _positive(config, ('eval.batch_size', 'model.layers_per_block', 'model.latent_channels',
+  _integers(config, ('eval.batch_size', 'model.layers_per_block', 'model.latent_channels',
                      'model.norm_groups', 'eval.num_latent_examples',
                      'eval.num_quality_examples'))
   _choices(config, {'model.dtype': tuple(models.DTYPES),
@@ -205,7 +203,7 @@ def _check_autoencoder(config):
 
 def _check_generator(config):
   _choices(config, _GENERATOR_CHOICES)
-  _positive(config, _GENERATOR_POSITIVE)
+  _integers(config, _GENERATOR_POSITIVE)
   if not 0.0 <= config.loss.label_dropout <= 1.0:
     raise errors.ConfigError(
         f'config.loss.label_dropout={config.loss.label_dropout} must be in [0, 1] (it is the '
@@ -264,7 +262,7 @@ def _check_latents(config):
         '--config.autoencoder.workdir=DIR (a finished run of configs/fmnist_autoencoder.py) or '
         '--config.autoencoder.weights=FILE (a Stable Diffusion VAE file).')
   _choices(config, {'autoencoder.cache_dtype': latent_cache.DTYPES})
-  _positive(config, ('autoencoder.batch_size',))
+  _integers(config, ('autoencoder.batch_size',))
   if get(config, 'autoencoder.workers') < 0:
     raise errors.ConfigError('config.autoencoder.workers must be >= 0 (0: decode in this '
                              'process).')
