@@ -35,6 +35,9 @@ def get_config():
   config.loss.reconstruction = 'l1'    # 'l1' | 'l2'
   config.loss.kl_weight = 1e-6         # × KL per example / pixels (LDM: 1e-6 on summed terms)
   config.loss.feature_weight = 0.0     # > 0: + weight × ‖φ(x̂) − φ(x)‖² (needs the classifier)
+  # The classifier φ of the feature loss; None: eval.classifier_workdir (then the reported
+  # reconstruction FD and accuracy are measured by the network the loss was trained against).
+  config.loss.feature_workdir = config_dict.placeholder(str)
 
   config.input = default.get_config().input
   config.input.num_train_examples = 0  # 0: the whole split

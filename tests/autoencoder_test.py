@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from guidedflow import errors
+from guidedflow import feature_networks
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
 from guidedflow import tasks
@@ -242,7 +243,8 @@ def test_feature_loss_compares_classifier_features(tmp_path):
   clf.train.num_steps, clf.train.batch_size, clf.eval.batch_size = 4, 32, 100
   train.train_and_evaluate(clf, str(tmp_path / 'clf'))
   config = _task_config(feature_weight=2.0)
-  config.eval.classifier_workdir = str(tmp_path / 'clf')
+  config.loss.feature_workdir = str(tmp_path / 'clf')  # not the evaluation's classifier
+  config.eval.classifier_workdir = str(tmp_path / 'missing')
   task = tasks.get_task(config)
   model = autoencoder_task.model_constructor(config, (28, 28, 1))()
   x = images_lib.to_model(jnp.asarray(input_pipeline.load_fashion_mnist(None, 'test')[0][:4]))
@@ -255,3 +257,15 @@ def test_feature_loss_compares_classifier_features(tmp_path):
   assert float(metrics['feature']) == pytest.approx(feature, rel=1e-4) and feature > 0
   expected = float(metrics['reconstruction']) + 1e-6 * float(metrics['kl']) + 2.0 * feature
   assert float(total) == pytest.approx(expected, rel=1e-5)
+  # The program trains with it (the classifier is restored before the step is traced under
+  # the training mesh; restoring it inside the trace failed on its sharding names).
+  config.train.num_steps, config.eval.every_steps = 2, 0
+  _, result = train.train_and_evaluate(config, str(tmp_path / 'ae'))
+  assert result['step'] == 2 and np.isfinite(result['test_psnr'])
+  # Unset, the feature loss falls back to the evaluation's classifier: a missing one fails
+  # before the first step.
+  config.loss.feature_workdir = None
+  with pytest.raises(feature_networks.FeatureNetworkNotFoundError, match='missing'):
+    train.train_and_evaluate(config, str(tmp_path / 'ae2'))
+  assert not (tmp_path / 'ae2' / 'checkpoints').exists() or not any(
+      (tmp_path / 'ae2' / 'checkpoints').iterdir())

@@ -3,7 +3,10 @@
 Loss per example, as LDM weighs it but divided by the number of pixels D so that it reads as a
 per-pixel error: mean |x̂ − x| (or squared, `loss.reconstruction='l2'`) + `loss.kl_weight` ·
 KL(q(z|x) ‖ N(0, I)) / D, plus optionally `loss.feature_weight` · the mean squared difference
-of guidedflow's own classifier features of x̂ and x (no LPIPS weights exist offline).
+of guidedflow's own classifier features of x̂ and x (no LPIPS weights exist offline). That
+classifier is `loss.feature_workdir`; leave it unset to use the evaluation's classifier
+(`eval.classifier_workdir`), but then the reported FD and accuracy of the reconstructions are
+measured by the network the loss optimised against.
 
 Held-out metrics (periodic and final): L1, MSE and PSNR of the mean-latent reconstructions on
 the eval split. At the end also: the latent statistics of training images (shift = mean and
@@ -49,10 +52,31 @@ class AutoencoderTask(tasks.Task):
   def model_constructor(self, image_shape):
     return model_constructor(self.config, image_shape)
 
+  def check_inputs(self):
+    """The eval split, and the feature loss's classifier: loaded now, before the train step is
+    traced (inside the trace its restore would run under the training mesh), so that a missing
+    one fails before the first step."""
+    super().check_inputs()
+    if self.config.loss.get('feature_weight', 0.0) > 0:
+      self._feature_fn()
+
   def _feature_fn(self):
     """The classifier's feature function for `loss.feature_weight > 0` (its weights frozen)."""
     if self._features is None:
-      network = feature_networks.load_classifier(self.config.eval.classifier_workdir)
+      workdir = self.config.loss.get('feature_workdir')
+      if not workdir:
+        workdir = self.config.eval.classifier_workdir
+        logging.warning('The feature loss uses the evaluation\'s classifier (%s): the reported '
+                        'reconstruction FD and accuracy are measured by the network the loss '
+                        'optimises. Set loss.feature_workdir to a classifier trained with '
+                        'another seed for an independent measurement.', workdir)
+      try:
+        network = feature_networks.load_classifier(workdir)
+      except feature_networks.FeatureNetworkNotFoundError as e:
+        raise feature_networks.FeatureNetworkNotFoundError(
+            f'the feature loss (loss.feature_weight={self.config.loss.feature_weight}) needs '
+            f'its classifier: {e}; add --config.train.seed=1 to keep it independent of the '
+            'evaluation\'s classifier, or set --config.loss.feature_weight=0.') from None
       graphdef, params = nnx.split(network.model)
       self._features = lambda x: nnx.merge(graphdef, params).features(x)
     return self._features
