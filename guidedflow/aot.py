@@ -254,6 +254,7 @@ def run(config, workdir):
   if not shape and latents.is_latent(config):
     shape = _latent_shape(config)
   image_shape = tuple(shape) if shape else tuple(task.train_dataset().image_shape)
+  task.prepare()
   result = report(task, config, image_shape)
   if jax.process_index() == 0:
     (epath.Path(workdir) / 'compile.json').write_text(json.dumps(result, indent=2))

@@ -190,6 +190,7 @@ def train_and_evaluate(config, workdir):
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   dataset = task.train_dataset()
   task.check_inputs()  # every other split the run reads: fail now, not after training
+  task.prepare()
   builder = train_state.StateBuilder(task.model_constructor(dataset.image_shape), config,
                                      train_state.make_mesh(config))
   num_steps, batch_size = config.train.num_steps, config.train.batch_size

@@ -29,6 +29,8 @@ class Task:
     train_dataset(), eval_dataset(): the data.
     check_inputs(): at start-up, before compiling: opens every other input the run will read
       (the train split is open already), so a missing one fails now, not after training.
+    prepare(): loads the frozen networks `loss` needs, before the step is traced (also for
+      --mode=compile).
     model_constructor(image_shape): zero-argument function building the nnx model.
     loss(model, batch, key): (scalar loss, dict of scalar metrics), inside the jitted step.
     eval_metrics(model, batch, key): dict of means over the batch's real rows (batch['mask']).
@@ -71,6 +73,11 @@ class Task:
     """Opens the eval split, which the held-out metrics of `periodic` and `final` read: a
     missing or malformed split raises DataError before the first step, not after the last."""
     check_eval_split(self.eval_dataset, self.config)
+
+  def prepare(self):
+    """Loads what `loss` needs besides the model (a frozen network), before the train step is
+    traced: the loop and --mode=compile call it first (restored inside the trace, a network
+    would meet the training mesh). Default: nothing."""
 
   def model_constructor(self, image_shape):
     raise NotImplementedError

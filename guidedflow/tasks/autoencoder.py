@@ -52,11 +52,9 @@ class AutoencoderTask(tasks.Task):
   def model_constructor(self, image_shape):
     return model_constructor(self.config, image_shape)
 
-  def check_inputs(self):
-    """The eval split, and the feature loss's classifier: loaded now, before the train step is
-    traced (inside the trace its restore would run under the training mesh), so that a missing
-    one fails before the first step."""
-    super().check_inputs()
+  def prepare(self):
+    """The feature loss's classifier, restored before the step is traced (a missing one fails
+    before the first step)."""
     if self.config.loss.get('feature_weight', 0.0) > 0:
       self._feature_fn()
 
