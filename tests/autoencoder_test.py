@@ -154,6 +154,7 @@ def _task_config(**loss):
   config.train.log_every_steps = 10
   config.optim.warmup_steps = 2
   config.optim.learning_rate = 3e-3
+  config.loss.feature_weight = 0.0  # the feature loss has its own test
   for key, value in loss.items():
     config.loss[key] = value
   return config

@@ -31,6 +31,7 @@ def _autoencoder_config():
   config.eval.num_latent_examples = 200
   config.eval.num_quality_examples = 100
   config.eval.feature_network = 'none'
+  config.loss.feature_weight = 0.0  # no classifier here
   config.train.num_steps = 3
   config.train.batch_size = 32
   return config
