@@ -14,32 +14,35 @@ NamedShardings that training uses, and `sharding.bytes_per_device` sums their sh
 s tokens, h width, a heads, r = mlp_dim / h, c bytes of the compute dtype (2 for bf16, 4 for
 f32), t the tensor-parallel factor (mesh axis 'tensor'):
 
-    A_block = s·h·(32 + 2c + (4 + 6r)·c/t) + (4 + c)·a·s²/t
-            = 92·s·h + 6·a·s²  for bf16, r = 4, t = 1  (f32: 152·s·h + 8·a·s²)
+    A_block = s·h·(16 + 2c + (4 + 2r)·c/t) + 4·a·s²/t
+            = 44·s·h + 4·a·s²  for bf16, r = 4, t = 1  (f32: 72·s·h + 4·a·s²)
 
 Basis: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 Models"): s·h·(34 + 5·a·s/h) bytes with 16-bit activations; of its 34·s·h, 2 are dropout masks
 (attention and MLP output, 1 each) and of its 5·a·s² the softmax dropout mask (1) and dropout
 output (2) — DiT has no dropout, leaving 32·s·h + 2·a·s² (with tensor parallel:
 s·h·(8 + 24/t) + 2·a·s²/t). That count assumes fused kernels that keep only the inputs of each
-matmul, LayerNorm and GeLU. Counted from guidedflow's DiT (models/dit.py, layer_norm_f32 in
-models/layers.py) at the level of what JAX saves — the residuals of `jax.vjp`, which this script
-also traces and prints next to the formula — it keeps:
+matmul, LayerNorm and GeLU. Counted from guidedflow's DiT (models/dit.py; its LayerNorm, GeLU
+and attention have hand-written derivatives that keep only what they need: models/layers.py,
+models/attention.py) at the level of what JAX saves — the residuals of `jax.vjp`, which this
+script also traces and prints next to the formula — it keeps:
 
-  * LayerNorm in f32: x − μ, 2(x − μ) (from the square's derivative) and the normalised output,
-    three f32 (s, h) tensors per LayerNorm: 2 × 3 × 4 = 24·s·h (the paper: 4).
+  * LayerNorm in f32: its output (shared with the adaLN modulation's derivative) and the
+    per-token 1/σ, one f32 (s, h) tensor per LayerNorm: 2 × 4 = 8·s·h (the paper: 4, its input
+    in 16 bits). JAX's derivative of the formula kept three (24·s·h) before issue 12.
   * adaLN-Zero gates: d(gate) of gate·y needs y, the attention and MLP outputs in f32: 8·s·h.
   * matmul inputs in the compute dtype: modulated qkv input, q (scaled), k, v, attention
     projection input, modulated fc1 input: 6·c·s·h (q, k, v and the projection input are split
     over t).
-  * tanh-GeLU: fc1's output and five intermediates of the tanh formula, each r·h wide, in the
-    compute dtype: 6·r·c·s·h (the paper: GeLU input and output, 16·s·h).
-  * attention: exp(logits − max) in f32 (4·a·s²) and the probabilities in the compute dtype
-    (c·a·s²; in f32 the division's output): (4 + c)·a·s². guidedflow computes attention with
-    jnp einsums, so the (a, s, s) scores are materialised (no flash attention).
+  * tanh-GeLU: its input (fc1's output) and its output (fc2's input), each r·h wide, in the
+    compute dtype: 2·r·c·s·h, as in the paper (16·s·h). JAX's derivative of the tanh formula
+    kept five intermediates besides the input (6·r·c·s·h) before issue 12.
+  * attention: the probabilities in f32 (4·a·s²; the paper: 2, 16 bits). The (a, s, s) scores
+    are materialised (no flash attention); JAX's derivative of the softmax kept exp(logits −
+    max) in f32 and the probabilities in the compute dtype ((4 + c)·a·s²) before issue 12.
   * not counted (< 0.3%): per-sample vectors (adaLN modulation, (s, 1) statistics).
 
-Outside the blocks, per sample: patch-embedding input s·p²C·c, final LayerNorm 12·s·h, final
+Outside the blocks, per sample: patch-embedding input s·p²C·c, final LayerNorm 4·s·h, final
 projection input c·s·h, loss residual 4·s·p²C. With `jax.checkpoint` around each block
 (full rematerialisation: `--config.model.remat=full`, off by default) only each block's input is
 kept — the f32 residual stream, 4·s·h (not 2·s·h: guidedflow's residual stream is f32) — plus one block's
@@ -139,18 +142,18 @@ def block_activation_bytes(cfg: dit.DiTConfig, c: int, tensor: int = 1) -> float
   """A_block: bytes one DiT block saves for the backward pass, per sample (module docstring)."""
   s, h, a, r = cfg.num_tokens, cfg.width, cfg.num_heads, cfg.mlp_dim / cfg.width
   t_heads, t_mlp = tensor_split(cfg, tensor)
-  replicated = (2 * 3 * F32      # two f32 LayerNorms, three (s, h) tensors each
+  replicated = (2 * F32          # two f32 LayerNorm outputs
                 + 2 * F32        # attention and MLP outputs in f32 for d(gate)
                 + 2 * c)         # modulated qkv and fc1 inputs
-  split = 4 * c / t_heads + 6 * r * c / t_mlp  # q, k, v, projection input; GeLU tensors
-  attention = (F32 + c) * a * s * s / t_heads
+  split = 4 * c / t_heads + 2 * r * c / t_mlp  # q, k, v, projection input; GeLU input, output
+  attention = F32 * a * s * s / t_heads        # the probabilities
   return s * h * (replicated + split) + attention
 
 
 def outside_activation_bytes(cfg: dit.DiTConfig, c: int) -> float:
   """Per-sample residuals outside the blocks: patch embedding, final layer, loss."""
   s, h, patch = cfg.num_tokens, cfg.width, cfg.patch_dim
-  return s * patch * c + s * h * (3 * F32 + c) + s * patch * F32
+  return s * patch * c + s * h * (F32 + c) + s * patch * F32
 
 
 def activation_bytes_per_sample(cfg: dit.DiTConfig, c: int, tensor: int = 1,

@@ -126,19 +126,19 @@ def test_activation_formula_hand_computed():
   cfg = memory.dit_config(config)
   s, h, a = 256, 384, 6
   assert (cfg.num_tokens, cfg.width, cfg.num_heads, cfg.depth) == (s, h, a, 12)
-  # bf16, t = 1: 92·s·h + 6·a·s² per block.
-  assert memory.block_activation_bytes(cfg, 2) == 92 * s * h + 6 * a * s * s == 11_403_264
-  # Outside the blocks: patch input 2·s·16, final LayerNorm 12·s·h, final proj input 2·s·h,
+  # bf16, t = 1: 44·s·h + 4·a·s² per block.
+  assert memory.block_activation_bytes(cfg, 2) == 44 * s * h + 4 * a * s * s == 5_898_240
+  # Outside the blocks: patch input 2·s·16, final LayerNorm 4·s·h, final proj input 2·s·h,
   # loss residual 4·s·16.
-  assert memory.outside_activation_bytes(cfg, 2) == 14 * s * h + 6 * s * 16 == 1_400_832
-  assert memory.activation_bytes_per_sample(cfg, 2) == 12 * 11_403_264 + 1_400_832 == 138_240_000
-  # f32: 152·s·h + 8·a·s² per block.
-  assert memory.block_activation_bytes(cfg, 4) == 152 * s * h + 8 * a * s * s == 18_087_936
-  # Tensor parallel t = 2: s·h·(32 + 4 + 56/2) + 6·a·s²/2.
-  assert memory.block_activation_bytes(cfg, 2, tensor=2) == 64 * s * h + 3 * a * s * s
+  assert memory.outside_activation_bytes(cfg, 2) == 6 * s * h + 6 * s * 16 == 614_400
+  assert memory.activation_bytes_per_sample(cfg, 2) == 12 * 5_898_240 + 614_400 == 71_393_280
+  # f32: 72·s·h + 4·a·s² per block.
+  assert memory.block_activation_bytes(cfg, 4) == 72 * s * h + 4 * a * s * s == 8_650_752
+  # Tensor parallel t = 2: s·h·(16 + 4 + 24/2) + 4·a·s²/2.
+  assert memory.block_activation_bytes(cfg, 2, tensor=2) == 32 * s * h + 2 * a * s * s
   # Remat every block: 12 f32 block inputs (4·s·h) + one block + outside.
   assert memory.activation_bytes_per_sample(cfg, 2, remat=True) == (
-      12 * 4 * s * h + 11_403_264 + 1_400_832)
+      12 * 4 * s * h + 5_898_240 + 614_400)
   # Korthikanti et al. eq. (1), 16-bit with dropout: s·h·(34 + 5·a·s/h); without: 32, 2.
   assert memory.korthikanti_block_bytes(cfg, dropout=True) == pytest.approx(
       34 * s * h + 5 * a * s * s)

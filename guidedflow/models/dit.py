@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from guidedflow.models import precision
-from guidedflow.models.layers import (LAYER_AXIS, UNCONSTRAINED, as_hw, constrain,
+from guidedflow.models import attention, precision
+from guidedflow.models.layers import (LAYER_AXIS, UNCONSTRAINED, as_hw, constrain, gelu_tanh,
                                       layer_norm_f32, partitioned, sincos_2d_position_embedding,
                                       timestep_embedding)
 
@@ -63,9 +63,11 @@ TIME_SCALE = 1000.0       # t ∈ [0, 1] is scaled by this before the sinusoid (
 # What the backward pass keeps of each block (`jax.checkpoint` policies): 'none' (no remat),
 # 'full' (only the block input), 'dots_with_no_batch_dims_saveable' (the weight matmuls' outputs).
 REMAT_POLICIES = ('none', 'full', 'dots_with_no_batch_dims_saveable')
-# 'einsum': two einsums and a softmax written here (the default: on a 2-core CPU, DiT-S/2
-# fwd+bwd ran 3-8% faster than with 'xla'); 'xla': `jax.nn.dot_product_attention` (XLA);
-# 'cudnn': its cuDNN flash attention (GPU, bf16).
+# 'einsum' (the default; the name predates its backward pass): `attention.dot_product_attention`,
+# batched matmuls with f32 logits and softmax and a hand-written backward pass that keeps only
+# q, k, v and the probabilities (on a 2-core CPU, DiT-S/2 attention fwd+bwd 1.35× faster than
+# JAX's derivative of two einsums; benchmarks/README.md); 'xla': `jax.nn.dot_product_attention`
+# (XLA); 'cudnn': its cuDNN flash attention (GPU, bf16).
 ATTENTION_IMPLS = ('einsum', 'xla', 'cudnn')
 _SCAN_METADATA = {nnx.PARTITION_NAME: LAYER_AXIS}
 
@@ -177,9 +179,7 @@ class Attention(nnx.Module):
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]            # (B, N, H, Dh)
     if self.impl == 'einsum':
       q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-      logits = precision.einsum('bqhd,bkhd->bhqk', q, k)                   # f32
-      probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)              # (B, H, N, N)
-      out = precision.einsum('bhqk,bkhd->bqhd', probs, v).astype(self.dtype)
+      out = attention.dot_product_attention(q, k, v).astype(self.dtype)   # f32 softmax inside
     else:  # f32 logits (scaled in f32) and softmax, probabilities cast to the compute dtype.
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
     out = constrain(out, 'batch', None, 'heads', None)
@@ -211,10 +211,10 @@ class DiTBlock(nnx.Module):
     h = _modulate(layer_norm_f32(x), shift_a, scale_a).astype(self.dtype)
     x = x + gate_a * self.attn(h).astype(jnp.float32)
     h = _modulate(layer_norm_f32(x), shift_m, scale_m).astype(self.dtype)
-    # GeLU in the compute dtype, as before the f32-accumulating dots: its saved intermediates
-    # are (B, N, 4D) tensors, the largest residuals of the block (benchmarks/memory.py).
+    # GeLU of the compute-dtype hidden layer, the block's largest tensor: its derivative keeps
+    # only its input (layers.gelu_tanh; benchmarks/memory.py).
     h = constrain(self.fc1(h).astype(self.dtype), 'batch', None, 'mlp')
-    h = self.fc2(nnx.gelu(h, approximate=True))
+    h = self.fc2(gelu_tanh(h))
     return constrain(x + gate_m * h.astype(jnp.float32), 'batch', UNCONSTRAINED, UNCONSTRAINED)
 
 

@@ -1,6 +1,7 @@
 """Small pieces shared by the networks: logical-axis initialisers and activation constraints,
 f32 norms, time embeddings."""
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -61,12 +62,61 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def layer_norm_f32(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """LayerNorm without affine parameters over the last axis; statistics and result in f32."""
-  x = x.astype(jnp.float32)
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
+  """LayerNorm without affine parameters over the last axis; statistics and result in f32.
+
+  Its derivative keeps the output y and 1/σ (one f32 tensor of x's shape): dx = (dy − mean(dy)
+  − y·mean(dy·y)) / σ. JAX's own derivative of the formula kept three (benchmarks/memory.py).
+  """
+  return _layer_norm_fwd(x, eps)[0]
+
+
+def _layer_norm_fwd(x, eps):
+  x32 = x.astype(jnp.float32)
+  centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+  inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+  y = centred * inv_std
+  return y, (y, inv_std, jnp.zeros((), x.dtype))
+
+
+def _layer_norm_bwd(eps, residuals, dy):
+  del eps
+  y, inv_std, like = residuals
+  dx = inv_std * (dy - jnp.mean(dy, axis=-1, keepdims=True)
+                  - y * jnp.mean(dy * y, axis=-1, keepdims=True))
+  return (dx.astype(like.dtype),)
+
+
+layer_norm_f32.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """GeLU, tanh approximation (`jax.nn.gelu(x, approximate=True)`), whose derivative keeps only x.
+
+  JAX's derivative of the formula keeps five intermediates besides x, each as large as the MLP
+  hidden layer, the largest activations of a transformer block (benchmarks/memory.py); this one
+  recomputes them from x in the backward pass (elementwise, in f32).
+  """
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+  return gelu_tanh(x), x
+
+
+def _gelu_bwd(x, dy):
+  x32 = x.astype(jnp.float32)
+  tanh = jnp.tanh(_GELU_C * (x32 + 0.044715 * x32**3))
+  slope = 0.5 * (1.0 + tanh) + 0.5 * x32 * (1.0 - tanh**2) * _GELU_C * (1.0 + 3 * 0.044715 * x32**2)
+  return ((dy.astype(jnp.float32) * slope).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def timestep_embedding(t: jax.Array, dim: int, *, time_scale: float = 1000.0,

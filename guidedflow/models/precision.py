@@ -53,7 +53,7 @@ def _matmul_f32(lhs, rhs, dimension_numbers):
   sharding the dot and fusing around it (attention heads were all-gathered under a 'tensor'
   mesh axis: benchmarks/sharding_review.py), so there it is the plain mixed dot.
   """
-  if _target_platform() != 'cpu':
+  if target_platform() != 'cpu':
     return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
   (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
   x_kept = _kept(lhs.ndim, x_contract, x_batch)
@@ -74,7 +74,7 @@ def _matmul_f32(lhs, rhs, dimension_numbers):
   return out.reshape(shape)
 
 
-def _target_platform():
+def target_platform():
   """The platform the traced program is for: the mesh's (`jax.set_mesh`, e.g. TPU devices of an
   ahead-of-time compile on a CPU host), else the default backend."""
   mesh = jax.sharding.get_abstract_mesh()

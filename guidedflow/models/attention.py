@@ -1,0 +1,86 @@
+"""Softmax attention with a hand-written backward pass: what it keeps, and the layout of its dots.
+
+`dot_product_attention(q, k, v)` computes softmax(q·kᵀ)·v per head, q already scaled, with the
+logits and the softmax in f32 and the dots taking the compute dtype with f32 accumulation
+(`precision.py`'s policy). Its backward pass is FlashAttention's (Dao et al. 2022, eqs. in §3.1
+without the tiling): from the kept probabilities P, dV = Pᵀ·dO, dP = dO·Vᵀ,
+dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = dS·K, dK = dSᵀ·Q. Two things follow:
+
+* Memory: it keeps q, k, v and P in f32, 4·a·s² bytes per sample and block, where JAX's
+  derivative of the softmax kept exp(logits − max) in f32 and the probabilities in the compute
+  dtype ((4 + c)·a·s², `benchmarks/memory.py`).
+* Speed on XLA:CPU: every dot is a (batch, M, K) × (batch, K, N) matmul with the batch and
+  head axes merged into one batch axis, the one layout XLA:CPU runs at matmul speed (and the
+  only one it runs bf16 × bf16 → f32 in). JAX's own transposes of the two einsums gave
+  batched dots with contracting or output axes in other places, which XLA:CPU ran at a fifth
+  of its matmul peak; on a 2-core Xeon (AMX) DiT-S/2 attention fwd+bwd went from 145 to 108 ms
+  in f32 and the bf16 forward (the sampler's) from 60 to 21 ms (benchmarks/README.md).
+  On other platforms the head axis stays its own axis, so that a 'tensor' mesh axis splitting
+  heads keeps splitting every dot (merging it with the batch would make XLA gather the heads).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from guidedflow.models import precision
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q·kᵀ)·v per head: q, k, v (B, N, H, Dh), q pre-scaled → float32 (B, N, H, Dh)."""
+  return _attention(q, k, v, precision.target_platform() == 'cpu')
+
+
+def _heads_first(x, merge):
+  """(B, N, H, D) → (B·H, N, D) when `merge`, else (B, H, N, D)."""
+  x = jnp.transpose(x, (0, 2, 1, 3))
+  return x.reshape((-1,) + x.shape[2:]) if merge else x
+
+
+def _heads_back(x, shape, merge):
+  """Inverse of `_heads_first` for a (…, N, D) result; `shape` is the (B, N, H, D) input's."""
+  batch, tokens, heads, dim = shape
+  x = x.reshape(batch, heads, tokens, x.shape[-1]) if merge else x
+  return jnp.transpose(x, (0, 2, 1, 3))
+
+
+def _matmul(a, b):
+  """Batched a·b over the leading axes, low-precision operands accumulated in f32."""
+  batch = tuple(range(a.ndim - 2))
+  return lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)),
+                         preferred_element_type=jnp.float32)
+
+
+def _t(x):
+  return jnp.swapaxes(x, -1, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, merge):
+  return _attention_fwd(q, k, v, merge)[0]
+
+
+def _attention_fwd(q, k, v, merge):
+  qh, kh, vh = (_heads_first(x, merge) for x in (q, k, v))
+  probs = jax.nn.softmax(_matmul(qh, _t(kh)), axis=-1)                      # f32
+  out = _matmul(probs.astype(v.dtype), vh)
+  return _heads_back(out, q.shape, merge), (qh, kh, vh, probs)
+
+
+def _attention_bwd(merge, residuals, d_out):
+  qh, kh, vh, probs = residuals
+  dtype = qh.dtype
+  shape = (d_out.shape[0], d_out.shape[1], d_out.shape[2], qh.shape[-1])
+  d_out = _heads_first(d_out, merge).astype(dtype)
+  d_v = _matmul(_t(probs.astype(dtype)), d_out)
+  d_probs = _matmul(d_out, _t(vh))                                          # f32
+  d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+  d_logits = d_logits.astype(dtype)
+  d_q = _matmul(d_logits, kh)
+  d_k = _matmul(_t(d_logits), qh)
+  return tuple(_heads_back(g, shape, merge).astype(dtype) for g in (d_q, d_k, d_v))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

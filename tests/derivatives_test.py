@@ -1,0 +1,106 @@
+"""Hand-written derivatives (models/attention.py, layers.gelu_tanh, layers.layer_norm_f32): the
+same values and gradients as JAX's derivative of the plain formulas, and only the residuals
+they claim to keep."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from guidedflow.models import attention, layers
+
+B, N, H, D = 2, 12, 3, 8
+
+
+def _qkv(dtype):
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, k, v = (jax.random.normal(key, (B, N, H, D)) for key in keys[:3])
+  weight = jax.random.normal(keys[3], (B, N, H, D))
+  return (q / math.sqrt(D)).astype(dtype), k.astype(dtype), v.astype(dtype), weight
+
+
+def _einsum_attention(q, k, v):
+  """The formula, differentiated by JAX (f32 logits and softmax, operands upcast)."""
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  probs = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k), axis=-1)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+def _value_and_grads(fn, q, k, v, weight):
+  loss = lambda q, k, v: jnp.sum(weight * fn(q, k, v).astype(jnp.float32))
+  return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize('merge', [True, False], ids=['cpu-layout', 'heads-axis'])
+def test_attention_matches_formula_f32(merge):
+  q, k, v, weight = _qkv(jnp.float32)
+  value, grads = _value_and_grads(lambda *a: attention._attention(*a, merge), q, k, v, weight)
+  ref_value, ref_grads = _value_and_grads(_einsum_attention, q, k, v, weight)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for got, want in zip(grads, ref_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  out = attention._attention(q, k, v, merge)
+  np.testing.assert_allclose(out, _einsum_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_bf16_close_to_f32_formula_and_keeps_dtypes():
+  q, k, v, weight = _qkv(jnp.bfloat16)
+  _, grads = _value_and_grads(attention.dot_product_attention, q, k, v, weight)
+  _, ref_grads = _value_and_grads(_einsum_attention, q, k, v, weight)
+  assert attention.dot_product_attention(q, k, v).dtype == jnp.float32
+  for got, want in zip(grads, ref_grads):
+    assert got.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(want)))
+    assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) < 0.02 * scale
+
+
+def _residual_bytes(fn, *args):
+  pullback = jax.vjp(fn, *args)[1]
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pullback))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_attention_keeps_qkv_and_f32_probabilities_only(dtype):
+  q, k, v, _ = _qkv(dtype)
+  c = jnp.dtype(dtype).itemsize
+  kept = _residual_bytes(attention.dot_product_attention, q, k, v)
+  assert kept == 3 * B * N * H * D * c + 4 * B * H * N * N
+  # JAX's derivative of the formula keeps more: the f32 exp and the probabilities.
+  assert _residual_bytes(_einsum_attention, q, k, v) > kept
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_gelu_tanh_matches_jax_and_keeps_its_input_only(dtype):
+  x = (3 * jax.random.normal(jax.random.PRNGKey(1), (4, 64))).astype(dtype)
+  weight = jax.random.normal(jax.random.PRNGKey(2), (4, 64))
+  ref = lambda x: jax.nn.gelu(x, approximate=True)
+  np.testing.assert_array_equal(layers.gelu_tanh(x), ref(x))
+  grad = jax.grad(lambda x: jnp.sum(weight * layers.gelu_tanh(x).astype(jnp.float32)))(x)
+  want = jax.grad(lambda x: jnp.sum(weight * ref(x.astype(jnp.float32))))(x.astype(jnp.float32))
+  assert grad.dtype == dtype
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(grad.astype(jnp.float32), want, rtol=tol, atol=tol)
+  assert _residual_bytes(layers.gelu_tanh, x) == x.size * x.dtype.itemsize
+  assert _residual_bytes(ref, x) >= 4 * x.size * x.dtype.itemsize
+
+
+def test_layer_norm_matches_formula_and_keeps_one_f32_tensor():
+  x = 5 * jax.random.normal(jax.random.PRNGKey(3), (4, 6, 32)) + 2
+  weight = jax.random.normal(jax.random.PRNGKey(4), (4, 6, 32))
+
+  def formula(x, eps=1e-6):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), -1, keepdims=True) + eps)
+
+  np.testing.assert_allclose(layers.layer_norm_f32(x), formula(x), rtol=1e-6, atol=1e-6)
+  grad = jax.grad(lambda x: jnp.sum(weight * layers.layer_norm_f32(x)))(x)
+  want = jax.grad(lambda x: jnp.sum(weight * formula(x)))(x)
+  np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6)
+  # The output (f32, x's shape), 1/σ per row and a scalar that carries the input dtype.
+  rows = x.size // x.shape[-1]
+  assert _residual_bytes(layers.layer_norm_f32, x) == 4 * x.size + 4 * rows + 4
+  assert _residual_bytes(formula, x) >= 2 * 4 * x.size
+  assert jax.grad(lambda x: jnp.sum(layers.layer_norm_f32(x)))(x.astype(jnp.bfloat16)).dtype == (
+      jnp.bfloat16)
