@@ -61,6 +61,25 @@ def _residual_bytes(fn, *args):
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pullback))
 
 
+@pytest.mark.parametrize('merge', [True, False], ids=['cpu-layout', 'heads-axis'])
+def test_fused_qkv_attention_matches_formula_of_slices(merge):
+  q, k, v, weight = _qkv(jnp.float32)
+  qkv = jnp.stack([q, k, v], axis=3)  # (B, N, H, 3, D)
+  scale = 0.37
+
+  def formula(qkv):
+    return _einsum_attention(qkv[:, :, :, 0] * scale, qkv[:, :, :, 1], qkv[:, :, :, 2])
+
+  loss = lambda fn: lambda qkv: jnp.sum(weight * fn(qkv))
+  got = jax.value_and_grad(loss(lambda x: attention._qkv_attention(x, scale, merge)))(qkv)
+  want = jax.value_and_grad(loss(formula))(qkv)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  assert got[1].shape == qkv.shape
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
+  assert _residual_bytes(lambda x: attention.qkv_attention(x, scale), qkv) == (
+      _residual_bytes(attention.dot_product_attention, q, k, v))
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_attention_keeps_qkv_and_f32_probabilities_only(dtype):
   q, k, v, _ = _qkv(dtype)

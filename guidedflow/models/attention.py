@@ -33,6 +33,35 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
   return _attention(q, k, v, precision.target_platform() == 'cpu')
 
 
+def qkv_attention(qkv: jax.Array, scale: float) -> jax.Array:
+  """`dot_product_attention` of q·scale, k, v given fused as qkv (B, N, H, 3, Dh) → f32 (B, N, H, Dh).
+
+  Its gradient is one (B, N, H, 3, Dh) array written once; slicing q, k and v out of qkv before
+  the attention made JAX's derivative pad each slice's gradient to qkv's shape and add the
+  three, twice (once for the input gradient, once transposed for the weight gradient).
+  """
+  return _qkv_attention(qkv, scale, precision.target_platform() == 'cpu')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _qkv_attention(qkv, scale, merge):
+  return _qkv_attention_fwd(qkv, scale, merge)[0]
+
+
+def _qkv_attention_fwd(qkv, scale, merge):
+  q = qkv[:, :, :, 0] * jnp.asarray(scale, qkv.dtype)
+  return _attention_fwd(q, qkv[:, :, :, 1], qkv[:, :, :, 2], merge)
+
+
+def _qkv_attention_bwd(scale, merge, residuals, d_out):
+  d_q, d_k, d_v = _attention_bwd(merge, residuals, d_out)
+  d_q = d_q * jnp.asarray(scale, d_q.dtype)
+  return (jnp.stack([d_q, d_k, d_v], axis=3),)
+
+
+_qkv_attention.defvjp(_qkv_attention_fwd, _qkv_attention_bwd)
+
+
 def _heads_first(x, merge):
   """(B, N, H, D) → (B·H, N, D) when `merge`, else (B, H, N, D)."""
   x = jnp.transpose(x, (0, 2, 1, 3))

@@ -176,11 +176,10 @@ class Attention(nnx.Module):
     qkv = self.qkv(x).astype(self.dtype)
     qkv = qkv.reshape(batch, tokens, self.num_heads, 3, head_dim)           # (B, N, H, 3, Dh)
     qkv = constrain(qkv, 'batch', None, 'heads', None, None)
-    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]            # (B, N, H, Dh)
-    if self.impl == 'einsum':
-      q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-      out = attention.dot_product_attention(q, k, v).astype(self.dtype)   # f32 softmax inside
+    if self.impl == 'einsum':  # f32 logits and softmax inside
+      out = attention.qkv_attention(qkv, 1.0 / math.sqrt(head_dim)).astype(self.dtype)
     else:  # f32 logits (scaled in f32) and softmax, probabilities cast to the compute dtype.
+      q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]            # (B, N, H, Dh)
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
     out = constrain(out, 'batch', None, 'heads', None)
     return self.proj(out.reshape(batch, tokens, width))
