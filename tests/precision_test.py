@@ -78,11 +78,22 @@ def test_backward_dots_stay_low_precision():
   assert any(jnp.float32 in [v.aval.dtype for v in e.invars] for e in plain_eqns)
 
 
-def test_f32_operands_take_plain_dot_general():
+def test_f32_operands_same_values_and_gradients_as_plain_dot_general():
+  """On CPU f32 dots take the canonical-layout route too: the same products, forward and back."""
   lhs, rhs = _operands((3, 8, 16), (16, 12), jnp.float32)
+  cotangent = jax.random.normal(jax.random.PRNGKey(5), (3, 8, 12))
   dims = (((2,), (0,)), ((), ()))
-  np.testing.assert_array_equal(precision.mixed_dot_general(lhs, rhs, dims),
-                                jax.lax.dot_general(lhs, rhs, dims))
+  out, vjp = jax.vjp(lambda a, b: precision.mixed_dot_general(a, b, dims), lhs, rhs)
+  ref_out, ref_vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), lhs, rhs)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref_out, rtol=1e-6, atol=1e-6)
+  for got, want in zip(vjp(cotangent), ref_vjp(cotangent)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # float32 × bfloat16 (mixed dtypes) stays the plain dot.
+  np.testing.assert_array_equal(
+      precision.mixed_dot_general(lhs, rhs.astype(jnp.bfloat16), dims),
+      jax.lax.dot_general(lhs, rhs.astype(jnp.bfloat16), dims))
 
 
 def test_nnx_linear_with_mixed_dot_general():

@@ -116,9 +116,14 @@ def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 
   Drop-in for `nnx.Linear(dot_general=...)` and `nnx.Einsum`: with two low-precision operands of
   one dtype the result is float32 (cast to `preferred_element_type` if another one is asked
-  for); otherwise this is `lax.dot_general` itself.
+  for). Two float32 operands on XLA:CPU take the same route (`_matmul_f32`'s layouts, forward
+  and backward): JAX's own weight-gradient dots had XLA:CPU transpose their operands in loop
+  fusions with the elementwise ops before them, at a tenth of a plain transpose's speed
+  (DiT-S/2 f32 train step 1.15× faster this way; benchmarks/README.md). Otherwise this is
+  `lax.dot_general` itself.
   """
-  if (lhs.dtype == rhs.dtype and any(lhs.dtype == d for d in LOW_PRECISION)):
+  if lhs.dtype == rhs.dtype and (any(lhs.dtype == d for d in LOW_PRECISION) or (
+      lhs.dtype == jnp.float32 and target_platform() == 'cpu')):
     out = _mixed_dot(lhs, rhs, _as_tuples(dimension_numbers))
     return out if preferred_element_type is None else out.astype(preferred_element_type)
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
