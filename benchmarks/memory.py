@@ -381,7 +381,7 @@ def print_report(report, meshes, capacities, margin):
 
   act = report['activations']
   print('\n## Activations saved for the backward pass (per sample; formula in the docstring)\n')
-  print('A_block = s·h·(32 + 2c + (4 + 6r)·c/t) + (4 + c)·a·s²/t bytes; here s = '
+  print('A_block = s·h·(16 + 2c + (4 + 2r)·c/t) + 4·a·s²/t bytes; here s = '
         f"{m['tokens']}, h = {m['width']}, a = {m['heads']}, r = {m['mlp_dim'] / m['width']:g}, "
         f"c = {act['compute_bytes']}.\n")
   print('| quantity (t = 1) | MiB |')
