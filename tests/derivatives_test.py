@@ -94,15 +94,30 @@ def test_attention_keeps_qkv_and_f32_probabilities_only(dtype):
 def test_gelu_tanh_matches_jax_and_keeps_its_input_only(dtype):
   x = (3 * jax.random.normal(jax.random.PRNGKey(1), (4, 64))).astype(dtype)
   weight = jax.random.normal(jax.random.PRNGKey(2), (4, 64))
-  ref = lambda x: jax.nn.gelu(x, approximate=True)
-  np.testing.assert_array_equal(layers.gelu_tanh(x), ref(x))
-  grad = jax.grad(lambda x: jnp.sum(weight * layers.gelu_tanh(x).astype(jnp.float32)))(x)
-  want = jax.grad(lambda x: jnp.sum(weight * ref(x.astype(jnp.float32))))(x.astype(jnp.float32))
-  assert grad.dtype == dtype
+  ref = lambda x: jax.nn.gelu(x.astype(jnp.float32), approximate=True)
   tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(layers.gelu_tanh(x).astype(jnp.float32), ref(x), rtol=tol, atol=tol)
+  grad = jax.grad(lambda x: jnp.sum(weight * layers.gelu_tanh(x).astype(jnp.float32)))(x)
+  want = jax.grad(lambda x: jnp.sum(weight * ref(x)))(x.astype(jnp.float32))
+  assert grad.dtype == dtype
   np.testing.assert_allclose(grad.astype(jnp.float32), want, rtol=tol, atol=tol)
-  assert _residual_bytes(layers.gelu_tanh, x) == x.size * x.dtype.itemsize
+  assert _residual_bytes(layers.gelu_tanh, x) == x.size * x.dtype.itemsize + x.dtype.itemsize
   assert _residual_bytes(ref, x) >= 4 * x.size * x.dtype.itemsize
+
+
+def test_gelu_tanh_of_f32_input_returns_and_keeps_the_compute_dtype():
+  """The DiT's use: fc1's f32 output in, bf16 out; the kept input is rounded to bf16 and the
+  gradient comes back in f32 (for fc1's f32 output)."""
+  x = 3 * jax.random.normal(jax.random.PRNGKey(1), (4, 64))
+  out, vjp = jax.vjp(lambda x: layers.gelu_tanh(x, jnp.bfloat16), x)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(out, jax.nn.gelu(x, approximate=True).astype(jnp.bfloat16))
+  (grad,) = vjp(jnp.ones_like(out))
+  assert grad.dtype == jnp.float32
+  x_kept = x.astype(jnp.bfloat16).astype(jnp.float32)
+  np.testing.assert_allclose(grad, jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=True)))(
+      x_kept), rtol=1e-5, atol=1e-6)
+  assert _residual_bytes(lambda x: layers.gelu_tanh(x, jnp.bfloat16), x) == 2 * x.size + 4
 
 
 def test_layer_norm_matches_formula_and_keeps_one_f32_tensor():

@@ -210,10 +210,10 @@ class DiTBlock(nnx.Module):
     h = _modulate(layer_norm_f32(x), shift_a, scale_a).astype(self.dtype)
     x = x + gate_a * self.attn(h).astype(jnp.float32)
     h = _modulate(layer_norm_f32(x), shift_m, scale_m).astype(self.dtype)
-    # GeLU of the compute-dtype hidden layer, the block's largest tensor: its derivative keeps
-    # only its input (layers.gelu_tanh; benchmarks/memory.py).
-    h = constrain(self.fc1(h).astype(self.dtype), 'batch', None, 'mlp')
-    h = self.fc2(gelu_tanh(h))
+    # GeLU of fc1's f32 output, rounded to the compute dtype, the block's largest tensor: its
+    # derivative keeps only its input, in the compute dtype (layers.gelu_tanh; memory.py).
+    h = constrain(self.fc1(h), 'batch', None, 'mlp')
+    h = self.fc2(gelu_tanh(h, self.dtype))
     return constrain(x + gate_m * h.astype(jnp.float32), 'batch', UNCONSTRAINED, UNCONSTRAINED)
 
 
