@@ -70,7 +70,7 @@ def _heads_first(x, merge):
 
 def _heads_back(x, shape, merge):
   """Inverse of `_heads_first` for a (…, N, D) result; `shape` is the (B, N, H, D) input's."""
-  batch, tokens, heads, dim = shape
+  batch, tokens, heads, _ = shape
   x = x.reshape(batch, heads, tokens, x.shape[-1]) if merge else x
   return jnp.transpose(x, (0, 2, 1, 3))
 

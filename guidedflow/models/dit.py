@@ -63,7 +63,7 @@ TIME_SCALE = 1000.0       # t ∈ [0, 1] is scaled by this before the sinusoid (
 # What the backward pass keeps of each block (`jax.checkpoint` policies): 'none' (no remat),
 # 'full' (only the block input), 'dots_with_no_batch_dims_saveable' (the weight matmuls' outputs).
 REMAT_POLICIES = ('none', 'full', 'dots_with_no_batch_dims_saveable')
-# 'einsum' (the default; the name predates its backward pass): `attention.dot_product_attention`,
+# 'einsum' (the default; the name predates its backward pass): `attention.qkv_attention`,
 # batched matmuls with f32 logits and softmax and a hand-written backward pass that keeps only
 # q, k, v and the probabilities (on a 2-core CPU, DiT-S/2 attention fwd+bwd 1.35× faster than
 # JAX's derivative of two einsums; benchmarks/README.md); 'xla': `jax.nn.dot_product_attention`
