@@ -16,6 +16,7 @@ from guidedflow import aot
 from guidedflow import checkpointing
 from guidedflow import cli
 from guidedflow import errors
+from guidedflow import host_allocator
 from guidedflow import sharding
 from guidedflow import tasks
 from guidedflow import train
@@ -52,14 +53,7 @@ def _skip_tpu_probe_without_tpu():
   CPU unless JAX_PLATFORMS says otherwise; compiles for TPU topologies still work."""
   if os.environ.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None:
     return
-  if any(importlib.util.find_spec(p) for p in ('jax_cuda12_plugin', 'jax_cuda13_plugin')):
-    return
-  try:  # JAX's own PCI check (private, read defensively)
-    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
-    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
-  except (ImportError, AttributeError, OSError):
-    return
-  if not chips:
+  if not host_allocator.gpu_plugin_installed() and host_allocator.tpu_chips() == 0:
     jax.config.update('jax_platforms', 'cpu')
 
 
@@ -70,6 +64,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = cli.get_config()
   try:
+    allocator = host_allocator.keep_freed_memory()  # before JAX starts XLA's threads
     # Before anything touches a backend: every process must join first.
     mesh = config.get('mesh') or {}
     sharding.initialize_distributed(
@@ -78,6 +73,7 @@ def main(argv):
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  logging.info('%s', allocator)
   logging.info('JAX %s, process %d/%d, %d devices (%d local): %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.local_device_count(), jax.local_devices())
