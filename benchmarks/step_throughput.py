@@ -267,7 +267,8 @@ def main():
   parser.add_argument('--dtypes', default='f32,bf16', help='comma-separated subset of f32,bf16')
   parser.add_argument('--matmul_size', type=int, default=2048)
   args = parser.parse_args()
-  allocator = host_allocator.keep_freed_memory()  # as the program does, before any JAX op
+  host_allocator.skip_tpu_probe_without_tpu()  # as the program does, before any JAX op
+  allocator = host_allocator.keep_freed_memory()
   cases = SMOKE_CASES if args.smoke else CASES
   if args.cases:
     unknown = set(args.cases.split(',')) - set(cases)

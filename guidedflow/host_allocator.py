@@ -50,6 +50,17 @@ def tpu_chips():
   return chips
 
 
+def skip_tpu_probe_without_tpu():
+  """libtpu installed (for --mode=compile) on a machine without a TPU chip or GPU plugin: JAX
+  would probe for a TPU at start-up and libtpu print its errors on every run. Use the CPU
+  unless JAX_PLATFORMS says otherwise; compiles for TPU topologies still work."""
+  if os.environ.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None:
+    return
+  if not gpu_plugin_installed() and tpu_chips() == 0:
+    import jax  # pylint: disable=g-import-not-at-top  # importing starts no backend
+    jax.config.update('jax_platforms', 'cpu')
+
+
 def _cpu_only():
   """Whether JAX will run on the host CPU alone (told so, or no GPU plugin and no TPU chip)."""
   platforms = os.environ.get('JAX_PLATFORMS', '')

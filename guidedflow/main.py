@@ -1,6 +1,5 @@
 """Entry point: python -m guidedflow.main --config configs/x.py --workdir DIR [--mode=...]."""
 
-import importlib.util
 import json
 import logging as pylogging
 import os
@@ -47,20 +46,10 @@ class _QuietLibraries(pylogging.Filter):
     return not ('/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
 
 
-def _skip_tpu_probe_without_tpu():
-  """libtpu installed for --mode=compile on a machine without a TPU chip (and no GPU plugin):
-  JAX would probe for a TPU at start-up and libtpu print its errors on every run. Use the
-  CPU unless JAX_PLATFORMS says otherwise; compiles for TPU topologies still work."""
-  if os.environ.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None:
-    return
-  if not host_allocator.gpu_plugin_installed() and host_allocator.tpu_chips() == 0:
-    jax.config.update('jax_platforms', 'cpu')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  _skip_tpu_probe_without_tpu()
+  host_allocator.skip_tpu_probe_without_tpu()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = cli.get_config()
   try:
