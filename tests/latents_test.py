@@ -18,6 +18,10 @@ from guidedflow import tasks
 from guidedflow import train
 from guidedflow import validation
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (a subprocess or
+# a training run) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('latents')
+
 
 def _autoencoder_config():
   from configs import fmnist_autoencoder  # pylint: disable=g-import-not-at-top

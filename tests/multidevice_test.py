@@ -19,6 +19,10 @@ import pytest
 
 from tests import subprocess_env
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (a subprocess or
+# a training run) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('multidevice')
+
 MESHES = ['(8, 1, 1)', '(2, 4, 1)', '(2, 2, 2)']
 
 _CHILD = textwrap.dedent(r'''

@@ -16,6 +16,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from guidedflow import sharding
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (a subprocess or
+# a training run) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('sharding')
+
 _CHILD = textwrap.dedent(r'''
     import json, os
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
