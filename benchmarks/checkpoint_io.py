@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guidedflow import checkpointing
 from guidedflow import checksums
+from guidedflow import host_allocator
 from guidedflow import sampler as sampler_lib
 from guidedflow import train_state
 from guidedflow.cli import load_config
@@ -82,4 +83,5 @@ def main():
 
 
 if __name__ == '__main__':
+  host_allocator.skip_tpu_probe_without_tpu()  # libtpu installed, no TPU: use the CPU quietly
   main()

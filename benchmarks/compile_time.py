@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from guidedflow import host_allocator
 from guidedflow import models
 
 IMAGE_SHAPE = (32, 32, 4)
@@ -125,4 +126,5 @@ def main(argv=None) -> list:
 
 
 if __name__ == '__main__':
+  host_allocator.skip_tpu_probe_without_tpu()  # libtpu installed, no TPU: use the CPU quietly
   main()

@@ -95,6 +95,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import imagenet256_latent
 
+from guidedflow import host_allocator
 from guidedflow import sampler as sampler_lib
 from guidedflow import sharding
 from guidedflow import tasks
@@ -497,4 +498,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
+  host_allocator.skip_tpu_probe_without_tpu()  # libtpu installed, no TPU: use the CPU quietly
   main()

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import memory  # benchmarks/memory.py: the formula
 from guidedflow import aot
+from guidedflow import host_allocator
 from guidedflow import tasks
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -109,4 +110,5 @@ def main():
 
 
 if __name__ == '__main__':
+  host_allocator.skip_tpu_probe_without_tpu()  # libtpu installed, no TPU: use the CPU quietly
   main()

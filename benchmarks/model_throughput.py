@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from guidedflow import host_allocator
 from guidedflow import models
 
 # name → (create_model kwargs, batch size)
@@ -154,4 +155,5 @@ def main():
 
 
 if __name__ == '__main__':
+  host_allocator.skip_tpu_probe_without_tpu()  # libtpu installed, no TPU: use the CPU quietly
   main()

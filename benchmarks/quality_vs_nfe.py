@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from guidedflow import evaluate
 from guidedflow import feature_networks
+from guidedflow import host_allocator
 from guidedflow import input_pipeline
 from guidedflow import sampler as sampler_lib
 from guidedflow import validation
@@ -80,4 +81,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_allocator.skip_tpu_probe_without_tpu()  # libtpu installed, no TPU: use the CPU quietly
   app.run(main)

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default as default_config
 from guidedflow import aot
+from guidedflow import host_allocator
 from guidedflow import tasks
 from guidedflow.models import layers
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -92,4 +93,5 @@ def main():
 
 
 if __name__ == '__main__':
+  host_allocator.skip_tpu_probe_without_tpu()  # libtpu installed, no TPU: use the CPU quietly
   main()
