@@ -1,11 +1,14 @@
 """Mixed-precision matmuls: f32 accumulation forward and backward, every layout the DiT uses."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from guidedflow.models import attention
 from guidedflow.models import precision
 
 # (subscripts, lhs shape, rhs shape): a Linear on tokens, a Linear on vectors, attention logits
@@ -76,6 +79,36 @@ def test_backward_dots_stay_low_precision():
                    argnums=(0, 1))
   plain_eqns = _dot_eqns(jax.make_jaxpr(plain)(lhs, rhs).jaxpr)
   assert any(jnp.float32 in [v.aval.dtype for v in e.invars] for e in plain_eqns)
+
+
+def _compiled_dot_operand_dtypes(hlo_text):
+  """(lhs dtype, rhs dtype) of every dot in compiled HLO text (fused computations included)."""
+  dtypes = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', hlo_text))
+  dots = re.findall(r'= \w+\[[^=]*? dot\(%([\w.\-]+), %([\w.\-]+)\)', hlo_text)
+  return [(dtypes.get(lhs), dtypes.get(rhs)) for lhs, rhs in dots]
+
+
+@pytest.mark.parametrize('subscripts,lhs_shape,rhs_shape', LAYOUTS)
+def test_compiled_gradient_dots_keep_bf16_operands(subscripts, lhs_shape, rhs_shape):
+  """What XLA:CPU compiles, not only the jaxpr: the input gradient of a Linear (x̄ = ȳ Wᵀ) had
+  its transpose folded into the dot and ran as an f32 × f32 dot of converted operands (the
+  bf16 train step's input-gradient GEMMs at the f32 rate) until the transposed weight was
+  materialised."""
+  lhs, rhs = _operands(lhs_shape, rhs_shape, jnp.bfloat16)
+  grad = jax.jit(jax.grad(lambda a, b: precision.einsum(subscripts, a, b).sum(), argnums=(0, 1)))
+  dots = _compiled_dot_operand_dtypes(grad.lower(lhs, rhs).compile().as_text())
+  assert len(dots) >= 2, dots  # d_lhs and d_rhs
+  assert all(pair == ('bf16', 'bf16') for pair in dots), dots
+
+
+def test_compiled_attention_dots_keep_bf16_operands():
+  """Attention forward and backward as XLA:CPU compiles them: its transposed operands (kᵀ, vᵀ,
+  qᵀ, dOᵀ) made by swapping the axes of a (B·H, N, D) array were dots XLA ran in f32."""
+  qkv = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 2, 3, 8)).astype(jnp.bfloat16)
+  loss = lambda x: attention.qkv_attention(x, 0.5).sum()
+  dots = _compiled_dot_operand_dtypes(jax.jit(jax.grad(loss)).lower(qkv).compile().as_text())
+  assert len(dots) == 5, dots  # logits recomputed for P; dP, dQ, dKᵀ, dVᵀ (P·V is unused)
+  assert all(pair == ('bf16', 'bf16') for pair in dots), dots
 
 
 def test_f32_operands_same_values_and_gradients_as_plain_dot_general():

@@ -4,7 +4,8 @@
 logits and the softmax in f32 and the dots taking the compute dtype with f32 accumulation
 (`precision.py`'s policy). Its backward pass is FlashAttention's (Dao et al. 2022, eqs. in §3.1
 without the tiling): from the kept probabilities P, dV = Pᵀ·dO, dP = dO·Vᵀ,
-dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = dS·K, dK = dSᵀ·Q. Two things follow:
+dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = dS·K, dK = dSᵀ·Q (computed as dVᵀ = dOᵀ·P and
+dKᵀ = Qᵀ·dS, see below). Two things follow:
 
 * Memory: it keeps q, k, v and P in f32, 4·a·s² bytes per sample and block, where JAX's
   derivative of the softmax kept exp(logits − max) in f32 and the probabilities in the compute
@@ -15,6 +16,9 @@ dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = dS·K, dK = dSᵀ·Q. Two things foll
   batched dots with contracting or output axes in other places, which XLA:CPU ran at a fifth
   of its matmul peak; on a 2-core Xeon (AMX) DiT-S/2 attention fwd+bwd went from 145 to 108 ms
   in f32 and the bf16 forward (the sampler's) from 60 to 21 ms (benchmarks/README.md).
+  A transposed operand must be made by one transpose of a (B, N, H, D) array (`_heads_last`:
+  kᵀ, vᵀ, qᵀ, dOᵀ): a bf16 operand in any other transposed layout is one XLA:CPU converts to
+  f32 and multiplies in f32. Hence dVᵀ and dKᵀ, which need no transpose of P or dS.
   On other platforms the head axis stays its own axis, so that a 'tensor' mesh axis splitting
   heads keeps splitting every dot (merging it with the batch would make XLA gather the heads).
 """
@@ -68,11 +72,21 @@ def _heads_first(x, merge):
   return x.reshape((-1,) + x.shape[2:]) if merge else x
 
 
-def _heads_back(x, shape, merge):
-  """Inverse of `_heads_first` for a (…, N, D) result; `shape` is the (B, N, H, D) input's."""
+def _heads_last(x, merge):
+  """(B, N, H, D) → (B·H, D, N) when `merge`, else (B, H, D, N): a transposed dot operand made
+  by one transpose of the input. Swapping the last two axes of a (B·H, N, D) array instead gave
+  XLA:CPU a dot operand in a transposed layout, which it runs in f32 for bf16 operands (convert,
+  f32 dot): half of attention's dots in the bf16 train step (benchmarks/README.md)."""
+  x = jnp.transpose(x, (0, 2, 3, 1))
+  return x.reshape((-1,) + x.shape[2:]) if merge else x
+
+
+def _heads_back(x, shape, merge, transposed=False):
+  """Inverse of `_heads_first` for a (…, N, D) result, or of `_heads_last` for a (…, D, N) one
+  (`transposed`); `shape` is the (B, N, H, D) input's."""
   batch, tokens, heads, _ = shape
-  x = x.reshape(batch, heads, tokens, x.shape[-1]) if merge else x
-  return jnp.transpose(x, (0, 2, 1, 3))
+  x = x.reshape((batch, heads) + x.shape[-2:]) if merge else x
+  return jnp.transpose(x, (0, 3, 1, 2) if transposed else (0, 2, 1, 3))
 
 
 def _matmul(a, b):
@@ -82,34 +96,31 @@ def _matmul(a, b):
                          preferred_element_type=jnp.float32)
 
 
-def _t(x):
-  return jnp.swapaxes(x, -1, -2)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _attention(q, k, v, merge):
   return _attention_fwd(q, k, v, merge)[0]
 
 
 def _attention_fwd(q, k, v, merge):
-  qh, kh, vh = (_heads_first(x, merge) for x in (q, k, v))
-  probs = jax.nn.softmax(_matmul(qh, _t(kh)), axis=-1)                      # f32
-  out = _matmul(probs.astype(v.dtype), vh)
-  return _heads_back(out, q.shape, merge), (qh, kh, vh, probs)
+  probs = jax.nn.softmax(_matmul(_heads_first(q, merge), _heads_last(k, merge)), axis=-1)  # f32
+  out = _matmul(probs.astype(v.dtype), _heads_first(v, merge))
+  return _heads_back(out, q.shape, merge), (q, k, v, probs)
 
 
 def _attention_bwd(merge, residuals, d_out):
-  qh, kh, vh, probs = residuals
-  dtype = qh.dtype
-  shape = (d_out.shape[0], d_out.shape[1], d_out.shape[2], qh.shape[-1])
-  d_out = _heads_first(d_out, merge).astype(dtype)
-  d_v = _matmul(_t(probs.astype(dtype)), d_out)
-  d_probs = _matmul(d_out, _t(vh))                                          # f32
+  """dQ = dS·K and dP = dO·Vᵀ as they are; dVᵀ = dOᵀ·P and dKᵀ = Qᵀ·dS, so that every
+  transposed operand is a `_heads_last` of a (B, N, H, D) array (none of P or dS)."""
+  q, k, v, probs = residuals
+  dtype = q.dtype
+  d_out = d_out.astype(dtype)
+  d_probs = _matmul(_heads_first(d_out, merge), _heads_last(v, merge))         # f32
   d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
   d_logits = d_logits.astype(dtype)
-  d_q = _matmul(d_logits, kh)
-  d_k = _matmul(_t(d_logits), qh)
-  return tuple(_heads_back(g, shape, merge).astype(dtype) for g in (d_q, d_k, d_v))
+  d_q = _heads_back(_matmul(d_logits, _heads_first(k, merge)), q.shape, merge)
+  d_k = _heads_back(_matmul(_heads_last(q, merge), d_logits), q.shape, merge, transposed=True)
+  d_v = _heads_back(_matmul(_heads_last(d_out, merge), probs.astype(dtype)), q.shape, merge,
+                    transposed=True)
+  return tuple(g.astype(dtype) for g in (d_q, d_k, d_v))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
