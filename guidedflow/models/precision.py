@@ -63,8 +63,13 @@ def _matmul_f32(lhs, rhs, dimension_numbers):
   a = jnp.transpose(lhs, tuple(x_batch) + tuple(x_kept) + tuple(x_contract)).reshape(b, m, k)
   rhs_order = tuple(y_batch) + tuple(y_contract) + tuple(y_kept)
   c = jnp.transpose(rhs, rhs_order).reshape(b, k, n)
-  if rhs_order != tuple(range(rhs.ndim)):
-    c = _materialized(c)
+  if rhs.dtype != jnp.float32 and rhs_order != tuple(range(rhs.ndim)):
+    # A transposed bf16 weight (the input gradient of a Linear, x̄ = ȳ Wᵀ: a third of a train
+    # step's FLOPs): XLA folds the transpose into the dot's dimension numbers, a layout its bf16
+    # path does not take, and runs the dot as convert → f32 dot. Behind a barrier (a copy of the
+    # small operand) it stays a bf16 GEMM: W1 / W2 bf16 train step 1.16× / 1.19×
+    # (benchmarks/README.md; tests/precision_test.py). f32 takes the folded layout at full speed.
+    c = lax.optimization_barrier(c)
   if x_batch:
     out = lax.dot_general(a, c, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
   else:
@@ -75,19 +80,6 @@ def _matmul_f32(lhs, rhs, dimension_numbers):
   shape = ([lhs.shape[d] for d in x_batch] + [lhs.shape[d] for d in x_kept]
            + [rhs.shape[d] for d in y_kept])
   return out.reshape(shape)
-
-
-def _materialized(x):
-  """`x` (a transposed weight) as an array of its own when it is a low-precision XLA:CPU dot
-  operand. XLA folds the transpose into the dot's dimension numbers, a layout its bf16 path
-  does not take, and runs the dot as convert → f32 dot: the input gradient of every Linear
-  (x̄ = ȳ Wᵀ), a third of a train step's FLOPs, at the f32 rate. Behind an optimization barrier
-  (a copy of the small operand) it stays a bf16 GEMM (test: tests/precision_test.py; the W1 /
-  W2 bf16 train step 1.16× / 1.19×, benchmarks/README.md). f32 dots take the folded layout at
-  full speed (measured: no faster materialised) and other platforms take any layout."""
-  if x.dtype == jnp.float32 or target_platform() != 'cpu':
-    return x
-  return lax.optimization_barrier(x)
 
 
 def target_platform():
