@@ -27,7 +27,7 @@ MESHES = ['(8, 1, 1)', '(2, 4, 1)', '(2, 2, 2)']
 
 _CHILD = textwrap.dedent(r'''
     import json, os, sys
-    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
     import jax
     import numpy as np
     from configs import tiny
@@ -119,7 +119,7 @@ _CHILD = textwrap.dedent(r'''
 @pytest.fixture(scope='module')
 def report(tmp_path_factory):
   env = subprocess_env.env()
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  env['XLA_FLAGS'] = env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
   result = subprocess.run([sys.executable, '-c', _CHILD, str(tmp_path_factory.mktemp('mesh'))],
                           cwd=subprocess_env.REPO, env=env, capture_output=True, text=True,
                           timeout=900, check=False)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.xdist_group('sharding')
 
 _CHILD = textwrap.dedent(r'''
     import json, os
-    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -128,7 +128,7 @@ _CHILD = textwrap.dedent(r'''
 @pytest.fixture(scope='module')
 def report():
   env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  env['XLA_FLAGS'] = env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
   env['GUIDEDFLOW_JAX_CACHE'] = os.path.abspath(
       os.path.join(os.path.dirname(__file__), '..', '.jax_cache'))
   result = subprocess.run([sys.executable, '-c', _CHILD], env=env, capture_output=True,
