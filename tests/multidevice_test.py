@@ -1,8 +1,8 @@
 """The training program on 8 simulated CPU devices: meshes (8,1,1), (2,4,1), (2,2,2) against one
 device (train steps, shardings, per-device bytes, sampler), and checkpoints across meshes.
 
-conftest.py imports jax with one CPU device, so everything runs in one child process that sets
-XLA_FLAGS before importing jax and reports what it measured as JSON; the tests check the report.
+conftest.py imports jax with one CPU device, so everything runs in one child process started
+with 8 devices in XLA_FLAGS; it reports what it measured as JSON, and the tests check the report.
 
 Tolerances (f32): the sharded runs reduce in a different order (partial sums per shard, then a
 collective). Measured after 3 AdamW steps (lr 1e-3): parameters differ by at most 3e-8, losses by
@@ -27,7 +27,6 @@ MESHES = ['(8, 1, 1)', '(2, 4, 1)', '(2, 2, 2)']
 
 _CHILD = textwrap.dedent(r'''
     import json, os, sys
-    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
     import jax
     import numpy as np
     from configs import tiny

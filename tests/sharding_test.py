@@ -1,7 +1,7 @@
 """Tests for guidedflow.sharding on 8 simulated CPU devices.
 
 conftest.py imports jax with one CPU device, so the multi-device checks run in one child
-process that sets XLA_FLAGS before importing jax and reports what it saw as JSON.
+process started with 8 devices in XLA_FLAGS, which reports what it saw as JSON.
 """
 
 import json
@@ -22,7 +22,6 @@ pytestmark = pytest.mark.xdist_group('sharding')
 
 _CHILD = textwrap.dedent(r'''
     import json, os
-    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
     import jax
     import jax.numpy as jnp
     import numpy as np
