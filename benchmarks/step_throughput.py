@@ -2,6 +2,9 @@
 
     python benchmarks/step_throughput.py [--json] [--smoke] [--cases W1,W2,unet,unet-lecture]
         [--dtypes f32,bf16] [--steps 5] [--sample_steps 50]
+    # on a GPU: batch sizes, attention, remat and block layouts in one process
+    python benchmarks/step_throughput.py --cases XL --dtypes bf16 --train_only \
+        --train_batch 128,256 --attention_impl cudnn,einsum --remat none,full --matmul_size 8192
 
 In one process: the f32 and bf16 matmul peaks (`P32`, `P16`: a jnp 2048² matmul, bf16 with f32
 accumulation), then for each workload and compute dtype
@@ -15,16 +18,22 @@ accumulation), then for each workload and compute dtype
 FLOPs are analytic (`guidedflow.models.flops_per_example`, 2 × multiply-adds of matmuls/convs,
 attention included); a train step counts 3× the forward. `xP32`/`xP16` is the achieved GFLOP/s
 over the peak of the compute dtype's matmul. Workloads (issue 12): W1 DiT-S/2 on 32×32×4
-latents, 1000 classes, train batch 32, sample batch 16; W2 DiT-T/4 on 28×28×1, batch 128 / 64;
+latents, 1000 classes, train batch 32, sample batch 16; XL, DiT-XL/2 on the same latents
+(configs/imagenet256_latent.py's model), batch 256 / 64; W2 DiT-T/4 on 28×28×1, batch 128 / 64;
 unet, the Fashion-MNIST default U-Net at its batch (configs/fashion_mnist.py) / 64;
 unet-lecture, the same with the lecture's widths (32, 64, 128) and GroupNorm (the default before
 issue 13); latent, configs/fashion_mnist_latent.py's DiT-XS/1 on 7×7×8 latents, batch 32 / 64 (latent-T:
 DiT-T/1).
+Memory: the train step's compiled footprint (XLA's arguments + outputs − donated aliases +
+temporaries); a step whose footprint exceeds the device's memory limit is reported and not run.
+`--attention_impl`, `--remat`, `--scan_blocks` and `--train_batch` take comma-separated lists;
+every combination is run (DiT options apply to DiT cases only).
 Prints numbers only; it asserts nothing about speed. Machines differ: compare runs on one
 machine, as ratios.
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -35,6 +44,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 # The repository root, so that `configs` imports when run as `python benchmarks/...`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,6 +86,7 @@ def _unet(channels=None, layers=None, norm=None):
 # name → (config maker, train batch, sample batch)
 CASES = {
     'W1': (_dit('S/2', 32, 4, 1000), 32, 16),
+    'XL': (_dit('XL/2', 32, 4, 1000), 256, 64),
     'W2': (_dit('T/4', 28, 1, 10), 128, 64),
     'unet': (_unet(), None, 64),  # None: the config's own train batch
     # The default before issue 13: the lecture's widths with GroupNorm.
@@ -128,12 +139,15 @@ def matmul_peak(dtype, size, steps):
   return 2 * size**3 / _time(lambda: matmul(a, b), steps) / 1e9
 
 
-def _builder(make, dtype_name, train_batch):
-  """(the generator's StateBuilder, config, image shape) of one workload."""
+def _builder(make, dtype_name, train_batch, model_options):
+  """(the generator's StateBuilder, config, image shape) of one workload; `model_options`
+  (attention_impl, remat, scan_blocks) replace the config's for DiT workloads."""
   config, image_shape = make()
   config.model.dtype = DTYPES[dtype_name]
   if train_batch:
     config.train.batch_size = train_batch
+  if config.model.name == 'dit':
+    config.model.update(model_options)
   config.mesh.shape = (1, 1, 1)
   config.train.num_steps = 10_000  # the learning-rate schedule only
   validation.validate_config(config)
@@ -151,7 +165,33 @@ def _flops(config, image_shape):
   return models.flops_per_example(config.model.name, **kwargs)
 
 
+def _options_used(config, image_shape):
+  """The DiT options the model was built with ('auto' attention resolved); None for a U-Net."""
+  if config.model.name != 'dit':
+    return dict.fromkeys(MODEL_OPTIONS)
+  kwargs = sampler_lib.model_kwargs(config)
+  model = nnx.eval_shape(sampler_lib.model_constructor(config, image_shape))
+  return dict({k: kwargs[k] for k in MODEL_OPTIONS}, attention_impl=model.attention_impl)
+
+
+def _footprint_bytes(compiled):
+  """XLA's memory footprint of a compiled step (None where the backend does not say)."""
+  try:
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except  # not every backend reports it
+    return None
+
+
+def _device_memory(key):
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get(key)
+
+
 def bench_train(builder, config, image_shape, steps, rounds):
+  """(final state or None, img/s or None, compile s, footprint bytes) of the real train step;
+  a step that would not fit in the device's memory is compiled but not run."""
   batch_size = config.train.batch_size
   rng = np.random.default_rng(0)
   batch = {'image': rng.uniform(-1, 1, (batch_size,) + image_shape).astype(np.float32),
@@ -161,17 +201,21 @@ def bench_train(builder, config, image_shape, steps, rounds):
   state = builder.init_state()
   train_step = builder.make_train_step(tasks.get_task(config).loss)
   start = time.perf_counter()
-  state, _ = train_step(state, batch, key)
-  jax.block_until_ready(state)
-  first_s = time.perf_counter() - start
+  with jax.set_mesh(builder.mesh):
+    compiled = train_step.jitted.lower(state, batch, key).compile()
+  compile_s = time.perf_counter() - start
+  footprint = _footprint_bytes(compiled)
+  limit = _device_memory('bytes_limit')
+  if footprint and limit and footprint > limit:
+    return None, None, compile_s, footprint
   holder = [state]
 
   def step():
-    holder[0], metrics = train_step(holder[0], batch, key)
+    holder[0], metrics = compiled(holder[0], batch, key)
     return metrics['loss']
 
   seconds = _time(step, steps, rounds)
-  return holder[0], batch_size / seconds, first_s
+  return holder[0], batch_size / seconds, compile_s, footprint
 
 
 def bench_sample(sampler, sample_batch, num_steps, guidance_scale, rounds):
@@ -197,21 +241,30 @@ def bench_forward(builder, params, image_shape, batch, steps, rounds):
     return _time(lambda: forward(params, x, t, y), steps, rounds)
 
 
-def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peaks):
-  builder, config, image_shape = _builder(make, dtype_name, train_batch)
+def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peaks,
+                   model_options):
+  builder, config, image_shape = _builder(make, dtype_name, train_batch, model_options)
   flops = _flops(config, image_shape)
   peak = peaks[dtype_name]
-  state, train_ips, train_compile_s = bench_train(builder, config, image_shape, args.steps,
-                                                  args.rounds)
-  sampler = sampler_lib.Sampler.from_train_state(config, builder, state, image_shape)
-  params = sampler.params  # the EMA weights
+  state, train_ips, train_compile_s, footprint = bench_train(
+      builder, config, image_shape, args.steps, args.rounds)
   row = dict(case=name, model=config.model.name,
              variant=config.model.variant if config.model.name == 'dit' else
              'x'.join(map(str, config.model.unet_channels)), dtype=dtype_name,
              train_batch=config.train.batch_size, gflop_per_image=flops / 1e9,
-             train_images_per_s=train_ips, train_gflops=3 * flops * train_ips / 1e9,
-             train_compile_s=train_compile_s)
+             train_images_per_s=train_ips, train_compile_s=train_compile_s,
+             train_footprint_gb=footprint / 2**30 if footprint else None,
+             **_options_used(config, image_shape))
+  if train_ips is None:  # does not fit: compiled, not run
+    return row
+  row['train_gflops'] = 3 * flops * train_ips / 1e9
   row['train_x_peak'] = row['train_gflops'] / peak
+  peak_bytes = _device_memory('peak_bytes_in_use')
+  row['device_peak_gb'] = peak_bytes / 2**30 if peak_bytes else None  # the process's, so far
+  if args.train_only:
+    return row
+  sampler = sampler_lib.Sampler.from_train_state(config, builder, state, image_shape)
+  params = sampler.params  # the EMA weights
   fwd_1 = bench_forward(builder, params, image_shape, sample_batch, args.steps, args.rounds)
   fwd_2 = bench_forward(builder, params, image_shape, 2 * sample_batch, args.steps, args.rounds)
   n = args.sample_steps
@@ -235,24 +288,65 @@ def header(allocator=''):
               python=platform.python_version(), xla_flags=os.environ.get('XLA_FLAGS', ''))
 
 
+def _cell(value, spec):
+  width = re.match(r'[<>]\d+', spec).group()
+  if value is None:
+    return format('-', width)
+  if isinstance(value, bool):
+    value = 'scan' if value else 'loop'
+  return format(value, spec if not isinstance(value, str) else width)
+
+
 def print_table(report):
   h = report['header']
   print(f"cpu {h['cpu']}\n{h['platform']}:{h['device']}  jax {h['jax']}  python {h['python']}"
         f"  XLA_FLAGS='{h['xla_flags']}'\n{h['allocator']}")
   for dtype, gflops in report['peaks'].items():
-    print(f'P{dtype[-2:]} ({dtype} 2048² matmul, f32 accumulation): {gflops:.1f} GFLOP/s')
-  cols = [('case', '<6', 'case'), ('dtype', '<5', 'dtype'), ('train_batch', '>5', 'batch'),
-          ('train_images_per_s', '>8.2f', 'train/s'), ('train_gflops', '>7.1f', 'GFLOP/s'),
+    print(f'P{dtype[-2:]} ({dtype} {report.get("matmul_size", 2048)}² matmul, f32 accumulation): '
+          f'{gflops:.1f} GFLOP/s')
+  cols = [('case', '<4', 'case'), ('dtype', '<4', 'dt'), ('attention_impl', '<6', 'attn'),
+          ('remat', '<5', 'remat'), ('scan_blocks', '<4', 'blks'), ('train_batch', '>5', 'batch'),
+          ('train_images_per_s', '>8.2f', 'train/s'), ('train_gflops', '>8.1f', 'GFLOP/s'),
           ('train_x_peak', '>5.2f', 'xPeak'), ('train_compile_s', '>6.1f', 'comp s'),
+          ('train_footprint_gb', '>6.2f', 'GiB'),
           ('sample_batch', '>4', 'sb'), ('cfg_nfe', '>4', 'NFE'),
           ('cfg_samples_per_s', '>8.3f', 'cfg/s'), ('cfg_gflops', '>7.1f', 'GFLOP/s'),
           ('cfg_x_peak', '>5.2f', 'xPeak'), ('cfg_vs_fwd', '>6.3f', 'vsFwd'),
           ('cond_nfe', '>4', 'NFE1'), ('cond_samples_per_s', '>8.3f', 'w=1/s'),
           ('cond_vs_fwd', '>6.3f', 'vsFwd1'), ('w1_over_w2_time', '>6.3f', 't1/t2'),
           ('sample_compile_s', '>6.1f', 'comp s')]
-  print(' '.join(format(title, re.match(r'[<>]\d+', spec).group()) for _, spec, title in cols))
+  print(' '.join(_cell(title, spec) for _, spec, title in cols))
   for row in report['rows']:
-    print(' '.join(format(row[key], spec) for key, spec, _ in cols))
+    print(' '.join(_cell(row.get(key), spec) for key, spec, _ in cols))
+
+
+def print_reports(paths):
+  """One table of several JSON reports of one machine (the first one's header and peaks)."""
+  reports = []
+  for path in paths:
+    with open(path, encoding='utf-8') as f:
+      reports.append(json.load(f))
+  merged = dict(reports[0], rows=[row for r in reports for row in r['rows']])
+  print_table(merged)
+  for row in merged['rows']:
+    if 'error' in row:
+      print(f"failed: {row['case']} batch {row['train_batch']}: {row['error']}")
+
+
+MODEL_OPTIONS = ('attention_impl', 'remat', 'scan_blocks')
+
+
+def _list(text, kind=str):
+  return [kind(item) for item in text.split(',')] if text else []
+
+
+def _model_options(args):
+  """Every combination of the DiT options given ({} alone: the configs' own)."""
+  given = {'attention_impl': _list(args.attention_impl), 'remat': _list(args.remat),
+           'scan_blocks': [{'true': True, 'false': False}[v.lower()]
+                           for v in _list(args.scan_blocks)]}
+  given = {k: v for k, v in given.items() if v}
+  return [dict(zip(given, values)) for values in itertools.product(*given.values())]
 
 
 def main():
@@ -265,8 +359,25 @@ def main():
   parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
   parser.add_argument('--cases', default=None, help='comma-separated subset of ' + ','.join(CASES))
   parser.add_argument('--dtypes', default='f32,bf16', help='comma-separated subset of f32,bf16')
-  parser.add_argument('--matmul_size', type=int, default=2048)
+  parser.add_argument('--matmul_size', type=int, default=2048,
+                      help='size of the peak matmuls (8192 on a GPU)')
+  parser.add_argument('--train_only', action='store_true', help='no sampling rows')
+  parser.add_argument('--out', default=None,
+                      help='also write the JSON report here, rewritten after every row')
+  parser.add_argument('--train_batch', default=None,
+                      help="comma-separated train batch sizes (default: each case's)")
+  parser.add_argument('--attention_impl', default=None,
+                      help='DiT: comma-separated subset of ' + ','.join(models.dit.ATTENTION_IMPLS))
+  parser.add_argument('--remat', default=None,
+                      help='DiT: comma-separated subset of ' + ','.join(models.dit.REMAT_POLICIES))
+  parser.add_argument('--scan_blocks', default=None,
+                      help='DiT: comma-separated subset of true,false (false: a module per block)')
+  parser.add_argument('--print', nargs='+', default=None, metavar='REPORT',
+                      help='print the table of these --out / --json reports (merged) and exit')
   args = parser.parse_args()
+  if args.print:
+    print_reports(args.print)
+    return
   host_allocator.skip_tpu_probe_without_tpu()  # as the program does, before any JAX op
   allocator = host_allocator.keep_freed_memory()
   cases = SMOKE_CASES if args.smoke else CASES
@@ -282,16 +393,29 @@ def main():
   peaks = {d: matmul_peak(jnp.dtype(DTYPES[d]), args.matmul_size, max(args.steps, 3))
            for d in ('f32', 'bf16')}
   rows = []
+  report = dict(header=header(allocator), peaks=peaks, matmul_size=args.matmul_size, rows=rows)
   for name, (make, train_batch, sample_batch) in cases.items():
-    for dtype_name in dtypes:
-      rows.append(benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peaks))
-      if not args.json:
-        print(f'  done {name} {dtype_name}', file=sys.stderr, flush=True)
-  report = dict(header=header(allocator), peaks=peaks, rows=rows)
+    for dtype_name, batch, options in itertools.product(
+        dtypes, _list(args.train_batch, int) or [train_batch], _model_options(args)):
+      try:
+        rows.append(benchmark_case(name, make, batch, sample_batch, dtype_name, args, peaks,
+                                   options))
+      except Exception as e:  # pylint: disable=broad-except  # e.g. out of memory: go on
+        rows.append(dict(case=name, dtype=dtype_name, train_batch=batch, **options,
+                         error=f'{type(e).__name__}: {str(e)[:400]}'))
+        print(f'  FAILED {name} {dtype_name} batch {batch} {options}: {rows[-1]["error"]}',
+              file=sys.stderr, flush=True)
+      if args.out:
+        with open(args.out, 'w', encoding='utf-8') as f:
+          json.dump(report, f, indent=1)
+      print(f'  done {name} {dtype_name} batch {rows[-1]["train_batch"]} {options}',
+            file=sys.stderr, flush=True)
   if args.json:
     print(json.dumps(report, indent=1))
   else:
     print_table(report)
+  if any('error' in row for row in rows):
+    sys.exit(1)
 
 
 if __name__ == '__main__':

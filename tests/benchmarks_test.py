@@ -81,6 +81,27 @@ def test_step_throughput_smoke():
   assert row['fwd_ms'] > 0 and row['fwd_doubled_ms'] > 0 and row['cfg_vs_fwd'] > 0
 
 
+def test_step_throughput_sweeps_model_options(tmp_path):
+  """--train_batch / --remat / --scan_blocks lists: one row per combination, built as asked (the
+  footprint grows with the batch, the unscanned model compiles a different program); --out
+  writes the report that --print turns back into the table."""
+  out = tmp_path / 'sweep.json'
+  report = json.loads(_run('step_throughput.py', '--smoke', '--json', '--cases', 'dit-test',
+                           '--dtypes', 'f32', '--train_only', '--train_batch', '2,16',
+                           '--remat', 'none,full', '--scan_blocks', 'true,false',
+                           '--out', str(out)))
+  rows = report['rows']
+  assert [(r['train_batch'], r['remat'], r['scan_blocks']) for r in rows] == [
+      (b, remat, scan) for b in (2, 16) for remat in ('none', 'full') for scan in (True, False)]
+  for r in rows:
+    assert r['train_images_per_s'] > 0 and r['train_footprint_gb'] > 0 and 'cfg_nfe' not in r
+  by = {(r['train_batch'], r['remat'], r['scan_blocks']): r for r in rows}
+  assert by[16, 'none', True]['train_footprint_gb'] > by[2, 'none', True]['train_footprint_gb']
+  assert json.loads(out.read_text())['rows'] == rows
+  table = _run('step_throughput.py', '--print', str(out))
+  assert len([line for line in table.splitlines() if line.startswith('dit-test')]) == 8
+
+
 def _sweep_rows(key, scales, fds):
   return [{key: s, 'nfe': 19, 'classifier_nfe': 19 if key == 'classifier_scale' else 0,
            'fd': fd, 'recall': 0.6 - 0.1 * i, 'precision': 0.8, 'accuracy': 0.8 + 0.05 * i,
