@@ -31,8 +31,9 @@ def get_config():
   # dit: blocks stacked on a 'layers' axis and run by one nnx.scan (compile time independent of
   # depth); False: one module per block, the layout of checkpoints written before scanning.
   config.model.scan_blocks = True
-  # dit: 'einsum' | 'xla' (jax.nn.dot_product_attention) | 'cudnn' (GPU, bfloat16 compute).
-  config.model.attention_impl = 'einsum'
+  # dit: 'auto' ('cudnn' on a GPU with bfloat16 compute, else 'einsum') | 'einsum' | 'xla'
+  # (jax.nn.dot_product_attention) | 'cudnn' (its cuDNN flash attention: GPU, bfloat16 compute).
+  config.model.attention_impl = 'auto'
 
   # ---- Probability path x_t = α_t z + β_t ε (t = 0 noise, t = 1 data).
   config.path = ml_collections.ConfigDict()

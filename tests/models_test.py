@@ -433,6 +433,29 @@ def test_attention_impls_agree_and_cudnn_needs_bf16():
     _dit(attention_impl='flash')
 
 
+def test_attention_impl_auto_picks_cudnn_only_where_it_runs():
+  """'auto': cuDNN flash attention on a GPU in bf16 / f16 with a head dimension its kernels take
+  (a multiple of 8, at most 128: DiT-S/2 64, DiT-XL/2 72), the einsum attention everywhere else;
+  a named implementation is kept. On this CPU the default config's DiT uses 'einsum'."""
+  resolve = dit_lib.resolve_attention_impl
+  assert resolve('auto', jnp.bfloat16, 64, backend='gpu') == 'cudnn'
+  assert resolve('auto', jnp.float16, 72, backend='gpu') == 'cudnn'
+  for dtype, head_dim, backend in ((jnp.float32, 64, 'gpu'), (jnp.bfloat16, 12, 'gpu'),
+                                   (jnp.bfloat16, 136, 'gpu'), (jnp.bfloat16, 64, 'cpu'),
+                                   (jnp.bfloat16, 64, 'tpu')):
+    assert resolve('auto', dtype, head_dim, backend=backend) == 'einsum'
+  assert resolve('xla', jnp.bfloat16, 64, backend='gpu') == 'xla'
+  assert jax.default_backend() == 'cpu'
+  assert nnx.eval_shape(lambda: _dit(attention_impl='auto')).attention_impl == 'einsum'
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from guidedflow import sampler  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.dtype = 'bfloat16'
+  assert config.model.attention_impl == 'auto'
+  model = nnx.eval_shape(sampler.model_constructor(config, (28, 28, 1)))
+  assert model.attention_impl == 'einsum' and model.blocks.attn.impl == 'einsum'
+
+
 def test_compile_time_benchmark_smoke():
   """benchmarks/compile_time.py --smoke: the lowered step of the scanned model does not grow
   with depth (2 → 4 blocks), the unscanned one does."""
