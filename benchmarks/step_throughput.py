@@ -318,6 +318,12 @@ def print_table(report):
   print(' '.join(_cell(title, spec) for _, spec, title in cols))
   for row in report['rows']:
     print(' '.join(_cell(row.get(key), spec) for key, spec, _ in cols))
+  for row in report['rows']:
+    what = f"{row['case']} {row['dtype']} batch {row['train_batch']}"
+    if 'error' in row:
+      print(f"failed: {what}: {row['error']}")
+    elif row.get('train_images_per_s') is None:
+      print(f"not run: {what} needs {row['train_footprint_gb']:.1f} GiB, more than the device has")
 
 
 def print_reports(paths):
@@ -326,11 +332,7 @@ def print_reports(paths):
   for path in paths:
     with open(path, encoding='utf-8') as f:
       reports.append(json.load(f))
-  merged = dict(reports[0], rows=[row for r in reports for row in r['rows']])
-  print_table(merged)
-  for row in merged['rows']:
-    if 'error' in row:
-      print(f"failed: {row['case']} batch {row['train_batch']}: {row['error']}")
+  print_table(dict(reports[0], rows=[row for r in reports for row in r['rows']]))
 
 
 MODEL_OPTIONS = ('attention_impl', 'remat', 'scan_blocks')
@@ -403,12 +405,11 @@ def main():
       except Exception as e:  # pylint: disable=broad-except  # e.g. out of memory: go on
         rows.append(dict(case=name, dtype=dtype_name, train_batch=batch, **options,
                          error=f'{type(e).__name__}: {str(e)[:400]}'))
-        print(f'  FAILED {name} {dtype_name} batch {batch} {options}: {rows[-1]["error"]}',
-              file=sys.stderr, flush=True)
       if args.out:
         with open(args.out, 'w', encoding='utf-8') as f:
           json.dump(report, f, indent=1)
-      print(f'  done {name} {dtype_name} batch {rows[-1]["train_batch"]} {options}',
+      print(f"  {'FAILED' if 'error' in rows[-1] else 'done'} {name} {dtype_name} batch "
+            f"{rows[-1]['train_batch']} {options} {rows[-1].get('error', '')}",
             file=sys.stderr, flush=True)
   if args.json:
     print(json.dumps(report, indent=1))

@@ -102,6 +102,22 @@ def test_step_throughput_sweeps_model_options(tmp_path):
   assert len([line for line in table.splitlines() if line.startswith('dit-test')]) == 8
 
 
+def test_step_throughput_records_a_failing_row_and_goes_on():
+  """A combination that cannot be built (cuDNN attention in f32) is a row with its error; the
+  next one still runs, the JSON is complete and the exit status says something failed."""
+  out = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'step_throughput.py'),
+                        '--smoke', '--json', '--cases', 'dit-test', '--dtypes', 'f32',
+                        '--train_only', '--attention_impl', 'cudnn,einsum'],
+                       cwd=REPO, env=subprocess_env.env(), capture_output=True, text=True,
+                       timeout=600, check=False)
+  assert out.returncode == 1, out.stderr
+  failed, ran = json.loads(out.stdout)['rows']
+  assert failed['attention_impl'] == 'cudnn' and 'bfloat16' in failed['error']
+  assert 'train_images_per_s' not in failed
+  assert ran['attention_impl'] == 'einsum' and ran['train_images_per_s'] > 0
+  assert 'FAILED dit-test f32 batch 8' in out.stderr
+
+
 def _sweep_rows(key, scales, fds):
   return [{key: s, 'nfe': 19, 'classifier_nfe': 19 if key == 'classifier_scale' else 0,
            'fd': fd, 'recall': 0.6 - 0.1 * i, 'precision': 0.8, 'accuracy': 0.8 + 0.05 * i,
