@@ -31,7 +31,7 @@ def get_config():
   # dit: blocks stacked on a 'layers' axis and run by one nnx.scan (compile time independent of
   # depth); False: one module per block, the layout of checkpoints written before scanning.
   config.model.scan_blocks = True
-  # dit: 'auto' ('cudnn' on a GPU with bfloat16 compute, else 'einsum') | 'einsum' | 'xla'
+  # dit: 'auto' ('cudnn' on an NVIDIA GPU (Ampere on) with bfloat16 compute, else 'einsum') | 'einsum' | 'xla'
   # (jax.nn.dot_product_attention) | 'cudnn' (its cuDNN flash attention: GPU, bfloat16 compute).
   config.model.attention_impl = 'auto'
 

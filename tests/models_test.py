@@ -434,18 +434,22 @@ def test_attention_impls_agree_and_cudnn_needs_bf16():
 
 
 def test_attention_impl_auto_picks_cudnn_only_where_it_runs():
-  """'auto': cuDNN flash attention on a GPU in bf16 / f16 with a head dimension its kernels take
-  (a multiple of 8, at most 128: DiT-S/2 64, DiT-XL/2 72), the einsum attention everywhere else;
-  a named implementation is kept. On this CPU the default config's DiT uses 'einsum'."""
+  """'auto': cuDNN flash attention on an NVIDIA GPU from Ampere on (None: no CUDA device, e.g.
+  ROCm) in bf16 / f16 with a head dimension its kernels take (a multiple of 8, at most 128:
+  DiT-S/2 64, DiT-XL/2 72), the einsum attention everywhere else; a named implementation is
+  kept. On this CPU the default config's DiT uses 'einsum'."""
   resolve = dit_lib.resolve_attention_impl
-  assert resolve('auto', jnp.bfloat16, 64, backend='gpu') == 'cudnn'
-  assert resolve('auto', jnp.float16, 72, backend='gpu') == 'cudnn'
-  for dtype, head_dim, backend in ((jnp.float32, 64, 'gpu'), (jnp.bfloat16, 12, 'gpu'),
-                                   (jnp.bfloat16, 136, 'gpu'), (jnp.bfloat16, 64, 'cpu'),
-                                   (jnp.bfloat16, 64, 'tpu')):
-    assert resolve('auto', dtype, head_dim, backend=backend) == 'einsum'
+  hopper, ampere, turing = (9, 0), (8, 0), (7, 5)
+  assert resolve('auto', jnp.bfloat16, 64, backend='gpu', capability=hopper) == 'cudnn'
+  assert resolve('auto', jnp.float16, 72, backend='gpu', capability=ampere) == 'cudnn'
+  for dtype, head_dim, backend, capability in (
+      (jnp.float32, 64, 'gpu', hopper), (jnp.bfloat16, 12, 'gpu', hopper),
+      (jnp.bfloat16, 136, 'gpu', hopper), (jnp.bfloat16, 64, 'gpu', turing),
+      (jnp.bfloat16, 64, 'gpu', None), (jnp.bfloat16, 64, 'cpu', None),
+      (jnp.bfloat16, 64, 'tpu', None)):
+    assert resolve('auto', dtype, head_dim, backend=backend, capability=capability) == 'einsum'
   assert resolve('xla', jnp.bfloat16, 64, backend='gpu') == 'xla'
-  assert jax.default_backend() == 'cpu'
+  assert jax.default_backend() == 'cpu' and dit_lib._cuda_capability() is None
   assert nnx.eval_shape(lambda: _dit(attention_impl='auto')).attention_impl == 'einsum'
   from configs import default  # pylint: disable=g-import-not-at-top
   from guidedflow import sampler  # pylint: disable=g-import-not-at-top

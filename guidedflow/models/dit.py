@@ -67,25 +67,40 @@ REMAT_POLICIES = ('none', 'full', 'dots_with_no_batch_dims_saveable')
 # batched matmuls with f32 logits and softmax and a hand-written backward pass that keeps only
 # q, k, v and the probabilities (on a 2-core CPU, DiT-S/2 attention fwd+bwd 1.35× faster than
 # JAX's derivative of two einsums; benchmarks/README.md); 'xla': `jax.nn.dot_product_attention`
-# (XLA); 'cudnn': its cuDNN flash attention (GPU, bf16); 'auto': 'cudnn' where it runs (a GPU,
-# bf16 / f16 compute, a head dimension cuDNN's flash kernels take), else 'einsum'. On an H200,
+# (XLA); 'cudnn': its cuDNN flash attention (GPU, bf16); 'auto': 'cudnn' where it runs (an
+# NVIDIA GPU from Ampere on, bf16 / f16 compute, a head dimension its kernels take), else 'einsum'. On an H200,
 # cuDNN trains DiT-S/2 1.30× faster than 'einsum' at batch 256, and DiT-XL/2 at batch 256 fits
 # only with it (benchmarks/README.md, GPU).
 ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn')
 _SCAN_METADATA = {nnx.PARTITION_NAME: LAYER_AXIS}
 
 
-def resolve_attention_impl(impl: str, dtype, head_dim: int, backend: str | None = None) -> str:
-  """The attention implementation that `impl` names: 'auto' → 'cudnn' on a GPU computing in
-  bf16 / f16 with a head dimension cuDNN's flash attention takes (a multiple of 8, ≤ 128),
-  else 'einsum'; any other name is itself. `backend`: `jax.default_backend()` when None."""
+def resolve_attention_impl(impl: str, dtype, head_dim: int, backend: str | None = None,
+                           capability: tuple[int, ...] | None = None) -> str:
+  """The attention implementation that `impl` names: 'auto' → 'cudnn' on an NVIDIA GPU of
+  compute capability ≥ 8.0 (cuDNN's flash attention: Ampere and later) computing in bf16 / f16
+  with a head dimension its kernels take (a multiple of 8, ≤ 128), else 'einsum'; any other
+  name is itself. `backend` / `capability`: the running JAX's when `backend` is None.
+  """
   if impl != 'auto':
     return impl
-  backend = backend or jax.default_backend()
-  if (backend in ('gpu', 'cuda') and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if backend is None:
+    backend = jax.default_backend()
+    capability = _cuda_capability() if backend == 'gpu' else None
+  if (backend in ('gpu', 'cuda') and capability is not None and capability >= (8, 0)
+      and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
       and head_dim % 8 == 0 and head_dim <= 128):
     return 'cudnn'
   return 'einsum'
+
+
+def _cuda_capability() -> tuple[int, ...] | None:
+  """The first GPU's CUDA compute capability, e.g. (9, 0); None without an NVIDIA GPU."""
+  try:
+    device = jax.local_devices(backend='gpu')[0]
+    return tuple(int(part) for part in device.compute_capability.split('.'))
+  except (RuntimeError, AttributeError, ValueError, IndexError):  # no GPU, or not CUDA (ROCm)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
