@@ -14,8 +14,8 @@ NamedShardings that training uses, and `sharding.bytes_per_device` sums their sh
 s tokens, h width, a heads, r = mlp_dim / h, c bytes of the compute dtype (2 for bf16, 4 for
 f32), t the tensor-parallel factor (mesh axis 'tensor'):
 
-    A_block = s·h·(16 + 2c + (4 + 2r)·c/t) + 4·a·s²/t
-            = 44·s·h + 4·a·s²  for bf16, r = 4, t = 1  (f32: 72·s·h + 4·a·s²)
+    A_block = s·h·(16 + (4 + r)·c/t) + 4·a·s²/t
+            = 32·s·h + 4·a·s²  for bf16, r = 4, t = 1  (f32: 48·s·h + 4·a·s²)
 
 Basis: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 Models"): s·h·(34 + 5·a·s/h) bytes with 16-bit activations; of its 34·s·h, 2 are dropout masks
@@ -23,27 +23,29 @@ Models"): s·h·(34 + 5·a·s/h) bytes with 16-bit activations; of its 34·s·h,
 output (2) — DiT has no dropout, leaving 32·s·h + 2·a·s² (with tensor parallel:
 s·h·(8 + 24/t) + 2·a·s²/t). That count assumes fused kernels that keep only the inputs of each
 matmul, LayerNorm and GeLU. Counted from guidedflow's DiT (models/dit.py; its LayerNorm, GeLU
-and attention have hand-written derivatives that keep only what they need: models/layers.py,
-models/attention.py) at the level of what JAX saves — the residuals of `jax.vjp`, which this
+and attention have hand-written derivatives that keep only what they need, and LayerNorm →
+modulate → Linear and GeLU → Linear are single ops that recompute the matmul input:
+models/layers.py, models/attention.py, models/fused.py) at the level of what JAX saves — the residuals of `jax.vjp`, which this
 script also traces and prints next to the formula — it keeps:
 
   * LayerNorm in f32: its output (shared with the adaLN modulation's derivative) and the
     per-token 1/σ, one f32 (s, h) tensor per LayerNorm: 2 × 4 = 8·s·h (the paper: 4, its input
     in 16 bits). JAX's derivative of the formula kept three (24·s·h) before issue 12.
   * adaLN-Zero gates: d(gate) of gate·y needs y, the attention and MLP outputs in f32: 8·s·h.
-  * matmul inputs in the compute dtype: modulated qkv input, q (scaled), k, v, attention
-    projection input, modulated fc1 input: 6·c·s·h (q, k, v and the projection input are split
-    over t).
-  * tanh-GeLU: its input (fc1's output) and its output (fc2's input), each r·h wide, in the
-    compute dtype: 2·r·c·s·h, as in the paper (16·s·h). JAX's derivative of the tanh formula
-    kept five intermediates besides the input (6·r·c·s·h) before issue 12.
+  * matmul inputs in the compute dtype: q (scaled), k, v, attention projection input: 4·c·s·h,
+    split over t. The modulated qkv and fc1 inputs are recomputed from the LayerNorm outputs
+    (models/fused.py; 2·c·s·h more before).
+  * tanh-GeLU: its input (fc1's output), r·h wide, in the compute dtype: r·c·s·h (the paper
+    keeps its output too, fc2's input: 16·s·h; here it is recomputed, models/fused.py). JAX's
+    derivative of the tanh formula kept five intermediates besides the input (6·r·c·s·h)
+    before issue 12.
   * attention: the probabilities in f32 (4·a·s²; the paper: 2, 16 bits). The (a, s, s) scores
     are materialised (no flash attention); JAX's derivative of the softmax kept exp(logits −
     max) in f32 and the probabilities in the compute dtype ((4 + c)·a·s²) before issue 12.
   * not counted (< 0.3%): per-sample vectors (adaLN modulation, (s, 1) statistics).
 
-Outside the blocks, per sample: patch-embedding input s·p²C·c, final LayerNorm 4·s·h, final
-projection input c·s·h, loss residual 4·s·p²C. With `jax.checkpoint` around each block
+Outside the blocks, per sample: patch-embedding input s·p²C·c, final LayerNorm 4·s·h (the final
+projection's input is recomputed from it), loss residual 4·s·p²C. With `jax.checkpoint` around each block
 (full rematerialisation: `--config.model.remat=full`, off by default) only each block's input is
 kept — the f32 residual stream, 4·s·h (not 2·s·h: guidedflow's residual stream is f32) — plus one block's
 activations while that block is recomputed: depth·4·s·h + A_block + outside terms. That saving
@@ -144,9 +146,8 @@ def block_activation_bytes(cfg: dit.DiTConfig, c: int, tensor: int = 1) -> float
   s, h, a, r = cfg.num_tokens, cfg.width, cfg.num_heads, cfg.mlp_dim / cfg.width
   t_heads, t_mlp = tensor_split(cfg, tensor)
   replicated = (2 * F32          # two f32 LayerNorm outputs
-                + 2 * F32        # attention and MLP outputs in f32 for d(gate)
-                + 2 * c)         # modulated qkv and fc1 inputs
-  split = 4 * c / t_heads + 2 * r * c / t_mlp  # q, k, v, projection input; GeLU input, output
+                + 2 * F32)       # attention and MLP outputs in f32 for d(gate)
+  split = 4 * c / t_heads + r * c / t_mlp  # q, k, v, projection input; GeLU input
   attention = F32 * a * s * s / t_heads        # the probabilities
   return s * h * (replicated + split) + attention
 
@@ -154,7 +155,7 @@ def block_activation_bytes(cfg: dit.DiTConfig, c: int, tensor: int = 1) -> float
 def outside_activation_bytes(cfg: dit.DiTConfig, c: int) -> float:
   """Per-sample residuals outside the blocks: patch embedding, final layer, loss."""
   s, h, patch = cfg.num_tokens, cfg.width, cfg.patch_dim
-  return s * patch * c + s * h * (F32 + c) + s * patch * F32
+  return s * patch * c + s * h * F32 + s * patch * F32
 
 
 def activation_bytes_per_sample(cfg: dit.DiTConfig, c: int, tensor: int = 1,
@@ -382,7 +383,7 @@ def print_report(report, meshes, capacities, margin):
 
   act = report['activations']
   print('\n## Activations saved for the backward pass (per sample; formula in the docstring)\n')
-  print('A_block = s·h·(16 + 2c + (4 + 2r)·c/t) + 4·a·s²/t bytes; here s = '
+  print('A_block = s·h·(16 + (4 + r)·c/t) + 4·a·s²/t bytes; here s = '
         f"{m['tokens']}, h = {m['width']}, a = {m['heads']}, r = {m['mlp_dim'] / m['width']:g}, "
         f"c = {act['compute_bytes']}.\n")
   print('| quantity (t = 1) | MiB |')

@@ -126,19 +126,18 @@ def test_activation_formula_hand_computed():
   cfg = memory.dit_config(config)
   s, h, a = 256, 384, 6
   assert (cfg.num_tokens, cfg.width, cfg.num_heads, cfg.depth) == (s, h, a, 12)
-  # bf16, t = 1: 44·s·h + 4·a·s² per block.
-  assert memory.block_activation_bytes(cfg, 2) == 44 * s * h + 4 * a * s * s == 5_898_240
-  # Outside the blocks: patch input 2·s·16, final LayerNorm 4·s·h, final proj input 2·s·h,
-  # loss residual 4·s·16.
-  assert memory.outside_activation_bytes(cfg, 2) == 6 * s * h + 6 * s * 16 == 614_400
-  assert memory.activation_bytes_per_sample(cfg, 2) == 12 * 5_898_240 + 614_400 == 71_393_280
-  # f32: 72·s·h + 4·a·s² per block.
-  assert memory.block_activation_bytes(cfg, 4) == 72 * s * h + 4 * a * s * s == 8_650_752
-  # Tensor parallel t = 2: s·h·(16 + 4 + 24/2) + 4·a·s²/2.
-  assert memory.block_activation_bytes(cfg, 2, tensor=2) == 32 * s * h + 2 * a * s * s
+  # bf16, t = 1: 32·s·h + 4·a·s² per block (Korthikanti's 32·s·h without dropout).
+  assert memory.block_activation_bytes(cfg, 2) == 32 * s * h + 4 * a * s * s == 4_718_592
+  # Outside the blocks: patch input 2·s·16, final LayerNorm 4·s·h, loss residual 4·s·16.
+  assert memory.outside_activation_bytes(cfg, 2) == 4 * s * h + 6 * s * 16 == 417_792
+  assert memory.activation_bytes_per_sample(cfg, 2) == 12 * 4_718_592 + 417_792 == 57_040_896
+  # f32: 48·s·h + 4·a·s² per block.
+  assert memory.block_activation_bytes(cfg, 4) == 48 * s * h + 4 * a * s * s == 6_291_456
+  # Tensor parallel t = 2: s·h·(16 + (4 + 4)·2/2) + 4·a·s²/2.
+  assert memory.block_activation_bytes(cfg, 2, tensor=2) == 24 * s * h + 2 * a * s * s
   # Remat every block: 12 f32 block inputs (4·s·h) + one block + outside.
   assert memory.activation_bytes_per_sample(cfg, 2, remat=True) == (
-      12 * 4 * s * h + 5_898_240 + 614_400)
+      12 * 4 * s * h + 4_718_592 + 417_792)
   # Korthikanti et al. eq. (1), 16-bit with dropout: s·h·(34 + 5·a·s/h); without: 32, 2.
   assert memory.korthikanti_block_bytes(cfg, dropout=True) == pytest.approx(
       34 * s * h + 5 * a * s * s)

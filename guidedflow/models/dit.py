@@ -39,10 +39,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from guidedflow.models import attention, precision
-from guidedflow.models.layers import (LAYER_AXIS, UNCONSTRAINED, as_hw, constrain, gelu_tanh,
-                                      layer_norm_f32, partitioned, sincos_2d_position_embedding,
-                                      timestep_embedding)
+from guidedflow.models import attention, fused, precision
+from guidedflow.models.layers import (LAYER_AXIS, UNCONSTRAINED, as_hw, constrain, partitioned,
+                                      sincos_2d_position_embedding, timestep_embedding)
 
 # Width / depth / heads of each size; the patch size is written after a slash: 'XL/2', 'S/4'.
 # S, B, L, XL are the DiT paper's; T is a CPU-sized model for 28×28 Fashion-MNIST (use T/4 —
@@ -182,10 +181,6 @@ def _dense(d_in: int, d_out: int, names: tuple, *, dtype, param_dtype, rngs: nnx
                     bias_init=partitioned(nnx.initializers.zeros_init(), names[1:]))
 
 
-def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-  return x * (1.0 + scale) + shift
-
-
 class Attention(nnx.Module):
   """Multi-head self-attention; logits and softmax in f32 whatever the compute dtype."""
 
@@ -201,10 +196,12 @@ class Attention(nnx.Module):
     self.proj = _dense(width, width, ('heads', 'embed'), dtype=dtype, param_dtype=param_dtype,
                        rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """Attention of the modulated LayerNorm of the residual stream x (B, N, D) → f32 (B, N, D)."""
     batch, tokens, width = x.shape
     head_dim = width // self.num_heads
-    qkv = self.qkv(x).astype(self.dtype)
+    qkv = fused.norm_modulate_dense(x, shift, scale, *fused.linear_weights(self.qkv))
+    qkv = qkv.astype(self.dtype)
     qkv = qkv.reshape(batch, tokens, self.num_heads, 3, head_dim)           # (B, N, H, 3, Dh)
     qkv = constrain(qkv, 'batch', None, 'heads', None, None)
     if self.impl == 'einsum':  # f32 logits and softmax inside
@@ -213,7 +210,7 @@ class Attention(nnx.Module):
       q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]            # (B, N, H, Dh)
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
     out = constrain(out, 'batch', None, 'heads', None)
-    return self.proj(out.reshape(batch, tokens, width))
+    return self.proj(out.reshape(batch, tokens, width)).astype(jnp.float32)
 
 
 class DiTBlock(nnx.Module):
@@ -238,14 +235,13 @@ class DiTBlock(nnx.Module):
     mod = self.modulation(nnx.silu(c)).astype(jnp.float32)[:, None, :]  # (B, 1, 6D)
     mod = constrain(mod, 'batch', None, UNCONSTRAINED)
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
-    h = _modulate(layer_norm_f32(x), shift_a, scale_a).astype(self.dtype)
-    x = x + gate_a * self.attn(h).astype(jnp.float32)
-    h = _modulate(layer_norm_f32(x), shift_m, scale_m).astype(self.dtype)
-    # GeLU of fc1's f32 output, rounded to the compute dtype, the block's largest tensor: its
-    # derivative keeps only its input, in the compute dtype (layers.gelu_tanh; memory.py).
-    h = constrain(self.fc1(h), 'batch', None, 'mlp')
-    h = self.fc2(gelu_tanh(h, self.dtype))
-    return constrain(x + gate_m * h.astype(jnp.float32), 'batch', UNCONSTRAINED, UNCONSTRAINED)
+    # LayerNorm → modulate → Linear and GeLU → Linear as single ops (models/fused.py): their
+    # derivatives keep the LayerNorm outputs and fc1's output (in the compute dtype), not the
+    # matmul inputs computed from them (benchmarks/memory.py).
+    x = x + gate_a * self.attn(x, shift_a, scale_a)
+    h = fused.norm_modulate_dense(x, shift_m, scale_m, *fused.linear_weights(self.fc1))
+    h = fused.gelu_dense(constrain(h, 'batch', None, 'mlp'), *fused.linear_weights(self.fc2))
+    return constrain(x + gate_m * h, 'batch', UNCONSTRAINED, UNCONSTRAINED)
 
 
 class DiT(nnx.Module):
@@ -350,8 +346,8 @@ class DiT(nnx.Module):
 
     shift, scale = jnp.split(self.final_modulation(nnx.silu(c)).astype(jnp.float32)[:, None],
                              2, axis=-1)
-    h = _modulate(layer_norm_f32(h), shift, scale).astype(self.dtype)
-    out = constrain(self.final_proj(h).astype(jnp.float32), 'batch', None, None)  # (B, N, p·p·C)
+    out = fused.norm_modulate_dense(h, shift, scale, *fused.linear_weights(self.final_proj))
+    out = constrain(out, 'batch', None, None)                               # (B, N, p·p·C)
     # Unpatchify: (B, gh·gw, p·p·C) → (B, H, W, C).
     out = out.reshape(batch, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
     return out.reshape(batch, height, width, channels)

@@ -69,10 +69,10 @@ def layer_norm_f32(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   Its derivative keeps the output y and 1/σ (one f32 tensor of x's shape): dx = (dy − mean(dy)
   − y·mean(dy·y)) / σ. JAX's own derivative of the formula kept three (benchmarks/memory.py).
   """
-  return _layer_norm_fwd(x, eps)[0]
+  return layer_norm_f32_fwd(x, eps)[0]
 
 
-def _layer_norm_fwd(x, eps):
+def layer_norm_f32_fwd(x, eps):
   x32 = x.astype(jnp.float32)
   centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
   inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
@@ -80,7 +80,7 @@ def _layer_norm_fwd(x, eps):
   return y, (y, inv_std, jnp.zeros((), x.dtype))
 
 
-def _layer_norm_bwd(eps, residuals, dy):
+def layer_norm_f32_bwd(eps, residuals, dy):
   del eps
   y, inv_std, like = residuals
   dx = inv_std * (dy - jnp.mean(dy, axis=-1, keepdims=True)
@@ -88,7 +88,7 @@ def _layer_norm_bwd(eps, residuals, dy):
   return (dx.astype(like.dtype),)
 
 
-layer_norm_f32.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+layer_norm_f32.defvjp(layer_norm_f32_fwd, layer_norm_f32_bwd)
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -104,16 +104,16 @@ def gelu_tanh(x: jax.Array, dtype=None) -> jax.Array:
   recomputes them from x in the backward pass. f32 arithmetic: XLA:CPU evaluated the formula
   on bf16 2.5× slower than on f32 followed by a rounding (17 % of the bf16 DiT forward).
   """
-  return _gelu_fwd(x, dtype)[0]
+  return gelu_tanh_fwd(x, dtype)[0]
 
 
-def _gelu_fwd(x, dtype):
+def gelu_tanh_fwd(x, dtype):
   dtype = dtype or x.dtype
   out = jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(dtype)
   return out, (x.astype(dtype), jnp.zeros((), x.dtype))
 
 
-def _gelu_bwd(dtype, residuals, dy):
+def gelu_tanh_bwd(dtype, residuals, dy):
   del dtype
   x, like = residuals
   x32 = x.astype(jnp.float32)
@@ -122,7 +122,7 @@ def _gelu_bwd(dtype, residuals, dy):
   return ((dy.astype(jnp.float32) * slope).astype(like.dtype),)
 
 
-gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
+gelu_tanh.defvjp(gelu_tanh_fwd, gelu_tanh_bwd)
 
 
 def timestep_embedding(t: jax.Array, dim: int, *, time_scale: float = 1000.0,

@@ -101,12 +101,24 @@ def _mixed_dot_fwd(lhs, rhs, dimension_numbers):
 
 def _mixed_dot_bwd(dimension_numbers, residuals, g):
   lhs, rhs = residuals
-  g = g.astype(lhs.dtype)
+  d_lhs, d_rhs = dot_f32_grads(lhs, rhs, dimension_numbers, g.astype(lhs.dtype))
+  return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
+
+
+def dot_f32(lhs, rhs, dimension_numbers):
+  """`lax.dot_general` → float32 in the layouts above (the forward of `mixed_dot_general` for
+  operands of one dtype; for ops with their own derivative that contain a matmul)."""
+  return _matmul_f32(lhs, rhs, _as_tuples(dimension_numbers))
+
+
+def dot_f32_grads(lhs, rhs, dimension_numbers, g):
+  """The f32 cotangents of `dot_f32(lhs, rhs, dimension_numbers)`'s operands given its output's
+  cotangent `g` in the operands' dtype: two more `dot_f32`s (the input and weight gradients)."""
+  dimension_numbers = _as_tuples(dimension_numbers)
   (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
   swapped = ((y_contract, x_contract), (y_batch, x_batch))
-  d_lhs = _grad_lhs(g, lhs.ndim, rhs, dimension_numbers)
-  d_rhs = _grad_lhs(g, rhs.ndim, lhs, swapped, swap_ans=True)
-  return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
+  return (_grad_lhs(g, lhs.ndim, rhs, dimension_numbers),
+          _grad_lhs(g, rhs.ndim, lhs, swapped, swap_ans=True))
 
 
 _mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
