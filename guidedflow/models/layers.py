@@ -73,6 +73,7 @@ def layer_norm_f32(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 def layer_norm_f32_fwd(x, eps):
+  """(y, residuals) of `layer_norm_f32`; also the first half of `fused.norm_modulate_dense`."""
   x32 = x.astype(jnp.float32)
   centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
   inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
@@ -81,6 +82,7 @@ def layer_norm_f32_fwd(x, eps):
 
 
 def layer_norm_f32_bwd(eps, residuals, dy):
+  """(dx,) of `layer_norm_f32` from its residuals and the output's cotangent dy."""
   del eps
   y, inv_std, like = residuals
   dx = inv_std * (dy - jnp.mean(dy, axis=-1, keepdims=True)
@@ -108,12 +110,14 @@ def gelu_tanh(x: jax.Array, dtype=None) -> jax.Array:
 
 
 def gelu_tanh_fwd(x, dtype):
+  """(GeLU(x) in `dtype`, residuals) of `gelu_tanh`; also used by `fused.gelu_dense`."""
   dtype = dtype or x.dtype
   out = jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(dtype)
   return out, (x.astype(dtype), jnp.zeros((), x.dtype))
 
 
 def gelu_tanh_bwd(dtype, residuals, dy):
+  """(dx,) of `gelu_tanh` from its residuals (x in `dtype`) and the output's cotangent dy."""
   del dtype
   x, like = residuals
   x32 = x.astype(jnp.float32)
