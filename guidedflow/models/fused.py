@@ -9,8 +9,10 @@ input that is a cheap function of something the backward pass keeps anyway:
 * `gelu_dense`: tanh-GeLU → Linear (fc2). The GeLU's derivative keeps its input; the GeLU's
   output, the Linear's input and r = 4 times the width, is recomputed from it.
 
-The recomputation is elementwise, and XLA fuses it into the transpose that feeds the weight-
-gradient matmul, which reads the kept tensor instead of the dropped one. Per block and sample
+The recomputation is one elementwise pass in the backward pass, which replaces the forward
+pass's copy of the dropped tensor into the saved residuals and the backward pass's read of it
+(XLA:CPU writes the recomputed input and then transposes it for the weight-gradient matmul, as
+it transposed the kept one: benchmarks/README.md). Per block and sample
 that drops the two modulated inputs (c·s·h bytes each) and the GeLU output (r·c·s·h): a block
 keeps 32·s·h + 4·a·s² bytes for bf16 instead of 44·s·h, 48·s·h instead of 72 for f32
 (`benchmarks/memory.py`), and a scanned train step stacks and reads back that much less.
@@ -51,12 +53,11 @@ def _modulated(y: jax.Array, shift: jax.Array, scale: jax.Array, dtype) -> jax.A
 
 
 def _linear_grads(h, kernel, d_out):
-  """(dh in f32 after the compute-dtype rounding a Linear's input gradient gets, dkernel, dbias)
-  of `_dense(h, kernel, bias)` given the f32 cotangent of its output."""
+  """(dh, dkernel) in the compute dtype, as `precision.mixed_dot_general`'s derivative gives
+  them, and dbias in f32, of `_dense(h, kernel, bias)` given the f32 cotangent of its output."""
   d_h, d_kernel = precision.dot_f32_grads(h, kernel, _dims(h.ndim), d_out.astype(kernel.dtype))
   d_bias = jnp.sum(d_out, axis=tuple(range(d_out.ndim - 1)))
-  return (d_h.astype(kernel.dtype).astype(jnp.float32), d_kernel.astype(kernel.dtype),
-          d_bias)
+  return d_h.astype(kernel.dtype), d_kernel.astype(kernel.dtype), d_bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -86,6 +87,7 @@ def _norm_modulate_dense_bwd(eps, residuals, d_out):
   y, inv_std, x_like, shift, scale, kernel, bias_like = residuals
   h = _modulated(y, shift, scale, kernel.dtype)  # recomputed, as the forward pass made it
   d_h, d_kernel, d_bias = _linear_grads(h, kernel, d_out)
+  d_h = d_h.astype(jnp.float32)  # the modulation and the LayerNorm are f32
   d_shift = _sum_to(d_h, shift.shape)
   d_scale = _sum_to(d_h * y, scale.shape)
   (d_x,) = layers.layer_norm_f32_bwd(eps, (y, inv_std, x_like), d_h * (1.0 + scale))
@@ -115,7 +117,7 @@ def _gelu_dense_bwd(residuals, d_out):
   u_kept = gelu_residuals[0]
   a = layers.gelu_tanh_fwd(u_kept, kernel.dtype)[0]  # recomputed from the kept input
   d_a, d_kernel, d_bias = _linear_grads(a, kernel, d_out)
-  (d_u,) = layers.gelu_tanh_bwd(kernel.dtype, gelu_residuals, d_a.astype(kernel.dtype))
+  (d_u,) = layers.gelu_tanh_bwd(kernel.dtype, gelu_residuals, d_a)
   return d_u, d_kernel, d_bias.astype(bias_like.dtype)
 
 
