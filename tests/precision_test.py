@@ -15,7 +15,9 @@ from guidedflow.models import precision
 # and attention output in the DiT's layouts.
 LAYOUTS = [
     ('bnd,de->bne', (3, 8, 16), (16, 12)),
+    ('bnd,de->bne', (3, 8, 12), (12, 40)),  # widening (qkv, fc1): the other weight gradient
     ('nd,de->ne', (8, 16), (16, 12)),
+    ('bnhd,hde->bne', (2, 8, 3, 4), (3, 4, 20)),  # two contracting dims
     ('bqhd,bkhd->bhqk', (2, 5, 3, 8), (2, 7, 3, 8)),
     ('bhqk,bkhd->bqhd', (2, 3, 5, 7), (2, 7, 3, 8)),
 ]
@@ -27,17 +29,17 @@ def _operands(lhs_shape, rhs_shape, dtype):
           jax.random.normal(key_b, rhs_shape).astype(dtype))
 
 
-def _dot_eqns(jaxpr):
-  """Every dot_general equation in a closed jaxpr, sub-jaxprs (custom_vjp, pjit) included."""
+def _dot_eqns(jaxpr, primitive='dot_general'):
+  """Every `primitive` equation in a closed jaxpr, sub-jaxprs (custom_vjp, pjit) included."""
   found = []
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'dot_general':
+    if eqn.primitive.name == primitive:
       found.append(eqn)
     for param in eqn.params.values():
       for sub in (param if isinstance(param, (list, tuple)) else [param]):
         inner = getattr(sub, 'jaxpr', None)
         if inner is not None:
-          found.extend(_dot_eqns(inner if hasattr(inner, 'eqns') else inner.jaxpr))
+          found.extend(_dot_eqns(inner if hasattr(inner, 'eqns') else inner.jaxpr, primitive))
   return found
 
 
@@ -111,11 +113,17 @@ def test_compiled_attention_dots_keep_bf16_operands():
   assert all(pair == ('bf16', 'bf16') for pair in dots), dots
 
 
-def test_f32_operands_same_values_and_gradients_as_plain_dot_general():
-  """On CPU f32 dots take the canonical-layout route too: the same products, forward and back."""
-  lhs, rhs = _operands((3, 8, 16), (16, 12), jnp.float32)
-  cotangent = jax.random.normal(jax.random.PRNGKey(5), (3, 8, 12))
-  dims = (((2,), (0,)), ((), ()))
+@pytest.mark.parametrize('lhs_shape,rhs_shape,dims', [
+    ((3, 8, 16), (16, 12), (((2,), (0,)), ((), ()))),
+    ((3, 8, 12), (12, 40), (((2,), (0,)), ((), ()))),
+    ((6, 4, 3), (3, 40, 4), (((2, 1), (0, 2)), ((), ()))),  # contracting dims out of order
+])
+def test_f32_operands_same_values_and_gradients_as_plain_dot_general(lhs_shape, rhs_shape, dims):
+  """On CPU f32 dots take the canonical-layout route too: the same products, forward and back,
+  whichever operand the weight gradient transposes."""
+  lhs, rhs = _operands(lhs_shape, rhs_shape, jnp.float32)
+  out_shape = jax.eval_shape(lambda: jax.lax.dot_general(lhs, rhs, dims)).shape
+  cotangent = jax.random.normal(jax.random.PRNGKey(5), out_shape)
   out, vjp = jax.vjp(lambda a, b: precision.mixed_dot_general(a, b, dims), lhs, rhs)
   ref_out, ref_vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), lhs, rhs)
   assert out.dtype == jnp.float32
@@ -127,6 +135,20 @@ def test_f32_operands_same_values_and_gradients_as_plain_dot_general():
   np.testing.assert_array_equal(
       precision.mixed_dot_general(lhs, rhs.astype(jnp.bfloat16), dims),
       jax.lax.dot_general(lhs, rhs.astype(jnp.bfloat16), dims))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('width,out', [(16, 64), (64, 16)])
+def test_weight_gradient_transposes_the_smaller_operand(width, out, dtype):
+  """A weight gradient contracts over the tokens, so one operand is transposed for its GEMM:
+  the layer's input (tokens, width) where the layer widens (qkv, fc1), the cotangent (tokens,
+  out) otherwise. XLA:CPU transposed the 4× larger cotangent of fc1 at 2.6 GB/s."""
+  lhs, rhs = _operands((2, 32, width), (width, out), dtype)
+  grad = jax.grad(lambda a, b: precision.einsum('bnd,de->bne', a, b).sum(), argnums=(0, 1))
+  transposes = [e for e in _dot_eqns(jax.make_jaxpr(grad)(lhs, rhs).jaxpr, 'transpose')
+                if e.params['permutation'] != tuple(range(len(e.params['permutation'])))]
+  moved = max(e.invars[0].aval.size for e in transposes if e.invars[0].aval.size >= 64 * 16)
+  assert moved == 64 * min(width, out), [e.invars[0].aval.shape for e in transposes]
 
 
 def test_nnx_linear_with_mixed_dot_general():

@@ -58,8 +58,7 @@ def _matmul_f32(lhs, rhs, dimension_numbers):
   (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
   x_kept = _kept(lhs.ndim, x_contract, x_batch)
   y_kept = _kept(rhs.ndim, y_contract, y_batch)
-  size = lambda a, dims: int(np.prod([a.shape[d] for d in dims], dtype=np.int64))
-  b, m, k, n = size(lhs, x_batch), size(lhs, x_kept), size(lhs, x_contract), size(rhs, y_kept)
+  b, m, k, n = _size(lhs, x_batch), _size(lhs, x_kept), _size(lhs, x_contract), _size(rhs, y_kept)
   a = jnp.transpose(lhs, tuple(x_batch) + tuple(x_kept) + tuple(x_contract)).reshape(b, m, k)
   rhs_order = tuple(y_batch) + tuple(y_contract) + tuple(y_kept)
   c = jnp.transpose(rhs, rhs_order).reshape(b, k, n)
@@ -117,8 +116,32 @@ def dot_f32_grads(lhs, rhs, dimension_numbers, g):
   dimension_numbers = _as_tuples(dimension_numbers)
   (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
   swapped = ((y_contract, x_contract), (y_batch, x_batch))
-  return (_grad_lhs(g, lhs.ndim, rhs, dimension_numbers),
-          _grad_lhs(g, rhs.ndim, lhs, swapped, swap_ans=True))
+  d_lhs = _grad_lhs(g, lhs.ndim, rhs, dimension_numbers)
+  if x_batch or _size(lhs, x_contract) >= _size(rhs, _kept(rhs.ndim, y_contract, y_batch)):
+    return d_lhs, _grad_lhs(g, rhs.ndim, lhs, swapped, swap_ans=True)
+  return d_lhs, _grad_rhs_transposing_lhs(g, lhs, rhs.ndim, dimension_numbers)
+
+
+def _size(a, dims):
+  return int(np.prod([a.shape[d] for d in dims], dtype=np.int64))
+
+
+def _grad_rhs_transposing_lhs(g, lhs, rhs_ndim, dimension_numbers):
+  """Cotangent of the rhs of an unbatched `dot_general(lhs, rhs, …)` as lhsᵀ · g.
+
+  A weight gradient contracts over the tokens, so one of its operands must be transposed for
+  the GEMM. `_grad_lhs`'s form (gᵀ · lhs, then the small result transposed) transposes the
+  cotangent; this one transposes the layer's input, the smaller of the two where the layer
+  widens (qkv, fc1: 3 and 4 times the width), and its result is already in the rhs's layout.
+  """
+  (x_contract, y_contract), _ = dimension_numbers
+  x_kept = _kept(lhs.ndim, x_contract, ())
+  # g's axes are (lhs kept, rhs kept); contract the former with the lhs's kept axes.
+  out = _matmul_f32(lhs, g, ((tuple(x_kept), tuple(range(len(x_kept)))), ((), ())))
+  # `out` axes: the lhs's contracting dims in ascending order, then the rhs's kept dims.
+  y_kept = _kept(rhs_ndim, y_contract, ())
+  y_by_x = [y_contract[x_contract.index(d)] for d in sorted(x_contract)]
+  return jnp.transpose(out, tuple(np.argsort(y_by_x + y_kept)))
 
 
 _mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
