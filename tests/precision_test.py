@@ -142,13 +142,14 @@ def test_f32_operands_same_values_and_gradients_as_plain_dot_general(lhs_shape, 
 def test_weight_gradient_transposes_the_smaller_operand(width, out, dtype):
   """A weight gradient contracts over the tokens, so one operand is transposed for its GEMM:
   the layer's input (tokens, width) where the layer widens (qkv, fc1), the cotangent (tokens,
-  out) otherwise. XLA:CPU transposed the 4× larger cotangent of fc1 at 2.6 GB/s."""
+  out) otherwise (in f32 on XLA:CPU the GEMM takes it transposed as it is). XLA:CPU
+  transposed the 4× larger cotangent of fc1 at 2.6 GB/s."""
   lhs, rhs = _operands((2, 32, width), (width, out), dtype)
   grad = jax.grad(lambda a, b: precision.einsum('bnd,de->bne', a, b).sum(), argnums=(0, 1))
   transposes = [e for e in _dot_eqns(jax.make_jaxpr(grad)(lhs, rhs).jaxpr, 'transpose')
                 if e.params['permutation'] != tuple(range(len(e.params['permutation'])))]
-  moved = max(e.invars[0].aval.size for e in transposes if e.invars[0].aval.size >= 64 * 16)
-  assert moved == 64 * min(width, out), [e.invars[0].aval.shape for e in transposes]
+  moved = [e.invars[0].aval.size for e in transposes]
+  assert max(moved, default=0) <= 64 * min(width, out), [e.invars[0].aval.shape for e in transposes]
 
 
 def test_nnx_linear_with_mixed_dot_general():

@@ -59,8 +59,16 @@ def _matmul_f32(lhs, rhs, dimension_numbers):
   x_kept = _kept(lhs.ndim, x_contract, x_batch)
   y_kept = _kept(rhs.ndim, y_contract, y_batch)
   b, m, k, n = _size(lhs, x_batch), _size(lhs, x_kept), _size(lhs, x_contract), _size(rhs, y_kept)
-  a = jnp.transpose(lhs, tuple(x_batch) + tuple(x_kept) + tuple(x_contract)).reshape(b, m, k)
   rhs_order = tuple(y_batch) + tuple(y_contract) + tuple(y_kept)
+  if (lhs.dtype == rhs.dtype == jnp.float32 and not x_batch and rhs_order == tuple(range(rhs.ndim))
+      and tuple(x_contract) == tuple(range(len(x_contract)))):
+    # A weight gradient, Aᵀ·B contracting the tokens (the leading axes) of both: XLA:CPU runs
+    # an f32 GEMM with a transposed lhs as it is, as fast as A transposed first when A is the
+    # smaller operand (`dot_f32_grads` makes it so), and the transpose pass is saved.
+    out = lax.dot_general(lhs.reshape(k, m), rhs.reshape(k, n), (((0,), (0,)), ((), ())))
+    return lax.optimization_barrier(out).reshape(
+        [lhs.shape[d] for d in x_kept] + [rhs.shape[d] for d in y_kept])
+  a = jnp.transpose(lhs, tuple(x_batch) + tuple(x_kept) + tuple(x_contract)).reshape(b, m, k)
   c = jnp.transpose(rhs, rhs_order).reshape(b, k, n)
   if rhs.dtype != jnp.float32 and rhs_order != tuple(range(rhs.ndim)):
     # A transposed bf16 weight (the input gradient of a Linear, x̄ = ȳ Wᵀ: a third of a train
