@@ -89,10 +89,12 @@ def _heads_back(x, shape, merge, transposed=False):
   return jnp.transpose(x, (0, 3, 1, 2) if transposed else (0, 2, 1, 3))
 
 
-def _matmul(a, b):
-  """Batched a·b over the leading axes, low-precision operands accumulated in f32."""
+def _matmul(a, b, transpose_a=False):
+  """Batched a·b (aᵀ·b with `transpose_a`) over the leading axes, low-precision operands
+  accumulated in f32."""
   batch = tuple(range(a.ndim - 2))
-  return lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)),
+  contract_a = a.ndim - 2 if transpose_a else a.ndim - 1
+  return lax.dot_general(a, b, (((contract_a,), (b.ndim - 2,)), (batch, batch)),
                          preferred_element_type=jnp.float32)
 
 
@@ -109,7 +111,8 @@ def _attention_fwd(q, k, v, merge):
 
 def _attention_bwd(merge, residuals, d_out):
   """dQ = dS·K and dP = dO·Vᵀ as they are; dVᵀ = dOᵀ·P and dKᵀ = Qᵀ·dS, so that every
-  transposed operand is a `_heads_last` of a (B, N, H, D) array (none of P or dS)."""
+  transposed operand is a `_heads_last` of a (B, N, H, D) array (none of P or dS); in f32 on
+  XLA:CPU dK = dSᵀ·Q and dV = Pᵀ·dO directly."""
   q, k, v, probs = residuals
   dtype = q.dtype
   d_out = d_out.astype(dtype)
@@ -117,9 +120,17 @@ def _attention_bwd(merge, residuals, d_out):
   d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
   d_logits = d_logits.astype(dtype)
   d_q = _heads_back(_matmul(d_logits, _heads_first(k, merge)), q.shape, merge)
-  d_k = _heads_back(_matmul(_heads_last(q, merge), d_logits), q.shape, merge, transposed=True)
-  d_v = _heads_back(_matmul(_heads_last(d_out, merge), probs.astype(dtype)), q.shape, merge,
-                    transposed=True)
+  if merge and dtype == jnp.float32:
+    # dK = dSᵀ·Q and dV = Pᵀ·dO as XLA:CPU's f32 GEMM takes them, the transpose in the
+    # GEMM: no transposed copies of q and dO in or of dKᵀ and dVᵀ out (DiT-S/2 attention
+    # fwd+bwd 108–114 → 91–96 ms, benchmarks/README.md). bf16 GEMMs in that layout run in f32.
+    d_k = _heads_back(_matmul(d_logits, _heads_first(q, merge), transpose_a=True), q.shape, merge)
+    d_v = _heads_back(_matmul(probs, _heads_first(d_out, merge), transpose_a=True), q.shape,
+                      merge)
+  else:
+    d_k = _heads_back(_matmul(_heads_last(q, merge), d_logits), q.shape, merge, transposed=True)
+    d_v = _heads_back(_matmul(_heads_last(d_out, merge), probs.astype(dtype)), q.shape, merge,
+                      transposed=True)
   return tuple(g.astype(dtype) for g in (d_q, d_k, d_v))
 
 
