@@ -11,8 +11,9 @@ input that is a cheap function of something the backward pass keeps anyway:
 
 The recomputation is one elementwise pass in the backward pass, which replaces the forward
 pass's copy of the dropped tensor into the saved residuals and the backward pass's read of it
-(XLA:CPU writes the recomputed input and then transposes it for the weight-gradient matmul, as
-it transposed the kept one: benchmarks/README.md). Per block and sample
+(the weight-gradient matmul then takes the recomputed input as it took the kept one:
+untransposed in f32, transposed in the recomputing pass for bf16 where the layer widens;
+`precision.dot_f32_grads`, benchmarks/README.md). Per block and sample
 that drops the two modulated inputs (c·s·h bytes each) and the GeLU output (r·c·s·h): a block
 keeps 32·s·h + 4·a·s² bytes for bf16 instead of 44·s·h, 48·s·h instead of 72 for f32
 (`benchmarks/memory.py`), and a scanned train step stacks and reads back that much less.
