@@ -15,6 +15,10 @@ class ConfigError(UserError, ValueError):
   """A config value is invalid; the message names the key and the allowed values."""
 
 
+class DataError(UserError, ValueError):
+  """Data missing or malformed; the message says what is wrong and how to fix it."""
+
+
 class TrainingError(UserError, RuntimeError):
   """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
