@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from guidedflow.models import precision
+from guidedflow.models import precision, stash
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -63,7 +63,7 @@ def _qkv_attention_bwd(scale, merge, residuals, d_out):
   return (jnp.stack([d_q, d_k, d_v], axis=3),)
 
 
-_qkv_attention.defvjp(_qkv_attention_fwd, _qkv_attention_bwd)
+_qkv_attention.defvjp(*stash.kept(_qkv_attention_fwd, _qkv_attention_bwd))
 
 
 def _heads_first(x, merge):
@@ -134,4 +134,4 @@ def _attention_bwd(merge, residuals, d_out):
   return tuple(g.astype(dtype) for g in (d_q, d_k, d_v))
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(*stash.kept(_attention_fwd, _attention_bwd))

@@ -12,7 +12,7 @@ input that is a cheap function of something the backward pass keeps anyway:
 The recomputation is one elementwise pass in the backward pass, which replaces the forward
 pass's copy of the dropped tensor into the saved residuals and the backward pass's read of it
 (the weight-gradient matmul then takes the recomputed input as it took the kept one:
-untransposed in f32, transposed in the recomputing pass for bf16 where the layer widens;
+untransposed in f32; for bf16 the cotangent is transposed instead;
 `precision.dot_f32_grads`, benchmarks/README.md). Per block and sample
 that drops the two modulated inputs (c·s·h bytes each) and the GeLU output (r·c·s·h): a block
 keeps 32·s·h + 4·a·s² bytes for bf16 instead of 44·s·h, 48·s·h instead of 72 for f32
@@ -31,7 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from guidedflow.models import layers, precision
+from guidedflow.models import layers, precision, stash
 
 
 def _dims(ndim: int):
@@ -96,7 +96,8 @@ def _norm_modulate_dense_bwd(eps, residuals, d_out):
           d_bias.astype(bias_like.dtype))
 
 
-norm_modulate_dense.defvjp(_norm_modulate_dense_fwd, _norm_modulate_dense_bwd)
+norm_modulate_dense.defvjp(*stash.kept(_norm_modulate_dense_fwd,
+                                                _norm_modulate_dense_bwd))
 
 
 @jax.custom_vjp
@@ -122,7 +123,7 @@ def _gelu_dense_bwd(residuals, d_out):
   return d_u, d_kernel, d_bias.astype(bias_like.dtype)
 
 
-gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
+gelu_dense.defvjp(*stash.kept(_gelu_dense_fwd, _gelu_dense_bwd))
 
 
 def linear_weights(linear) -> tuple[jax.Array, jax.Array]:

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from guidedflow.models import stash
+
 Initializer = Callable[..., jax.Array]
 
 # Logical name of the leading axis of parameters stacked for `nnx.scan` (one slice per block).
@@ -90,7 +92,7 @@ def layer_norm_f32_bwd(eps, residuals, dy):
   return (dx.astype(like.dtype),)
 
 
-layer_norm_f32.defvjp(layer_norm_f32_fwd, layer_norm_f32_bwd)
+layer_norm_f32.defvjp(*stash.kept(layer_norm_f32_fwd, layer_norm_f32_bwd))
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -126,7 +128,7 @@ def gelu_tanh_bwd(dtype, residuals, dy):
   return ((dy.astype(jnp.float32) * slope).astype(like.dtype),)
 
 
-gelu_tanh.defvjp(gelu_tanh_fwd, gelu_tanh_bwd)
+gelu_tanh.defvjp(*stash.kept(gelu_tanh_fwd, gelu_tanh_bwd))
 
 
 def timestep_embedding(t: jax.Array, dim: int, *, time_scale: float = 1000.0,

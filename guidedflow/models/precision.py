@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from guidedflow.models import stash
+
 LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 
 
@@ -125,7 +127,13 @@ def dot_f32_grads(lhs, rhs, dimension_numbers, g):
   (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
   swapped = ((y_contract, x_contract), (y_batch, x_batch))
   d_lhs = _grad_lhs(g, lhs.ndim, rhs, dimension_numbers)
-  if x_batch or _size(lhs, x_contract) >= _size(rhs, _kept(rhs.ndim, y_contract, y_batch)):
+  # The weight gradient transposes one operand. f32: the smaller one, the input where the layer
+  # widens (`_grad_rhs_transposing_lhs`). bf16: the cotangent, in a transpose pass of its own;
+  # the input's transpose XLA:CPU fuses into the elementwise op that recomputes the input
+  # (`fused.py`), where it ran at a tenth of a plain transpose's speed (11.7 ms for a (8192,
+  # 384) on the Xeon of benchmarks/README.md: W1 bf16 train step 1.05× this way).
+  if (x_batch or lhs.dtype != jnp.float32
+      or _size(lhs, x_contract) >= _size(rhs, _kept(rhs.ndim, y_contract, y_batch))):
     return d_lhs, _grad_lhs(g, rhs.ndim, lhs, swapped, swap_ans=True)
   return d_lhs, _grad_rhs_transposing_lhs(g, lhs, rhs.ndim, dimension_numbers)
 
@@ -152,7 +160,7 @@ def _grad_rhs_transposing_lhs(g, lhs, rhs_ndim, dimension_numbers):
   return jnp.transpose(out, tuple(np.argsort(y_by_x + y_kept)))
 
 
-_mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
+_mixed_dot.defvjp(*stash.kept(_mixed_dot_fwd, _mixed_dot_bwd))
 
 
 def _as_tuples(dimension_numbers):

@@ -1,0 +1,67 @@
+"""The residuals of the hand-written derivatives, kept in a form XLA:CPU stacks in place.
+
+A scanned DiT (`nnx.scan` over the blocks) stacks every residual its blocks' derivatives keep
+into one (depth, …) buffer, written one layer at a time by a dynamic-update-slice. XLA:CPU has
+no bf16 dynamic-update-slice: its float normalisation rewrites each one on a bf16 buffer as
+convert(buffer) → f32 update → convert back, which reads and writes the *whole* stacked buffer
+for every layer (depth² work instead of depth). In the W1 bf16 train step (DiT-S/2, batch 32) that
+was 15 % of the op time (benchmarks/README.md). The same bits as uint16 are plain data to XLA:
+the update stays in place. `custom_vjp` pairs made with `kept` store their low-precision
+residuals that way on CPU; float32 residuals, and every residual on GPU and TPU (where bf16
+updates are native), are kept as they are.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_BITS = {jnp.dtype(jnp.bfloat16): jnp.uint16, jnp.dtype(jnp.float16): jnp.uint16}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Bits:
+  """A bf16/f16 array's bits as uint16, and a zero-size array of its dtype (the dtype to
+  restore: a pytree's leaves must be arrays)."""
+  bits: jax.Array
+  like: jax.Array
+
+
+def _keep_leaf(x):
+  if isinstance(x, jax.Array) and x.dtype in _BITS and x.size:
+    return _Bits(lax.bitcast_convert_type(x, _BITS[x.dtype]), jnp.zeros((0,), x.dtype))
+  return x
+
+
+def _restore_leaf(x):
+  return lax.bitcast_convert_type(x.bits, x.like.dtype) if isinstance(x, _Bits) else x
+
+
+def keep(residuals):
+  """`residuals` as a derivative keeps them: bf16/f16 arrays as their uint16 bits on XLA:CPU."""
+  from guidedflow.models import precision  # pylint: disable=g-import-not-at-top  # imports this
+  if precision.target_platform() != 'cpu':
+    return residuals
+  return jax.tree.map(_keep_leaf, residuals)
+
+
+def restore(residuals):
+  """The residuals `keep` was given."""
+  return jax.tree.map(_restore_leaf, residuals, is_leaf=lambda x: isinstance(x, _Bits))
+
+
+def kept(fwd, bwd):
+  """(fwd, bwd) for `custom_vjp.defvjp`, the residuals between them passed through `keep` and
+  `restore`. `fwd(*args) -> (out, residuals)`; `bwd(*nondiff_args, residuals, cotangent)`."""
+
+  def kept_fwd(*args):
+    out, residuals = fwd(*args)
+    return out, keep(residuals)
+
+  def kept_bwd(*args):
+    *nondiff, residuals, cotangent = args
+    return bwd(*nondiff, restore(residuals), cotangent)
+
+  return kept_fwd, kept_bwd
