@@ -1,4 +1,4 @@
-"""models/stash.py: low-precision residuals kept as their bits, so that a scan stacks them in place."""
+"""models/stash.py: bf16 residuals kept as their bits, so that a scan stacks them in place."""
 
 import functools
 import re
