@@ -1,8 +1,8 @@
 """The residuals of the hand-written derivatives, kept in a form XLA:CPU stacks in place.
 
 A scanned DiT (`nnx.scan` over the blocks) stacks every residual its blocks' derivatives keep
-into one (depth, …) buffer, written one layer at a time by a dynamic-update-slice. XLA:CPU has
-no bf16 dynamic-update-slice: its float normalisation rewrites each one on a bf16 buffer as
+into one (depth, …) buffer, written one layer at a time by a dynamic-update-slice. XLA:CPU of
+jaxlib 0.10.2 has no bf16 dynamic-update-slice (0.12 has): its float normalisation rewrites one as
 convert(buffer) → f32 update → convert back, which reads and writes the *whole* stacked buffer
 for every layer (depth² work instead of depth). In the W1 bf16 train step (DiT-S/2, batch 32) that
 was 15 % of the op time (benchmarks/README.md). The same bits as uint16 are plain data to XLA:
