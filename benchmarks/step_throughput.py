@@ -231,9 +231,11 @@ def bench_sample(sampler, sample_batch, num_steps, guidance_scale, rounds):
   return seconds, nfe, first_s
 
 
-def bench_forward(builder, params, image_shape, batch, steps, rounds):
-  """Seconds of one jitted forward of `batch` rows (the sampler's unit of work)."""
-  forward = jax.jit(lambda p, x, t, y: builder.merge(p)(x, t, y))
+def bench_forward(builder, params, image_shape, batch, steps, rounds, compiler_options=None):
+  """Seconds of one jitted forward of `batch` rows (the sampler's unit of work), compiled as
+  the Sampler compiles (`compiler_options`)."""
+  forward = jax.jit(lambda p, x, t, y: builder.merge(p)(x, t, y),
+                    compiler_options=compiler_options)
   x = jnp.zeros((batch,) + image_shape, jnp.float32)
   t = jnp.full((batch,), 0.5, jnp.float32)
   y = jnp.zeros((batch,), jnp.int32)
@@ -265,8 +267,11 @@ def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peak
     return row
   sampler = sampler_lib.Sampler.from_train_state(config, builder, state, image_shape)
   params = sampler.params  # the EMA weights
-  fwd_1 = bench_forward(builder, params, image_shape, sample_batch, args.steps, args.rounds)
-  fwd_2 = bench_forward(builder, params, image_shape, 2 * sample_batch, args.steps, args.rounds)
+  options = sampler.compiler_options
+  fwd_1 = bench_forward(builder, params, image_shape, sample_batch, args.steps, args.rounds,
+                        options)
+  fwd_2 = bench_forward(builder, params, image_shape, 2 * sample_batch, args.steps, args.rounds,
+                        options)
   n = args.sample_steps
   cfg_s, cfg_nfe, cfg_compile_s = bench_sample(sampler, sample_batch, n, 2.0, args.rounds)
   cond_s, cond_nfe, _ = bench_sample(sampler, sample_batch, n, 1.0, args.rounds)
@@ -276,7 +281,8 @@ def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peak
       cfg_gflops=cfg_nfe * flops * sample_batch / cfg_s / 1e9,
       cfg_vs_fwd=cfg_s / (n * fwd_2), cond_nfe=cond_nfe,
       cond_samples_per_s=sample_batch / cond_s, cond_vs_fwd=cond_s / (n * fwd_1),
-      w1_over_w2_time=cond_s / cfg_s, fwd_ms=fwd_1 * 1e3, fwd_doubled_ms=fwd_2 * 1e3)
+      w1_over_w2_time=cond_s / cfg_s, fwd_ms=fwd_1 * 1e3, fwd_doubled_ms=fwd_2 * 1e3,
+      sampler_dots='eigen' if options else 'default')
   row['cfg_x_peak'] = row['cfg_gflops'] / peak
   return row
 
@@ -309,7 +315,7 @@ def print_table(report):
           ('train_images_per_s', '>8.2f', 'train/s'), ('train_gflops', '>8.1f', 'GFLOP/s'),
           ('train_x_peak', '>5.2f', 'xPeak'), ('train_compile_s', '>6.1f', 'comp s'),
           ('train_footprint_gb', '>6.2f', 'GiB'),
-          ('sample_batch', '>4', 'sb'), ('cfg_nfe', '>4', 'NFE'),
+          ('sample_batch', '>4', 'sb'), ('sampler_dots', '<7', 'dots'), ('cfg_nfe', '>4', 'NFE'),
           ('cfg_samples_per_s', '>8.3f', 'cfg/s'), ('cfg_gflops', '>7.1f', 'GFLOP/s'),
           ('cfg_x_peak', '>5.2f', 'xPeak'), ('cfg_vs_fwd', '>6.3f', 'vsFwd'),
           ('cond_nfe', '>4', 'NFE1'), ('cond_samples_per_s', '>8.3f', 'w=1/s'),

@@ -46,6 +46,13 @@ def model_kwargs(config):
           'norm': validation.get(config, 'model.unet_norm')}
 
 
+def compute_dtype(config, backend=None):
+  """(the dtype the generator computes in on `backend` (default: JAX's), why it is not the
+  configured one or None): `precision.resolve_compute_dtype`."""
+  return precision.resolve_compute_dtype(config.model.dtype, backend or jax.default_backend(),
+                                         convolutional=config.model.name == 'unet')
+
+
 def model_constructor(config, image_shape):
   """A zero-argument function building the configured generator for `image_shape` (H, W, C).
 
@@ -54,8 +61,7 @@ def model_constructor(config, image_shape):
       size that does not divide the image size), with the model's message.
   """
   height, width, channels = image_shape
-  dtype, reason = precision.resolve_compute_dtype(
-      config.model.dtype, jax.default_backend(), convolutional=config.model.name == 'unet')
+  dtype, reason = compute_dtype(config)
   if reason:
     logging.warning('config.model.dtype=%s: %s.', config.model.dtype, reason)
 
@@ -118,6 +124,10 @@ class Sampler:
     # A generator trained with label_dropout = 1 has seen only ∅: it samples unconditionally.
     self.unconditional = config.loss.label_dropout >= 1.0
     self.path = paths.get_path(config.path.schedule)
+    platform = builder.mesh.devices.flat[0].platform  # a TPU mesh when compiling ahead of time
+    # f32 dots in XLA:CPU's Eigen GEMMs where they outrun YNNPACK's (`sampling.cpu_dots`).
+    self.compiler_options = precision.inference_compiler_options(
+        validation.get(config, 'sampling.cpu_dots'), compute_dtype(config, platform)[0], platform)
     self._compiled = {}
 
   @classmethod
@@ -176,7 +186,8 @@ class Sampler:
           run, in_shardings=(b.param_shardings, b.replicated, b.replicated, b.replicated,
                              b.batch_sharding, b.batch_sharding, b.replicated, b.replicated,
                              b.replicated),
-          out_shardings=(b.batch_sharding, b.replicated, b.replicated))
+          out_shardings=(b.batch_sharding, b.replicated, b.replicated),
+          compiler_options=self.compiler_options)
     return self._compiled[cache_key]
 
   def _guidance_inputs(self, labels, guidance_scale, classifier_scale):

@@ -22,6 +22,7 @@ from guidedflow import sharding
 from guidedflow import train_state
 from guidedflow.models import autoencoder
 from guidedflow.models import dit
+from guidedflow.models import precision
 from guidedflow.models import unet
 
 _GENERATOR_CHOICES = {
@@ -41,6 +42,7 @@ _GENERATOR_CHOICES = {
     'sampling.npz_keys': ('guidedflow', 'adm'),
     'sampling.guidance': sampling.GUIDANCE_MODES,
     'sampling.gather_weights': (True, False),
+    'sampling.cpu_dots': precision.CPU_DOTS,
 }
 _COMMON_CHOICES = {'optim.schedule': train_state.SCHEDULES,
                    'mesh.distributed': sharding.DISTRIBUTED_MODES}
@@ -62,7 +64,8 @@ _DEFAULTS = {'model.unet_norm': 'group', 'model.attention_impl': 'einsum',
              'autoencoder.workers': 0, 'sampling.npz_keys': 'guidedflow',
              'sampling.guidance': 'cfg', 'sampling.classifier_scale': 0.0,
              'sampling.classifier_workdir': None, 'eval.classifier_scales': None,
-             'train.allow_config_change': False, 'sampling.gather_weights': True}
+             'train.allow_config_change': False, 'sampling.gather_weights': True,
+             'sampling.cpu_dots': 'auto'}
 
 
 def get(config, dotted):

@@ -1,5 +1,6 @@
 """Mixed-precision matmuls: f32 accumulation forward and backward, every layout the DiT uses."""
 
+import functools
 import re
 
 import jax
@@ -197,3 +198,20 @@ def test_bf16_falls_back_to_f32_on_a_cpu_without_bf16_units(tmp_path):
   dtype, reason = resolve('bfloat16', 'cpu', convolutional=True, cpuinfo_path=amx)
   assert dtype == 'float32' and 'convolutions' in reason
   assert resolve('bfloat16', 'tpu', convolutional=True) == ('bfloat16', None)
+
+
+def test_inference_compiler_options_move_f32_dots_to_eigen_where_measured_faster(tmp_path):
+  """'auto': Eigen's GEMMs for f32 on a CPU with AMX (the machine where they sampled faster),
+  XLA's defaults elsewhere, for bf16 and on accelerators; 'ynnpack' / 'eigen' force it."""
+  amx = _cpuinfo(tmp_path, 'avx2 avx512f avx512_bf16 amx_bf16 amx_tile')
+  zen4 = _cpuinfo(tmp_path, 'avx2 avx512f avx512_bf16')
+  options = functools.partial(precision.inference_compiler_options, cpuinfo_path=amx)
+  eigen = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
+  assert options('auto', 'float32', 'cpu') == eigen
+  assert options('auto', 'bfloat16', 'cpu') is None
+  assert options('ynnpack', 'float32', 'cpu') is None
+  assert options('auto', 'float32', 'tpu') is None and options('eigen', 'float32', 'gpu') is None
+  assert precision.inference_compiler_options('auto', 'float32', 'cpu', cpuinfo_path=zen4) is None
+  assert precision.inference_compiler_options('eigen', 'float32', 'cpu', cpuinfo_path=zen4) == eigen
+  with pytest.raises(ValueError, match='cpu_dots'):
+    options('mkl', 'float32', 'cpu')

@@ -2,6 +2,7 @@
 checkpoint round trip, exact resume, CLI modes, the sampler's NFE."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -337,3 +338,27 @@ def test_sample_runs_the_single_batch_at_w_1_and_counts_its_nfe(generator, monke
   # sample_images: 10 labels in 3 padded batches of 4 rows.
   (_, nfe, _), count = counted(lambda: sampler.sample_images(key, labels, 1.0, batch_size=4), 12)
   assert nfe == count == 3
+
+
+def _dots_in_ynnpack(hlo):
+  """How many YNNPACK fusions of a compiled program's HLO text contain a dot."""
+  called = re.findall(r'calls=%([\w.-]+), [^\n]*"kind":"__ynn_fusion"', hlo)
+  bodies = dict(re.findall(r'\n%([\w.-]+) [^\n]*\{\n(.*?)\n\}', hlo, re.S))
+  return sum(' dot(' in bodies.get(name, '') for name in called)
+
+
+def test_cpu_dots_compile_the_samplers_dots_outside_ynnpack(generator):
+  """`sampling.cpu_dots`: 'eigen' takes the f32 sampler's dots out of YNNPACK (XLA:CPU's Eigen
+  GEMMs), 'ynnpack' leaves XLA:CPU's default; the samples agree to f32 rounding."""
+  config, _, builder, _ = generator
+  state = builder.init_state()
+  labels, key = np.arange(8, dtype=np.int32), jax.random.PRNGKey(3)
+  dots, samples = {}, {}
+  for choice in ('ynnpack', 'eigen'):
+    choice_config = config.copy_and_resolve_references()
+    choice_config.sampling.cpu_dots = choice
+    sampler = sampler_lib.Sampler.from_train_state(choice_config, builder, state, (28, 28, 1))
+    dots[choice] = _dots_in_ynnpack(sampler.lower_cfg(8).compile().as_text())
+    samples[choice] = np.asarray(sampler.sample(key, labels, 2.0)[0])
+  assert dots['ynnpack'] > 0 and dots['eigen'] == 0, dots
+  np.testing.assert_allclose(samples['eigen'], samples['ynnpack'], atol=1e-4)

@@ -222,3 +222,29 @@ def resolve_compute_dtype(name, backend, *, convolutional=False, cpuinfo_path='/
     return 'float32', ('XLA:CPU runs bf16 convolutions no faster than f32: computing the '
                        'convolutional network in float32 instead')
   return name, None
+
+
+# Where an inference program's f32 dots run on XLA:CPU (`config.sampling.cpu_dots`).
+CPU_DOTS = ('auto', 'ynnpack', 'eigen')
+# YNNPACK keeps the convolutions; dots (and their fusions) go to XLA's Eigen-based GEMMs.
+_DOTS_IN_EIGEN = {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
+
+
+def inference_compiler_options(cpu_dots, compute_dtype, backend, cpuinfo_path='/proc/cpuinfo'):
+  """XLA compiler options for a forward-only program (the Sampler's), or None for the defaults.
+
+  On the 2-core Intel Xeon with AMX of benchmarks/README.md, XLA:CPU's Eigen GEMMs ran the
+  DiT's forward f32 matmuls 7–31 % faster than YNNPACK, its default (CFG sampling of DiT-S/2
+  1.16×, DiT-T/4 1.04×), but the train step 0.88–0.92× as fast (weight-gradient GEMMs take a
+  transposed operand, which YNNPACK runs as is). 'auto' moves f32 dots to Eigen on such a CPU
+  (AMX: the machine measured) and keeps YNNPACK elsewhere (at the matmul peak on AMD EPYCs); bf16
+  keeps YNNPACK, whose bf16 GEMMs use the matrix units. Accelerators take no options.
+  """
+  if cpu_dots not in CPU_DOTS:
+    raise ValueError(f'cpu_dots={cpu_dots!r}: use one of {CPU_DOTS}')
+  if backend != 'cpu' or compute_dtype != 'float32' or cpu_dots == 'ynnpack':
+    return None
+  if cpu_dots == 'auto' and 'amx_bf16' not in cpu_bf16_units(cpuinfo_path):
+    return None
+  return dict(_DOTS_IN_EIGEN)
