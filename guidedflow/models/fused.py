@@ -96,8 +96,7 @@ def _norm_modulate_dense_bwd(eps, residuals, d_out):
           d_bias.astype(bias_like.dtype))
 
 
-norm_modulate_dense.defvjp(*stash.kept(_norm_modulate_dense_fwd,
-                                                _norm_modulate_dense_bwd))
+norm_modulate_dense.defvjp(*stash.kept(_norm_modulate_dense_fwd, _norm_modulate_dense_bwd))
 
 
 @jax.custom_vjp

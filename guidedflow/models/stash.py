@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_BITS = {jnp.dtype(jnp.bfloat16): jnp.uint16, jnp.dtype(jnp.float16): jnp.uint16}
+_HALF_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 @jax.tree_util.register_dataclass
@@ -30,8 +30,8 @@ class _Bits:
 
 
 def _keep_leaf(x):
-  if isinstance(x, jax.Array) and x.dtype in _BITS and x.size:
-    return _Bits(lax.bitcast_convert_type(x, _BITS[x.dtype]), jnp.zeros((0,), x.dtype))
+  if isinstance(x, jax.Array) and x.dtype in _HALF_FLOATS and x.size:
+    return _Bits(lax.bitcast_convert_type(x, jnp.uint16), jnp.zeros((0,), x.dtype))
   return x
 
 
