@@ -1,7 +1,11 @@
 """Compile time of a DiT training step, blocks unscanned vs scanned (`nnx.scan`).
 
     python benchmarks/compile_time.py [--variants XL/2,S/2] [--dtypes float32,bfloat16]
-        [--layouts unscanned,scanned] [--remat none] [--batch 2] [--json] [--smoke]
+        [--layouts unscanned,scanned,unrolled] [--remat none] [--batch 2] [--json] [--smoke]
+
+Layouts: 'unscanned' (a module per block), 'scanned' (stacked blocks, one block per scan
+iteration: `unroll_blocks=1`, the accelerators' default), 'unrolled' (stacked blocks, the scan
+fully unrolled: `unroll_blocks='auto'` on a CPU).
 
 The step is the loss's gradient and an `optax.adamw` update, on 32×32×4 latents with 1000
 classes (configs/imagenet256_latent.py's shapes). It is traced, lowered and compiled for this
@@ -40,14 +44,18 @@ def _model_kwargs(variant: str) -> dict:
   return kwargs
 
 
-def lower_and_compile(variant: str, dtype: str, scan_blocks: bool, *, batch: int = 2,
+LAYOUTS = {'unscanned': dict(scan_blocks=False), 'scanned': dict(unroll_blocks=1),
+           'unrolled': dict(unroll_blocks=10**6)}  # capped at the depth
+
+
+def lower_and_compile(variant: str, dtype: str, layout: str, *, batch: int = 2,
                       remat: str = 'none', image_shape=IMAGE_SHAPE,
                       num_classes: int = NUM_CLASSES) -> dict:
   """Times `jax.jit(step).lower(abstract args)` and `.compile()` of one training step."""
   height, _, channels = image_shape
   model = nnx.eval_shape(lambda: models.create_model(
       'dit', input_size=height, in_channels=channels, num_classes=num_classes,
-      dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0), remat=remat, scan_blocks=scan_blocks,
+      dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0), remat=remat, **LAYOUTS[layout],
       **_model_kwargs(variant)))
   graphdef, params = nnx.split(model, nnx.Param)
   tx = optax.adamw(1e-4, weight_decay=0.0)
@@ -69,7 +77,7 @@ def lower_and_compile(variant: str, dtype: str, scan_blocks: bool, *, batch: int
   lowered_at = time.perf_counter()
   lowered.compile()
   compiled_at = time.perf_counter()
-  return dict(variant=variant, dtype=dtype, layout='scanned' if scan_blocks else 'unscanned',
+  return dict(variant=variant, dtype=dtype, layout=layout,
               remat=remat, batch=batch, depth=model.config.depth,
               lower_s=lowered_at - start, compile_s=compiled_at - lowered_at,
               hlo_lines=lowered.as_text().count('\n'))
@@ -92,7 +100,7 @@ def main(argv=None) -> list:
   parser.add_argument('--variants', default='XL/2,S/2',
                       help="DiT variants, comma-separated; overrides after ':', e.g. 'S/2:depth=4'")
   parser.add_argument('--dtypes', default='float32,bfloat16', help='compute dtypes')
-  parser.add_argument('--layouts', default='unscanned,scanned')
+  parser.add_argument('--layouts', default=','.join(LAYOUTS))
   parser.add_argument('--remat', default='none', help="'none' | 'full' | "
                       "'dots_with_no_batch_dims_saveable'")
   parser.add_argument('--batch', type=int, default=2)
@@ -107,14 +115,14 @@ def main(argv=None) -> list:
     variants, dtypes = list(SMOKE_VARIANTS), ['float32']
     image_shape, num_classes = SMOKE_IMAGE_SHAPE, 10
   layouts = args.layouts.split(',')
-  unknown = set(layouts) - {'unscanned', 'scanned'}
+  unknown = set(layouts) - set(LAYOUTS)
   if unknown:
-    parser.error(f'--layouts: unknown {sorted(unknown)}; use unscanned, scanned')
+    parser.error(f'--layouts: unknown {sorted(unknown)}; use {", ".join(LAYOUTS)}')
   rows = []
   for variant in variants:
     for dtype in dtypes:
       for layout in layouts:
-        rows.append(lower_and_compile(variant, dtype, layout == 'scanned', batch=args.batch,
+        rows.append(lower_and_compile(variant, dtype, layout, batch=args.batch,
                                       remat=args.remat, image_shape=image_shape,
                                       num_classes=num_classes))
         print(f'  {rows[-1]}', file=sys.stderr, flush=True)

@@ -26,8 +26,8 @@ issue 13); latent, configs/fashion_mnist_latent.py's DiT-XS/1 on 7×7×8 latents
 DiT-T/1).
 Memory: the train step's compiled footprint (XLA's arguments + outputs − donated aliases +
 temporaries); a step whose footprint exceeds the device's memory limit is reported and not run.
-`--attention_impl`, `--remat`, `--scan_blocks` and `--train_batch` take comma-separated lists;
-every combination is run (DiT options apply to DiT cases only).
+`--attention_impl`, `--remat`, `--scan_blocks`, `--unroll_blocks` and `--train_batch` take
+comma-separated lists; every combination is run (DiT options apply to DiT cases only).
 Prints numbers only; it asserts nothing about speed. Machines differ: compare runs on one
 machine, as ratios.
 """
@@ -141,7 +141,7 @@ def matmul_peak(dtype, size, steps):
 
 def _builder(make, dtype_name, train_batch, model_options):
   """(the generator's StateBuilder, config, image shape) of one workload; `model_options`
-  (attention_impl, remat, scan_blocks) replace the config's for DiT workloads."""
+  (attention_impl, remat, scan_blocks, unroll_blocks) replace the config's for DiT workloads."""
   config, image_shape = make()
   config.model.dtype = DTYPES[dtype_name]
   if train_batch:
@@ -166,12 +166,15 @@ def _flops(config, image_shape):
 
 
 def _options_used(config, image_shape):
-  """The DiT options the model was built with ('auto' attention resolved); None for a U-Net."""
+  """The DiT options the model was built with ('auto' attention and unrolling resolved); None
+  for a U-Net."""
   if config.model.name != 'dit':
     return dict.fromkeys(MODEL_OPTIONS)
   kwargs = sampler_lib.model_kwargs(config)
   model = nnx.eval_shape(sampler_lib.model_constructor(config, image_shape))
-  return dict({k: kwargs[k] for k in MODEL_OPTIONS}, attention_impl=model.attention_impl)
+  unroll = models.dit.resolve_unroll_blocks(model.unroll_blocks, model.config.depth)
+  return dict({k: kwargs[k] for k in MODEL_OPTIONS}, attention_impl=model.attention_impl,
+              unroll_blocks=unroll if model.scan_blocks else None)
 
 
 def _footprint_bytes(compiled):
@@ -311,7 +314,8 @@ def print_table(report):
     print(f'P{dtype[-2:]} ({dtype} {report.get("matmul_size", 2048)}² matmul, f32 accumulation): '
           f'{gflops:.1f} GFLOP/s')
   cols = [('case', '<4', 'case'), ('dtype', '<4', 'dt'), ('attention_impl', '<6', 'attn'),
-          ('remat', '<5', 'remat'), ('scan_blocks', '<4', 'blks'), ('train_batch', '>5', 'batch'),
+          ('remat', '<5', 'remat'), ('scan_blocks', '<4', 'blks'), ('unroll_blocks', '>6', 'unroll'),
+          ('train_batch', '>5', 'batch'),
           ('train_images_per_s', '>8.2f', 'train/s'), ('train_gflops', '>8.1f', 'GFLOP/s'),
           ('train_x_peak', '>5.2f', 'xPeak'), ('train_compile_s', '>6.1f', 'comp s'),
           ('train_footprint_gb', '>6.2f', 'GiB'),
@@ -341,7 +345,7 @@ def print_reports(paths):
   print_table(dict(reports[0], rows=[row for r in reports for row in r['rows']]))
 
 
-MODEL_OPTIONS = ('attention_impl', 'remat', 'scan_blocks')
+MODEL_OPTIONS = ('attention_impl', 'remat', 'scan_blocks', 'unroll_blocks')
 
 
 def _list(text, kind=str):
@@ -352,7 +356,8 @@ def _model_options(args):
   """Every combination of the DiT options given ({} alone: the configs' own)."""
   given = {'attention_impl': _list(args.attention_impl), 'remat': _list(args.remat),
            'scan_blocks': [{'true': True, 'false': False}[v.lower()]
-                           for v in _list(args.scan_blocks)]}
+                           for v in _list(args.scan_blocks)],
+           'unroll_blocks': [v if v == 'auto' else int(v) for v in _list(args.unroll_blocks)]}
   given = {k: v for k, v in given.items() if v}
   return [dict(zip(given, values)) for values in itertools.product(*given.values())]
 
@@ -380,6 +385,8 @@ def main():
                       help='DiT: comma-separated subset of ' + ','.join(models.dit.REMAT_POLICIES))
   parser.add_argument('--scan_blocks', default=None,
                       help='DiT: comma-separated subset of true,false (false: a module per block)')
+  parser.add_argument('--unroll_blocks', default=None,
+                      help="DiT: comma-separated blocks per scan iteration ('auto' or numbers)")
   parser.add_argument('--print', nargs='+', default=None, metavar='REPORT',
                       help='print the table of these --out / --json reports (merged) and exit')
   args = parser.parse_args()

@@ -31,6 +31,9 @@ def get_config():
   # dit: blocks stacked on a 'layers' axis and run by one nnx.scan (compile time independent of
   # depth); False: one module per block, the layout of checkpoints written before scanning.
   config.model.scan_blocks = True
+  # dit: scanned blocks per scan iteration: 'auto' (all on a CPU: no stacked residuals, faster
+  # training; one elsewhere: compile time independent of depth) | a positive int.
+  config.model.unroll_blocks = config_dict.FieldReference('auto', field_type=object)
   # dit: 'auto' ('cudnn' on an NVIDIA GPU (Ampere on) with bfloat16 compute, else 'einsum') | 'einsum' | 'xla'
   # (jax.nn.dot_product_attention) | 'cudnn' (its cuDNN flash attention: GPU, bfloat16 compute).
   config.model.attention_impl = 'auto'

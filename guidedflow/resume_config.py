@@ -20,7 +20,8 @@ MEANING_KEYS = ('task', 'model.', 'path.', 'loss.parameterization', 'input.datas
                 'input.num_classes', 'input.space', 'input.image_size', 'autoencoder.workdir',
                 'autoencoder.weights')
 # Keys under those prefixes that only choose how the same function is computed.
-IMPLEMENTATION_KEYS = ('model.dtype', 'model.attention_impl', 'model.remat', 'model.scan_blocks')
+IMPLEMENTATION_KEYS = ('model.dtype', 'model.attention_impl', 'model.remat', 'model.scan_blocks',
+                       'model.unroll_blocks')
 _MISSING = object()
 
 

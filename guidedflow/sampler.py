@@ -40,6 +40,7 @@ def model_kwargs(config):
     return {'variant': model.variant,
             'remat': models.dit.remat_policy_name(validation.get(config, 'model.remat')),
             'scan_blocks': bool(validation.get(config, 'model.scan_blocks')),
+            'unroll_blocks': validation.get(config, 'model.unroll_blocks'),
             'attention_impl': validation.get(config, 'model.attention_impl')}
   return {'channels': tuple(model.unet_channels),
           'num_residual_layers': model.unet_num_residual_layers,

@@ -57,7 +57,8 @@ _COMMON_EVERY = ('train.sample_every_steps', 'eval.every_steps')
 # Keys added after configs were first written: their value when a config lacks them (the
 # behaviour before the key existed). Read them with `get`.
 _DEFAULTS = {'model.unet_norm': 'group', 'model.attention_impl': 'einsum',
-             'model.remat': 'none', 'model.scan_blocks': True, 'optim.schedule': 'constant',
+             'model.remat': 'none', 'model.scan_blocks': True, 'model.unroll_blocks': 'auto',
+             'optim.schedule': 'constant',
              'mesh.distributed': 'auto', 'checkpoint.max_to_keep': 3, 'input.space': 'pixels',
              'autoencoder.cache': True, 'autoencoder.cache_dtype': 'float32',
              'autoencoder.flip': False, 'autoencoder.batch_size': 256,
@@ -277,6 +278,12 @@ def _check_model(config):
   if remat not in (True, False) and remat not in dit.REMAT_POLICIES:
     raise errors.ConfigError(f'config.model.remat={remat!r} is not one of {dit.REMAT_POLICIES} '
                              '(True / False are accepted as full / none).')
+  unroll = get(config, 'model.unroll_blocks')
+  if unroll != dit.UNROLL_AUTO and (isinstance(unroll, bool) or not isinstance(unroll, int)
+                                    or unroll < 1):
+    raise errors.ConfigError(f'config.model.unroll_blocks={unroll!r} must be '
+                             f'{dit.UNROLL_AUTO!r} or a positive number of blocks per scan '
+                             'iteration (1: not unrolled).')
   if get(config, 'model.attention_impl') == 'cudnn' and model.dtype != 'bfloat16':
     raise errors.ConfigError("config.model.attention_impl='cudnn' needs "
                              '--config.model.dtype=bfloat16 (and a GPU).')

@@ -333,10 +333,12 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def test_scanned_and_unscanned_dit_same_outputs_and_gradients():
-  """Same weights (stacked by dit.stack_blocks): same outputs and gradients to f32 rounding."""
+@pytest.mark.parametrize('unroll', [1, 2, 'auto'])
+def test_scanned_and_unscanned_dit_same_outputs_and_gradients(unroll):
+  """Same weights (stacked by dit.stack_blocks): same outputs and gradients to f32 rounding,
+  whatever the scan's unrolling (2 of 3 blocks: a remainder; 'auto' on this CPU: all 3)."""
   unscanned = _perturb(_dit(scan_blocks=False))
-  scanned = _copy_weights(unscanned, scan_blocks=True)
+  scanned = _copy_weights(unscanned, scan_blocks=True, unroll_blocks=unroll)
   assert scanned.blocks.fc1.kernel.shape == (3, *unscanned.blocks[0].fc1.kernel.shape)
   inputs = _inputs()
   out_u, out_s = _forward(unscanned, *inputs), _forward(scanned, *inputs)
@@ -345,13 +347,43 @@ def test_scanned_and_unscanned_dit_same_outputs_and_gradients():
   grads_u = _grads_as_dict(unscanned, inputs)
   assert len(grads_u['blocks']) == 3
   _assert_trees_close(_grads_as_dict(scanned, inputs), dit_lib.stack_blocks(grads_u))
-  # The scanned forward traces one block inside one scan, not 3 copies of the block.
+  # The scanned forward traces one block inside one scan, not 3 copies of the block (unrolling
+  # happens when the scan is lowered).
   for model, scans in ((scanned, 1), (unscanned, 0)):
     graphdef, state = nnx.split(model)
     jaxpr = str(jax.make_jaxpr(lambda s, g=graphdef: nnx.merge(g, s)(*inputs))(state))
     assert jaxpr.count('scan[') == scans
     # 5 matmuls outside the blocks, 7 per traced block (qkv, 2 attention, proj, MLP, adaLN).
     assert jaxpr.count('dot_general') == (5 + 7 if scans else 5 + 3 * 7)
+
+
+def test_unrolled_block_scan_stacks_no_residuals():
+  """unroll_blocks='auto' on a CPU: the gradient's program has no loop over the blocks and no
+  dynamic-update-slice into stacked residual buffers; not unrolled (1) it has both."""
+  inputs = _inputs()
+
+  def lowered_gradient(model):
+    graphdef, state = nnx.split(model)
+    return jax.jit(jax.grad(lambda s: _loss(nnx.merge(graphdef, s), *inputs))).lower(
+        state).as_text()
+
+  assert jax.default_backend() == 'cpu'
+  rolled = lowered_gradient(nnx.eval_shape(lambda: _dit(unroll_blocks=1)))
+  unrolled = lowered_gradient(nnx.eval_shape(lambda: _dit(unroll_blocks='auto')))
+  assert 'stablehlo.while' in rolled and 'dynamic_update_slice' in rolled
+  assert 'stablehlo.while' not in unrolled and 'dynamic_update_slice' not in unrolled
+
+
+def test_unroll_blocks_resolves_by_platform_and_rejects_bad_values():
+  resolve = dit_lib.resolve_unroll_blocks
+  assert resolve('auto', 12, 'cpu') == 12
+  assert resolve('auto', 12, 'tpu') == resolve('auto', 12, 'gpu') == 1
+  assert resolve(4, 12, 'tpu') == 4 and resolve(40, 12, 'cpu') == 12
+  for bad in (0, -1, True, 'all', 2.0):
+    with pytest.raises(ValueError, match='positive number of blocks'):
+      resolve(bad, 12, 'cpu')
+  with pytest.raises(ValueError, match='unroll_blocks=0'):
+    _dit(unroll_blocks=0)
 
 
 def test_stack_and_unstack_blocks_are_inverse():
@@ -462,22 +494,24 @@ def test_attention_impl_auto_picks_cudnn_only_where_it_runs():
 
 def test_compile_time_benchmark_smoke():
   """benchmarks/compile_time.py --smoke: the lowered step of the scanned model does not grow
-  with depth (2 → 4 blocks), the unscanned one does."""
+  with depth (2 → 4 blocks), the unscanned and the unrolled ones do."""
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       'benchmarks', 'compile_time.py')
   spec = importlib.util.spec_from_file_location('compile_time_benchmark', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   rows = {(r['depth'], r['layout']): r for r in module.main(['--smoke', '--json'])}
-  assert set(rows) == {(2, 'scanned'), (4, 'scanned'), (2, 'unscanned'), (4, 'unscanned')}
-  scanned = rows[4, 'scanned']['hlo_lines'] - rows[2, 'scanned']['hlo_lines']
-  unscanned = rows[4, 'unscanned']['hlo_lines'] - rows[2, 'unscanned']['hlo_lines']
-  assert abs(scanned) <= 5 < unscanned / 4, (scanned, unscanned)
+  assert set(rows) == {(d, layout) for d in (2, 4) for layout in ('scanned', 'unscanned',
+                                                                     'unrolled')}
+  growth = {layout: rows[4, layout]['hlo_lines'] - rows[2, layout]['hlo_lines']
+            for layout in ('scanned', 'unscanned', 'unrolled')}
+  assert abs(growth['scanned']) <= 5 < min(growth['unscanned'], growth['unrolled']) / 4, growth
   assert all(r['compile_s'] > 0 and r['lower_s'] > 0 for r in rows.values())
 
 
 def test_model_config_keys_remat_scan_blocks_attention():
-  """configs: remat takes a policy or an older config's bool; bad values name the key."""
+  """configs: remat takes a policy or an older config's bool, unroll_blocks 'auto' or a
+  number; bad values name the key."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from guidedflow import errors, sampler, validation  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
@@ -488,11 +522,19 @@ def test_model_config_keys_remat_scan_blocks_attention():
     validation.validate_config(config)
     model = nnx.eval_shape(sampler.model_constructor(config, (28, 28, 1)))
     assert model.remat == policy and model.scan_blocks
+  config.model.unroll_blocks = 3
+  assert nnx.eval_shape(sampler.model_constructor(config, (28, 28, 1))).unroll_blocks == 3
+  del config.model['unroll_blocks']  # a config written before the key existed: 'auto'
+  validation.validate_config(config)
+  assert nnx.eval_shape(sampler.model_constructor(config, (28, 28, 1))).unroll_blocks == 'auto'
   config.model.scan_blocks = False
   assert not nnx.eval_shape(sampler.model_constructor(config, (28, 28, 1))).scan_blocks
   for key, value, message in (('remat', 'sometimes', 'config.model.remat'),
                               ('attention_impl', 'flash', 'config.model.attention_impl'),
-                              ('attention_impl', 'cudnn', 'dtype=bfloat16')):
+                              ('attention_impl', 'cudnn', 'dtype=bfloat16'),
+                              ('unroll_blocks', 0, 'config.model.unroll_blocks=0'),
+                              ('unroll_blocks', 'all', 'positive number of blocks'),
+                              ('unroll_blocks', True, 'config.model.unroll_blocks=True')):
     bad = tiny.get_config()
     bad.model[key] = value
     with pytest.raises(errors.ConfigError, match=message):
