@@ -20,7 +20,7 @@ per block (`blocks[i]`), the layout of checkpoints written before scanning; `sta
 their stacked layout, the compiled program has one copy of the block per unrolled step. A fully
 unrolled scan stacks no residuals: on a 2-core CPU the scanned train step kept each block's
 residuals in depth-stacked buffers, zero-filled, written and read back with dynamic slices,
-and unrolled it trains DiT-S/2 and DiT-T/4 1.07–1.14× faster (benchmarks/README.md).
+and unrolled it trains DiT-S/2 and DiT-T/4 1.03–1.15× faster (benchmarks/README.md).
 
 Rematerialisation is a policy (`remat`, see `REMAT_POLICIES`): 'none', 'full' (keep only each
 block's input, recompute the rest in the backward pass) or 'dots_with_no_batch_dims_saveable'
@@ -415,9 +415,9 @@ def resolve_unroll_blocks(unroll: str | int, depth: int, platform: str | None = 
   an int n ≥ 1 → min(n, depth). `platform`: the traced program's (`precision.target_platform`)
   when None.
 
-  Unrolled on XLA:CPU the train step stacks no residuals: DiT-S/2 (batch 32) trains 1.10× (f32)
-  and 1.14× (bf16) faster on a 2-core Xeon, DiT-T/4 1.11× and 1.07×, sampling unchanged, for a
-  train-step compile of 4.0 instead of 1.9 s (DiT-XL/2: 8.5 instead of 1.8 s) and a 1.5×
+  Unrolled on XLA:CPU the train step stacks no residuals: DiT-S/2 (batch 32) trains 1.11× (f32)
+  and 1.15× (bf16) faster on a 2-core Xeon, DiT-T/4 1.13× and 1.03×, sampling unchanged, for a
+  train-step compile of 4.2 instead of 1.9 s (DiT-XL/2: 9.0 instead of 1.8 s; f32) and a 1.5×
   larger footprint (benchmarks/README.md). Accelerators keep the rolled scan: compile time flat
   in depth, the smaller footprint.
   """
