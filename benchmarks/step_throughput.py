@@ -314,8 +314,8 @@ def print_table(report):
     print(f'P{dtype[-2:]} ({dtype} {report.get("matmul_size", 2048)}² matmul, f32 accumulation): '
           f'{gflops:.1f} GFLOP/s')
   cols = [('case', '<4', 'case'), ('dtype', '<4', 'dt'), ('attention_impl', '<6', 'attn'),
-          ('remat', '<5', 'remat'), ('scan_blocks', '<4', 'blks'), ('unroll_blocks', '>6', 'unroll'),
-          ('train_batch', '>5', 'batch'),
+          ('remat', '<5', 'remat'), ('scan_blocks', '<4', 'blks'),
+          ('unroll_blocks', '>6', 'unroll'), ('train_batch', '>5', 'batch'),
           ('train_images_per_s', '>8.2f', 'train/s'), ('train_gflops', '>8.1f', 'GFLOP/s'),
           ('train_x_peak', '>5.2f', 'xPeak'), ('train_compile_s', '>6.1f', 'comp s'),
           ('train_footprint_gb', '>6.2f', 'GiB'),
