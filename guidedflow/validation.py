@@ -278,12 +278,10 @@ def _check_model(config):
   if remat not in (True, False) and remat not in dit.REMAT_POLICIES:
     raise errors.ConfigError(f'config.model.remat={remat!r} is not one of {dit.REMAT_POLICIES} '
                              '(True / False are accepted as full / none).')
-  unroll = get(config, 'model.unroll_blocks')
-  if unroll != dit.UNROLL_AUTO and (isinstance(unroll, bool) or not isinstance(unroll, int)
-                                    or unroll < 1):
-    raise errors.ConfigError(f'config.model.unroll_blocks={unroll!r} must be '
-                             f'{dit.UNROLL_AUTO!r} or a positive number of blocks per scan '
-                             'iteration (1: not unrolled).')
+  try:
+    dit.check_unroll_blocks(get(config, 'model.unroll_blocks'))
+  except ValueError as e:
+    raise errors.ConfigError(f'config.model.{e}') from None
   if get(config, 'model.attention_impl') == 'cudnn' and model.dtype != 'bfloat16':
     raise errors.ConfigError("config.model.attention_impl='cudnn' needs "
                              '--config.model.dtype=bfloat16 (and a GPU).')

@@ -307,8 +307,7 @@ class DiT(nnx.Module):
     self.dtype = dtype
     self.remat = remat_policy_name(remat)
     self.scan_blocks = bool(scan_blocks)
-    resolve_unroll_blocks(unroll_blocks, cfg.depth, 'cpu')  # the check of its value
-    self.unroll_blocks = unroll_blocks
+    self.unroll_blocks = check_unroll_blocks(unroll_blocks)
     d = cfg.width
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     # Linear on flattened p×p×C patches: the same map (and parameter count) as DiT's p×p conv.
@@ -421,13 +420,19 @@ def resolve_unroll_blocks(unroll: str | int, depth: int, platform: str | None = 
   larger footprint (benchmarks/README.md). Accelerators keep the rolled scan: compile time flat
   in depth, the smaller footprint.
   """
-  if unroll == UNROLL_AUTO:
+  if check_unroll_blocks(unroll) == UNROLL_AUTO:
     platform = platform or precision.target_platform()
     return depth if platform == 'cpu' else 1
-  if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+  return min(unroll, depth)
+
+
+def check_unroll_blocks(unroll: str | int) -> str | int:
+  """`unroll` if it is 'auto' or a positive int, else ValueError saying what to use."""
+  if unroll != UNROLL_AUTO and (isinstance(unroll, bool) or not isinstance(unroll, int)
+                                or unroll < 1):
     raise ValueError(f'unroll_blocks={unroll!r}: use {UNROLL_AUTO!r} or a positive number of '
                      'blocks per scan iteration (1: not unrolled).')
-  return min(unroll, depth)
+  return unroll
 
 
 def _scan_blocks(blocks: DiTBlock, h: jax.Array, c: jax.Array, remat: str,
