@@ -201,17 +201,23 @@ def test_bf16_falls_back_to_f32_on_a_cpu_without_bf16_units(tmp_path):
 
 
 def test_inference_compiler_options_move_f32_dots_to_eigen_where_measured_faster(tmp_path):
-  """'auto': Eigen's GEMMs for f32 on a CPU with AMX (the machine where they sampled faster),
-  XLA's defaults elsewhere, for bf16 and on accelerators; 'ynnpack' / 'eigen' force it."""
+  """'auto': Eigen's GEMMs for f32 on a CPU with AMX with jaxlib < 0.12 (where they sampled
+  faster), XLA's defaults elsewhere, from jaxlib 0.12, for bf16 and on accelerators;
+  'ynnpack' / 'eigen' force it."""
   amx = _cpuinfo(tmp_path, 'avx2 avx512f avx512_bf16 amx_bf16 amx_tile')
   zen4 = _cpuinfo(tmp_path, 'avx2 avx512f avx512_bf16')
-  options = functools.partial(precision.inference_compiler_options, cpuinfo_path=amx)
+  options = functools.partial(precision.inference_compiler_options, cpuinfo_path=amx,
+                              jaxlib_version=(0, 10))
   eigen = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
   assert options('auto', 'float32', 'cpu') == eigen
   assert options('auto', 'bfloat16', 'cpu') is None
   assert options('ynnpack', 'float32', 'cpu') is None
   assert options('auto', 'float32', 'tpu') is None and options('eigen', 'float32', 'gpu') is None
-  assert precision.inference_compiler_options('auto', 'float32', 'cpu', cpuinfo_path=zen4) is None
+  for version in ((0, 12), (0, 13), (1, 0)):
+    assert options('auto', 'float32', 'cpu', jaxlib_version=version) is None
+    assert options('eigen', 'float32', 'cpu', jaxlib_version=version) == eigen
+  assert precision.inference_compiler_options('auto', 'float32', 'cpu', cpuinfo_path=zen4,
+                                              jaxlib_version=(0, 10)) is None
   assert precision.inference_compiler_options('eigen', 'float32', 'cpu', cpuinfo_path=zen4) == eigen
   with pytest.raises(ValueError, match='cpu_dots'):
     options('mkl', 'float32', 'cpu')

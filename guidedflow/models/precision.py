@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from jax import lax
 
@@ -229,22 +230,29 @@ CPU_DOTS = ('auto', 'ynnpack', 'eigen')
 # YNNPACK keeps the convolutions; dots (and their fusions) go to XLA's Eigen-based GEMMs.
 _DOTS_IN_EIGEN = {
     'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
+# The first jax/jaxlib whose YNNPACK outran Eigen at sampling on the AMX Xeon.
+_EIGEN_SLOWER_SINCE = (0, 12)
 
 
-def inference_compiler_options(cpu_dots, compute_dtype, backend, cpuinfo_path='/proc/cpuinfo'):
+def inference_compiler_options(cpu_dots, compute_dtype, backend, cpuinfo_path='/proc/cpuinfo',
+                               jaxlib_version=None):
   """XLA compiler options for a forward-only program (the Sampler's), or None for the defaults.
 
-  On the 2-core Intel Xeon with AMX of benchmarks/README.md, XLA:CPU's Eigen GEMMs ran the
+  On the 2-core Intel Xeon with AMX of benchmarks/README.md, jaxlib 0.10's Eigen GEMMs ran the
   DiT's forward f32 matmuls 7–31 % faster than YNNPACK, its default (CFG sampling of DiT-S/2
   1.16×, DiT-T/4 1.04×), but the train step 0.88–0.92× as fast (weight-gradient GEMMs take a
-  transposed operand, which YNNPACK runs as is). 'auto' moves f32 dots to Eigen on such a CPU
-  (AMX: the machine measured) and keeps YNNPACK elsewhere (at the matmul peak on AMD EPYCs); bf16
-  keeps YNNPACK, whose bf16 GEMMs use the matrix units. Accelerators take no options.
+  transposed operand, which YNNPACK runs as is). jaxlib 0.12's YNNPACK samples DiT-S/2 1.11×
+  faster than its Eigen on the same machine. 'auto' moves f32 dots to Eigen on such a CPU (AMX:
+  the machine measured) with jaxlib < 0.12 and keeps YNNPACK elsewhere (at the matmul peak on
+  AMD EPYCs); bf16 keeps YNNPACK, whose bf16 GEMMs use the matrix units. Accelerators take no
+  options. `jaxlib_version` ((major, minor); default: the installed one) is for tests.
   """
   if cpu_dots not in CPU_DOTS:
     raise ValueError(f'cpu_dots={cpu_dots!r}: use one of {CPU_DOTS}')
   if backend != 'cpu' or compute_dtype != 'float32' or cpu_dots == 'ynnpack':
     return None
-  if cpu_dots == 'auto' and 'amx_bf16' not in cpu_bf16_units(cpuinfo_path):
-    return None
+  if cpu_dots == 'auto':
+    version = jaxlib_version or tuple(int(p) for p in jaxlib.__version__.split('.')[:2])
+    if version >= _EIGEN_SLOWER_SINCE or 'amx_bf16' not in cpu_bf16_units(cpuinfo_path):
+      return None
   return dict(_DOTS_IN_EIGEN)
