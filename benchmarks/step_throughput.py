@@ -139,11 +139,14 @@ def matmul_peak(dtype, size, steps):
   return 2 * size**3 / _time(lambda: matmul(a, b), steps) / 1e9
 
 
-def _builder(make, dtype_name, train_batch, model_options):
+def _builder(make, dtype_name, train_batch, model_options, train_cpu_dots=None):
   """(the generator's StateBuilder, config, image shape) of one workload; `model_options`
-  (attention_impl, remat, scan_blocks, unroll_blocks) replace the config's for DiT workloads."""
+  (attention_impl, remat, scan_blocks, unroll_blocks) replace the config's for DiT workloads,
+  `train_cpu_dots` (when given) the config's `train.cpu_dots`."""
   config, image_shape = make()
   config.model.dtype = DTYPES[dtype_name]
+  if train_cpu_dots:
+    config.train.cpu_dots = train_cpu_dots
   if train_batch:
     config.train.batch_size = train_batch
   if config.model.name == 'dit':
@@ -192,7 +195,7 @@ def _device_memory(key):
   return stats.get(key)
 
 
-def bench_train(builder, config, image_shape, steps, rounds):
+def bench_train(builder, config, image_shape, steps, rounds, compiler_options=None):
   """(final state or None, img/s or None, compile s, footprint bytes) of the real train step;
   a step that would not fit in the device's memory is compiled but not run."""
   batch_size = config.train.batch_size
@@ -202,7 +205,7 @@ def bench_train(builder, config, image_shape, steps, rounds):
   batch = jax.device_put(batch, builder.batch_sharding)
   key = jax.random.PRNGKey(0)
   state = builder.init_state()
-  train_step = builder.make_train_step(tasks.get_task(config).loss)
+  train_step = builder.make_train_step(tasks.get_task(config).loss, compiler_options)
   start = time.perf_counter()
   with jax.set_mesh(builder.mesh):
     compiled = train_step.jitted.lower(state, batch, key).compile()
@@ -247,18 +250,23 @@ def bench_forward(builder, params, image_shape, batch, steps, rounds, compiler_o
 
 
 def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peaks,
-                   model_options):
-  builder, config, image_shape = _builder(make, dtype_name, train_batch, model_options)
+                   model_options, train_cpu_dots=None):
+  builder, config, image_shape = _builder(make, dtype_name, train_batch, model_options,
+                                          train_cpu_dots)
   flops = _flops(config, image_shape)
   peak = peaks[dtype_name]
+  # The program's XLA options for its train step (`train.cpu_dots`).
+  train_options = tasks.get_task(config).train_compiler_options(
+      builder.mesh.devices.flat[0].platform)
   state, train_ips, train_compile_s, footprint = bench_train(
-      builder, config, image_shape, args.steps, args.rounds)
+      builder, config, image_shape, args.steps, args.rounds, train_options)
   row = dict(case=name, model=config.model.name,
              variant=config.model.variant if config.model.name == 'dit' else
              'x'.join(map(str, config.model.unet_channels)), dtype=dtype_name,
              train_batch=config.train.batch_size, gflop_per_image=flops / 1e9,
              train_images_per_s=train_ips, train_compile_s=train_compile_s,
              train_footprint_gb=footprint / 2**30 if footprint else None,
+             train_dots='onednn' if train_options else 'default',
              **_options_used(config, image_shape))
   if train_ips is None:  # does not fit: compiled, not run
     return row
@@ -316,6 +324,7 @@ def print_table(report):
   cols = [('case', '<4', 'case'), ('dtype', '<4', 'dt'), ('attention_impl', '<6', 'attn'),
           ('remat', '<5', 'remat'), ('scan_blocks', '<4', 'blks'),
           ('unroll_blocks', '>6', 'unroll'), ('train_batch', '>5', 'batch'),
+          ('train_dots', '<7', 'dots'),
           ('train_images_per_s', '>8.2f', 'train/s'), ('train_gflops', '>8.1f', 'GFLOP/s'),
           ('train_x_peak', '>5.2f', 'xPeak'), ('train_compile_s', '>6.1f', 'comp s'),
           ('train_footprint_gb', '>6.2f', 'GiB'),
@@ -387,6 +396,9 @@ def main():
                       help='DiT: comma-separated subset of true,false (false: a module per block)')
   parser.add_argument('--unroll_blocks', default=None,
                       help="DiT: comma-separated blocks per scan iteration ('auto' or numbers)")
+  parser.add_argument('--train_cpu_dots', default=None,
+                      help="comma-separated config.train.cpu_dots values, alternated per case "
+                           "(default: the configs' own, 'auto')")
   parser.add_argument('--print', nargs='+', default=None, metavar='REPORT',
                       help='print the table of these --out / --json reports (merged) and exit')
   args = parser.parse_args()
@@ -410,11 +422,12 @@ def main():
   rows = []
   report = dict(header=header(allocator), peaks=peaks, matmul_size=args.matmul_size, rows=rows)
   for name, (make, train_batch, sample_batch) in cases.items():
-    for dtype_name, batch, options in itertools.product(
-        dtypes, _list(args.train_batch, int) or [train_batch], _model_options(args)):
+    for dtype_name, batch, options, dots in itertools.product(
+        dtypes, _list(args.train_batch, int) or [train_batch], _model_options(args),
+        _list(args.train_cpu_dots) or [None]):
       try:
         rows.append(benchmark_case(name, make, batch, sample_batch, dtype_name, args, peaks,
-                                   options))
+                                   options, dots))
       except Exception as e:  # pylint: disable=broad-except  # e.g. out of memory: go on
         rows.append(dict(case=name, dtype=dtype_name, train_batch=batch, **options,
                          error=f'{type(e).__name__}: {str(e)[:400]}'))

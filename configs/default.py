@@ -86,6 +86,7 @@ def get_config():
   # Resuming refuses keys that change what the weights mean (model, path, parameterization,
   # classes, data); True resumes anyway (fine-tuning on purpose) and logs each such key.
   config.train.allow_config_change = False
+  config.train.cpu_dots = 'auto'      # XLA:CPU: 'auto' | 'ynnpack' | 'onednn' (auto: oneDNN's dot fusions for an f32 DiT on an Intel CPU with AMX and jaxlib ≥ 0.12, where they train faster)
 
   # ---- Optimizer: AdamW, linear warm-up, optional cosine decay, global-norm clipping, EMA.
   config.optim = ml_collections.ConfigDict()

@@ -212,7 +212,8 @@ def train_and_evaluate(config, workdir):
     writer = Writer(os.path.join(workdir, 'tensorboard'))
     stack.callback(writer.close)
     run = Run(config, workdir, builder, writer, tuple(dataset.image_shape), num_steps, task)
-    train_step = builder.make_train_step(task.loss)
+    train_step = builder.make_train_step(
+        task.loss, task.train_compiler_options(builder.mesh.devices.flat[0].platform))
     base_key = jax.random.PRNGKey(config.train.seed)
     chrono = Chrono(start_step, num_steps, batch_size)
 

@@ -9,6 +9,7 @@ The state is a dict pytree, so orbax saves and restores it sharded:
     (updates stop there, so the state stays the last good one).
 """
 
+import functools
 import os
 
 from absl import logging
@@ -129,11 +130,13 @@ class StateBuilder:
   def param_count(self, state):
     return sum(x.size for x in jax.tree.leaves(state['params']))
 
-  def make_train_step(self, loss):
+  def make_train_step(self, loss, compiler_options=None):
     """The jitted, donated update for `loss(model, batch, key) -> (loss, metrics)`.
 
     RNG fold_in(base_key, step); gradient global norm; AdamW; EMA; once a loss or gradient is
     not finite every later update is dropped and `nonfinite_step` records where.
+    `compiler_options`: XLA options for the step (`Task.train_compiler_options`); where XLA
+    refuses them, the first call compiles the step with XLA's defaults and logs why.
     """
     self.init_rest()
     ema = self.config.optim.get('ema_decay', 0.0), self.config.optim.get('ema_warmup', False)
@@ -162,15 +165,32 @@ class StateBuilder:
       return new, metrics
 
     state_shardings = self.shardings[0]
-    jitted = jax.jit(step_fn, donate_argnums=(0,),
-                     in_shardings=(state_shardings, self.batch_sharding, self.replicated),
-                     out_shardings=(state_shardings, self.replicated))
+    jit = functools.partial(
+        jax.jit, step_fn, donate_argnums=(0,),
+        in_shardings=(state_shardings, self.batch_sharding, self.replicated),
+        out_shardings=(state_shardings, self.replicated))
+    untried = compiler_options is not None
 
     def train_step(state, batch, base_key):
+      nonlocal untried
       with jax.set_mesh(self.mesh):
-        return jitted(state, batch, base_key)
+        if not untried:
+          return train_step.jitted(state, batch, base_key)
+        try:
+          return train_step.jitted(state, batch, base_key)
+        except jax.errors.JaxRuntimeError as e:
+          if any(x.is_deleted() for x in jax.tree.leaves(state) if isinstance(x, jax.Array)):
+            raise  # it ran (the state was donated): not a refused option
+          logging.warning('The train step did not compile with the XLA options %s (%s): '
+                          "compiling it with XLA's defaults.", compiler_options,
+                          str(e).strip().splitlines()[0])
+          train_step.jitted = jit()
+          return train_step.jitted(state, batch, base_key)
+        finally:
+          untried = False
 
-    train_step.jitted = jitted  # for lowering (benchmarks/memory.py) and AOT compiles
+    # Also for lowering (benchmarks/memory.py) and AOT compiles.
+    train_step.jitted = jit(compiler_options=compiler_options)
     return train_step
 
   def make_eval_step(self, metrics_fn):

@@ -9,6 +9,7 @@ the model needs of the image size is checked once, by the model's own constructo
 import math
 
 import jax
+import jaxlib
 
 from guidedflow import errors
 from guidedflow import feature_networks
@@ -43,6 +44,7 @@ _GENERATOR_CHOICES = {
     'sampling.guidance': sampling.GUIDANCE_MODES,
     'sampling.gather_weights': (True, False),
     'sampling.cpu_dots': precision.CPU_DOTS,
+    'train.cpu_dots': precision.TRAIN_CPU_DOTS,
 }
 _COMMON_CHOICES = {'optim.schedule': train_state.SCHEDULES,
                    'mesh.distributed': sharding.DISTRIBUTED_MODES}
@@ -66,7 +68,7 @@ _DEFAULTS = {'model.unet_norm': 'group', 'model.attention_impl': 'einsum',
              'sampling.guidance': 'cfg', 'sampling.classifier_scale': 0.0,
              'sampling.classifier_workdir': None, 'eval.classifier_scales': None,
              'train.allow_config_change': False, 'sampling.gather_weights': True,
-             'sampling.cpu_dots': 'auto'}
+             'sampling.cpu_dots': 'auto', 'train.cpu_dots': 'auto'}
 
 
 def get(config, dotted):
@@ -215,6 +217,12 @@ def _check_generator(config):
   if not math.isfinite(config.sampling.guidance_scale):
     raise errors.ConfigError('config.sampling.guidance_scale must be a finite number.')
   _check_classifier_guidance(config)
+  if (get(config, 'train.cpu_dots') == 'onednn'
+      and precision.jaxlib_version_tuple() < precision.ONEDNN_SINCE):
+    raise errors.ConfigError(
+        "config.train.cpu_dots='onednn' needs jaxlib >= 0.12 (this is jaxlib "
+        f"{jaxlib.__version__}, whose oneDNN fusions abort some programs): use 'auto' or "
+        "'ynnpack', or jax 0.12 on Python >= 3.12.")
   _check_number(config, 'sampling.sigma', at_least=0)
   _check_number(config, 'loss.t_eps', at_least=0)
   if not config.loss.t_eps < 0.5:

@@ -221,3 +221,47 @@ def test_inference_compiler_options_move_f32_dots_to_eigen_where_measured_faster
   assert precision.inference_compiler_options('eigen', 'float32', 'cpu', cpuinfo_path=zen4) == eigen
   with pytest.raises(ValueError, match='cpu_dots'):
     options('mkl', 'float32', 'cpu')
+
+
+def test_train_compiler_options_take_onednn_for_an_f32_dit_where_measured_faster(tmp_path):
+  """'auto': oneDNN's dot fusions for an f32, non-convolutional network on a CPU with AMX with
+  jaxlib ≥ 0.12 (where the DiT trained faster), XLA's defaults for bf16, the U-Net, jaxlib
+  0.10, other CPUs and accelerators; 'ynnpack' / 'onednn' force it."""
+  amx = _cpuinfo(tmp_path, 'avx2 avx512f avx512_bf16 amx_bf16 amx_tile')
+  zen4 = _cpuinfo(tmp_path, 'avx2 avx512f avx512_bf16')
+  onednn = {'xla_cpu_use_onednn': True,
+            'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+  options = functools.partial(precision.train_compiler_options, cpuinfo_path=amx,
+                              jaxlib_version=(0, 12), convolutional=False)
+  assert options('auto', 'float32', 'cpu') == onednn
+  assert options('auto', 'float32', 'cpu', jaxlib_version=(1, 0)) == onednn
+  assert options('auto', 'float32', 'cpu', jaxlib_version=(0, 10)) is None
+  assert options('auto', 'bfloat16', 'cpu') is None
+  assert options('auto', 'float32', 'cpu', convolutional=True) is None
+  assert options('auto', 'float32', 'gpu') is None and options('onednn', 'float32', 'tpu') is None
+  assert options('ynnpack', 'float32', 'cpu') is None
+  assert options('auto', 'float32', 'cpu', cpuinfo_path=zen4) is None
+  for forced in (dict(jaxlib_version=(0, 10)), dict(cpuinfo_path=zen4), dict(convolutional=True)):
+    assert options('onednn', 'bfloat16', 'cpu', **forced) == onednn
+  with pytest.raises(ValueError, match='cpu_dots'):
+    options('eigen', 'float32', 'cpu')
+
+
+def test_the_generator_task_asks_for_its_train_step_options():
+  """`train.cpu_dots` and the model reach `precision.train_compiler_options` (forced values:
+  they do not depend on this machine)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from guidedflow import tasks  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.dtype = 'float32'
+  config.train.cpu_dots = 'onednn'
+  onednn = tasks.get_task(config).train_compiler_options('cpu')
+  assert onednn and onednn['xla_cpu_use_onednn']
+  assert tasks.get_task(config).train_compiler_options('gpu') is None
+  config.train.cpu_dots = 'ynnpack'
+  assert tasks.get_task(config).train_compiler_options('cpu') is None
+  config.train.cpu_dots = 'auto'
+  config.model.name = 'unet'
+  assert tasks.get_task(config).train_compiler_options('cpu') is None
+  del config.train['cpu_dots']  # a config written before the key: 'auto'
+  assert tasks.get_task(config).train_compiler_options('cpu') is None

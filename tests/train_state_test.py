@@ -144,3 +144,23 @@ def test_itstime():
 def test_format_seconds():
   assert train.format_seconds(3725.9) == '1:02:05'
   assert train.format_seconds(math.nan) == '?'
+
+
+def test_a_train_step_whose_xla_options_are_refused_compiles_with_the_defaults():
+  """Options XLA refuses (here one it does not know, as a jaxlib without a flag would) cost
+  nothing: the first call compiles the step with XLA's defaults and the run goes on, bit for
+  bit the plain step's; options XLA accepts are kept."""
+  builder = _builder(ema_decay=0.2)
+  batch = {'image': jnp.ones((4, 5)), 'label': jnp.zeros((4,), jnp.int32)}
+  plain = builder.make_train_step(_loss)
+  refused = builder.make_train_step(_loss, {'xla_guidedflow_no_such_option': True})
+  kept = builder.make_train_step(_loss, {'xla_cpu_prefer_vector_width': 256})
+  first_refused, first_kept = refused.jitted, kept.jitted
+  states = [builder.init_state() for _ in range(3)]
+  for _ in range(3):
+    states = [step(s, batch, jax.random.PRNGKey(0))[0]
+              for step, s in zip((plain, refused, kept), states)]
+  assert refused.jitted is not first_refused and kept.jitted is first_kept
+  for state in states[1:]:
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(state)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -23,6 +23,7 @@ from guidedflow import tasks
 from guidedflow import train
 from guidedflow import train_state
 from guidedflow import validation
+from guidedflow.models import precision
 from tests import subprocess_env
 
 REPO = subprocess_env.REPO
@@ -345,6 +346,35 @@ def _dots_in_ynnpack(hlo):
   called = re.findall(r'calls=%([\w.-]+), [^\n]*"kind":"__ynn_fusion"', hlo)
   bodies = dict(re.findall(r'\n%([\w.-]+) [^\n]*\{\n(.*?)\n\}', hlo, re.S))
   return sum(' dot(' in bodies.get(name, '') for name in called)
+
+
+# jaxlib 0.12 cannot write a step with oneDNN fusions to the persistent compilation cache.
+@pytest.mark.filterwarnings('ignore:Error writing persistent compilation cache entry')
+def test_train_cpu_dots_onednn_compiles_the_steps_dots_in_onednn(generator):
+  """`train.cpu_dots='onednn'` (jaxlib >= 0.12) compiles the train step's dots into oneDNN
+  fusions, and the step agrees with XLA's default one to f32 rounding; with jaxlib 0.10, whose
+  oneDNN fusions abort some programs, the config check refuses it."""
+  config, dataset, builder, plain_step = generator
+  choice = config.copy_and_resolve_references()
+  choice.train.cpu_dots = 'onednn'
+  if precision.jaxlib_version_tuple() < precision.ONEDNN_SINCE:
+    with pytest.raises(errors.ConfigError, match=r"cpu_dots='onednn' needs jaxlib >= 0.12"):
+      validation.validate_config(choice)
+    return
+  validation.validate_config(choice)
+  task = tasks.get_task(choice)
+  step = builder.make_train_step(task.loss, task.train_compiler_options('cpu'))
+  batch = next(input_pipeline.BatchIterator(dataset, global_batch_size=8, seed=0,
+                                            sharding=builder.batch_sharding))
+  key = jax.random.PRNGKey(0)
+  with jax.set_mesh(builder.mesh):
+    hlo = step.jitted.lower(builder.abstract_state(), batch, key).compile().as_text()
+  assert '"__onednn_fusion"' in hlo
+  (plain, plain_metrics), (onednn, metrics) = (
+      train_step(builder.init_state(), batch, key) for train_step in (plain_step, step))
+  np.testing.assert_allclose(float(metrics['loss']), float(plain_metrics['loss']), rtol=1e-5)
+  for a, b in zip(_leaves(onednn['params']), _leaves(plain['params'])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_cpu_dots_compile_the_samplers_dots_outside_ynnpack(generator):

@@ -252,7 +252,46 @@ def inference_compiler_options(cpu_dots, compute_dtype, backend, cpuinfo_path='/
   if backend != 'cpu' or compute_dtype != 'float32' or cpu_dots == 'ynnpack':
     return None
   if cpu_dots == 'auto':
-    version = jaxlib_version or tuple(int(p) for p in jaxlib.__version__.split('.')[:2])
-    if version >= _EIGEN_SLOWER_SINCE or 'amx_bf16' not in cpu_bf16_units(cpuinfo_path):
+    if (jaxlib_version_tuple(jaxlib_version) >= _EIGEN_SLOWER_SINCE
+        or 'amx_bf16' not in cpu_bf16_units(cpuinfo_path)):
       return None
   return dict(_DOTS_IN_EIGEN)
+
+
+# Where a train step's dots run on XLA:CPU (`config.train.cpu_dots`).
+TRAIN_CPU_DOTS = ('auto', 'ynnpack', 'onednn')
+# The dots (with their fused elementwise producers and consumers) in oneDNN fusions.
+_DOTS_IN_ONEDNN = {'xla_cpu_use_onednn': True,
+                   'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+# The first jaxlib whose oneDNN dot fusions outran YNNPACK at the f32 DiT train step (AMX Xeon);
+# with jaxlib 0.10 they failed to compile the U-Net's step and XLA:CPU aborted the process.
+ONEDNN_SINCE = (0, 12)
+
+
+def train_compiler_options(cpu_dots, compute_dtype, backend, *, convolutional,
+                           cpuinfo_path='/proc/cpuinfo', jaxlib_version=None):
+  """XLA compiler options for a train step, or None for the defaults.
+
+  On the 2-core Intel Xeon with AMX of benchmarks/README.md, jaxlib 0.12's oneDNN dot fusions
+  ran the DiT's f32 train step 1.12× (DiT-S/2) and 1.03× (DiT-T/4) as fast as YNNPACK, its
+  default, but bf16 at 0.45× and the U-Net at 0.96×; with jaxlib 0.10 they gained nothing and
+  failed to compile some programs. 'auto' takes oneDNN for an f32, non-convolutional network on
+  such a CPU (AMX: the machine measured) with jaxlib ≥ 0.12, XLA's defaults elsewhere;
+  'ynnpack' / 'onednn' force them. Accelerators take no options. `jaxlib_version` ((major,
+  minor); default: the installed one) is for tests.
+  """
+  if cpu_dots not in TRAIN_CPU_DOTS:
+    raise ValueError(f'cpu_dots={cpu_dots!r}: use one of {TRAIN_CPU_DOTS}')
+  if backend != 'cpu' or cpu_dots == 'ynnpack':
+    return None
+  if cpu_dots == 'auto' and (
+      compute_dtype != 'float32' or convolutional
+      or jaxlib_version_tuple(jaxlib_version) < ONEDNN_SINCE
+      or 'amx_bf16' not in cpu_bf16_units(cpuinfo_path)):
+    return None
+  return dict(_DOTS_IN_ONEDNN)
+
+
+def jaxlib_version_tuple(version=None):
+  """(major, minor) of `version`, default the installed jaxlib's."""
+  return version or tuple(int(p) for p in jaxlib.__version__.split('.')[:2])

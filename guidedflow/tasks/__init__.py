@@ -32,6 +32,7 @@ class Task:
     prepare(): loads the frozen networks `loss` needs, before the step is traced (also for
       --mode=compile).
     model_constructor(image_shape): zero-argument function building the nnx model.
+    train_compiler_options(backend): XLA options for the train step, or None (the defaults).
     loss(model, batch, key): (scalar loss, dict of scalar metrics), inside the jitted step.
     eval_metrics(model, batch, key): dict of means over the batch's real rows (batch['mask']).
     periodic(run, state, step): after every step; returns scalars for TensorBoard.
@@ -81,6 +82,12 @@ class Task:
 
   def model_constructor(self, image_shape):
     raise NotImplementedError
+
+  def train_compiler_options(self, backend):
+    """XLA compiler options for the train step on `backend`; default None: XLA's own (the
+    convolutional networks of the other tasks measured fastest there, benchmarks/README.md)."""
+    del backend  # Unused.
+    return None
 
   def loss(self, model, batch, key):
     raise NotImplementedError

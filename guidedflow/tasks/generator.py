@@ -28,6 +28,7 @@ from guidedflow import sampler as sampler_lib
 from guidedflow import tasks
 from guidedflow import train
 from guidedflow import validation
+from guidedflow.models import precision
 
 _PERIODIC_KEYS = ('fd', 'precision', 'recall', 'accuracy', 'black_fraction', 'pixel_std')
 
@@ -48,6 +49,13 @@ class GeneratorTask(tasks.Task):
 
   def model_constructor(self, image_shape):
     return sampler_lib.model_constructor(self.config, image_shape)
+
+  def train_compiler_options(self, backend):
+    """Where the step's dots run on XLA:CPU (`train.cpu_dots`, `precision.train_compiler_options`)."""
+    return precision.train_compiler_options(
+        validation.get(self.config, 'train.cpu_dots'),
+        sampler_lib.compute_dtype(self.config, backend)[0], backend,
+        convolutional=self.config.model.name == 'unet')
 
   # -- data: pixels, or latent moments of them (the cache, or encoded on the fly)
 
