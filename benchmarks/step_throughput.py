@@ -266,7 +266,7 @@ def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peak
              train_batch=config.train.batch_size, gflop_per_image=flops / 1e9,
              train_images_per_s=train_ips, train_compile_s=train_compile_s,
              train_footprint_gb=footprint / 2**30 if footprint else None,
-             train_dots='onednn' if train_options else 'default',
+             train_dots=_dots_library(train_options),
              **_options_used(config, image_shape))
   if train_ips is None:  # does not fit: compiled, not run
     return row
@@ -293,9 +293,16 @@ def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peak
       cfg_vs_fwd=cfg_s / (n * fwd_2), cond_nfe=cond_nfe,
       cond_samples_per_s=sample_batch / cond_s, cond_vs_fwd=cond_s / (n * fwd_1),
       w1_over_w2_time=cond_s / cfg_s, fwd_ms=fwd_1 * 1e3, fwd_doubled_ms=fwd_2 * 1e3,
-      sampler_dots='eigen' if options else 'default')
+      sampler_dots=_dots_library(options))
   row['cfg_x_peak'] = row['cfg_gflops'] / peak
   return row
+
+
+def _dots_library(compiler_options):
+  """Where the program's dots run, by its XLA options (`precision.*_compiler_options`)."""
+  if not compiler_options:
+    return 'default'
+  return 'onednn' if compiler_options.get('xla_cpu_use_onednn') else 'eigen'
 
 
 def header(allocator=''):

@@ -117,7 +117,7 @@ def get_config():
   config.sampling.num_samples = 1000   # --mode=sample: total samples, balanced over classes
   config.sampling.batch_size = 500     # samples per compiled sampler call
   config.sampling.gather_weights = True  # FSDP: gather the weights once per sampler call, not at every model evaluation (holds them whole per device)
-  config.sampling.cpu_dots = 'auto'   # XLA:CPU, f32: 'auto' | 'ynnpack' | 'eigen' (auto: Eigen's GEMMs on an Intel CPU with AMX and jaxlib < 0.12, where they sample faster)
+  config.sampling.cpu_dots = 'auto'   # XLA:CPU: 'auto' | 'ynnpack' | 'eigen' | 'onednn' (auto, f32 on an Intel CPU with AMX: Eigen's GEMMs with jaxlib < 0.12, oneDNN's dot fusions for a DiT from 0.12, where they sample faster)
   config.sampling.seed = 0
   config.sampling.npz_keys = 'guidedflow'  # samples.npz keys: 'guidedflow' (images, labels) | 'adm' (arr_0, arr_1)
   config.sampling.grid_guidance_scales = (1.0, 2.0, 4.0)  # grid columns: one block per w

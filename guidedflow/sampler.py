@@ -126,9 +126,10 @@ class Sampler:
     self.unconditional = config.loss.label_dropout >= 1.0
     self.path = paths.get_path(config.path.schedule)
     platform = builder.mesh.devices.flat[0].platform  # a TPU mesh when compiling ahead of time
-    # f32 dots in XLA:CPU's Eigen GEMMs where they outrun YNNPACK's (`sampling.cpu_dots`).
+    # f32 dots in Eigen's GEMMs or oneDNN's fusions where they outrun YNNPACK (`sampling.cpu_dots`).
     self.compiler_options = precision.inference_compiler_options(
-        validation.get(config, 'sampling.cpu_dots'), compute_dtype(config, platform)[0], platform)
+        validation.get(config, 'sampling.cpu_dots'), compute_dtype(config, platform)[0], platform,
+        convolutional=config.model.name == 'unet')
     self._compiled = {}
 
   @classmethod

@@ -217,12 +217,12 @@ def _check_generator(config):
   if not math.isfinite(config.sampling.guidance_scale):
     raise errors.ConfigError('config.sampling.guidance_scale must be a finite number.')
   _check_classifier_guidance(config)
-  if (get(config, 'train.cpu_dots') == 'onednn'
-      and precision.jaxlib_version_tuple() < precision.ONEDNN_SINCE):
-    raise errors.ConfigError(
-        "config.train.cpu_dots='onednn' needs jaxlib >= 0.12 (this is jaxlib "
-        f"{jaxlib.__version__}, whose oneDNN fusions abort some programs): use 'auto' or "
-        "'ynnpack', or jax 0.12 on Python >= 3.12.")
+  for key in ('train.cpu_dots', 'sampling.cpu_dots'):
+    if get(config, key) == 'onednn' and precision.jaxlib_version_tuple() < precision.ONEDNN_SINCE:
+      raise errors.ConfigError(
+          f"config.{key}='onednn' needs jaxlib >= 0.12 (this is jaxlib {jaxlib.__version__}, "
+          "whose oneDNN fusions abort some programs): use 'auto' or 'ynnpack', or jax 0.12 on "
+          'Python >= 3.12.')
   _check_number(config, 'sampling.sigma', at_least=0)
   _check_number(config, 'loss.t_eps', at_least=0)
   if not config.loss.t_eps < 0.5:

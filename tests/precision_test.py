@@ -200,24 +200,35 @@ def test_bf16_falls_back_to_f32_on_a_cpu_without_bf16_units(tmp_path):
   assert resolve('bfloat16', 'tpu', convolutional=True) == ('bfloat16', None)
 
 
-def test_inference_compiler_options_move_f32_dots_to_eigen_where_measured_faster(tmp_path):
-  """'auto': Eigen's GEMMs for f32 on a CPU with AMX with jaxlib < 0.12 (where they sampled
-  faster), XLA's defaults elsewhere, from jaxlib 0.12, for bf16 and on accelerators;
-  'ynnpack' / 'eigen' force it."""
+_ONEDNN = {'xla_cpu_use_onednn': True,
+           'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+
+
+def test_inference_compiler_options_take_the_dots_library_measured_fastest(tmp_path):
+  """'auto', f32 on a CPU with AMX: Eigen's GEMMs with jaxlib < 0.12, oneDNN's dot fusions from
+  0.12 (not for a convolutional network), where each sampled faster; XLA's defaults for bf16,
+  other CPUs and accelerators; 'ynnpack' / 'eigen' (f32) / 'onednn' force them."""
   amx = _cpuinfo(tmp_path, 'avx2 avx512f avx512_bf16 amx_bf16 amx_tile')
   zen4 = _cpuinfo(tmp_path, 'avx2 avx512f avx512_bf16')
   options = functools.partial(precision.inference_compiler_options, cpuinfo_path=amx,
                               jaxlib_version=(0, 10))
   eigen = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
   assert options('auto', 'float32', 'cpu') == eigen
+  assert options('auto', 'float32', 'cpu', convolutional=True) == eigen
   assert options('auto', 'bfloat16', 'cpu') is None
   assert options('ynnpack', 'float32', 'cpu') is None
   assert options('auto', 'float32', 'tpu') is None and options('eigen', 'float32', 'gpu') is None
+  assert options('onednn', 'float32', 'gpu') is None
   for version in ((0, 12), (0, 13), (1, 0)):
-    assert options('auto', 'float32', 'cpu', jaxlib_version=version) is None
+    assert options('auto', 'float32', 'cpu', jaxlib_version=version) == _ONEDNN
+    assert options('auto', 'float32', 'cpu', jaxlib_version=version, convolutional=True) is None
+    assert options('auto', 'bfloat16', 'cpu', jaxlib_version=version) is None
     assert options('eigen', 'float32', 'cpu', jaxlib_version=version) == eigen
-  assert precision.inference_compiler_options('auto', 'float32', 'cpu', cpuinfo_path=zen4,
-                                              jaxlib_version=(0, 10)) is None
+  assert options('eigen', 'bfloat16', 'cpu') is None
+  assert options('onednn', 'bfloat16', 'cpu') == _ONEDNN
+  for version in ((0, 10), (0, 12)):
+    assert precision.inference_compiler_options('auto', 'float32', 'cpu', cpuinfo_path=zen4,
+                                                jaxlib_version=version) is None
   assert precision.inference_compiler_options('eigen', 'float32', 'cpu', cpuinfo_path=zen4) == eigen
   with pytest.raises(ValueError, match='cpu_dots'):
     options('mkl', 'float32', 'cpu')
@@ -229,8 +240,7 @@ def test_train_compiler_options_take_onednn_for_an_f32_dit_where_measured_faster
   0.10, other CPUs and accelerators; 'ynnpack' / 'onednn' force it."""
   amx = _cpuinfo(tmp_path, 'avx2 avx512f avx512_bf16 amx_bf16 amx_tile')
   zen4 = _cpuinfo(tmp_path, 'avx2 avx512f avx512_bf16')
-  onednn = {'xla_cpu_use_onednn': True,
-            'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+  onednn = _ONEDNN
   options = functools.partial(precision.train_compiler_options, cpuinfo_path=amx,
                               jaxlib_version=(0, 12), convolutional=False)
   assert options('auto', 'float32', 'cpu') == onednn

@@ -348,8 +348,6 @@ def _dots_in_ynnpack(hlo):
   return sum(' dot(' in bodies.get(name, '') for name in called)
 
 
-# jaxlib 0.12 cannot write a step with oneDNN fusions to the persistent compilation cache.
-@pytest.mark.filterwarnings('ignore:Error writing persistent compilation cache entry')
 def test_train_cpu_dots_onednn_compiles_the_steps_dots_in_onednn(generator):
   """`train.cpu_dots='onednn'` (jaxlib >= 0.12) compiles the train step's dots into oneDNN
   fusions, and the step agrees with XLA's default one to f32 rounding; with jaxlib 0.10, whose
@@ -379,16 +377,30 @@ def test_train_cpu_dots_onednn_compiles_the_steps_dots_in_onednn(generator):
 
 def test_cpu_dots_compile_the_samplers_dots_outside_ynnpack(generator):
   """`sampling.cpu_dots`: 'eigen' takes the f32 sampler's dots out of YNNPACK (XLA:CPU's Eigen
-  GEMMs), 'ynnpack' leaves XLA:CPU's default; the samples agree to f32 rounding."""
+  GEMMs), 'onednn' (jaxlib >= 0.12; refused before) into oneDNN fusions, 'ynnpack' leaves
+  XLA:CPU's default; the samples agree to f32 rounding."""
   config, _, builder, _ = generator
   state = builder.init_state()
   labels, key = np.arange(8, dtype=np.int32), jax.random.PRNGKey(3)
-  dots, samples = {}, {}
-  for choice in ('ynnpack', 'eigen'):
+  choices = ['ynnpack', 'eigen']
+  onednn_config = config.copy_and_resolve_references()
+  onednn_config.sampling.cpu_dots = 'onednn'
+  if precision.jaxlib_version_tuple() < precision.ONEDNN_SINCE:
+    with pytest.raises(errors.ConfigError, match=r"sampling.cpu_dots='onednn' needs jaxlib"):
+      validation.validate_config(onednn_config)
+  else:
+    choices.append('onednn')
+  dots, hlo, samples = {}, {}, {}
+  for choice in choices:
     choice_config = config.copy_and_resolve_references()
     choice_config.sampling.cpu_dots = choice
     sampler = sampler_lib.Sampler.from_train_state(choice_config, builder, state, (28, 28, 1))
-    dots[choice] = _dots_in_ynnpack(sampler.lower_cfg(8).compile().as_text())
+    hlo[choice] = sampler.lower_cfg(8).compile().as_text()
+    dots[choice] = _dots_in_ynnpack(hlo[choice])
     samples[choice] = np.asarray(sampler.sample(key, labels, 2.0)[0])
   assert dots['ynnpack'] > 0 and dots['eigen'] == 0, dots
-  np.testing.assert_allclose(samples['eigen'], samples['ynnpack'], atol=1e-4)
+  assert '"__onednn_fusion"' not in hlo['ynnpack']
+  for choice in choices[1:]:
+    np.testing.assert_allclose(samples[choice], samples['ynnpack'], atol=1e-4)
+  if 'onednn' in choices:
+    assert '"__onednn_fusion"' in hlo['onednn'] and dots['onednn'] < dots['ynnpack'], dots

@@ -225,47 +225,51 @@ def resolve_compute_dtype(name, backend, *, convolutional=False, cpuinfo_path='/
   return name, None
 
 
-# Where an inference program's f32 dots run on XLA:CPU (`config.sampling.cpu_dots`).
-CPU_DOTS = ('auto', 'ynnpack', 'eigen')
+# Where an inference program's dots run on XLA:CPU (`config.sampling.cpu_dots`).
+CPU_DOTS = ('auto', 'ynnpack', 'eigen', 'onednn')
+# Where a train step's dots run on XLA:CPU (`config.train.cpu_dots`).
+TRAIN_CPU_DOTS = ('auto', 'ynnpack', 'onednn')
 # YNNPACK keeps the convolutions; dots (and their fusions) go to XLA's Eigen-based GEMMs.
 _DOTS_IN_EIGEN = {
     'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
-# The first jax/jaxlib whose YNNPACK outran Eigen at sampling on the AMX Xeon.
-_EIGEN_SLOWER_SINCE = (0, 12)
+# The dots (with their fused elementwise producers and consumers) in oneDNN fusions.
+_DOTS_IN_ONEDNN = {'xla_cpu_use_onednn': True,
+                   'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+# The first jaxlib whose oneDNN dot fusions outran YNNPACK (and YNNPACK Eigen) with the f32 DiT
+# on the AMX Xeon; with jaxlib 0.10 they failed to compile the U-Net's train step and the DiT's
+# sampler, and XLA:CPU aborted the process.
+ONEDNN_SINCE = (0, 12)
 
 
 def inference_compiler_options(cpu_dots, compute_dtype, backend, cpuinfo_path='/proc/cpuinfo',
-                               jaxlib_version=None):
+                               jaxlib_version=None, *, convolutional=False):
   """XLA compiler options for a forward-only program (the Sampler's), or None for the defaults.
 
   On the 2-core Intel Xeon with AMX of benchmarks/README.md, jaxlib 0.10's Eigen GEMMs ran the
   DiT's forward f32 matmuls 7–31 % faster than YNNPACK, its default (CFG sampling of DiT-S/2
-  1.16×, DiT-T/4 1.04×), but the train step 0.88–0.92× as fast (weight-gradient GEMMs take a
-  transposed operand, which YNNPACK runs as is). jaxlib 0.12's YNNPACK samples DiT-S/2 1.11×
-  faster than its Eigen on the same machine. 'auto' moves f32 dots to Eigen on such a CPU (AMX:
-  the machine measured) with jaxlib < 0.12 and keeps YNNPACK elsewhere (at the matmul peak on
-  AMD EPYCs); bf16 keeps YNNPACK, whose bf16 GEMMs use the matrix units. Accelerators take no
-  options. `jaxlib_version` ((major, minor); default: the installed one) is for tests.
+  1.16×, DiT-T/4 1.04×). With jaxlib 0.12 YNNPACK samples DiT-S/2 1.11× faster than Eigen, and
+  oneDNN's dot fusions 1.07× (DiT-T/4 1.12×) faster than YNNPACK. 'auto' takes, for an f32
+  network on such a CPU (AMX: the machine measured), Eigen's GEMMs with jaxlib < 0.12 and
+  oneDNN's from 0.12 (not for a convolutional network), XLA's defaults elsewhere (YNNPACK, at
+  the matmul peak on AMD EPYCs); bf16 keeps YNNPACK, whose bf16 GEMMs use the matrix units.
+  'ynnpack', 'eigen' (f32 only) and 'onednn' force them. Accelerators take no options.
+  `jaxlib_version` ((major, minor); default: the installed one) is for tests.
   """
   if cpu_dots not in CPU_DOTS:
     raise ValueError(f'cpu_dots={cpu_dots!r}: use one of {CPU_DOTS}')
-  if backend != 'cpu' or compute_dtype != 'float32' or cpu_dots == 'ynnpack':
+  if backend != 'cpu' or cpu_dots == 'ynnpack':
     return None
-  if cpu_dots == 'auto':
-    if (jaxlib_version_tuple(jaxlib_version) >= _EIGEN_SLOWER_SINCE
-        or 'amx_bf16' not in cpu_bf16_units(cpuinfo_path)):
-      return None
-  return dict(_DOTS_IN_EIGEN)
-
-
-# Where a train step's dots run on XLA:CPU (`config.train.cpu_dots`).
-TRAIN_CPU_DOTS = ('auto', 'ynnpack', 'onednn')
-# The dots (with their fused elementwise producers and consumers) in oneDNN fusions.
-_DOTS_IN_ONEDNN = {'xla_cpu_use_onednn': True,
-                   'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
-# The first jaxlib whose oneDNN dot fusions outran YNNPACK at the f32 DiT train step (AMX Xeon);
-# with jaxlib 0.10 they failed to compile the U-Net's step and XLA:CPU aborted the process.
-ONEDNN_SINCE = (0, 12)
+  if cpu_dots == 'onednn':
+    return dict(_DOTS_IN_ONEDNN)
+  if compute_dtype != 'float32':
+    return None
+  if cpu_dots == 'eigen':
+    return dict(_DOTS_IN_EIGEN)
+  if 'amx_bf16' not in cpu_bf16_units(cpuinfo_path):
+    return None
+  if jaxlib_version_tuple(jaxlib_version) < ONEDNN_SINCE:
+    return dict(_DOTS_IN_EIGEN)
+  return None if convolutional else dict(_DOTS_IN_ONEDNN)
 
 
 def train_compiler_options(cpu_dots, compute_dtype, backend, *, convolutional,
@@ -273,12 +277,12 @@ def train_compiler_options(cpu_dots, compute_dtype, backend, *, convolutional,
   """XLA compiler options for a train step, or None for the defaults.
 
   On the 2-core Intel Xeon with AMX of benchmarks/README.md, jaxlib 0.12's oneDNN dot fusions
-  ran the DiT's f32 train step 1.12× (DiT-S/2) and 1.03× (DiT-T/4) as fast as YNNPACK, its
+  ran the DiT's f32 train step 1.12× (DiT-S/2) and 1.06× (DiT-T/4) as fast as YNNPACK, its
   default, but bf16 at 0.45× and the U-Net at 0.96×; with jaxlib 0.10 they gained nothing and
-  failed to compile some programs. 'auto' takes oneDNN for an f32, non-convolutional network on
-  such a CPU (AMX: the machine measured) with jaxlib ≥ 0.12, XLA's defaults elsewhere;
-  'ynnpack' / 'onednn' force them. Accelerators take no options. `jaxlib_version` ((major,
-  minor); default: the installed one) is for tests.
+  aborted some programs. 'auto' takes oneDNN for an f32, non-convolutional network on such a
+  CPU (AMX: the machine measured) with jaxlib ≥ 0.12, XLA's defaults elsewhere; 'ynnpack' /
+  'onednn' force them. Accelerators take no options. `jaxlib_version` ((major, minor);
+  default: the installed one) is for tests.
   """
   if cpu_dots not in TRAIN_CPU_DOTS:
     raise ValueError(f'cpu_dots={cpu_dots!r}: use one of {TRAIN_CPU_DOTS}')
