@@ -201,7 +201,8 @@ def test_bf16_falls_back_to_f32_on_a_cpu_without_bf16_units(tmp_path):
 
 
 _ONEDNN = {'xla_cpu_use_onednn': True,
-           'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+           'xla_cpu_experimental_onednn_fusion_type':
+               'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE'}
 
 
 def test_inference_compiler_options_take_the_dots_library_measured_fastest(tmp_path):

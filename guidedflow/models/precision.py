@@ -232,9 +232,11 @@ TRAIN_CPU_DOTS = ('auto', 'ynnpack', 'onednn')
 # YNNPACK keeps the convolutions; dots (and their fusions) go to XLA's Eigen-based GEMMs.
 _DOTS_IN_EIGEN = {
     'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
-# The dots (with their fused elementwise producers and consumers) in oneDNN fusions.
-_DOTS_IN_ONEDNN = {'xla_cpu_use_onednn': True,
-                   'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+# The dots, with the elementwise ops XLA fuses into them, in oneDNN fusions (dots alone: W1 /
+# W2 f32 train 0.99× / 0.95×, CFG sampling 0.99× / 0.90× of these, benchmarks/README.md).
+_DOTS_IN_ONEDNN = {
+    'xla_cpu_use_onednn': True,
+    'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE'}
 # The first jaxlib whose oneDNN dot fusions outran YNNPACK (and YNNPACK Eigen) with the f32 DiT
 # on the AMX Xeon; with jaxlib 0.10 they failed to compile the U-Net's train step and the DiT's
 # sampler, and XLA:CPU aborted the process.
