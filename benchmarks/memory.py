@@ -298,9 +298,7 @@ def xla_temp_bytes(config, batch_sizes, image_shape=IMAGE_SHAPE) -> list:
   builder = sampler_lib.state_builder(config, image_shape, mesh)
   state = builder.abstract_state()
   # The jitted (donated) step the training loop runs.
-  task = tasks.get_task(config)
-  step = builder.make_train_step(
-      task.loss, task.train_compiler_options(builder.mesh.devices.flat[0].platform)).jitted
+  step = tasks.get_task(config).make_train_step(builder).jitted
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   temps = []
   for batch_size in batch_sizes:

@@ -256,8 +256,7 @@ def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peak
   flops = _flops(config, image_shape)
   peak = peaks[dtype_name]
   # The program's XLA options for its train step (`train.cpu_dots`).
-  train_options = tasks.get_task(config).train_compiler_options(
-      builder.mesh.devices.flat[0].platform)
+  train_options = tasks.get_task(config).train_compiler_options(builder.platform)
   state, train_ips, train_compile_s, footprint = bench_train(
       builder, config, image_shape, args.steps, args.rounds, train_options)
   row = dict(case=name, model=config.model.name,

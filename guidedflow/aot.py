@@ -204,8 +204,7 @@ def compile_train_step(task, config, image_shape, devices, *, keep_hlo=False, bu
   """Lowers and compiles the loop's train step for `devices`; returns the compiler's figures
   (with `keep_hlo`, also the optimized HLO text as 'hlo')."""
   builder = builder or _builder(task, config, image_shape, devices)
-  step = builder.make_train_step(
-      task.loss, task.train_compiler_options(builder.mesh.devices.flat[0].platform))
+  step = task.make_train_step(builder)
   state = builder.abstract_state()
   batch = _abstract_batch(task, config, image_shape, builder)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=builder.replicated)

@@ -125,7 +125,7 @@ class Sampler:
     # A generator trained with label_dropout = 1 has seen only ∅: it samples unconditionally.
     self.unconditional = config.loss.label_dropout >= 1.0
     self.path = paths.get_path(config.path.schedule)
-    platform = builder.mesh.devices.flat[0].platform  # a TPU mesh when compiling ahead of time
+    platform = builder.platform  # a TPU mesh's when compiling ahead of time
     # f32 dots in Eigen's GEMMs or oneDNN's fusions where they outrun YNNPACK (`sampling.cpu_dots`).
     self.compiler_options = precision.inference_compiler_options(
         validation.get(config, 'sampling.cpu_dots'), compute_dtype(config, platform)[0], platform,

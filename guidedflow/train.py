@@ -212,8 +212,7 @@ def train_and_evaluate(config, workdir):
     writer = Writer(os.path.join(workdir, 'tensorboard'))
     stack.callback(writer.close)
     run = Run(config, workdir, builder, writer, tuple(dataset.image_shape), num_steps, task)
-    train_step = builder.make_train_step(
-        task.loss, task.train_compiler_options(builder.mesh.devices.flat[0].platform))
+    train_step = task.make_train_step(builder)
     base_key = jax.random.PRNGKey(config.train.seed)
     chrono = Chrono(start_step, num_steps, batch_size)
 

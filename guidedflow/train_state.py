@@ -123,6 +123,11 @@ class StateBuilder:
   def param_shardings(self):
     return self.shardings[0]['params']
 
+  @property
+  def platform(self):
+    """The mesh's platform: 'cpu', 'gpu', 'tpu' (a TPU's when compiling ahead of time)."""
+    return self.mesh.devices.flat[0].platform
+
   def merge(self, params):
     """The model with `params` (inside a traced function: cheap)."""
     return nnx.merge(self.graphdef, params, self.init_rest() if self.rest is None else self.rest)

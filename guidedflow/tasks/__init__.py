@@ -32,7 +32,8 @@ class Task:
     prepare(): loads the frozen networks `loss` needs, before the step is traced (also for
       --mode=compile).
     model_constructor(image_shape): zero-argument function building the nnx model.
-    train_compiler_options(backend): XLA options for the train step, or None (the defaults).
+    train_compiler_options(backend): XLA options for the train step, or None (the defaults);
+      `make_train_step(builder)` compiles the step with them.
     loss(model, batch, key): (scalar loss, dict of scalar metrics), inside the jitted step.
     eval_metrics(model, batch, key): dict of means over the batch's real rows (batch['mask']).
     periodic(run, state, step): after every step; returns scalars for TensorBoard.
@@ -88,6 +89,10 @@ class Task:
     convolutional networks of the other tasks measured fastest there, benchmarks/README.md)."""
     del backend  # Unused.
     return None
+
+  def make_train_step(self, builder):
+    """The loop's jitted step of `loss` for `builder`'s state, with this task's XLA options."""
+    return builder.make_train_step(self.loss, self.train_compiler_options(builder.platform))
 
   def loss(self, model, batch, key):
     raise NotImplementedError
