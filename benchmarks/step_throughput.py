@@ -195,7 +195,7 @@ def _device_memory(key):
   return stats.get(key)
 
 
-def bench_train(builder, config, image_shape, steps, rounds, compiler_options=None):
+def bench_train(builder, config, image_shape, steps, rounds):
   """(final state or None, img/s or None, compile s, footprint bytes) of the real train step;
   a step that would not fit in the device's memory is compiled but not run."""
   batch_size = config.train.batch_size
@@ -205,7 +205,7 @@ def bench_train(builder, config, image_shape, steps, rounds, compiler_options=No
   batch = jax.device_put(batch, builder.batch_sharding)
   key = jax.random.PRNGKey(0)
   state = builder.init_state()
-  train_step = builder.make_train_step(tasks.get_task(config).loss, compiler_options)
+  train_step = tasks.get_task(config).make_train_step(builder)  # with the task's XLA options
   start = time.perf_counter()
   with jax.set_mesh(builder.mesh):
     compiled = train_step.jitted.lower(state, batch, key).compile()
@@ -255,17 +255,16 @@ def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peak
                                           train_cpu_dots)
   flops = _flops(config, image_shape)
   peak = peaks[dtype_name]
-  # The program's XLA options for its train step (`train.cpu_dots`).
-  train_options = tasks.get_task(config).train_compiler_options(builder.platform)
   state, train_ips, train_compile_s, footprint = bench_train(
-      builder, config, image_shape, args.steps, args.rounds, train_options)
+      builder, config, image_shape, args.steps, args.rounds)
   row = dict(case=name, model=config.model.name,
              variant=config.model.variant if config.model.name == 'dit' else
              'x'.join(map(str, config.model.unet_channels)), dtype=dtype_name,
              train_batch=config.train.batch_size, gflop_per_image=flops / 1e9,
              train_images_per_s=train_ips, train_compile_s=train_compile_s,
              train_footprint_gb=footprint / 2**30 if footprint else None,
-             train_dots=_dots_library(train_options),
+             train_dots=_dots_library(
+                 tasks.get_task(config).train_compiler_options(builder.platform)),
              **_options_used(config, image_shape))
   if train_ips is None:  # does not fit: compiled, not run
     return row
