@@ -27,6 +27,7 @@ def get_config():
 
   # ---- Model (guidedflow/models/classifier.py).
   config.model = ml_collections.ConfigDict()
+  config.model.arch = 'cnn'            # 'cnn' (conv, max-pool, flatten) | 'gap' (fmnist_gap_classifier.py)
   config.model.channels = (32, 64, 128)  # 3×3 conv per stage; 2×2 max-pool between stages
   config.model.feature_dim = 128       # penultimate layer = the feature vector
   config.model.group_norm = False      # GroupNorm after each conv: ~20% slower on CPU, no gain here

@@ -28,6 +28,8 @@ import numpy as np
 from guidedflow import evaluation
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
+from guidedflow import judges
+from guidedflow import sharpness
 from guidedflow import validation
 
 
@@ -80,15 +82,21 @@ def _stats(features):
 
 
 class Evaluator:
-  """Samples with a `Sampler` and measures the samples with a feature network against the
-  cached features of real images."""
+  """Samples with a `Sampler` and measures the samples in one or more feature spaces against
+  the cached features of real images, and by their sharpness against the real images."""
 
-  def __init__(self, config, workdir, sampler, network, eval_dataset, train_dataset=None):
+  def __init__(self, config, workdir, sampler, network, eval_dataset, train_dataset=None,
+               extra_networks=()):
     self.config = config
     self.sampler = sampler
     self.network = network
+    self.extra_networks = tuple(n for n in extra_networks if n.name != network.name)
     self.reference = reference_features(config, self.network, eval_dataset, workdir,
                                         config.eval.num_real_images)
+    self.extra_references = {
+        n.name: reference_features(config, n, eval_dataset, workdir,
+                                   config.eval.num_real_images) for n in self.extra_networks}
+    self.real_images, self.real_labels = _real_images(eval_dataset, config.eval.num_real_images)
     self.train_dataset = train_dataset
     self.workdir = workdir
 
@@ -96,28 +104,34 @@ class Evaluator:
     """FD of `num_real_images` training images vs the held-out reference; real accuracy.
 
     With `num_samples`, also `same_n`: the first `num_samples` training images measured exactly
-    as samples are (FD, precision/recall, accuracy, pixel statistics at the samples' N — FD is
-    biased upwards at small N, so this is the floor a sample set of that size can reach).
+    as samples are (FD, KID, precision/recall, accuracy, pixel and sharpness statistics, in
+    every space, at the samples' N — FD is biased upwards at small N, so this is the floor a
+    sample set of that size can reach).
     """
     result = {'accuracy': None, 'fd': None}
     ref = self.reference
     if ref.get('logits') is not None and ref.get('labels') is not None:
       result['accuracy'] = evaluation.classification_accuracy(ref['logits'], ref['labels'])
     if self.train_dataset is not None:
-      train_ref = reference_features(self.config, self.network, self.train_dataset,
-                                     self.workdir, self.config.eval.num_real_images)
-      result['fd'] = evaluation.frechet_distance(train_ref['mu'], train_ref['sigma'],
-                                                 ref['mu'], ref['sigma'])
-      result['num_train_images'] = int(train_ref['features'].shape[0])
+      result['fd'] = self._train_fd(self.network, ref)
+      for network in self.extra_networks:
+        result.setdefault('spaces', {})[network.name] = {
+            'fd': self._train_fd(network, self.extra_references[network.name])}
+      result['num_train_images'] = min(self.config.eval.num_real_images,
+                                       self.train_dataset.num_examples)
     result['num_eval_images'] = int(ref['features'].shape[0])
     result['pixels'] = {k: round(v, 5) for k, v in ref['pixels'].items()}
     if self.train_dataset is not None and num_samples:
       images, labels = _real_images(self.train_dataset, num_samples)
       same_n = self.measure(images, labels)
-      same_n.pop('fd_per_class', None)
-      same_n.pop('accuracy_per_class', None)
       result['same_n'] = {'num_samples': int(len(labels)), **same_n}
     return result
+
+  def _train_fd(self, network, ref):
+    train_ref = reference_features(self.config, network, self.train_dataset, self.workdir,
+                                   self.config.eval.num_real_images)
+    return evaluation.frechet_distance(train_ref['mu'], train_ref['sigma'], ref['mu'],
+                                       ref['sigma'])
 
   def generate(self, samples_per_class, guidance_scale, *, classifier_scale=None, method=None,
                num_steps=None, seed=None):
@@ -145,37 +159,21 @@ class Evaluator:
     return images, labels, timing
 
   def measure(self, images, labels):
-    """Metrics of uint8 `images` with intended class `labels` against the reference."""
+    """Metrics of uint8 `images` with intended class `labels`: the primary space's at the top
+    level, every other space's under 'spaces', pixel and sharpness statistics."""
+    num_classes = self.sampler.num_classes
+    kw = dict(num_classes=num_classes, nearest_k=self.config.eval.nearest_k)
     out = evaluation.compute_features(self.network, images)
-    ref = self.reference
-    features = out['features']
-    mu, sigma = evaluation.feature_statistics(features)
-    metrics = {'fd': evaluation.frechet_distance(mu, sigma, ref['mu'], ref['sigma'])}
-    if ref.get('labels') is not None:
-      per_class = []
-      for c in range(self.sampler.num_classes):
-        fake, real = features[labels == c], ref['features'][ref['labels'] == c]
-        if len(fake) > 1 and len(real) > 1:
-          per_class.append(round(evaluation.fid_from_features(real, fake), 4))
-        else:
-          per_class.append(None)
-      metrics['fd_per_class'] = per_class
-    # k-NN metrics compare sets of equal size: a fixed random subset of the reference.
-    rng = np.random.default_rng(0)
-    real = ref['features']
-    if len(real) > len(features):
-      real = real[np.sort(rng.choice(len(real), len(features), replace=False))]
-    k = self.config.eval.nearest_k
-    metrics.update(evaluation.precision_recall(real, features, k=k))
-    metrics.update(evaluation.density_coverage(real, features, k=k))
-    if out.get('logits') is not None:
-      metrics['accuracy'] = evaluation.classification_accuracy(out['logits'], labels)
-      per_class = evaluation.per_class_accuracy(out['logits'], labels, self.sampler.num_classes)
-      metrics['accuracy_per_class'] = [None if np.isnan(a) else round(float(a), 4)
-                                       for a in per_class]
-    metrics.update(evaluation.pixel_statistics(images))
-    return {key: (round(float(v), 5) if isinstance(v, (float, np.floating)) else v)
-            for key, v in metrics.items()}
+    metrics = judges.measure(out['features'], out['logits'], labels, self.reference, **kw)
+    for network in self.extra_networks:
+      out = evaluation.compute_features(network, images)
+      metrics.setdefault('spaces', {})[network.name] = judges.measure(
+          out['features'], out['logits'], labels, self.extra_references[network.name], **kw)
+    metrics.update({k: round(float(v), 5)
+                    for k, v in evaluation.pixel_statistics(images).items()})
+    metrics['sharpness'] = sharpness.compare(images, labels, self.real_images, self.real_labels,
+                                             num_classes)
+    return metrics
 
   def evaluate(self, *, samples_per_class, guidance_scale, classifier_scale=None, method=None,
                num_steps=None):
@@ -268,13 +266,16 @@ def _write(path, text):
     epath.Path(path).write_text(text)
 
 
-def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guidance=True):
-  """Evaluation for --mode=evaluate of `sampler`'s weights with the feature `network`; returns
-  the JSON-able result (also written to files under <workdir>/eval/).
+def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guidance=True,
+        extra_networks=()):
+  """Evaluation for --mode=evaluate of `sampler`'s weights with the feature `network` (and
+  `extra_networks`, more feature spaces); returns the JSON-able result (also written to files
+  under <workdir>/eval/: feature_spaces.md is every space side by side).
 
   `guidance=False` skips the guidance part (single w or sweep) and runs only the steps sweep.
   """
-  evaluator = Evaluator(config, workdir, sampler, network, eval_dataset, train_dataset)
+  evaluator = Evaluator(config, workdir, sampler, network, eval_dataset, train_dataset,
+                        extra_networks)
   num_classes = sampler.num_classes
   out_dir = os.path.join(workdir, 'eval')
   per_class = config.eval.samples_per_class
@@ -291,6 +292,7 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
                                              classifier_scale=w_c)
     logging.info('%s w=%g w_c=%s: %s', sampler.guidance, w, w_c, json.dumps(_summary(row)))
     rows.append(row)
+    _worst_class_figure(out_dir, f'worst_class_w{w:g}.png', row, images, labels, evaluator)
     grid_columns.append(first_per_class(images, labels, num_classes,
                                          config.eval.grid_rows_per_class))
   if len(rows) == 1:
@@ -313,18 +315,53 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
         logging.warning('euler_maruyama with config.sampling.sigma=0 is the Euler ODE sampler; '
                         'set --config.sampling.sigma (and sigma_schedule) for an SDE.')
       for num_steps in config.eval.num_steps:
-        row, _, _ = evaluator.evaluate(samples_per_class=per_class,
-                                       guidance_scale=config.sampling.guidance_scale,
+        row, images, labels = evaluator.evaluate(samples_per_class=per_class,
+                                                 guidance_scale=config.sampling.guidance_scale,
                                        method=method, num_steps=int(num_steps))
         logging.info('%s %d steps: %s', method, num_steps, json.dumps(_summary(row)))
         step_rows.append(row)
+        _worst_class_figure(out_dir, f'worst_class_{method}{num_steps}.png', row, images,
+                            labels, evaluator)
     result['steps_sweep'] = step_rows
     _write_sweep(out_dir, 'steps_sweep', step_rows, [], 'nfe', 'NFE per sample',
                  f'{config.input.dataset}: quality vs NFE (w = {config.sampling.guidance_scale})',
                  group_key='method', log_x=True)
 
+  measured = rows + result.get('steps_sweep', [])
+  if measured:
+    table = judges.summary_table(measured, result['real_data'].get('same_n'), network.name,
+                                 class_names=_class_names(config, num_classes))
+    _write(os.path.join(out_dir, 'feature_spaces.md'), table)
+    logging.info('Every feature space (FD and KID beside their same-N floor):\n%s', table)
   _write(os.path.join(out_dir, 'evaluate.json'), json.dumps(result, indent=2))
   return result
+
+
+def _class_names(config, num_classes):
+  if config.input.dataset == 'fashion_mnist' and num_classes == 10:
+    from guidedflow import fashion_mnist  # pylint: disable=g-import-not-at-top
+    return fashion_mnist.CLASS_NAMES
+  return None
+
+
+def _worst_class_figure(out_dir, name, row, images, labels, evaluator, count=40):
+  """<out_dir>/<name>: `count` samples of the row's worst class (by FD in the primary space)
+  on the left, as many real held-out images of that class on the right."""
+  worst = row.get('worst_class')
+  if worst is None or jax.process_index() != 0:
+    return
+  fake = images[labels == worst][:count]
+  real = evaluator.real_images[evaluator.real_labels == worst][:len(fake)]
+  if not len(fake) or len(real) < len(fake):
+    return
+  cols = 8
+  rows = -(-len(fake) // cols)
+  pad = lambda x: np.concatenate([x, np.zeros((rows * cols - len(x),) + x.shape[1:], x.dtype)])
+  left = images_lib.make_grid(pad(fake), rows=rows, cols=cols)
+  right = images_lib.make_grid(pad(real), rows=rows, cols=cols)
+  gap = np.full((left.shape[0], 8) + left.shape[2:], 255, np.uint8)
+  images_lib.save_png(os.path.join(out_dir, name), np.concatenate([left, gap, right], axis=1),
+                      upscale=2)
 
 
 def _write_sweep(out_dir, name, rows, extra_rows, x_key, x_label, title, **plot_kwargs):
@@ -337,8 +374,9 @@ def _write_sweep(out_dir, name, rows, extra_rows, x_key, x_label, title, **plot_
 
 
 def _summary(row):
-  """A row without its per-class lists, for the log."""
-  return {k: v for k, v in row.items() if not k.endswith('_per_class')}
+  """A row without its per-class lists and other spaces, for the log."""
+  return {k: v for k, v in row.items()
+          if not k.endswith('_per_class') and k not in ('spaces', 'sharpness')}
 
 
 def _real_row(real_data, x_key='guidance_scale'):

@@ -13,6 +13,8 @@ import numpy as np
 from guidedflow.errors import DataError
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+CLASS_NAMES = ('T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker',
+               'bag', 'ankle boot')
 # split → (images file, labels file), without the optional '.gz'.
 _FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),

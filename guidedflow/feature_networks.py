@@ -1,14 +1,17 @@
 """Feature networks of the sample metrics, behind one interface: uint8 images → features/logits.
 
-Two networks: the Fashion-MNIST classifier guidedflow trains itself (a workdir of the
-classifier task, `configs/fmnist_classifier.py`) and the FID Inception-v3 (user-provided
-pytorch-fid weights). Both run through `FeatureNetwork`: one padded-batch runner (fixed batch
+Four networks: the two Fashion-MNIST classifiers guidedflow trains itself (workdirs of the
+classifier task: `configs/fmnist_classifier.py`, and `configs/fmnist_gap_classifier.py`, another
+architecture trained without augmentation), the encoder of a label-free autoencoder
+(`configs/fmnist_encoder.py`: its latent means are the features, it has no logits), and the FID
+Inception-v3 (user-provided pytorch-fid weights). Both run through `FeatureNetwork`: one padded-batch runner (fixed batch
 shape, so one compile), one fingerprint of the weights (references cached under another
 network's weights are refused).
 """
 
 import os
 
+from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -20,10 +23,13 @@ from guidedflow import images as images_lib
 from guidedflow import tasks
 from guidedflow.models import inception
 
-NAMES = ('fmnist_classifier', 'inception_v3')
-# Wall time of configs/fmnist_classifier.py on a 2-core CPU (3m13s to 3m32s measured with other
-# jobs on the machine), rounded up; quoted in the not-found error.
-_CLASSIFIER_MINUTES_2CORE = 4
+NAMES = ('fmnist_classifier', 'fmnist_gap_classifier', 'fmnist_encoder', 'inception_v3')
+# The trained networks: (config file, the eval key of their workdir, wall minutes on a 2-core
+# CPU, rounded up, quoted in the not-found error).
+_TRAINED = {'fmnist_classifier': ('configs/fmnist_classifier.py', 'classifier_workdir', 4),
+            'fmnist_gap_classifier': ('configs/fmnist_gap_classifier.py',
+                                      'gap_classifier_workdir', 4),
+            'fmnist_encoder': ('configs/fmnist_encoder.py', 'encoder_workdir', 12)}
 
 
 class FeatureNetworkNotFoundError(errors.CheckpointNotFoundError):
@@ -113,13 +119,15 @@ def fingerprint(network, image_shape):
 # ----------------------------------------------------------------------------- the two networks
 
 
-def _train_command(workdir):
-  return (f'python -m guidedflow.main --config configs/fmnist_classifier.py --workdir {workdir} '
-          f'(about {_CLASSIFIER_MINUTES_2CORE} minutes on a 2-core CPU)')
+def _train_command(workdir, name='fmnist_classifier'):
+  config_file, _, minutes = _TRAINED[name]
+  return (f'python -m guidedflow.main --config {config_file} --workdir {workdir} '
+          f'(about {minutes} minutes on a 2-core CPU)')
 
 
-def load_classifier(workdir, *, batch_size=500):
-  """The classifier trained by the classifier task in `workdir` (its finished checkpoint).
+def load_classifier(workdir, *, batch_size=500, name='fmnist_classifier'):
+  """The classifier trained by the classifier task in `workdir` (its finished checkpoint);
+  `name` ('fmnist_classifier' or 'fmnist_gap_classifier') names its feature space.
 
   Raises:
     FeatureNetworkNotFoundError: no classifier there, or its training did not finish; the
@@ -128,8 +136,9 @@ def load_classifier(workdir, *, batch_size=500):
   workdir = os.fspath(workdir)
   ckpt_dir = epath.Path(workdir) / 'checkpoints'
   if not ckpt_dir.is_dir():
-    raise FeatureNetworkNotFoundError(f'no Fashion-MNIST classifier checkpoint in {workdir}; '
-                                      f'train one with: {_train_command(workdir)}')
+    raise FeatureNetworkNotFoundError(f'no Fashion-MNIST classifier checkpoint in {workdir} '
+                                      f'({name}); train one with: '
+                                      f'{_train_command(workdir, name)}')
   if ((epath.Path(workdir) / 'classifier_result.json').exists() and
       not (epath.Path(workdir) / 'result.json').exists()):
     raise FeatureNetworkNotFoundError(
@@ -137,17 +146,45 @@ def load_classifier(workdir, *, batch_size=500):
         'trained through one loop) and its checkpoints cannot be read now; train it again in a '
         f'new --workdir: {_train_command(workdir + "_v2")}')
   try:
-    model, result, config = tasks.load_trained(workdir, 'classifier', _train_command(workdir))
+    model, result, config = tasks.load_trained(workdir, 'classifier',
+                                               _train_command(workdir, name))
   except errors.CheckpointNotFoundError as e:
     raise FeatureNetworkNotFoundError(
         f'the Fashion-MNIST classifier in {workdir} did not finish training: {e}') from None
   step = result['step']
   meta = {'num_classes': model.num_classes, 'feature_dim': model.feature_dim,
           'channels': tuple(config.model.channels), 'test_accuracy': result['test_accuracy'],
-          'step': step, 'workdir': workdir, 'dataset': config.input.dataset}
-  return FeatureNetwork('fmnist_classifier', model, lambda m, x: m.features_and_logits(x),
+          'step': step, 'workdir': workdir, 'dataset': config.input.dataset,
+          'arch': config.model.get('arch', 'cnn')}
+  return FeatureNetwork(name, model, lambda m, x: m.features_and_logits(x),
                         preprocess=images_lib.to_model, batch_size=batch_size, meta=meta,
                         image_shape=(model.input_size, model.input_size, model.in_channels))
+
+
+def load_encoder(workdir, *, batch_size=500):
+  """The label-free feature network: the encoder of the autoencoder run in `workdir`; features
+  are the flattened latent means (no logits)."""
+  workdir = os.fspath(workdir)
+  try:
+    model, result, config = tasks.load_trained(workdir, 'autoencoder',
+                                               _train_command(workdir, 'fmnist_encoder'))
+  except errors.CheckpointNotFoundError as e:
+    raise FeatureNetworkNotFoundError(f'the label-free feature encoder (fmnist_encoder): {e}'
+                                      ) from None
+  if config.loss.get('feature_weight', 0.0) > 0:
+    logging.warning('The autoencoder in %s was trained with a classifier feature loss: its '
+                    'feature space is not label-free.', workdir)
+  meta = {'step': result['step'], 'workdir': workdir, 'dataset': config.input.dataset,
+          'channels': tuple(config.model.channels), 'latent_channels': model.latent_channels,
+          'test_psnr': result.get('test_psnr')}
+
+  def apply(m, x):
+    mean, _ = m.encode(x)  # (B, h, w, latent channels)
+    return mean.reshape(mean.shape[0], -1).astype(jnp.float32), None
+
+  height, width, channels = (int(d) for d in result['image_shape'])
+  return FeatureNetwork('fmnist_encoder', model, apply, preprocess=images_lib.to_model,
+                        batch_size=batch_size, meta=meta, image_shape=(height, width, channels))
 
 
 def load_inception(path, *, batch_size=50, dtype=jnp.float32):
@@ -157,13 +194,29 @@ def load_inception(path, *, batch_size=50, dtype=jnp.float32):
                         preprocess=inception.preprocess, batch_size=batch_size, meta=meta)
 
 
-def load(config):
-  """The network named by `config.eval.feature_network`."""
-  name = config.eval.feature_network
+def extra_names(config):
+  """`eval.extra_feature_networks` as a tuple of names (the command line's 'a,b' included)."""
+  extra = config.eval.get('extra_feature_networks') or ()
+  extra = (extra,) if isinstance(extra, str) else tuple(extra)
+  return tuple(n.strip() for item in extra for n in str(item).split(',') if n.strip())
+
+
+def names(config):
+  """The feature spaces `--mode=evaluate` measures in: `eval.feature_network` first (its logits
+  give the class accuracy), then `eval.extra_feature_networks`, without repeats."""
+  return tuple(dict.fromkeys((config.eval.feature_network,) + extra_names(config)))
+
+
+def load(config, name=None):
+  """The network `name` (default: `config.eval.feature_network`)."""
+  name = name or config.eval.feature_network
   batch_size = config.eval.get('feature_batch_size', 0)  # 0: the network's default
   kwargs = {'batch_size': batch_size} if batch_size else {}
-  if name == 'fmnist_classifier':
-    return load_classifier(config.eval.classifier_workdir, **kwargs)
+  if name in ('fmnist_classifier', 'fmnist_gap_classifier'):
+    return load_classifier(config.eval.get(_TRAINED[name][1]) or f'runs/{name}', name=name,
+                           **kwargs)
+  if name == 'fmnist_encoder':
+    return load_encoder(config.eval.get('encoder_workdir') or 'runs/fmnist_encoder', **kwargs)
   if name == 'inception_v3':
     return load_inception(config.eval.inception_weights or '', **kwargs)
   raise errors.ConfigError(f'config.eval.feature_network={name!r} is not one of {NAMES}.')

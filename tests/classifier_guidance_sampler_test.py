@@ -184,7 +184,7 @@ def test_evaluate_sweeps_the_classifier_scale(guided, runs, tmp_path, monkeypatc
   network = PixelFeatures()
   real, labels = evaluate._real_images(eval_set, 100)  # pylint: disable=protected-access
   network.fit(real, labels)
-  monkeypatch.setattr(feature_networks, 'load', lambda config: network)
+  monkeypatch.setattr(feature_networks, 'load', lambda config, name=None: network)
   train_set = input_pipeline.create_dataset(config.input, 'train')
   result = evaluate.run(config, str(tmp_path), guided, network, eval_set, train_set)
   sweep = result['guidance_sweep']

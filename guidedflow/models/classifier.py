@@ -15,6 +15,12 @@ parameters and its outputs do not depend on what else is in the batch. GELU rath
 so that the features have no dead (identically zero) units, which would make the feature
 covariance in FD singular.
 
+`arch='gap'` is a second, different network for a second feature space: two 3×3 convs per
+stage, the second with stride 2 instead of the max-pool (none after the last stage), GELU after
+each, then a global average over the spatial positions (not a flatten) → Dense(feature_dim) →
+GELU (the features) → Dense(num_classes). Its features are invariant to where a garment sits,
+where the default's flattened ones are not.
+
 Logical axis names: conv kernels (None, None, 'conv_in', 'conv_out'), dense kernels
 ('embed', 'mlp') and ('mlp', None).
 """
@@ -26,6 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from guidedflow.models.layers import partitioned
+
+ARCHS = ('cnn', 'gap')  # conv + max-pool + flatten (default) | strided convs + global average
 
 
 def _max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -49,6 +57,8 @@ class Classifier(nnx.Module):
       last, so H and W must be divisible by 2 ** (len(channels) − 1).
     input_size: image height = width (needed for the flattened Dense layer).
     group_norm: GroupNorm (up to 8 groups, statistics in f32) after each conv.
+    arch: 'cnn' (one conv per stage, max-pool, flatten) | 'gap' (two convs per stage, the
+      second strided, global average pooling).
     dtype: compute dtype; logits and features are returned as float32.
     param_dtype: parameter dtype.
     rngs: parameter initialisation.
@@ -56,13 +66,15 @@ class Classifier(nnx.Module):
 
   def __init__(self, *, num_classes: int, in_channels: int = 1, feature_dim: int = 128,
                channels: Sequence[int] = (32, 64, 128), input_size: int = 28,
-               group_norm: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               group_norm: bool = False, arch: str = 'cnn', dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     channels = tuple(int(c) for c in channels)
     if not channels:
       raise ValueError('Classifier needs at least one conv stage (channels is empty).')
+    if arch not in ARCHS:
+      raise ValueError(f'Classifier: arch {arch!r} is not one of {ARCHS}.')
     downsample = 2 ** (len(channels) - 1)
-    if input_size % downsample:
+    if arch == 'cnn' and input_size % downsample:
       raise ValueError(f'Classifier: input size {input_size} is not divisible by '
                        f'{downsample} (2 ** (len(channels) - 1) for channels {channels}); use '
                        'fewer stages.')
@@ -72,12 +84,17 @@ class Classifier(nnx.Module):
     self.channels = channels
     self.input_size = int(input_size)
     self.dtype = dtype
+    self.arch = arch
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     convs, norms = [], []
     c_in = self.in_channels
-    for c_out in channels:
+    # (output channels, stride) of each conv: 'gap' doubles every stage, its second conv strided.
+    layout = [(c, 1) for c in channels] if arch == 'cnn' else [
+        (c, s) for i, c in enumerate(channels)
+        for s in ((1, 2) if i < len(channels) - 1 else (1, 1))]
+    for c_out, stride in layout:
       convs.append(nnx.Conv(
-          c_in, c_out, (3, 3), padding='SAME', **kw,
+          c_in, c_out, (3, 3), strides=stride, padding='SAME', **kw,
           kernel_init=partitioned(nnx.initializers.lecun_normal(),
                                   (None, None, 'conv_in', 'conv_out')),
           bias_init=partitioned(nnx.initializers.zeros_init(), ('conv_out',))))
@@ -90,7 +107,7 @@ class Classifier(nnx.Module):
       c_in = c_out
     self.convs = nnx.List(convs)
     self.norms = nnx.List(norms) if group_norm else None
-    side = self.input_size // downsample
+    side = self.input_size // downsample if arch == 'cnn' else 1  # 'gap': averaged positions
     self.feature_layer = nnx.Linear(
         side * side * channels[-1], self.feature_dim, **kw,
         kernel_init=partitioned(nnx.initializers.lecun_normal(), ('embed', 'mlp')),
@@ -108,8 +125,10 @@ class Classifier(nnx.Module):
       if self.norms is not None:
         h = self.norms[i](h)
       h = nnx.gelu(h)
-      if i < len(self.convs) - 1:
+      if self.arch == 'cnn' and i < len(self.convs) - 1:
         h = _max_pool_2x2(h)
+    if self.arch == 'gap':
+      h = jnp.mean(h, axis=(1, 2))  # (B, C_last)
     h = h.reshape((h.shape[0], -1))  # (B, side·side·C_last)
     return nnx.gelu(self.feature_layer(h)).astype(jnp.float32)  # (B, feature_dim)
 

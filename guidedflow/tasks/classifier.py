@@ -110,6 +110,7 @@ def model_constructor(config, image_shape):
     return Classifier(num_classes=config.input.num_classes, in_channels=channels,
                       feature_dim=config.model.feature_dim, channels=tuple(config.model.channels),
                       input_size=height, group_norm=bool(config.model.group_norm),
+                      arch=config.model.get('arch', 'cnn'),
                       dtype=models.DTYPES[config.model.dtype], param_dtype=jnp.float32,
                       rngs=nnx.Rngs(config.train.seed))
 

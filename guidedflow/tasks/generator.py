@@ -258,9 +258,11 @@ class GeneratorTask(tasks.Task):
       sampler = sampler_lib.Sampler.from_train_state(
           self.config, builder, state, image_shape, latent_space=space,
           classifier=sampler_lib.load_classifier(self.config, image_shape, space))
-      result.update(evaluate_lib.run(self.config, workdir, sampler,
-                                     feature_networks.load(self.config),
-                                     self.pixel_eval_dataset(), self.pixel_train_dataset()))
+      primary, *extra = feature_networks.names(self.config)
+      result.update(evaluate_lib.run(
+          self.config, workdir, sampler, feature_networks.load(self.config, primary),
+          self.pixel_eval_dataset(), self.pixel_train_dataset(),
+          extra_networks=[feature_networks.load(self.config, name) for name in extra]))
     return result
 
 
