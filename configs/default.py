@@ -22,6 +22,7 @@ def get_config():
   config.model.unet_channels = (32, 64, 128)   # U-Net channels per resolution (unet only)
   config.model.unet_num_residual_layers = 2    # residual blocks per U-Net stage (unet only)
   config.model.unet_norm = 'group'     # 'group' (GroupNorm in every residual block) | 'none' (unet only)
+  config.model.unet_attention_heads = 0  # > 0: self-attention with this many heads at the lowest resolution (unet only)
   config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16' (accelerators)
   config.model.param_dtype = 'float32'  # parameter dtype
   # dit: what the backward pass keeps of each block: 'none' | 'full' (block inputs only: least
@@ -78,7 +79,10 @@ def get_config():
 
   # ---- Training loop.
   config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 20_000
+  # Steps to train; None with train.time_budget_minutes > 0: the run measures its step rate
+  # in the warm-up and chooses the count that fits the budget (guidedflow/time_budget.py).
+  config.train.num_steps = config_dict.FieldReference(20_000, field_type=int)
+  config.train.time_budget_minutes = 0.0  # wall-clock budget of the whole run (0: none)
   config.train.batch_size = 128        # global batch, split over processes and devices
   config.train.seed = 0
   config.train.log_every_steps = 100
@@ -158,8 +162,13 @@ def get_config():
   # --mode=evaluate samples `samples_per_class` images per class from the EMA weights and
   # measures them with a feature network against the real eval split: FD, per-class FD,
   # precision/recall, density/coverage, class accuracy (see guidedflow/evaluate.py).
-  config.eval.feature_network = 'fmnist_classifier'  # 'fmnist_classifier' | 'inception_v3' | 'none' (held-out loss only)
+  config.eval.feature_network = 'fmnist_classifier'  # 'fmnist_classifier' | 'fmnist_gap_classifier' | 'fmnist_encoder' | 'inception_v3' | 'none' (held-out loss only)
   config.eval.classifier_workdir = 'runs/fmnist_classifier'  # made by: python -m guidedflow.main --config configs/fmnist_classifier.py --workdir runs/fmnist_classifier
+  # More judges: feature spaces measured beside eval.feature_network (FD, KID, per class, worst
+  # class in each; README "Judging samples"): 'fmnist_gap_classifier' | 'fmnist_encoder' | ...
+  config.eval.extra_feature_networks = ()
+  config.eval.gap_classifier_workdir = 'runs/fmnist_gap_classifier'  # made by: python -m guidedflow.main --config configs/fmnist_gap_classifier.py --workdir runs/fmnist_gap_classifier
+  config.eval.encoder_workdir = 'runs/fmnist_encoder'  # made by: python -m guidedflow.main --config configs/fmnist_encoder.py --workdir runs/fmnist_encoder
   config.eval.inception_weights = config_dict.placeholder(str)  # inception_v3: path to pt_inception-2015-12-05-6726825d.pth
   config.eval.reference_path = config_dict.placeholder(str)  # None: <workdir>/eval/reference_<split>_<network>_<n>.npz (cached)
   config.eval.feature_batch_size = 0   # images per feature-network call (0: 500 classifier, 50 Inception)

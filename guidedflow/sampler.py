@@ -44,7 +44,8 @@ def model_kwargs(config):
             'attention_impl': validation.get(config, 'model.attention_impl')}
   return {'channels': tuple(model.unet_channels),
           'num_residual_layers': model.unet_num_residual_layers,
-          'norm': validation.get(config, 'model.unet_norm')}
+          'norm': validation.get(config, 'model.unet_norm'),
+          'attention_heads': int(validation.get(config, 'model.unet_attention_heads'))}
 
 
 def compute_dtype(config, backend=None):

@@ -23,6 +23,7 @@ from guidedflow import input_pipeline
 from guidedflow import resume_config
 from guidedflow import sharding
 from guidedflow import tasks as tasks_lib
+from guidedflow import time_budget
 from guidedflow import train_state
 from guidedflow import validation
 
@@ -176,6 +177,34 @@ def _log_metrics(step, num_steps, pending, chrono, writer, batch_size, extra_key
   return summary
 
 
+def _write_config(config, workdir):
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
+
+
+def _fix_num_steps(config, num_steps, builder):
+  """Sets the run's step count (config and schedule); the train step must be made again."""
+  with config.unlocked():
+    config.train.num_steps = int(num_steps)
+  builder.set_num_steps(int(num_steps))
+  return int(num_steps)
+
+
+def _resume_budget(config, ckpt, start_step, builder, t_start):
+  """The `TimeBudget` that chooses this run's step count, or None: the count is given, or a
+  restored checkpoint's config has the count an earlier part of this run chose."""
+  if not time_budget.is_active(config):
+    return None
+  if start_step:
+    saved = (ckpt.restore_config(start_step) or {}).get('train', {}).get('num_steps')
+    if saved:
+      logging.info('Time budget: the run chose %d steps before it was interrupted; resuming '
+                   'with them.', saved)
+      _fix_num_steps(config, saved, builder)
+      return None
+  return time_budget.TimeBudget(config, t_start, start_step)
+
+
 def train_and_evaluate(config, workdir):
   """Trains the task of `config` in `workdir` (resuming from its newest checkpoint), then runs
   the task's final work.
@@ -193,14 +222,15 @@ def train_and_evaluate(config, workdir):
   task.prepare()
   builder = train_state.StateBuilder(task.model_constructor(dataset.image_shape), config,
                                      train_state.make_mesh(config))
-  num_steps, batch_size = config.train.num_steps, config.train.batch_size
+  batch_size = config.train.batch_size
   with contextlib.ExitStack() as stack:  # closes everything, also when training fails
     ckpt = stack.enter_context(train_state.open_checkpointer(config, workdir))
     state, data_state = train_state.restore_or_init(builder, ckpt,
                                                     check_config=resume_config.check)
-    if jax.process_index() == 0:
-      (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
     start_step = int(state['step'])
+    budget = _resume_budget(config, ckpt, start_step, builder, t_start)
+    _write_config(config, workdir)
+    num_steps = config.train.num_steps or time_budget.PROVISIONAL_STEPS
     logging.info('Task %s: %.3fM parameters; data %s %s (%d examples); mesh %s.', task.name,
                  builder.param_count(state) / 1e6, config.input.dataset, dataset.image_shape,
                  dataset.num_examples, dict(builder.mesh.shape))
@@ -228,6 +258,10 @@ def train_and_evaluate(config, workdir):
       if step == start_step + 1:
         chrono.first_step(state)
       pending.append(metrics)
+      if budget is not None and (chosen := budget.observe(step, state)) is not None:
+        num_steps = run.num_steps = chrono.num_steps = _fix_num_steps(config, chosen, builder)
+        train_step, budget = task.make_train_step(builder), None
+        _write_config(config, workdir)
       if itstime(step, config.train.log_every_steps, num_steps):
         _check_finite(state, ckpt, workdir)
         last_summary = _log_metrics(step, num_steps, pending, chrono, writer, batch_size,

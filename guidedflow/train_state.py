@@ -21,6 +21,7 @@ from flax import nnx
 from guidedflow import checkpointing
 from guidedflow import errors
 from guidedflow import sharding
+from guidedflow import time_budget
 
 SCHEDULES = ('constant', 'cosine')
 
@@ -76,8 +77,7 @@ class StateBuilder:
     self.config = config
     self.mesh = mesh
     self._construct = construct
-    self.tx = make_optimizer(config.optim, config.train.num_steps)
-    self.lr_schedule = learning_rate_schedule(config.optim, config.train.num_steps)
+    self.set_num_steps(time_budget.schedule_steps(config))
     self.use_ema = uses_ema(config)
     self.graphdef, _, _ = nnx.split(nnx.eval_shape(construct), nnx.Param, ...)
     self.batch_sharding = sharding.batch_sharding(mesh)
@@ -89,6 +89,13 @@ class StateBuilder:
     self._abstract = abstract
     self.shardings = sharding.state_shardings(abstract, mesh, min_shard_size=min_shard)
     self.rest = None
+
+  def set_num_steps(self, num_steps):
+    """Builds the optimizer and schedule for `num_steps` (a time-budgeted run calls it again
+    once it has chosen its count: the optimizer state's structure is the same for any count,
+    and the train step must be made again)."""
+    self.tx = make_optimizer(self.config.optim, num_steps)
+    self.lr_schedule = learning_rate_schedule(self.config.optim, num_steps)
 
   def _init_fn(self):
     """(train state, the model's non-parameter state) from scratch."""

@@ -20,8 +20,10 @@ from guidedflow import models
 from guidedflow import paths
 from guidedflow import sampling
 from guidedflow import sharding
+from guidedflow import time_budget
 from guidedflow import train_state
 from guidedflow.models import autoencoder
+from guidedflow.models import classifier
 from guidedflow.models import dit
 from guidedflow.models import precision
 from guidedflow.models import unet
@@ -68,7 +70,8 @@ _DEFAULTS = {'model.unet_norm': 'group', 'model.attention_impl': 'einsum',
              'sampling.guidance': 'cfg', 'sampling.classifier_scale': 0.0,
              'sampling.classifier_workdir': None, 'eval.classifier_scales': None,
              'train.allow_config_change': False, 'sampling.gather_weights': True,
-             'sampling.cpu_dots': 'auto', 'train.cpu_dots': 'auto'}
+             'sampling.cpu_dots': 'auto', 'train.cpu_dots': 'auto', 'model.arch': 'cnn', 'model.unet_attention_heads': 0,
+             'eval.extra_feature_networks': (), 'train.time_budget_minutes': 0.0}
 
 
 def get(config, dotted):
@@ -105,7 +108,9 @@ def _integers(config, keys, minimum=1):
 def validate_config(config):
   """Checks `config` for its task (`config.task`); raises ConfigError naming key and fix."""
   _choices(config, _COMMON_CHOICES)
-  _integers(config, _COMMON_POSITIVE)
+  _check_time_budget(config)
+  _integers(config, tuple(k for k in _COMMON_POSITIVE
+                          if not (k == 'train.num_steps' and time_budget.is_active(config))))
   _integers(config, _COMMON_EVERY, minimum=0)
   _check_optim(config)
   _check_mesh(config)
@@ -119,6 +124,26 @@ def validate_config(config):
   if task not in checks:
     raise errors.ConfigError(f'config.task={task!r} is not one of {tuple(checks)}.')
   checks[task](config)
+
+
+def _check_time_budget(config):
+  """`train.time_budget_minutes`: a number >= 0; with a budget choosing the step count, a
+  warm-up long enough to measure the step rate in (time_budget.py)."""
+  _check_number(config, 'train.time_budget_minutes', at_least=0, example='25')
+  if config.train.num_steps is None and not time_budget.minutes(config):
+    raise errors.ConfigError('config.train.num_steps is not set: give it (e.g. '
+                             '--config.train.num_steps=6000) or a time budget (e.g. '
+                             '--config.train.time_budget_minutes=25).')
+  if not time_budget.is_active(config):
+    return
+  warmup = get(config, 'optim.warmup_steps')
+  constant = get(config, 'optim.schedule') == 'constant' and warmup == 0
+  if not constant and warmup < time_budget.MIN_WARMUP:
+    raise errors.ConfigError(
+        f'config.train.time_budget_minutes needs config.optim.warmup_steps >= '
+        f'{time_budget.MIN_WARMUP} (got {warmup}): the step rate is measured in the warm-up, '
+        'whose learning rate does not depend on the step count; raise the warm-up or set '
+        '--config.train.num_steps.')
 
 
 def _check_number(config, key, *, above=None, at_least=None, example=''):
@@ -174,7 +199,7 @@ def _check_classifier(config):
   if not config.model.channels or any(int(c) < 1 for c in config.model.channels):
     raise errors.ConfigError(f'config.model.channels={config.model.channels!r} must be a '
                              'non-empty tuple of positive conv widths, e.g. (32, 64, 128).')
-  _choices(config, {'model.dtype': tuple(models.DTYPES)})
+  _choices(config, {'model.dtype': tuple(models.DTYPES), 'model.arch': classifier.ARCHS})
 
 
 def _check_noisy_classifier(config):
@@ -309,3 +334,10 @@ def _check_eval(config):
     if method not in sampling.METHODS:
       raise errors.ConfigError(f'config.eval.methods={evaluation.methods!r}: {method!r} is not '
                                f'one of {sampling.METHODS}.')
+  extra = feature_networks.extra_names(config) if 'eval' in config else ()
+  for name in extra:
+    if name not in feature_networks.NAMES:
+      raise errors.ConfigError(
+          f'config.eval.extra_feature_networks={tuple(extra)!r}: {name!r} is not one of '
+          f'{feature_networks.NAMES}, e.g. --config.eval.extra_feature_networks='
+          'fmnist_gap_classifier,fmnist_encoder')

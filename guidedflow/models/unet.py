@@ -124,18 +124,61 @@ class Encoder(nnx.Module):
     return self.downsample(x)
 
 
+class SelfAttention(nnx.Module):
+  """x + out(attention(LayerNorm(x))) over the H·W positions, `num_heads` heads; the output
+  projection starts at zero, so the block is the identity at initialisation (as the residual
+  blocks without norm). At the lowest resolution (7×7 for 28×28 images) it gives every position
+  the whole image (a bag's handle and its body) for a few % of the step."""
+
+  def __init__(self, channels: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    if channels % num_heads:
+      raise ValueError(f'U-Net attention: {channels} channels do not split into {num_heads} '
+                       'heads.')
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.num_heads = num_heads
+    self.norm = nnx.LayerNorm(channels, **kw,
+                              scale_init=partitioned(nnx.initializers.ones_init(), (None,)),
+                              bias_init=partitioned(nnx.initializers.zeros_init(), (None,)))
+    self.qkv = nnx.Linear(channels, 3 * channels, **kw,
+                          kernel_init=partitioned(nnx.initializers.lecun_normal(),
+                                                  ('conv_out', None)),
+                          bias_init=partitioned(nnx.initializers.zeros_init(), (None,)))
+    self.out = nnx.Linear(channels, channels, **kw,
+                          kernel_init=partitioned(nnx.initializers.zeros_init(),
+                                                  (None, 'conv_out')),
+                          bias_init=partitioned(nnx.initializers.zeros_init(), ('conv_out',)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    tokens = self.norm(x.reshape(b, h * w, c))  # (B, T, C)
+    q, k, v = jnp.split(self.qkv(tokens).reshape(b, h * w, 3, self.num_heads, -1), 3, axis=2)
+    q, k, v = (a[:, :, 0] for a in (q, k, v))  # (B, T, heads, C / heads)
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    attended = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, h * w, c)
+    return x + self.out(attended).reshape(b, h, w, c)
+
+
 class Midcoder(nnx.Module):
-  """Residual blocks at the lowest resolution."""
+  """Residual blocks at the lowest resolution; with `attention_heads`, self-attention after
+  each of them but the last."""
 
   def __init__(self, channels: int, num_residual_layers: int, t_embed_dim: int,
-               y_embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, norm: str = 'group'):
+               y_embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, norm: str = 'group',
+               attention_heads: int = 0):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.res_blocks = nnx.List([
-        ResidualLayer(channels, t_embed_dim, y_embed_dim, dtype=dtype, param_dtype=param_dtype,
-                      rngs=rngs, norm=norm) for _ in range(num_residual_layers)])
+        ResidualLayer(channels, t_embed_dim, y_embed_dim, norm=norm, **kw)
+        for _ in range(num_residual_layers)])
+    self.attention = (nnx.List([SelfAttention(channels, attention_heads, **kw)
+                                for _ in range(max(num_residual_layers - 1, 1))])
+                      if attention_heads else None)
 
   def __call__(self, x, t_emb, y_emb=None):
-    for block in self.res_blocks:
+    for i, block in enumerate(self.res_blocks):
       x = block(x, t_emb, y_emb)
+      if self.attention is not None and i < len(self.attention):
+        x = self.attention[i](x)
     return x
 
 
@@ -189,12 +232,15 @@ class UNet(nnx.Module):
     norm: 'group' (GroupNorm before each conv of a residual block) or 'none' (no normalisation;
       residual blocks start as identities). On a CPU 'none' trains ~2× faster (GroupNorm is
       elementwise work that XLA:CPU runs on one core).
+    attention_heads: > 0: self-attention with this many heads in the midcoder (the lowest
+      resolution), between its residual blocks; 0: none (the lecture's U-Net).
   """
 
   def __init__(self, *, input_size: int | Sequence[int], in_channels: int, num_classes: int,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
                channels: Sequence[int] = (32, 64, 128), num_residual_layers: int = 2,
-               t_embed_dim: int = 40, y_embed_dim: int = 40, norm: str = 'group'):
+               t_embed_dim: int = 40, y_embed_dim: int = 40, norm: str = 'group',
+               attention_heads: int = 0):
     if norm not in NORMS:
       raise ValueError(f"U-Net norm must be 'group' or 'none', got {norm!r}.")
     self.norm = norm
@@ -225,7 +271,7 @@ class UNet(nnx.Module):
     self.encoders = nnx.List([Encoder(a, b, num_residual_layers, t_embed_dim, y_embed_dim,
                                       **block_kw) for a, b in pairs])
     self.midcoder = Midcoder(self.channels[-1], num_residual_layers, t_embed_dim, y_embed_dim,
-                             **block_kw)
+                             attention_heads=int(attention_heads), **block_kw)
     self.decoders = nnx.List([Decoder(b, a, num_residual_layers, t_embed_dim, y_embed_dim,
                                       **block_kw) for a, b in reversed(pairs)])
     self.final_conv = conv3x3(c0, self.in_channels, zero=True, **kw)
@@ -265,6 +311,9 @@ class UNet(nnx.Module):
       macs += nr * res(hw, c_in) + conv(hw // 4, c_in, c_out)
       hw //= 4
     macs += nr * res(hw, self.channels[-1])
+    if self.midcoder.attention is not None:  # qkv and output projections, scores and sums
+      c = self.channels[-1]
+      macs += len(self.midcoder.attention) * (4 * hw * c * c + 2 * hw * hw * c)
     for c_in, c_out in zip(self.channels[::-1][:-1], self.channels[::-1][1:]):
       hw *= 4
       macs += conv(hw, c_in, c_out) + nr * res(hw, c_out)
