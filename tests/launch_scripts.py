@@ -10,7 +10,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch')
-SCRIPTS = ('tpu_vm.sh', 'gpu.sh', 'slurm.sbatch', 'local_multiprocess.sh')
+SCRIPTS = ('tpu_vm.sh', 'gpu.sh', 'slurm.sbatch', 'local_multiprocess.sh', 'make_venv.sh')
 BASH = shutil.which('bash')
 SYSTEM_PATH = '/usr/bin:/bin'
 

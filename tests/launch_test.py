@@ -34,6 +34,7 @@ _HELP_MENTIONS = {
                               'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
                               'XLA_FLAGS', 'xla_force_host_platform_device_count',
                               'process_<i>.log', 'process_<i>.pid'],
+    'make_venv.sh': ['DIR', '.venv', 'python3.12', 'pyenv', 'PYENV_VERSION', 'PYTHON'],
 }
 
 
@@ -348,3 +349,47 @@ def test_local_multiprocess_bad_arguments(tmp_path, args, message):
   result = _local('--log-dir', str(tmp_path / 'logs'), *args, timeout=30)
   assert result.returncode != 0 and message in result.stderr
   assert not (tmp_path / 'logs' / 'process_0.pid').exists()
+
+
+# ----------------------------------------------------------------------------- make_venv.sh
+
+
+_FAKE_PYTHON_312 = RECORDER + r"""
+case "$1" in
+  --version) echo "Python 3.12.9" ;;
+  -m) mkdir -p "$3/bin" && printf '#!/bin/sh\necho "Python 3.12.9"\n' > "$3/bin/python" &&
+      chmod +x "$3/bin/python" ;;
+esac
+"""
+
+
+def test_make_venv_takes_the_newest_python_that_runs(tmp_path, fake_bin):
+  """python3.13 on the PATH is a shim that fails (pyenv's inactive version): skipped for
+  python3.12, which creates the venv; a second call keeps it."""
+  fake_executable(fake_bin, 'python3.13', RECORDER + 'echo "pyenv: python3.13: command not found" >&2; exit 127\n')
+  fake_executable(fake_bin, 'python3.12', _FAKE_PYTHON_312)
+  env = clean_env(tmp_path, fake_bin)
+  venv = tmp_path / 'venv'
+  result = run_script('make_venv.sh', str(venv), env=env)
+  assert result.returncode == 0, result.stderr
+  assert 'with python3.12 (Python 3.12.9)' in result.stdout
+  assert ['python3.12', '-m', 'venv', str(venv)] in recorded_calls(tmp_path)
+  result = run_script('make_venv.sh', str(venv), env=env)
+  assert 'exists (Python 3.12.9); kept' in result.stdout
+
+
+def test_make_venv_falls_back_to_python3(tmp_path, fake_bin):
+  fake_executable(fake_bin, 'python3', RECORDER + r"""
+case "$1" in
+  -c) exit 1 ;;  # Python 3.11: not >= 3.12
+  --version) echo "Python 3.11.7" ;;
+  -m) mkdir -p "$3/bin" ;;
+esac
+""")
+  # python3.13 / python3.12 that fail (not installed, or inactive pyenv shims), no pyenv.
+  for name in ('python3.13', 'python3.12'):
+    fake_executable(fake_bin, name, RECORDER + 'exit 127\n')
+  result = run_script('make_venv.sh', str(tmp_path / 'venv'), env=clean_env(tmp_path, fake_bin))
+  assert result.returncode == 0, result.stderr
+  assert 'no Python >= 3.12 found; using python3' in result.stdout
+  assert ['python3', '-m', 'venv', str(tmp_path / 'venv')] in recorded_calls(tmp_path)
