@@ -1,4 +1,4 @@
-"""Sample-quality metrics on feature vectors: Fréchet and kernel distance, precision/recall, density/coverage.
+"""Sample-quality metrics on features: Fréchet and kernel distance, precision/recall, density/coverage.
 
 Features are arrays `(N, D)` produced by a `FeatureNetwork` (implemented elsewhere: the
 Fashion-MNIST classifier, Inception-v3). Nearest-neighbour metrics compare every pair of points,

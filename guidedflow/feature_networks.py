@@ -4,9 +4,9 @@ Four networks: the two Fashion-MNIST classifiers guidedflow trains itself (workd
 classifier task: `configs/fmnist_classifier.py`, and `configs/fmnist_gap_classifier.py`, another
 architecture trained without augmentation), the encoder of a label-free autoencoder
 (`configs/fmnist_encoder.py`: its latent means are the features, it has no logits), and the FID
-Inception-v3 (user-provided pytorch-fid weights). Both run through `FeatureNetwork`: one padded-batch runner (fixed batch
-shape, so one compile), one fingerprint of the weights (references cached under another
-network's weights are refused).
+Inception-v3 (user-provided pytorch-fid weights). All run through `FeatureNetwork`: one
+padded-batch runner (fixed batch shape, so one compile), one fingerprint of the weights
+(references cached under another network's weights are refused).
 """
 
 import os

@@ -284,13 +284,19 @@ def train_and_evaluate(config, workdir):
       save(step)
     with chrono.paused():
       result = task.final(run, state)
-    result = {'task': task.name, 'step': step, 'num_steps': num_steps,
-              'image_shape': list(run.image_shape), **result,
-              **{f'train_{k}': round(v, 5) for k, v in last_summary.items()
-                 if k in ('loss', 'accuracy')},
-              'setup_s': round(chrono.t_start - t_start, 2), **chrono.summary(step),
-              'seconds': round(time.time() - t_start, 2)}
-    if jax.process_index() == 0:
-      (epath.Path(workdir) / 'result.json').write_text(json.dumps(result, indent=2))
-    logging.info('Done: %s', json.dumps(result))
-    return state, result
+    return state, _finish(task, run, step, result, last_summary, chrono, t_start)
+
+
+def _finish(task, run, step, result, last_summary, chrono, t_start):
+  """The run's result (the task's, with the loop's step, losses and times): logged, and
+  written to <workdir>/result.json."""
+  result = {'task': task.name, 'step': step, 'num_steps': run.num_steps,
+            'image_shape': list(run.image_shape), **result,
+            **{f'train_{k}': round(v, 5) for k, v in last_summary.items()
+               if k in ('loss', 'accuracy')},
+            'setup_s': round(chrono.t_start - t_start, 2), **chrono.summary(step),
+            'seconds': round(time.time() - t_start, 2)}
+  if jax.process_index() == 0:
+    (epath.Path(run.workdir) / 'result.json').write_text(json.dumps(result, indent=2))
+  logging.info('Done: %s', json.dumps(result))
+  return result
