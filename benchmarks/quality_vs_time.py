@@ -46,6 +46,8 @@ flags.DEFINE_string('label', None, 'Name of the run in the output (default: the 
 flags.DEFINE_string('out', None, 'Append one JSON line per checkpoint here.')
 flags.DEFINE_list('plot', None, 'Instead of measuring: plot these JSON-lines files to --figure.')
 flags.DEFINE_string('figure', 'quality_vs_time.png', 'The figure of --plot.')
+flags.DEFINE_enum('metric', 'fd', ['fd', 'kid'], 'What --plot draws: FD (compare curves of one N) '
+                  'or KID with its standard error (comparable across N, noisier).')
 
 
 def _minutes(result, step):
@@ -88,23 +90,26 @@ def measure(config, workdir):
           f.write(json.dumps(line) + '\n')
 
 
-def plot(files, figure):
+def plot(files, figure, metric='fd'):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   lines = [json.loads(l) for path in files for l in open(path) if l.strip()]
   spaces = [k for k in lines[0] if isinstance(lines[0][k], dict) and 'kid' in lines[0][k]]
+  scale, label = (1e3, 'KID × 1e3') if metric == 'kid' else (1.0, 'FD')
   fig, axes = plt.subplots(1, len(spaces), figsize=(4 * len(spaces), 3.4))
   for ax, space in zip(np.atleast_1d(axes), spaces):
     for run in dict.fromkeys(l['run'] for l in lines):
-      points = sorted((l['minutes'], l[space]['kid'] * 1e3, l[space]['kid_se'] * 1e3)
+      points = sorted((l['minutes'], l[space][metric] * scale,
+                       l[space]['kid_se'] * scale if metric == 'kid' else 0.0)
                       for l in lines if l['run'] == run)
       xs, ys, es = zip(*points)
-      ax.errorbar(xs, ys, yerr=es, marker='o', capsize=2, label=run)
+      ax.errorbar(xs, ys, yerr=es if metric == 'kid' else None, marker='o', capsize=2, label=run)
     ax.set_title(space, fontsize=9)
     ax.set_xlabel('training wall-clock (min)')
-    ax.set_ylabel('KID × 1e3 (lower is better)')
-    ax.set_yscale('log')
+    ax.set_ylabel(f'{label} (lower is better)')
+    if metric == 'fd':
+      ax.set_yscale('log')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
@@ -115,7 +120,7 @@ def plot(files, figure):
 def main(argv):
   del argv
   if FLAGS.plot:
-    plot(FLAGS.plot, FLAGS.figure)
+    plot(FLAGS.plot, FLAGS.figure, FLAGS.metric)
     return
   if not FLAGS.workdir or FLAGS.config is None:
     raise app.UsageError('--config and --workdir are required (or --plot FILES).')

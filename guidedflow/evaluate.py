@@ -292,7 +292,7 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
                                              classifier_scale=w_c)
     logging.info('%s w=%g w_c=%s: %s', sampler.guidance, w, w_c, json.dumps(_summary(row)))
     rows.append(row)
-    _worst_class_figure(out_dir, f'worst_class_w{w:g}.png', row, images, labels, evaluator)
+    _worst_class_figure(out_dir, f'worst_class_w{w:g}', row, images, labels, evaluator)
     grid_columns.append(first_per_class(images, labels, num_classes,
                                          config.eval.grid_rows_per_class))
   if len(rows) == 1:
@@ -320,7 +320,7 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
                                        method=method, num_steps=int(num_steps))
         logging.info('%s %d steps: %s', method, num_steps, json.dumps(_summary(row)))
         step_rows.append(row)
-        _worst_class_figure(out_dir, f'worst_class_{method}{num_steps}.png', row, images,
+        _worst_class_figure(out_dir, f'worst_class_{method}{num_steps}', row, images,
                             labels, evaluator)
     result['steps_sweep'] = step_rows
     _write_sweep(out_dir, 'steps_sweep', step_rows, [], 'nfe', 'NFE per sample',
@@ -345,23 +345,26 @@ def _class_names(config, num_classes):
 
 
 def _worst_class_figure(out_dir, name, row, images, labels, evaluator, count=40):
-  """<out_dir>/<name>: `count` samples of the row's worst class (by FD in the primary space)
-  on the left, as many real held-out images of that class on the right."""
-  worst = row.get('worst_class')
-  if worst is None or jax.process_index() != 0:
+  """<out_dir>/<name>.png: `count` samples of the row's worst class (by FD in the primary
+  space) on the left, as many real held-out images of that class on the right; and
+  <name>_class<c>.png for a class that is worst in another space."""
+  if jax.process_index() != 0:
     return
-  fake = images[labels == worst][:count]
-  real = evaluator.real_images[evaluator.real_labels == worst][:len(fake)]
-  if not len(fake) or len(real) < len(fake):
-    return
-  cols = 8
-  rows = -(-len(fake) // cols)
-  pad = lambda x: np.concatenate([x, np.zeros((rows * cols - len(x),) + x.shape[1:], x.dtype)])
-  left = images_lib.make_grid(pad(fake), rows=rows, cols=cols)
-  right = images_lib.make_grid(pad(real), rows=rows, cols=cols)
-  gap = np.full((left.shape[0], 8) + left.shape[2:], 255, np.uint8)
-  images_lib.save_png(os.path.join(out_dir, name), np.concatenate([left, gap, right], axis=1),
-                      upscale=2)
+  spaces = judges.spaces_of(row, evaluator.network.name)
+  worst = [m['worst_class'] for m in spaces.values() if m.get('worst_class') is not None]
+  for i, c in enumerate(dict.fromkeys(worst)):
+    fake = images[labels == c][:count]
+    real = evaluator.real_images[evaluator.real_labels == c][:len(fake)]
+    if not len(fake) or len(real) < len(fake):
+      continue
+    cols = 8
+    rows = -(-len(fake) // cols)
+    pad = lambda x: np.concatenate([x, np.zeros((rows * cols - len(x),) + x.shape[1:], x.dtype)])
+    left = images_lib.make_grid(pad(fake), rows=rows, cols=cols)
+    right = images_lib.make_grid(pad(real), rows=rows, cols=cols)
+    gap = np.full((left.shape[0], 8) + left.shape[2:], 255, np.uint8)
+    images_lib.save_png(os.path.join(out_dir, f'{name}.png' if not i else f'{name}_class{c}.png'),
+                        np.concatenate([left, gap, right], axis=1), upscale=2)
 
 
 def _write_sweep(out_dir, name, rows, extra_rows, x_key, x_label, title, **plot_kwargs):

@@ -56,7 +56,7 @@ class TimeBudget:
     self.budget_s = minutes(config) * 60
     self.t_start = t_start
     self.start_step = start_step
-    warmup = int(config.optim.warmup_steps)
+    warmup = self.warmup = int(config.optim.warmup_steps)
     if config.optim.get('schedule', 'constant') == 'constant' and warmup == 0:
       end = start_step + PROBE_LAST  # the schedule is one constant: any step will do
     else:
@@ -68,8 +68,9 @@ class TimeBudget:
     self._t_first = None
     self.batch_size = int(config.train.batch_size)
 
-  def observe(self, step, state):
-    """Call after each step with the new train state. Returns the chosen step count after step
+  def observe(self, step, state, compile_s=0.0):
+    """Call after each step with the new train state and the first step's compile time (the
+    step is compiled again for the chosen count). Returns the chosen step count after step
     `self.last`, else None."""
     if step not in (self.first, self.last):
       return None
@@ -79,13 +80,15 @@ class TimeBudget:
       return None
     now = time.time()
     steps_per_s = (self.last - self.first) / max(now - self._t_first, 1e-9)
-    left_s = self.budget_s * (1 - RESERVED_SHARE) - (now - self.t_start)
+    left_s = self.budget_s * (1 - RESERVED_SHARE) - (now - self.t_start) - compile_s
     chosen = step + max(int(math.floor(left_s * steps_per_s)), 0)
-    if chosen <= step:
+    if chosen <= max(step, self.warmup):
       raise errors.ConfigError(
-          f'config.train.time_budget_minutes={self.budget_s / 60:g} leaves no time to train: '
-          f'{now - self.t_start:.0f} s are spent by step {step} at {steps_per_s:.2f} steps/s; '
-          'raise the budget or set --config.train.num_steps.')
+          f'config.train.time_budget_minutes={self.budget_s / 60:g} leaves time for '
+          f'{chosen} steps ({now - self.t_start:.0f} s spent by step {step}, '
+          f'{steps_per_s:.2f} steps/s), no more than the warm-up\'s {self.warmup} '
+          '(config.optim.warmup_steps): raise the budget, lower the warm-up, or set '
+          '--config.train.num_steps.')
     logging.info('Time budget %g min: %.2f steps/s (%.0f img/s) measured over steps %d-%d, '
                  '%.0f s spent -> %d steps (the schedule and config.json say so; rerun with '
                  '--config.train.num_steps=%d to repeat the run on another machine).',

@@ -258,7 +258,7 @@ def train_and_evaluate(config, workdir):
       if step == start_step + 1:
         chrono.first_step(state)
       pending.append(metrics)
-      if budget is not None and (chosen := budget.observe(step, state)) is not None:
+      if budget is not None and (chosen := budget.observe(step, state, chrono.compile_s)) is not None:
         num_steps = run.num_steps = chrono.num_steps = _fix_num_steps(config, chosen, builder)
         train_step, budget = task.make_train_step(builder), None
         _write_config(config, workdir)

@@ -176,3 +176,24 @@ def test_memory_compiled_smoke_formula_and_compiler_agree():
     # The formula and XLA:TPU agree on the whole (README: within 10% from S/2 to XL/2).
     assert 0.5 < r['compiled_total_gib'] / r['formula_total_gib'] < 2.0, r
   assert 0.5 < rows[1]['compiled_per_sample_mib'] / rows[1]['formula_per_sample_mib'] < 2.0
+
+
+def test_quality_vs_time_plots_every_space_and_reads_minutes_off_the_result(tmp_path):
+  lines = tmp_path / 'curves.jsonl'
+  rows = [{'run': run, 'step': step, 'minutes': minutes, 'w': 1.5, 'num_samples': 1000,
+           'sharpness': {'edge_gradient': 0.9},
+           **{space: {'fd': 10.0, 'kid': kid, 'kid_se': kid / 10} for space in ('cls', 'enc')}}
+          for run, step, minutes, kid in (('a', 100, 5.0, 3e-3), ('a', 200, 10.0, 2e-3),
+                                          ('b', 100, 6.0, 4e-3))]
+  lines.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  figure = tmp_path / 'curves.png'
+  out = _run('quality_vs_time.py', f'--plot={lines}', f'--figure={figure}')
+  assert 'wrote' in out and figure.stat().st_size > 10_000
+  spec = importlib.util.spec_from_file_location(
+      'quality_vs_time', os.path.join(REPO, 'benchmarks', 'quality_vs_time.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  result = {'steps_this_run': 1000, 'num_steps': 1000, 'setup_s': 30.0, 'compile_s': 30.0,
+            'train_s': 1080.0, 'periodic_s': 60.0}
+  assert module._minutes(result, 500) == 10.5  # 1 min + half of 19 min  pylint: disable=protected-access
+  assert module._minutes(result, 1000) == 20.0  # pylint: disable=protected-access

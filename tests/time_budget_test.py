@@ -17,7 +17,7 @@ from guidedflow import validation
 from guidedflow import sampler as sampler_lib
 
 
-def _config(budget_minutes=0.25, num_steps=None):
+def _config(budget_minutes=0.5, num_steps=None):
   config = tiny.get_config()
   config.train.num_steps = config_dict.placeholder(int)
   config.train.num_steps = num_steps
@@ -50,7 +50,7 @@ def test_budget_chooses_and_records_a_count_within_the_budget(budgeted):
   chosen = result['num_steps']
   assert result['step'] == chosen > time_budget.PROBE_LAST
   saved = json.loads((workdir / 'config.json').read_text())
-  assert saved['train']['num_steps'] == chosen and saved['train']['time_budget_minutes'] == 0.25
+  assert saved['train']['num_steps'] == chosen and saved['train']['time_budget_minutes'] == 0.5
 
 
 def test_budgeted_run_equals_the_run_given_its_count(budgeted, tmp_path):
@@ -91,5 +91,5 @@ def test_constant_schedule_needs_no_warmup():
 
 
 def test_a_budget_spent_before_training_is_one_clear_error(tmp_path):
-  with pytest.raises(errors.ConfigError, match='leaves no time to train'):
+  with pytest.raises(errors.ConfigError, match='no more than the warm-up'):
     train.train_and_evaluate(_config(budget_minutes=0.001), str(tmp_path))
