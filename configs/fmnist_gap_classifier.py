@@ -6,7 +6,7 @@ flips): two 3×3 convs per stage with strided down-sampling, globally averaged f
 augmentation, another seed. A recipe tuned against one feature space can win it and not
 another; `--mode=evaluate` reports FD and KID in every space (README, "Judging samples").
 
-Usage (about 3 minutes on a 2-core CPU):
+Usage (about 3–5 minutes on a quiet 2-core CPU):
   python -m guidedflow.main --config configs/fmnist_gap_classifier.py \
       --workdir runs/fmnist_gap_classifier
 """

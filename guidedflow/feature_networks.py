@@ -28,7 +28,7 @@ NAMES = ('fmnist_classifier', 'fmnist_gap_classifier', 'fmnist_encoder', 'incept
 # CPU, rounded up, quoted in the not-found error).
 _TRAINED = {'fmnist_classifier': ('configs/fmnist_classifier.py', 'classifier_workdir', 4),
             'fmnist_gap_classifier': ('configs/fmnist_gap_classifier.py',
-                                      'gap_classifier_workdir', 4),
+                                      'gap_classifier_workdir', 5),
             'fmnist_encoder': ('configs/fmnist_encoder.py', 'encoder_workdir', 12)}
 
 
