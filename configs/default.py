@@ -128,7 +128,7 @@ def get_config():
   config.sampling.grid_samples_per_class = 4  # images per (class, w) cell of the grid
   config.sampling.grid_classes = config_dict.placeholder(tuple)  # None: every class; or a tuple of class ids (grid rows)
 
-  # ---- Device mesh and processes (guidedflow/sharding.py; README "Scaling out").
+  # ---- Device mesh and processes (guidedflow/sharding.py; docs/scaling.md).
   config.mesh = ml_collections.ConfigDict()
   # (data, fsdp, tensor) sizes, -1 = all remaining devices. The batch is split over
   # data × fsdp; parameters, optimizer state and EMA over fsdp (ZeRO-3) and tensor (heads/MLP).
@@ -165,7 +165,7 @@ def get_config():
   config.eval.feature_network = 'fmnist_classifier'  # 'fmnist_classifier' | 'fmnist_gap_classifier' | 'fmnist_encoder' | 'inception_v3' | 'none' (held-out loss only)
   config.eval.classifier_workdir = 'runs/fmnist_classifier'  # made by: python -m guidedflow.main --config configs/fmnist_classifier.py --workdir runs/fmnist_classifier
   # More judges: feature spaces measured beside eval.feature_network (FD, KID, per class, worst
-  # class in each; README "Judging samples"): 'fmnist_gap_classifier' | 'fmnist_encoder' | ...
+  # class in each; docs/quality.md): 'fmnist_gap_classifier' | 'fmnist_encoder' | ...
   config.eval.extra_feature_networks = ()
   config.eval.gap_classifier_workdir = 'runs/fmnist_gap_classifier'  # made by: python -m guidedflow.main --config configs/fmnist_gap_classifier.py --workdir runs/fmnist_gap_classifier
   config.eval.encoder_workdir = 'runs/fmnist_encoder'  # made by: python -m guidedflow.main --config configs/fmnist_encoder.py --workdir runs/fmnist_encoder

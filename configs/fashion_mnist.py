@@ -62,16 +62,16 @@ def get_config(variant='unet'):
 
   config.sampling.method = 'heun'
   # Heun saturates by 10 steps here (NFE 38 with CFG): 25 steps (NFE 98) scored no better in an
-  # independent evaluation (issue 44) nor in benchmarks/quality_vs_nfe.py (README, Results).
+  # independent evaluation (issue 44) nor in benchmarks/quality_vs_nfe.py (docs/evaluation.md, "Evaluation and results").
   config.sampling.num_steps = 10
-  config.sampling.guidance_scale = 1.5  # the FD optimum of the N = 5,000 sweep (README results)
+  config.sampling.guidance_scale = 1.5  # the FD optimum of the N = 5,000 sweep (docs/evaluation.md)
   config.sampling.grid_guidance_scales = (1.0, 2.0, 4.0)
   config.sampling.grid_samples_per_class = 6
   config.eval.num_batches = 20
   # --mode=evaluate: 500 samples per class = 5,000 per w (FD at N = 1,000 is biased upwards and
   # hard to compare).
   config.eval.samples_per_class = 500
-  # Three judges (README, "Judging samples"): the classifier above (eval.feature_network), a
+  # Three judges (docs/quality.md): the classifier above (eval.feature_network), a
   # classifier of another architecture trained without augmentation, and a label-free encoder.
   config.eval.extra_feature_networks = ('fmnist_gap_classifier', 'fmnist_encoder')
   return config

@@ -1,6 +1,6 @@
 """Fashion-MNIST in latent space: a DiT on the 7×7 latents of guidedflow's own autoencoder.
 
-Latent diffusion in four commands (2-core CPU; timings in the README, "Latent diffusion"; the
+Latent diffusion in four commands (2-core CPU; timings in docs/latent_diffusion.md; the
 second classifier, another seed, is the autoencoder's feature loss):
   python -m guidedflow.main --config configs/fmnist_classifier.py --workdir runs/fmnist_classifier
   python -m guidedflow.main --config configs/fmnist_classifier.py \
@@ -30,8 +30,7 @@ def get_config(variant='XS/1'):
                                         # pixel default trains without mirrors: compare alike
   config.autoencoder.batch_size = 500
 
-  # The training wall-clock of the pixel default it is measured against (README, "Latent
-  # diffusion"): 6,400 U-Net steps of 32 train in 1,629 s at 125 img/s on the README's 2-core
+  # The training wall-clock of the pixel default it is measured against (docs/latent_diffusion.md): 6,400 U-Net steps of 32 train in 1,629 s at 125 img/s on docs/training.md's 2-core
   # Xeon, where this DiT trains at 93 img/s reading the cache: 4,700 steps of 32.
   config.train.num_steps = 4_700
   config.train.batch_size = 32

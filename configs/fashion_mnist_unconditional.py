@@ -1,7 +1,7 @@
 """Fashion-MNIST, an unconditional generator: the generator of classifier guidance.
 
 The default recipe (configs/fashion_mnist.py: its U-Net and optimizer) at 3,600 steps of 32, the
-conditional generator's length when classifier guidance was measured against CFG (README,
+conditional generator's length when classifier guidance was measured against CFG (docs/classifier_guidance.md,
 "Classifier guidance"; 14–25 minutes on a 2-core CPU), trained with label_dropout = 1: every
 label is the null label ∅, so the network learns u_t(x) alone and costs exactly what the
 conditional generator costs. It samples class y only through a noise-aware classifier
@@ -26,7 +26,7 @@ from configs import fashion_mnist
 def get_config():
   config = fashion_mnist.get_config('unet')
   config.loss.label_dropout = 1.0  # unconditional: the label embedding sees only ∅
-  # The length CFG and CG were compared at (README); the conditional default now trains longer
+  # The length CFG and CG were compared at (docs/classifier_guidance.md); the conditional default now trains longer
   # (configs/fashion_mnist.py), its 3,600-step twin is --config.train.num_steps=3600.
   config.train.num_steps = 3_600
   config.train.sample_every_steps = 1_800
@@ -36,7 +36,7 @@ def get_config():
   config.sampling.grid_guidance_scales = (1.0,)
   # Sampling and evaluation: u(x) + w_c b_t ∇log p_t(y|x) with the noise-aware classifier.
   config.sampling.guidance = 'classifier'
-  # Measured (README, N = 1,000, Heun 10): guiding on t ∈ [0.1, 1] at w_c = 2 gives FD 49.7 and
+  # Measured (docs/classifier_guidance.md, N = 1,000, Heun 10): guiding on t ∈ [0.1, 1] at w_c = 2 gives FD 49.7 and
   # class accuracy 0.54, against FD 71.1 / accuracy 0.51 at w_c = 1 from t = 0 (b_t = (1 − t)/t is
   # 999 at the grid's first time, where the classifier is at chance).
   config.sampling.classifier_scale = 2.0

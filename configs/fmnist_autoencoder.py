@@ -24,7 +24,7 @@ def get_config():
   config.task = 'autoencoder'  # guidedflow/tasks/autoencoder.py
 
   # ---- Model (guidedflow/models/autoencoder.py): two down-samplings, 28 → 14 → 7. Pilots
-  # (README, "Latent diffusion"): widths 16/32/32 with 4 latent channels reached PSNR 24.4 dB,
+  # (docs/latent_diffusion.md): widths 16/32/32 with 4 latent channels reached PSNR 24.4 dB,
   # with 8 25.8 dB (2,000 steps); widths 32/64/64, 8 channels, 3,000 steps: 28.8 dB (28.6 with
   # the feature loss).
   config.model = ml_collections.ConfigDict()
@@ -36,7 +36,7 @@ def get_config():
 
   # ---- Loss: per-pixel reconstruction + KL (LDM's weight) + classifier features. The feature
   # loss (weight 0.5) keeps the class evidence that L1 alone smooths away (prints, checks,
-  # straps): reconstruction accuracy 0.9154 vs 0.910 without it, FD 0.17 vs 1.53 (README,
+  # straps): reconstruction accuracy 0.9154 vs 0.910 without it, FD 0.17 vs 1.53 (docs/latent_diffusion.md,
   # "Latent diffusion"). Its classifier is a second one (seed 1), so the evaluation's classifier
   # (seed 0) still measures independently.
   config.loss = ml_collections.ConfigDict()
@@ -57,7 +57,7 @@ def get_config():
   # ---- Training loop.
   config.train = ml_collections.ConfigDict()
   config.train.allow_config_change = False  # see configs/default.py
-  config.train.num_steps = 3_000       # 51 min on the 2-core Xeon of the README (65 img/s)
+  config.train.num_steps = 3_000       # 51 min on the 2-core Xeon of docs/latent_diffusion.md (65 img/s)
   config.train.batch_size = 64
   config.train.seed = 0
   config.train.log_every_steps = 100

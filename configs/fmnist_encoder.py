@@ -1,6 +1,6 @@
 """The label-free Fashion-MNIST feature space: the encoder of an autoencoder trained on pixels only.
 
-The third judge of sample quality (README, "Judging samples"): both classifiers learned to
+The third judge of sample quality (docs/quality.md): both classifiers learned to
 tell classes apart, and a generator can fool a judge by getting what a class looks like right
 and the rest wrong. This autoencoder never sees a label — reconstruction (L1) and the KL term
 only, no classifier feature loss — and its features are the latent means of an image (7×7×8 =

@@ -4,7 +4,7 @@ A second judge of sample quality that shares neither architecture nor training r
 first (`configs/fmnist_classifier.py`: one conv per stage, max-pools, flattened features, random
 flips): two 3×3 convs per stage with strided down-sampling, globally averaged features, no
 augmentation, another seed. A recipe tuned against one feature space can win it and not
-another; `--mode=evaluate` reports FD and KID in every space (README, "Judging samples").
+another; `--mode=evaluate` reports FD and KID in every space (docs/quality.md).
 
 Usage (about 3–5 minutes on a quiet 2-core CPU):
   python -m guidedflow.main --config configs/fmnist_gap_classifier.py \

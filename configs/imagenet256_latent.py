@@ -31,7 +31,7 @@ parameters, AdamW moments and EMA over fsdp). Pick it with the topology after th
   no topology: mesh (-1, 8, 1), FSDP-8 and data parallel over the rest (any multiple of 8 chips).
 DiT-XL/2 (675M parameters) holds 10.06 GiB of f32 state (parameters, AdamW mu and nu, EMA);
 FSDP-8 leaves 1.27 GiB of it per chip. XLA:TPU's own figures for the three recipes
-(--mode=compile, README "Compile for a TPU target"; no remat): 7.7 of 32 GiB per v4 chip,
+(--mode=compile, docs/scaling.md, "Compile for a TPU target"; no remat): 7.7 of 32 GiB per v4 chip,
 5.0 of 95 GiB per v5p chip, 3.9 of 16 GiB per v5e chip; the CFG sampler beside the train
 state stays under 4 GiB. `python benchmarks/memory.py` prints the formula's table of the
 largest per-device batch.

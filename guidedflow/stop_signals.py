@@ -10,7 +10,7 @@ wait for the end of a minutes-long XLA compile or step. The signals are also wri
 wake-up pipe (`signal.set_wakeup_fd`) that a daemon thread reads as they arrive: it sets
 `requested` at once and aborts on the second signal even while the main thread is inside XLA.
 
-Exit statuses (documented in the README): a run stopped by SIGTERM exits 0 after its checkpoint
+Exit statuses (documented in docs/training.md): a run stopped by SIGTERM exits 0 after its checkpoint
 (a preempted job that saved is not a failure); one stopped by Ctrl-C exits 130 after its
 checkpoint (128 + SIGINT, what shells expect of an interrupted program); an abort by a second
 signal exits 128 + that signal, with no checkpoint.

@@ -173,7 +173,7 @@ def test_memory_compiled_smoke_formula_and_compiler_agree():
   assert [r['per_device_batch'] for r in rows] == [1, 2]
   for r in rows:
     assert r['variant'] == 'S/2' and r['devices'] == 4
-    # The formula and XLA:TPU agree on the whole (README: within 10% from S/2 to XL/2).
+    # The formula and XLA:TPU agree on the whole (docs/scaling.md: within 10% from S/2 to XL/2).
     assert 0.5 < r['compiled_total_gib'] / r['formula_total_gib'] < 2.0, r
   assert 0.5 < rows[1]['compiled_per_sample_mib'] / rows[1]['formula_per_sample_mib'] < 2.0
 

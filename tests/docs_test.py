@@ -50,3 +50,54 @@ def test_documented_config_keys_exist():
       if key not in keys:
         unknown.setdefault(os.path.basename(path), set()).add(key)
   assert not unknown, f'config keys in the docs that no config has: {unknown}'
+
+
+def _headings(text):
+  """(level, title) of the markdown headings outside code blocks."""
+  found, fence = [], False
+  for line in text.splitlines():
+    if line.startswith('```'):
+      fence = not fence
+    match = None if fence else re.match(r'^(#+) (.*)$', line)
+    if match:
+      found.append((len(match.group(1)), match.group(2).strip()))
+  return found
+
+
+def _slug(title):
+  """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+  return re.sub(r'[^\w\- ]', '', title.lower()).replace(' ', '-')
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'docs', '*.md'))),
+                         ids=os.path.basename)
+def test_docs_pages_open_with_their_contents(path):
+  """Each docs page has one title and a "Contents" list of its sections, in order."""
+  text = open(path, encoding='utf-8').read()
+  heads = _headings(text)
+  assert [level for level, _ in heads].count(1) == 1 and heads[0][0] == 1, (
+      f'{os.path.basename(path)}: one "# title" first')
+  contents = text.split('## Contents', 1)
+  assert len(contents) == 2, f'{os.path.basename(path)} has no "## Contents"'
+  listed = re.findall(r'^\s*- \[(.+)\]\(#([^)]+)\)$', contents[1].split('\n\n', 2)[1], re.M)
+  sections = [title for level, title in heads if level in (2, 3) and title != 'Contents']
+  assert [title for title, _ in listed] == sections, os.path.basename(path)
+  assert [anchor for _, anchor in listed] == [_slug(title) for title in sections]
+
+
+@pytest.mark.parametrize('path', DOCS, ids=os.path.basename)
+def test_section_links_resolve(path):
+  """A link to `page.md#section` (or `#section`) names a heading that page has."""
+  text = open(path, encoding='utf-8').read()
+  broken = []
+  for target in re.findall(r'\]\(([^)\s]*#[^)\s]+)\)', text):
+    if re.match(r'[a-z]+://', target):
+      continue
+    page, anchor = target.split('#', 1)
+    page_path = os.path.join(os.path.dirname(path), page) if page else path
+    if not page_path.endswith('.md') or not os.path.exists(page_path):
+      continue  # a missing file is test_links_and_images_exist's
+    slugs = {_slug(title) for _, title in _headings(open(page_path, encoding='utf-8').read())}
+    if anchor not in slugs:
+      broken.append(target)
+  assert not broken, f'{os.path.basename(path)} links to sections that do not exist: {broken}'

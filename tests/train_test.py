@@ -85,7 +85,7 @@ def test_all_configs_validate():
 
 
 def test_fashion_mnist_default_builds_its_model_and_evaluates_at_5000_per_w():
-  """The README's default: its keys reach the model (a U-Net without GroupNorm, 16/64/128
+  """The documented default: its keys reach the model (a U-Net without GroupNorm, 16/64/128
   channels) and --mode=evaluate measures at least 5,000 samples per guidance scale."""
   from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config()
