@@ -94,15 +94,15 @@ def plot(files, figure, metric='fd'):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  lines = [json.loads(l) for path in files for l in open(path) if l.strip()]
+  lines = [json.loads(text) for path in files for text in open(path) if text.strip()]
   spaces = [k for k in lines[0] if isinstance(lines[0][k], dict) and 'kid' in lines[0][k]]
   scale, label = (1e3, 'KID × 1e3') if metric == 'kid' else (1.0, 'FD')
   fig, axes = plt.subplots(1, len(spaces), figsize=(4 * len(spaces), 3.4))
   for ax, space in zip(np.atleast_1d(axes), spaces):
-    for run in dict.fromkeys(l['run'] for l in lines):
-      points = sorted((l['minutes'], l[space][metric] * scale,
-                       l[space]['kid_se'] * scale if metric == 'kid' else 0.0)
-                      for l in lines if l['run'] == run)
+    for run in dict.fromkeys(row['run'] for row in lines):
+      points = sorted((row['minutes'], row[space][metric] * scale,
+                       row[space]['kid_se'] * scale if metric == 'kid' else 0.0)
+                      for row in lines if row['run'] == run)
       xs, ys, es = zip(*points)
       ax.errorbar(xs, ys, yerr=es if metric == 'kid' else None, marker='o', capsize=2, label=run)
     ax.set_title(space, fontsize=9)

@@ -171,6 +171,7 @@ class Checkpointer:
     self._save_interval_steps = int(save_interval_steps)
     _drop_closed_event_loop_errors()
     self._stopped = False
+    self.warnings = []  # what a restore could not check (result.json reports it)
     self._use_jax_preemption = _jax_preemption_service_active()
     self._signals = stop_signals.StopSignals(
         forward_sigterm_to=os.getpid() if self._use_jax_preemption else None)
@@ -367,8 +368,10 @@ class Checkpointer:
       raise DamagedCheckpointError(step, f'it cannot be read ({errors.one_line(e)})') from e
     saved_sums = self._restore_item(step, 'checksums') or {}
     if saved_sums.get('algorithm') != checksums_lib.ALGORITHM:
-      logging.info('Checkpoint step %d has no checksums of this version (%s); restored '
-                   'unverified.', step, saved_sums.get('algorithm', 'written before them'))
+      message = (f'checkpoint step {step} has no checksums of this version '
+                 f'({saved_sums.get("algorithm", "written before them")}): restored unverified')
+      logging.warning('%s.', message[0].upper() + message[1:])
+      self.warnings.append(message)
     else:
       bad = checksums_lib.mismatches(saved_sums['arrays'], restored['state'])
       if bad:

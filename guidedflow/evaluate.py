@@ -344,6 +344,10 @@ def _class_names(config, num_classes):
   return None
 
 
+def _pad_to(images, count):
+  """`images` followed by black ones up to `count`."""
+  return np.concatenate([images, np.zeros((count - len(images),) + images.shape[1:], images.dtype)])
+
 def _worst_class_figure(out_dir, name, row, images, labels, evaluator, count=40):
   """<out_dir>/<name>.png: `count` samples of the row's worst class (by FD in the primary
   space) on the left, as many real held-out images of that class on the right; and
@@ -359,9 +363,8 @@ def _worst_class_figure(out_dir, name, row, images, labels, evaluator, count=40)
       continue
     cols = 8
     rows = -(-len(fake) // cols)
-    pad = lambda x: np.concatenate([x, np.zeros((rows * cols - len(x),) + x.shape[1:], x.dtype)])
-    left = images_lib.make_grid(pad(fake), rows=rows, cols=cols)
-    right = images_lib.make_grid(pad(real), rows=rows, cols=cols)
+    left = images_lib.make_grid(_pad_to(fake, rows * cols), rows=rows, cols=cols)
+    right = images_lib.make_grid(_pad_to(real, rows * cols), rows=rows, cols=cols)
     gap = np.full((left.shape[0], 8) + left.shape[2:], 255, np.uint8)
     images_lib.save_png(os.path.join(out_dir, f'{name}.png' if not i else f'{name}_class{c}.png'),
                         np.concatenate([left, gap, right], axis=1), upscale=2)

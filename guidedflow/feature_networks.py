@@ -100,10 +100,10 @@ class FeatureNetwork:
 
 
 def _collect(features, logits, count, out):
-  f, l = out
-  features.append(np.asarray(f, np.float32)[:count])
-  if l is not None:
-    logits.append(np.asarray(l, np.float32)[:count])
+  batch_features, batch_logits = out
+  features.append(np.asarray(batch_features, np.float32)[:count])
+  if batch_logits is not None:
+    logits.append(np.asarray(batch_logits, np.float32)[:count])
 
 
 def fingerprint(network, image_shape):

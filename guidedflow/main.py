@@ -2,7 +2,6 @@
 
 import json
 import logging as pylogging
-import os
 import sys
 
 from absl import app

@@ -430,8 +430,8 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
   Returns:
     (samples float32 (B, *shape), info) with info['nfe'] (the generator evaluations per sample
     this call runs, doubled CFG batches counting 2; a Python int; see `cfg_plan`),
-    info['classifier_nfe'] and info['classifier_backward'] (the classifier's forward and
-    backward passes per sample, one each per guided evaluation), info['time_grid']
+    info['classifier_nfe'] (the classifier's passes per sample, one per guided evaluation;
+    each is a forward and its backward, `jax.grad`), info['time_grid']
     ((N + 1,) times) and, with `return_trajectory`, info['trajectory'] (F, B, *shape) and
     info['trajectory_time'] (F,).
   """
@@ -481,5 +481,5 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
   info['nfe'] = plan_evaluations(plan, int(num_steps), guided_cost=2 if use_cfg else 1)
   classifier_nfe = (plan_evaluations(plan, int(num_steps), guided_cost=1, plain_cost=0)
                     if use_classifier else 0)
-  info['classifier_nfe'] = info['classifier_backward'] = classifier_nfe
+  info['classifier_nfe'] = classifier_nfe
   return samples, info

@@ -284,10 +284,10 @@ def train_and_evaluate(config, workdir):
       save(step)
     with chrono.paused():
       result = task.final(run, state)
-    return state, _finish(task, run, step, result, last_summary, chrono, t_start)
+    return state, _finish(task, run, step, result, last_summary, chrono, t_start, ckpt.warnings)
 
 
-def _finish(task, run, step, result, last_summary, chrono, t_start):
+def _finish(task, run, step, result, last_summary, chrono, t_start, warnings=()):
   """The run's result (the task's, with the loop's step, losses and times): logged, and
   written to <workdir>/result.json."""
   result = {'task': task.name, 'step': step, 'num_steps': run.num_steps,
@@ -296,6 +296,8 @@ def _finish(task, run, step, result, last_summary, chrono, t_start):
                if k in ('loss', 'accuracy')},
             'setup_s': round(chrono.t_start - t_start, 2), **chrono.summary(step),
             'seconds': round(time.time() - t_start, 2)}
+  if warnings:
+    result['warnings'] = list(warnings)
   if jax.process_index() == 0:
     (epath.Path(run.workdir) / 'result.json').write_text(json.dumps(result, indent=2))
   logging.info('Done: %s', json.dumps(result))

@@ -6,8 +6,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
 import pytest
 
+from guidedflow import models
 from tests import subprocess_env
 
 REPO = subprocess_env.REPO
@@ -76,8 +80,17 @@ def test_step_throughput_smoke():
   # Euler: one model evaluation per step; CFG (w = 2) doubles the batch, w = 1 does not.
   assert (row['cfg_nfe'], row['cond_nfe']) == (2 * steps, steps)
   assert row['train_images_per_s'] > 0 and row['cfg_samples_per_s'] > 0
-  assert abs(row['train_gflops'] - 3 * row['gflop_per_image'] * row['train_images_per_s']) < 1e-6
-  assert abs(row['train_x_peak'] - row['train_gflops'] / report['peaks']['f32']) < 1e-9
+  # The FLOPs it divides by are the named U-Net's (8/16 channels, one block per level, no norm):
+  # XLA's own count of that network's forward, within the analytic count's 15 %.
+  model = models.create_model('unet', input_size=28, in_channels=1, num_classes=10,
+                              channels=(8, 16), num_residual_layers=1, norm='none',
+                              rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  x, t, y = jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+  cost = jax.jit(lambda p: nnx.merge(graphdef, p)(x, t, y)).lower(params).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert 0.85 < row['gflop_per_image'] * 1e9 / cost['flops'] < 1.15
+  assert row['train_gflops'] > 0 and 0 < row['train_x_peak']
   assert row['fwd_ms'] > 0 and row['fwd_doubled_ms'] > 0 and row['cfg_vs_fwd'] > 0
 
 
@@ -150,7 +163,12 @@ def test_checkpoint_io_smoke():
   assert row['config'] == 'configs/tiny.py' and row['state_mb'] > 0
   for key in ('checksum_first_s', 'checksum_s', 'save_s', 'restore_verified_s'):
     assert row[key] > 0, row
-  assert abs(row['checksum_fraction_of_save'] - row['checksum_s'] / row['save_s']) < 0.01
+  # The state it times is the tiny config's whole train state: params, EMA and AdamW's two moments
+  # (4 float32 copies of the parameters) and a few scalars.
+  model = nnx.eval_shape(lambda: models.create_model(
+      'dit', variant='test/7', input_size=28, in_channels=1, num_classes=10, rngs=nnx.Rngs(0)))
+  num_params = sum(leaf.size for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+  assert abs(row['state_mb'] - 4 * 4 * num_params / 2**20) < 0.02, (row, num_params)
 
 
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,

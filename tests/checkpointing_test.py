@@ -1,6 +1,7 @@
 """Tests for guidedflow.checkpointing: round trips, retention, mismatches, SIGTERM preemption."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,6 +64,22 @@ def test_round_trip_is_bitwise(tmp_path, async_save):
   assert restored_data == data_state
   leaf = restored['model']['layers']['0']['kernel']
   assert leaf.sharding == state['model']['layers']['0']['kernel'].sharding
+
+
+def test_a_step_without_checksums_restores_with_a_warning(tmp_path):
+  """A step saved before checksums existed (no `checksums/` item) restores, unverified, and says
+  so: a warning in the log and in `Checkpointer.warnings` (the loop puts it in result.json)."""
+  state = _state()
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.save(3, state, data_state={'step': 3}, force=True)
+    ckpt.wait_until_finished()
+    assert ckpt.warnings == []
+  shutil.rmtree(tmp_path / '3' / 'checksums')
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    restored, _ = ckpt.restore(_abstract(state))
+    assert ckpt.warnings == ['checkpoint step 3 has no checksums of this version (written before '
+                             'them): restored unverified']
+  _assert_bitwise_equal(restored, state)
 
 
 def test_nnx_model_and_optimizer_state(tmp_path):

@@ -87,7 +87,7 @@ def test_grad_log_prob_from_logits():
   y = jnp.array([2, 0])
   grad = guidance.grad_log_prob_from_logits(logits_fn)(x, t, y)
   for i in range(2):
-    single = jax.grad(lambda xi: jax.nn.log_softmax(logits_fn(xi[None], t[i:i + 1]))[0, y[i]])
+    single = jax.grad(lambda xi, i=i: jax.nn.log_softmax(logits_fn(xi[None], t[i:i + 1]))[0, y[i]])
     np.testing.assert_allclose(grad[i], single(x[i]), rtol=1e-5)
 
 

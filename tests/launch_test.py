@@ -12,9 +12,11 @@ import time
 
 import pytest
 
-from tests.launch_scripts import (  # pylint: disable=unused-import (fake_bin: a fixture)
+from tests.launch_scripts import (
     REPO, SCRIPTS, BASH, SYSTEM_PATH, RECORDER, script_path, fake_executable, recorded_calls,
-    fake_bin, clean_env, run_script, wait_for)
+    clean_env, run_script, wait_for)
+
+pytest_plugins = ('tests.launch_scripts',)  # its fixtures: fake_bin
 
 
 # ----------------------------------------------------------------------------- all scripts

@@ -12,9 +12,11 @@ import sys
 
 import pytest
 
-from tests.launch_scripts import (  # pylint: disable=unused-import (fake_bin: a fixture)
+from tests.launch_scripts import (
     BASH, SYSTEM_PATH, RECORDER, FAKE_GCLOUD, script_path, fake_executable, recorded_calls,
-    fake_bin, clean_env, run_script, wait_for)
+    clean_env, run_script, wait_for)
+
+pytest_plugins = ('tests.launch_scripts',)  # its fixtures: fake_bin
 
 
 # ----------------------------------------------------------------------------- tpu_vm.sh
@@ -333,7 +335,8 @@ def test_tpu_create_needs_the_config_it_compiles(gcloud, tmp_path):
 
 def test_tpu_dry_run_prints_the_compile_first(gcloud, tmp_path):
   result = gcloud('all', '--dry-run', COMPILE=1)
-  assert result.returncode == 0, result.stderr and recorded_calls(tmp_path) == []
+  assert result.returncode == 0, result.stderr
+  assert recorded_calls(tmp_path) == []  # a dry run calls nothing
   lines = [line for line in result.stdout.splitlines() if line.startswith('+ ')]
   assert '--mode=compile' in lines[0] and lines[1].startswith('+ gcloud compute tpus tpu-vm create')
 

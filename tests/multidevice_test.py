@@ -123,7 +123,7 @@ def report(tmp_path_factory):
                           cwd=subprocess_env.REPO, env=env, capture_output=True, text=True,
                           timeout=900, check=False)
   assert result.returncode == 0, result.stderr[-4000:]
-  line = [l for l in result.stdout.splitlines() if l.startswith('REPORT')][-1]
+  line = [ln for ln in result.stdout.splitlines() if ln.startswith('REPORT')][-1]
   return json.loads(line[len('REPORT'):])
 
 

@@ -316,7 +316,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_what_the_save_needs(tm
   line = _error_line(out, 'No space left to save checkpoint step 4', 'needs about',
                      'previous checkpoint (step 2) is kept')
   assert 'MB free' in line
-  saved = [l.split()[1] for l in out.stdout.splitlines() if '/checkpoints/' in l]
+  saved = [ln.split()[1] for ln in out.stdout.splitlines() if '/checkpoints/' in ln]
   assert saved and all('/checkpoints/2/' in path for path in saved), saved
 
 

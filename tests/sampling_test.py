@@ -330,7 +330,6 @@ def test_no_retrace_inside_an_outer_jit_model_traced_once():
     model_traces.append(x.shape)
     return _oracle('linear', 'velocity')(x, t, y)
 
-  @jax.jit
   def run(key, labels, guidance_scale, sigma):
     samples, info = sampling.sample(
         counting_velocity, key, labels, shape=(2,), path='linear',
@@ -339,11 +338,17 @@ def test_no_retrace_inside_an_outer_jit_model_traced_once():
     return samples, info['nfe']
 
   labels = jnp.array([0, 1, 2, 1], jnp.int32)
-  outputs = [run(jax.random.PRNGKey(0), labels, jnp.float32(w), jnp.float32(0.5))
-             for w in (0.0, 1.0, 2.5)]
-  # The sampler is inlined into the outer trace: one scan, the model traced once for 8 steps
-  # (a Python loop over the steps, or a recompile per w, would trace it more often).
-  assert model_traces == [(8, 2)]
+  outputs = []
+  for w in (0.0, 1.0, 2.5):
+    # A new jit per w: its cache cannot hide a retrace. Inside one outer trace the sampler is
+    # inlined: one scan, the model traced once for 8 steps (a Python loop over the steps would
+    # trace it 8 times), with w a tracer (no branch on its value at trace time).
+    model_traces.clear()
+    fresh = lambda *args: run(*args)  # pylint: disable=unnecessary-lambda  (jax caches traces per function)
+    jaxpr = jax.make_jaxpr(fresh)(jax.random.PRNGKey(0), labels, jnp.float32(w), jnp.float32(0.5))
+    assert model_traces == [(8, 2)]
+    assert str(jaxpr).count(' scan[') == 1
+    outputs.append(jax.jit(fresh)(jax.random.PRNGKey(0), labels, jnp.float32(w), jnp.float32(0.5)))
   assert [int(nfe) for _, nfe in outputs] == [16, 16, 16]
   assert not np.allclose(outputs[0][0], outputs[2][0])
 

@@ -133,7 +133,7 @@ def report():
   result = subprocess.run([sys.executable, '-c', _CHILD], env=env, capture_output=True,
                           text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-4000:]
-  line = [l for l in result.stdout.splitlines() if l.startswith('REPORT')][-1]
+  line = [ln for ln in result.stdout.splitlines() if ln.startswith('REPORT')][-1]
   return json.loads(line[len('REPORT'):])
 
 
