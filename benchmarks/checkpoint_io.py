@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from guidedflow import checkpointing
 from guidedflow import checksums
 from guidedflow import host_allocator
-from guidedflow import sampler as sampler_lib
 from guidedflow import train_state
 from guidedflow.cli import load_config
 
@@ -41,7 +40,7 @@ def _timed(fn, repeats):
 
 
 def measure(config, workdir, repeats):
-  builder = sampler_lib.state_builder(config, (28, 28, 1), train_state.make_mesh(config))
+  builder = train_state.builder(config, (28, 28, 1), train_state.make_mesh(config))
   state = builder.init_state()
   start = time.perf_counter()
   checksums.checksums(state)

@@ -98,10 +98,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import imagenet256_latent
 
 from guidedflow import host_allocator
-from guidedflow import sampler as sampler_lib
 from guidedflow import sharding
-from guidedflow import tasks
 from guidedflow.models import dit
+from guidedflow.tasks import registry
+from guidedflow import train_state
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 IMAGE_SHAPE = (32, 32, 4)
@@ -180,10 +180,10 @@ def traced_residual_bytes_per_sample(config, image_shape=IMAGE_SHAPE) -> int:
   """Bytes per sample of the residuals that `jax.vjp` of the training loss keeps (traced with
   `jax.eval_shape`; nothing runs): the difference between batch sizes 2 and 1."""
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  builder = sampler_lib.state_builder(config, image_shape, mesh)
+  builder = train_state.builder(config, image_shape, mesh)
   builder.init_rest()
   params = builder.abstract_state()['params']
-  loss = tasks.get_task(config).loss
+  loss = registry.get_task(config).loss
 
   def residual_bytes(batch_size):
     batch = _abstract_batch(batch_size, image_shape)
@@ -270,7 +270,7 @@ class MeshMemory:
 
 
 def mesh_memory(config, mesh_shape, image_shape=IMAGE_SHAPE) -> MeshMemory:
-  abstract = sampler_lib.state_builder(config, image_shape,
+  abstract = train_state.builder(config, image_shape,
                                        abstract_mesh(mesh_shape)).abstract_state()
   parts = state_bytes(abstract)
   c = compute_bytes(config)
@@ -295,10 +295,10 @@ def xla_temp_bytes(config, batch_sizes, image_shape=IMAGE_SHAPE) -> list:
   """XLA's temp bytes of one compiled training step (loss, grad, AdamW, EMA) per batch size,
   on one local device (`train_step.jitted.lower(abstract).compile().memory_analysis()`)."""
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  builder = sampler_lib.state_builder(config, image_shape, mesh)
+  builder = train_state.builder(config, image_shape, mesh)
   state = builder.abstract_state()
   # The jitted (donated) step the training loop runs.
-  step = tasks.get_task(config).make_train_step(builder).jitted
+  step = registry.get_task(config).make_train_step(builder).jitted
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   temps = []
   for batch_size in batch_sizes:

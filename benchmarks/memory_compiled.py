@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import memory  # benchmarks/memory.py: the formula
 from guidedflow import aot
 from guidedflow import host_allocator
-from guidedflow import tasks
+from guidedflow.tasks import registry
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 GIB = 2**30
@@ -39,7 +39,7 @@ def compiled_row(variant, topology, devices, per_device_batch, remat):
   config.model.remat = remat
   config.mesh.shape = (1, len(devices), 1)
   config.train.batch_size = per_device_batch * len(devices)
-  figures = aot.compile_train_step(tasks.get_task(config), config, memory.IMAGE_SHAPE, devices)
+  figures = aot.compile_train_step(registry.get_task(config), config, memory.IMAGE_SHAPE, devices)
   formula = memory.mesh_memory(config, config.mesh.shape)
   per_sample = (formula.activation_per_sample_remat if remat == 'full'
                 else formula.activation_per_sample)

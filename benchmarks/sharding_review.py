@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default as default_config
 from guidedflow import aot
 from guidedflow import host_allocator
-from guidedflow import tasks
 from guidedflow.models import layers
+from guidedflow.tasks import registry
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 MESHES = {'data': lambda n: (n, 1, 1), 'fsdp': lambda n: (1, n, 1),
@@ -45,7 +45,7 @@ def compile_one(args, mesh, devices, constrain):
   config.mesh.min_shard_size = args.min_shard_size
   layers.CONSTRAIN_ACTIVATIONS = constrain
   try:
-    figures = aot.compile_train_step(tasks.get_task(config), config, args.image_shape, devices)
+    figures = aot.compile_train_step(registry.get_task(config), config, args.image_shape, devices)
   finally:
     layers.CONSTRAIN_ACTIVATIONS = True
   return dict(mesh=mesh, mesh_shape=figures['mesh'], constraints=constrain,

@@ -55,8 +55,10 @@ from configs import fashion_mnist as fmnist_config
 from guidedflow import host_allocator
 from guidedflow import models
 from guidedflow import sampler as sampler_lib
-from guidedflow import tasks
 from guidedflow import validation
+from guidedflow.tasks import registry
+from guidedflow.models import factory
+from guidedflow import train_state
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 DTYPES = {'f32': 'float32', 'bf16': 'bfloat16'}
@@ -154,7 +156,7 @@ def _builder(make, dtype_name, train_batch, model_options, train_cpu_dots=None):
   config.mesh.shape = (1, 1, 1)
   config.train.num_steps = 10_000  # the learning-rate schedule only
   validation.validate_config(config)
-  return sampler_lib.state_builder(config, image_shape), config, tuple(image_shape)
+  return train_state.builder(config, image_shape), config, tuple(image_shape)
 
 
 def _flops(config, image_shape):
@@ -173,8 +175,8 @@ def _options_used(config, image_shape):
   for a U-Net."""
   if config.model.name != 'dit':
     return dict.fromkeys(MODEL_OPTIONS)
-  kwargs = sampler_lib.model_kwargs(config)
-  model = nnx.eval_shape(sampler_lib.model_constructor(config, image_shape))
+  kwargs = factory.generator_kwargs(config)
+  model = nnx.eval_shape(factory.generator(config, image_shape))
   unroll = models.dit.resolve_unroll_blocks(model.unroll_blocks, model.config.depth)
   return dict({k: kwargs[k] for k in MODEL_OPTIONS}, attention_impl=model.attention_impl,
               unroll_blocks=unroll if model.scan_blocks else None)
@@ -205,7 +207,7 @@ def bench_train(builder, config, image_shape, steps, rounds):
   batch = jax.device_put(batch, builder.batch_sharding)
   key = jax.random.PRNGKey(0)
   state = builder.init_state()
-  train_step = tasks.get_task(config).make_train_step(builder)  # with the task's XLA options
+  train_step = registry.get_task(config).make_train_step(builder)  # with the task's XLA options
   start = time.perf_counter()
   with jax.set_mesh(builder.mesh):
     compiled = train_step.jitted.lower(state, batch, key).compile()
@@ -264,7 +266,7 @@ def benchmark_case(name, make, train_batch, sample_batch, dtype_name, args, peak
              train_images_per_s=train_ips, train_compile_s=train_compile_s,
              train_footprint_gb=footprint / 2**30 if footprint else None,
              train_dots=_dots_library(
-                 tasks.get_task(config).train_compiler_options(builder.platform)),
+                 registry.get_task(config).train_compiler_options(builder.platform)),
              **_options_used(config, image_shape))
   if train_ips is None:  # does not fit: compiled, not run
     return row

@@ -29,7 +29,7 @@ from guidedflow import hlo_collectives
 from guidedflow import latents
 from guidedflow import sampler as sampler_lib
 from guidedflow import sharding
-from guidedflow import tasks
+from guidedflow.tasks import registry
 from guidedflow import train_state
 from guidedflow import tree_compat
 
@@ -249,7 +249,7 @@ def run(config, workdir):
   The image shape is `compile.image_shape`, else the train split's; a latent generator reads no
   data and loads no autoencoder: with an SD-VAE (fixed architecture) its latent shape follows
   from `input.image_size`, a guidedflow autoencoder's must be given."""
-  task = tasks.get_task(config, workdir)
+  task = registry.get_task(config, workdir)
   shape = (config.get('compile') or {}).get('image_shape')
   if not shape and latents.is_latent(config):
     shape = _latent_shape(config)

@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from guidedflow import checksums as checksums_lib
+from guidedflow import jax_compat
 from guidedflow import errors
 from guidedflow import stop_signals
 from guidedflow import tree_compat
@@ -128,13 +129,8 @@ def _with_sharding(abstract_state: Any) -> Any:
 
 
 def _jax_preemption_service_active() -> bool:
-  # Private JAX state, read defensively; only decides which of two working paths to use.
-  try:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-    state = distributed.global_state
-    return state.client is not None and state.preemption_sync_manager is not None
-  except (ImportError, AttributeError):
-    return False
+  # Only decides which of two working paths to use.
+  return jax_compat.preemption_service_active()
 
 
 class Checkpointer:

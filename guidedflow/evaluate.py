@@ -25,12 +25,13 @@ from etils import epath
 import jax
 import numpy as np
 
+from guidedflow import config_defaults
 from guidedflow import evaluation
+from guidedflow import fashion_mnist
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
 from guidedflow import judges
 from guidedflow import sharpness
-from guidedflow import validation
 
 
 def _real_images(dataset, num_images):
@@ -187,7 +188,7 @@ class Evaluator:
       row['guidance_scale'] = float(guidance_scale)
     if self.sampler.guidance != 'cfg':
       row['classifier_scale'] = float(
-          validation.get(self.config, 'sampling.classifier_scale') if classifier_scale is None
+          config_defaults.get(self.config, 'sampling.classifier_scale') if classifier_scale is None
           else classifier_scale)
     row.update({
         'method': method or sconfig.method,
@@ -339,7 +340,6 @@ def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guida
 
 def _class_names(config, num_classes):
   if config.input.dataset == 'fashion_mnist' and num_classes == 10:
-    from guidedflow import fashion_mnist  # pylint: disable=g-import-not-at-top
     return fashion_mnist.CLASS_NAMES
   return None
 
@@ -403,8 +403,8 @@ def guidance_settings(config, guidance):
   scales = tuple(config.eval.guidance_scales or (config.sampling.guidance_scale,))
   if guidance == 'cfg':
     return [(float(w), None) for w in scales], 'guidance_scale', 'guidance scale w'
-  classifier_scales = tuple(validation.get(config, 'eval.classifier_scales')
-                            or (validation.get(config, 'sampling.classifier_scale'),))
+  classifier_scales = tuple(config_defaults.get(config, 'eval.classifier_scales')
+                            or (config_defaults.get(config, 'sampling.classifier_scale'),))
   if guidance == 'classifier':
     scales = (1.0,)
   settings = [(float(w), float(w_c)) for w in scales for w_c in classifier_scales]

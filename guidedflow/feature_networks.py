@@ -20,7 +20,7 @@ from flax import nnx
 
 from guidedflow import errors
 from guidedflow import images as images_lib
-from guidedflow import tasks
+from guidedflow import trained
 from guidedflow.models import inception
 
 NAMES = ('fmnist_classifier', 'fmnist_gap_classifier', 'fmnist_encoder', 'inception_v3')
@@ -146,7 +146,7 @@ def load_classifier(workdir, *, batch_size=500, name='fmnist_classifier'):
         'trained through one loop) and its checkpoints cannot be read now; train it again in a '
         f'new --workdir: {_train_command(workdir + "_v2")}')
   try:
-    model, result, config = tasks.load_trained(workdir, 'classifier',
+    model, result, config = trained.load(workdir, 'classifier',
                                                _train_command(workdir, name))
   except errors.CheckpointNotFoundError as e:
     raise FeatureNetworkNotFoundError(
@@ -166,7 +166,7 @@ def load_encoder(workdir, *, batch_size=500):
   are the flattened latent means (no logits)."""
   workdir = os.fspath(workdir)
   try:
-    model, result, config = tasks.load_trained(workdir, 'autoencoder',
+    model, result, config = trained.load(workdir, 'autoencoder',
                                                _train_command(workdir, 'fmnist_encoder'))
   except errors.CheckpointNotFoundError as e:
     raise FeatureNetworkNotFoundError(f'the label-free feature encoder (fmnist_encoder): {e}'

@@ -29,6 +29,8 @@ import importlib.util
 import os
 import sys
 
+from guidedflow import jax_compat
+
 ENV = 'GUIDEDFLOW_HOST_ALLOCATOR'  # 'keep' (default) or 'system'
 # glibc's mallopt parameters (malloc.h): no mmap for large blocks; never trim (-1: SIZE_MAX).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -40,14 +42,8 @@ def gpu_plugin_installed():
 
 
 def tpu_chips():
-  """The number of TPU chips on this host's PCI bus (JAX's own check; private, read
-  defensively: None where it cannot tell)."""
-  try:
-    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
-    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
-  except (ImportError, AttributeError, OSError):
-    return None
-  return chips
+  """The number of TPU chips on this host's PCI bus; None where JAX cannot tell."""
+  return jax_compat.tpu_chips()
 
 
 def skip_tpu_probe_without_tpu():

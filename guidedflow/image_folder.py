@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from guidedflow import input_pipeline
+from guidedflow import datasets
+from guidedflow import errors
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
@@ -38,7 +39,7 @@ def center_crop_array(array, size):
   return center_crop(Image.fromarray(array), size)
 
 
-class ImageFolderDataset(input_pipeline.Dataset):
+class ImageFolderDataset(datasets.Dataset):
   """JPEGs (or PNGs) in class folders, decoded and center-cropped to `image_size` on access.
 
   `decodes_files` tells the latent cache to decode in grain worker processes.
@@ -49,17 +50,17 @@ class ImageFolderDataset(input_pipeline.Dataset):
   def __init__(self, data_dir, split, *, image_size, num_classes):
     root = os.path.join(os.fspath(data_dir), split)
     if not os.path.isdir(root):
-      raise input_pipeline.DataError(
+      raise errors.DataError(
           f'ImageFolder split directory {root} does not exist: set --config.input.data_dir to '
           'the folder holding the split folders (e.g. train/ and val/, one subfolder of '
           'images per class) and --config.input.train_split / eval_split to their names.')
     if not image_size or image_size < 1:
-      raise input_pipeline.DataError('an ImageFolder dataset needs '
+      raise errors.DataError('an ImageFolder dataset needs '
                                      '--config.input.image_size (e.g. 256): its images differ '
                                      'in size and are center-cropped to it.')
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if len(classes) > num_classes:
-      raise input_pipeline.DataError(
+      raise errors.DataError(
           f'{root} has {len(classes)} class folders but --config.input.num_classes='
           f'{num_classes}; set --config.input.num_classes={len(classes)}.')
     files, labels = [], []
@@ -70,7 +71,7 @@ class ImageFolderDataset(input_pipeline.Dataset):
           files.append(os.path.join(folder, file))
           labels.append(label)
     if not files:
-      raise input_pipeline.DataError(f'{root} holds no images ({", ".join(EXTENSIONS)}) in '
+      raise errors.DataError(f'{root} holds no images ({", ".join(EXTENSIONS)}) in '
                                      'class folders.')
     self.files, self.labels = files, np.asarray(labels, np.int32)
     self.classes = classes
@@ -89,7 +90,7 @@ class ImageFolderDataset(input_pipeline.Dataset):
       with Image.open(path) as image:
         return center_crop(image, self.image_shape[0])
     except (OSError, ValueError) as e:
-      raise input_pipeline.DataError(f'cannot decode {path}: {e}. Remove or replace the '
+      raise errors.DataError(f'cannot decode {path}: {e}. Remove or replace the '
                                      'file.') from None
 
   def get_batch(self, indices):

@@ -12,7 +12,6 @@ float data is in [-1, 1] already), labels as int32 in [0, num_classes).
 
 from __future__ import annotations
 
-import abc
 import concurrent.futures
 import logging
 import threading
@@ -23,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from guidedflow import errors
+from guidedflow import image_folder
 from guidedflow import fashion_mnist
 from guidedflow import images as images_lib
+from guidedflow.datasets import Dataset  # re-exported: input_pipeline.Dataset
 
 # The Fashion-MNIST reader lives in its own module; these names stay importable from here.
 DataError = errors.DataError
@@ -34,28 +35,6 @@ load_fashion_mnist = fashion_mnist.load_fashion_mnist
 
 # ---------------------------------------------------------------------------------------------
 # Datasets: random access by example index.
-
-
-class Dataset(abc.ABC):
-  """Random-access dataset: `get_batch(indices)` gathers examples in the given order."""
-
-  name: str
-  split: str
-  num_examples: int
-  image_shape: tuple[int, int, int]
-  num_classes: int
-
-  @abc.abstractmethod
-  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Returns {'image': (n, H, W, C) in the stored dtype, 'label': int32 (n,)}."""
-
-  def __len__(self) -> int:
-    return self.num_examples
-
-  def __repr__(self) -> str:
-    return (f'{type(self).__name__}({self.name!r}, split={self.split!r}, '
-            f'num_examples={self.num_examples}, image_shape={self.image_shape}, '
-            f'num_classes={self.num_classes})')
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
@@ -162,7 +141,6 @@ class TfdsDataset(Dataset):
     out = {}
     crop = lambda x: x
     if self.image_size:
-      from guidedflow import image_folder  # pylint: disable=g-import-not-at-top
       crop = lambda x: image_folder.center_crop_array(x, self.image_size)
     for key in (self.image_key, self.label_key):
       try:
@@ -269,7 +247,6 @@ def create_dataset(input_config: Any, split: str) -> Dataset:
   num_classes = int(_cfg(input_config, 'num_classes', 10))
   image_size = int(_cfg(input_config, 'image_size', 0) or 0)
   if dataset == 'imagefolder':
-    from guidedflow import image_folder  # pylint: disable=g-import-not-at-top
     return image_folder.ImageFolderDataset(data_dir or '', split, image_size=image_size,
                                            num_classes=num_classes)
   if dataset == 'fashion_mnist':

@@ -29,7 +29,9 @@ from flax import nnx
 from guidedflow import errors
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
+from guidedflow import trained
 from guidedflow.models import autoencoder as autoencoder_lib
+from guidedflow.models import sd_vae_weights
 
 SPACES = ('pixels', 'latents')
 
@@ -131,16 +133,12 @@ def load(config):
     return None
   workdir, weights = config.autoencoder.get('workdir'), config.autoencoder.get('weights')
   if weights:
-    # pylint: disable=g-import-not-at-top
-    from guidedflow.models import sd_vae_weights
     model = sd_vae_weights.load_sd_vae(weights)
     space = LatentSpace(model, shift=model.shift_factor, scale=model.scale_factor,
                         source=weights)
   else:
-    from guidedflow import tasks  # pylint: disable=g-import-not-at-top
-    from guidedflow.tasks import autoencoder as autoencoder_task
-    model, result, _ = tasks.load_trained(workdir, 'autoencoder',
-                                          autoencoder_task.train_command(workdir))
+    model, result, _ = trained.load(
+        workdir, 'autoencoder', trained.train_command(workdir, trained.AUTOENCODER_CONFIG))
     space = LatentSpace(model, shift=result['latent_shift'], scale=result['latent_scale'],
                         source=workdir)
   logging.info('Latent space: autoencoder %s (x%d down, %d channels), shift %.4g, scale %.4g, '

@@ -16,7 +16,7 @@ from guidedflow import cli
 from guidedflow import errors
 from guidedflow import host_allocator
 from guidedflow import sharding
-from guidedflow import tasks
+from guidedflow.tasks import registry
 from guidedflow import train
 from guidedflow import validation
 from guidedflow import workdir as workdir_lib
@@ -78,7 +78,7 @@ def main(argv):
     elif FLAGS.mode == 'compile':
       print(json.dumps(aot.run(config, FLAGS.workdir)))
     else:
-      task = tasks.get_task(config, FLAGS.workdir)
+      task = registry.get_task(config, FLAGS.workdir)
       result = getattr(task, FLAGS.mode)(FLAGS.workdir)
       print(json.dumps(result, indent=2 if FLAGS.mode == 'evaluate' else None))
   except (errors.UserError, OSError) as e:  # the message says what is wrong and how to fix it

@@ -12,8 +12,8 @@ import json
 
 from absl import logging
 
+from guidedflow import config_defaults
 from guidedflow import errors
-from guidedflow import validation
 
 # Prefixes of the keys that change the meaning of the weights.
 MEANING_KEYS = ('task', 'model.', 'path.', 'loss.parameterization', 'input.dataset',
@@ -49,13 +49,13 @@ def _changes_meaning(key):
 
 def differences(saved, config):
   """{dotted key: (saved value, new value)} of the keys whose values differ; a key that one
-  side lacks counts with its `validation._DEFAULTS` value (configs written before it existed)."""
+  side lacks counts with its `config_defaults.DEFAULTS` value (configs written before it existed)."""
   old, new = _flatten(saved), _flatten(_as_json(config))
   out = {}
   for key in sorted(set(old) | set(new)):
     if key == 'train.allow_config_change':
       continue
-    default = validation._DEFAULTS.get(key, _MISSING)  # pylint: disable=protected-access
+    default = config_defaults.DEFAULTS.get(key, _MISSING)
     a, b = old.get(key, default), new.get(key, default)
     if a is _MISSING or b is _MISSING:
       continue  # a key added or dropped since the save, without a known default: not compared
@@ -81,7 +81,7 @@ def check(config, saved, step, directory):
     logging.info('Step %d restored with a changed config.%s: %r -> %r.', step, key, a, b)
   if not refused:
     return
-  if validation.get(config, 'train.allow_config_change'):
+  if config_defaults.get(config, 'train.allow_config_change'):
     for key, (a, b) in refused.items():
       logging.warning('Step %d restored with config.%s changed from %r to %r '
                       '(train.allow_config_change=true): the weights were trained for the old '

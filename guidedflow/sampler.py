@@ -20,73 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from guidedflow import config_defaults
 from guidedflow import errors
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
 from guidedflow import latents
-from guidedflow import models
 from guidedflow import paths
 from guidedflow import resume_config
 from guidedflow import sampling
 from guidedflow import sharding
 from guidedflow import train_state
+from guidedflow import trained
 from guidedflow import validation
+from guidedflow.models import factory
 from guidedflow.models import precision
-
-def model_kwargs(config):
-  """The architecture arguments of `models.create_model` for `config.model`."""
-  model = config.model
-  if model.name == 'dit':
-    return {'variant': model.variant,
-            'remat': models.dit.remat_policy_name(validation.get(config, 'model.remat')),
-            'scan_blocks': bool(validation.get(config, 'model.scan_blocks')),
-            'unroll_blocks': validation.get(config, 'model.unroll_blocks'),
-            'attention_impl': validation.get(config, 'model.attention_impl')}
-  return {'channels': tuple(model.unet_channels),
-          'num_residual_layers': model.unet_num_residual_layers,
-          'norm': validation.get(config, 'model.unet_norm'),
-          'attention_heads': int(validation.get(config, 'model.unet_attention_heads'))}
-
-
-def compute_dtype(config, backend=None):
-  """(the dtype the generator computes in on `backend` (default: JAX's), why it is not the
-  configured one or None): `precision.resolve_compute_dtype`."""
-  return precision.resolve_compute_dtype(config.model.dtype, backend or jax.default_backend(),
-                                         convolutional=config.model.name == 'unet')
-
-
-def model_constructor(config, image_shape):
-  """A zero-argument function building the configured generator for `image_shape` (H, W, C).
-
-  Raises:
-    ConfigError: the model cannot take these images (the model's own check, e.g. a DiT patch
-      size that does not divide the image size), with the model's message.
-  """
-  height, width, channels = image_shape
-  dtype, reason = compute_dtype(config)
-  if reason:
-    logging.warning('config.model.dtype=%s: %s.', config.model.dtype, reason)
-
-  def construct():
-    return models.create_model(
-        config.model.name, input_size=(height, width), in_channels=channels,
-        num_classes=config.input.num_classes, dtype=models.DTYPES[dtype],
-        param_dtype=models.DTYPES[config.model.param_dtype], rngs=nnx.Rngs(config.train.seed),
-        **model_kwargs(config))
-
-  try:
-    nnx.eval_shape(construct)
-  except ValueError as e:
-    raise errors.ConfigError(f'config.model ({config.model.name}) cannot take the '
-                             f'{height}x{width}x{channels} images of {config.input.dataset}: '
-                             f'{e}') from None
-  return construct
-
-
-def state_builder(config, image_shape, mesh=None):
-  """The generator's `StateBuilder` for `image_shape` on `mesh` (default: `config.mesh`)."""
-  return train_state.StateBuilder(model_constructor(config, image_shape), config,
-                                  mesh if mesh is not None else train_state.make_mesh(config))
 
 
 class Sampler:
@@ -109,7 +56,7 @@ class Sampler:
     self.classifier = classifier  # a `GuidanceClassifier` for classifier guidance, or None
     if classifier is not None:  # replicated on the generator's mesh, where the program runs
       classifier.params = jax.device_put(classifier.params, builder.replicated)
-    self.guidance = validation.get(config, 'sampling.guidance') if classifier else 'cfg'
+    self.guidance = config_defaults.get(config, 'sampling.guidance') if classifier else 'cfg'
     self.classifier_nfe = 0  # classifier forward (= backward) passes per sample, last call
     self.builder = builder
     self.params = params
@@ -129,7 +76,8 @@ class Sampler:
     platform = builder.platform  # a TPU mesh's when compiling ahead of time
     # f32 dots in Eigen's GEMMs or oneDNN's fusions where they outrun YNNPACK (`sampling.cpu_dots`).
     self.compiler_options = precision.inference_compiler_options(
-        validation.get(config, 'sampling.cpu_dots'), compute_dtype(config, platform)[0], platform,
+        config_defaults.get(config, 'sampling.cpu_dots'), factory.compute_dtype(config, platform)[0],
+        platform,
         convolutional=config.model.name == 'unet')
     self._compiled = {}
 
@@ -161,7 +109,7 @@ class Sampler:
       parameterization = self.config.loss.parameterization
 
       gathered = (sharding.without_axis(self.builder.param_shardings, 'fsdp')
-                  if validation.get(self.config, 'sampling.gather_weights') else None)
+                  if config_defaults.get(self.config, 'sampling.gather_weights') else None)
 
       def run(params, decoder_params, classifier_params, key, labels, classifier_labels,
               guidance_scale, classifier_scale, sigma):
@@ -195,7 +143,7 @@ class Sampler:
 
   def _guidance_inputs(self, labels, guidance_scale, classifier_scale):
     """(generator labels, classifier labels, w, w_c, use_cfg, use_classifier) of a call."""
-    classifier_scale = (validation.get(self.config, 'sampling.classifier_scale')
+    classifier_scale = (config_defaults.get(self.config, 'sampling.classifier_scale')
                         if classifier_scale is None else classifier_scale)
     classifier_labels = labels
     if self.guidance == 'cfg':
@@ -323,7 +271,7 @@ def load(config, workdir, latent_space=None):
   image_shape = input_pipeline.create_dataset(config.input, config.input.train_split).image_shape
   if latent_space is not None:
     image_shape = latent_space.latent_shape(image_shape)
-  builder = state_builder(config, image_shape)
+  builder = train_state.builder(config, image_shape)
   state = train_state.load_latest(builder, config, workdir, check_config=resume_config.check)
   return builder, state, tuple(image_shape)
 
@@ -348,23 +296,22 @@ def load_classifier(config, image_shape, latent_space=None):
       that trains one).
     ConfigError: the classifier was trained for other images, classes or another path.
   """
-  guidance = validation.get(config, 'sampling.guidance')
+  guidance = config_defaults.get(config, 'sampling.guidance')
   if guidance == 'cfg':
     return None
   if latent_space is not None:
     raise errors.ConfigError(
         f"sampling.guidance={guidance!r} on a latent generator needs a noise-aware classifier "
         "of latents, which guidedflow does not train yet: use sampling.guidance='cfg'.")
-  from guidedflow.tasks import noisy_classifier  # pylint: disable=g-import-not-at-top
   workdir = config.sampling.classifier_workdir
-  model, result, classifier_config = noisy_classifier.load(workdir)
-  trained = (tuple(result['image_shape']), int(classifier_config.input.num_classes),
-             classifier_config.path.schedule)
+  model, result, classifier_config = trained.load_noisy_classifier(workdir)
+  trained_for = (tuple(result['image_shape']), int(classifier_config.input.num_classes),
+                 classifier_config.path.schedule)
   wanted = (tuple(image_shape), int(config.input.num_classes), config.path.schedule)
-  if trained != wanted:
+  if trained_for != wanted:
     describe = lambda s: f'{"x".join(map(str, s[0]))} images of {s[1]} classes on the {s[2]} path'
     raise errors.ConfigError(
-        f'the noise-aware classifier in {workdir} was trained on {describe(trained)}, but the '
+        f'the noise-aware classifier in {workdir} was trained on {describe(trained_for)}, but the '
         f'generator makes {describe(wanted)}: train one for it with: python -m guidedflow.main '
         '--config configs/fmnist_noisy_classifier.py --workdir DIR (setting its input and '
         'path.schedule to the generator\'s), then pass --config.sampling.classifier_workdir=DIR.')

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from guidedflow import jax_compat
 from guidedflow.models.layers import LAYER_AXIS
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -54,11 +55,7 @@ def _slurm_job_with_several_tasks() -> bool:
 
 
 def _on_cloud_tpu_vm() -> bool:
-  try:  # JAX's own detection (private, read defensively): a TPU VM with libtpu.
-    from jax._src.clusters import cloud_tpu_cluster  # pylint: disable=g-import-not-at-top
-    return bool(cloud_tpu_cluster.running_in_cloud_tpu_vm)
-  except (ImportError, AttributeError):
-    return False
+  return jax_compat.running_in_cloud_tpu_vm()
 
 
 def _env_int(name: str) -> int | None:

@@ -7,9 +7,7 @@ the non-finite guard and optional EMA, logging with ETA, TensorBoard, orbax chec
 """
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 import time
 
@@ -21,132 +19,11 @@ import numpy as np
 from guidedflow import errors
 from guidedflow import input_pipeline
 from guidedflow import resume_config
-from guidedflow import sharding
-from guidedflow import tasks as tasks_lib
+from guidedflow import run_context
 from guidedflow import time_budget
 from guidedflow import train_state
 from guidedflow import validation
-
-
-def itstime(step, every_n_steps, total_steps, *, last=True):
-  """Whether periodic work is due after `step` (big_vision's `itstime`): at multiples of
-  `every_n_steps` (0: never) and, when `last`, at the final step."""
-  return bool((every_n_steps and step % every_n_steps == 0) or (last and step == total_steps))
-
-
-class Chrono:
-  """Training throughput and ETA, with the time of periodic work (grids, evaluations,
-  checkpoints) left out."""
-
-  def __init__(self, start_step, num_steps, batch_size):
-    self.start_step, self.num_steps, self.batch_size = start_step, num_steps, batch_size
-    self.t_start = time.time()
-    self.compile_s = self.paused_s = 0.0
-    self._window = (start_step, time.time(), 0.0)  # (step, time, paused seconds) of the last log
-
-  def first_step(self, state):
-    """Call after the first step of the run: it includes the compile."""
-    jax.block_until_ready(state)
-    self.compile_s = time.time() - self.t_start
-    self._window = (self.start_step + 1, time.time(), self.paused_s)
-    logging.info('First step (compile + run) took %.1f s.', self.compile_s)
-
-  @contextlib.contextmanager
-  def paused(self):
-    t0 = time.time()
-    try:
-      yield
-    finally:
-      self.paused_s += time.time() - t0
-
-  def tick(self, step):
-    """Steps/s since the previous tick and the ETA of the run, in seconds."""
-    last_step, last_time, last_paused = self._window
-    now = time.time()
-    busy = now - last_time - (self.paused_s - last_paused)
-    steps_per_s = (step - last_step) / busy if step > last_step and busy > 0 else 0.0
-    self._window = (step, now, self.paused_s)
-    eta = (self.num_steps - step) / steps_per_s if steps_per_s else float('nan')
-    return steps_per_s, eta
-
-  def summary(self, step):
-    total = time.time() - self.t_start
-    train_s = total - self.compile_s - self.paused_s
-    trained = step - self.start_step - 1  # the first step's time is in compile_s
-    return {'steps_this_run': step - self.start_step,
-            'train_images_per_s': (round(trained * self.batch_size / train_s, 1)
-                                   if trained > 0 and train_s > 0 else None),
-            'compile_s': round(self.compile_s, 2), 'periodic_s': round(self.paused_s, 2),
-            'train_s': round(train_s, 2)}
-
-
-def format_seconds(seconds):
-  if not math.isfinite(seconds):
-    return '?'
-  seconds = int(seconds)
-  return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
-
-
-class Writer:
-  """TensorBoard scalars and images (tensorboardX; no TensorFlow), on process 0 only."""
-
-  def __init__(self, logdir):
-    self._writer = None
-    if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(logdir)
-
-  def scalars(self, step, values):
-    if self._writer:
-      for name, value in values.items():
-        self._writer.add_scalar(name, value, step)
-
-  def image(self, step, name, image):
-    if self._writer:
-      self._writer.add_image(name, image, step, dataformats='HWC')
-
-  def close(self):
-    if self._writer:
-      self._writer.close()
-      self._writer = None
-
-
-@dataclasses.dataclass
-class Run:
-  """What a task's periodic and final work may use of the running program."""
-  config: object
-  workdir: str
-  builder: train_state.StateBuilder
-  writer: Writer
-  image_shape: tuple
-  num_steps: int
-  task: object = None
-  _eval_step: object = None
-
-  def heldout(self, params, dataset, *, batch_size, num_batches=0):
-    """The task's held-out metrics of `params` over `dataset` (or its first `num_batches`
-    batches): the mean over real examples (the padded rows of the last batch weigh 0)."""
-    if self._eval_step is None:
-      self._eval_step = self.builder.make_eval_step(self.task.eval_metrics)
-    return heldout_metrics(self._eval_step, params, dataset, batch_size=batch_size,
-                           num_batches=num_batches, batch_sharding=self.builder.batch_sharding,
-                           seed=self.config.train.seed)
-
-
-def heldout_metrics(eval_step, params, dataset, *, batch_size, num_batches, batch_sharding,
-                    seed):
-  """Means of `eval_step(params, batch, key)` over the examples of `dataset`: each batch's
-  means (over its real rows) weighted by its number of real rows. Batch i uses key
-  fold_in(PRNGKey(seed + 1), i), so every call draws the same noise."""
-  totals, count = {}, 0.0
-  key = jax.random.PRNGKey(seed + 1)
-  for i, batch in enumerate(input_pipeline.eval_batches(
-      dataset, batch_size, num_batches=num_batches or None, sharding=batch_sharding)):
-    weight = float(np.sum(sharding.to_host(batch['mask'])))
-    for name, value in eval_step(params, batch, jax.random.fold_in(key, i)).items():
-      totals[name] = totals.get(name, 0.0) + weight * float(value)
-    count += weight
-  return {name: total / max(count, 1.0) for name, total in totals.items()}
+from guidedflow.tasks import registry
 
 
 def _check_finite(state, ckpt, workdir):
@@ -170,7 +47,7 @@ def _log_metrics(step, num_steps, pending, chrono, writer, batch_size, extra_key
   logging.info('step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e%s  %.2f steps/s  %.0f img/s  '
                'ETA %s', step, num_steps, summary['loss'], summary['grad_norm'],
                summary['learning_rate'], extra, steps_per_s, steps_per_s * batch_size,
-               format_seconds(eta))
+               run_context.format_seconds(eta))
   writer.scalars(step, {f'train/{k}': v for k, v in summary.items()})
   writer.scalars(step, {'train/steps_per_s': steps_per_s,
                         'train/images_per_s': steps_per_s * batch_size})
@@ -214,7 +91,7 @@ def train_and_evaluate(config, workdir):
   """
   t_start, workdir = time.time(), os.fspath(workdir)
   validation.validate_config(config)
-  task = tasks_lib.get_task(config, workdir)
+  task = registry.get_task(config, workdir)
   # Workdir files go through etils.epath: a local path or gs://BUCKET/... (Cloud TPU).
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   dataset = task.train_dataset()
@@ -239,12 +116,12 @@ def train_and_evaluate(config, workdir):
         sharding=builder.batch_sharding, start_step=start_step))
     if data_state is not None:
       iterator.set_state(data_state)
-    writer = Writer(os.path.join(workdir, 'tensorboard'))
+    writer = run_context.Writer(os.path.join(workdir, 'tensorboard'))
     stack.callback(writer.close)
-    run = Run(config, workdir, builder, writer, tuple(dataset.image_shape), num_steps, task)
+    run = run_context.Run(config, workdir, builder, writer, tuple(dataset.image_shape), num_steps, task)
     train_step = task.make_train_step(builder)
     base_key = jax.random.PRNGKey(config.train.seed)
-    chrono = Chrono(start_step, num_steps, batch_size)
+    chrono = run_context.Chrono(start_step, num_steps, batch_size)
 
     def save(step):
       _check_finite(state, ckpt, workdir)
@@ -262,7 +139,7 @@ def train_and_evaluate(config, workdir):
         num_steps = run.num_steps = chrono.num_steps = _fix_num_steps(config, chosen, builder)
         train_step, budget = task.make_train_step(builder), None
         _write_config(config, workdir)
-      if itstime(step, config.train.log_every_steps, num_steps):
+      if run_context.itstime(step, config.train.log_every_steps, num_steps):
         _check_finite(state, ckpt, workdir)
         last_summary = _log_metrics(step, num_steps, pending, chrono, writer, batch_size,
                                     task.log_keys)
@@ -277,7 +154,7 @@ def train_and_evaluate(config, workdir):
         logging.warning('Saved step %d; rerun the same command to resume from it.', step)
         return state, {'task': task.name, 'step': step, 'preempted': True,
                        'stop_signal': ckpt.stop_signal, 'exit_status': ckpt.exit_status}
-      if itstime(step, config.checkpoint.every_steps, num_steps, last=False):
+      if run_context.itstime(step, config.checkpoint.every_steps, num_steps, last=False):
         with chrono.paused():
           save(step)
     if step > start_step:

@@ -22,6 +22,7 @@ from guidedflow import checkpointing
 from guidedflow import errors
 from guidedflow import sharding
 from guidedflow import time_budget
+from guidedflow.models import factory
 
 SCHEDULES = ('constant', 'cosine')
 
@@ -220,6 +221,13 @@ class StateBuilder:
 
 
 # ----------------------------------------------------------------------------- mesh & checkpoints
+
+
+def builder(config, image_shape, mesh=None):
+  """The `StateBuilder` of `config`'s network (`factory.constructor`: the task's) for
+  `image_shape`, on `mesh` (default: `config.mesh`)."""
+  return StateBuilder(factory.constructor(config, image_shape), config,
+                      mesh if mesh is not None else make_mesh(config))
 
 
 def make_mesh(config, devices=None):

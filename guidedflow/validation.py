@@ -3,7 +3,7 @@
 Allowed values come from the library's own constants (`paths.SCHEDULES`, `losses.TIME_SAMPLERS`,
 `sampling.METHODS`, ...), so a new choice there is accepted here without a copied table. What
 the model needs of the image size is checked once, by the model's own constructor
-(`sampler.model_constructor`), not here.
+(`models.factory`), not here.
 """
 
 import math
@@ -11,6 +11,7 @@ import math
 import jax
 import jaxlib
 
+from guidedflow import config_defaults
 from guidedflow import errors
 from guidedflow import feature_networks
 from guidedflow import latent_cache
@@ -58,35 +59,9 @@ _COMMON_POSITIVE = ('train.num_steps', 'train.batch_size', 'train.log_every_step
                     'checkpoint.every_steps', 'checkpoint.max_to_keep', 'input.num_classes')
 # Periodic work every N steps during training, 0 = none (a negative N would run it every |N|).
 _COMMON_EVERY = ('train.sample_every_steps', 'eval.every_steps')
-# Keys added after configs were first written: their value when a config lacks them (the
-# behaviour before the key existed). Read them with `get`.
-_DEFAULTS = {'model.unet_norm': 'group', 'model.attention_impl': 'einsum',
-             'model.remat': 'none', 'model.scan_blocks': True, 'model.unroll_blocks': 'auto',
-             'optim.schedule': 'constant',
-             'mesh.distributed': 'auto', 'checkpoint.max_to_keep': 3, 'input.space': 'pixels',
-             'autoencoder.cache': True, 'autoencoder.cache_dtype': 'float32',
-             'autoencoder.flip': False, 'autoencoder.batch_size': 256,
-             'autoencoder.workers': 0, 'sampling.npz_keys': 'guidedflow',
-             'sampling.guidance': 'cfg', 'sampling.classifier_scale': 0.0,
-             'sampling.classifier_workdir': None, 'eval.classifier_scales': None,
-             'train.allow_config_change': False, 'sampling.gather_weights': True,
-             'sampling.cpu_dots': 'auto', 'train.cpu_dots': 'auto', 'model.arch': 'cnn', 'model.unet_attention_heads': 0,
-             'eval.extra_feature_networks': (), 'train.time_budget_minutes': 0.0}
-
-
-def get(config, dotted):
-  """`config.<dotted>`, or its default when the config predates the key (`_DEFAULTS`)."""
-  node = config
-  for part in dotted.split('.'):
-    if part not in node:
-      return _DEFAULTS.get(dotted)
-    node = node[part]
-  return node
-
-
 def _choices(config, table):
   for key, allowed in table.items():
-    value = get(config, key)
+    value = config_defaults.get(config, key)
     if value not in allowed:
       raise errors.ConfigError(f'config.{key}={value!r} is not one of {tuple(allowed)}.')
 
@@ -95,7 +70,7 @@ def _integers(config, keys, minimum=1):
   """config.<key> must be an int >= `minimum`; with minimum 0 (periodic work every N steps, 0 =
   none) a key the task's config lacks is not checked."""
   for key in keys:
-    value = get(config, key)
+    value = config_defaults.get(config, key)
     if value is None and minimum == 0:
       continue
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -136,8 +111,8 @@ def _check_time_budget(config):
                              '--config.train.time_budget_minutes=25).')
   if not time_budget.is_active(config):
     return
-  warmup = get(config, 'optim.warmup_steps')
-  constant = get(config, 'optim.schedule') == 'constant' and warmup == 0
+  warmup = config_defaults.get(config, 'optim.warmup_steps')
+  constant = config_defaults.get(config, 'optim.schedule') == 'constant' and warmup == 0
   if not constant and warmup < time_budget.MIN_WARMUP:
     raise errors.ConfigError(
         f'config.train.time_budget_minutes needs config.optim.warmup_steps >= '
@@ -149,7 +124,7 @@ def _check_time_budget(config):
 def _check_number(config, key, *, above=None, at_least=None, example=''):
   """config.<key> must be a finite number > `above` (or >= `at_least`): a bare comparison
   refuses nan but lets inf through, which then fails only once training runs."""
-  value = get(config, key)
+  value = config_defaults.get(config, key)
   bound = f'> {above}' if above is not None else f'>= {at_least}'
   if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
       or (above is not None and not value > above)
@@ -164,10 +139,10 @@ def _check_optim(config):
   for key in ('optim.weight_decay', 'optim.grad_clip_norm', 'optim.b1', 'optim.b2'):
     _check_number(config, key, at_least=0)
   for key in ('optim.b1', 'optim.b2'):
-    if not get(config, key) < 1:
-      raise errors.ConfigError(f'config.{key}={get(config, key)!r} must be in [0, 1), e.g. '
+    if not config_defaults.get(config, key) < 1:
+      raise errors.ConfigError(f'config.{key}={config_defaults.get(config, key)!r} must be in [0, 1), e.g. '
                                f'--config.{key}={0.9 if key.endswith("b1") else 0.999}.')
-  if get(config, 'optim.schedule') == 'cosine':
+  if config_defaults.get(config, 'optim.schedule') == 'cosine':
     _check_number(config, 'optim.final_lr_factor', at_least=0)
   if not 0.0 <= optim.get('ema_decay', 0.0) < 1.0:
     raise errors.ConfigError(f'config.optim.ema_decay={optim.ema_decay} must be in [0, 1) '
@@ -193,7 +168,7 @@ def _check_mesh(config):
 def _check_classifier(config):
   _integers(config, ('eval.batch_size', 'model.feature_dim'))
   for key in ('input.num_train_examples', 'eval.num_examples'):
-    value = get(config, key)
+    value = config_defaults.get(config, key)
     if not isinstance(value, int) or value < 0:
       raise errors.ConfigError(f'config.{key}={value!r} must be an integer >= 0 (0: all).')
   if not config.model.channels or any(int(c) < 1 for c in config.model.channels):
@@ -208,7 +183,7 @@ def _check_noisy_classifier(config):
   _choices(config, {'model.dtype': tuple(models.DTYPES), 'model.norm': unet.NORMS,
                     'path.schedule': paths.SCHEDULES, 'loss.time_sampler': losses.TIME_SAMPLERS})
   for key in ('input.num_train_examples', 'eval.num_examples', 'train.random_shift_pixels'):
-    value = get(config, key)
+    value = config_defaults.get(config, key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
       raise errors.ConfigError(f'config.{key}={value!r} must be an integer >= 0.')
   if not config.model.channels or any(int(c) < 1 for c in config.model.channels):
@@ -243,7 +218,7 @@ def _check_generator(config):
     raise errors.ConfigError('config.sampling.guidance_scale must be a finite number.')
   _check_classifier_guidance(config)
   for key in ('train.cpu_dots', 'sampling.cpu_dots'):
-    if get(config, key) == 'onednn' and precision.jaxlib_version_tuple() < precision.ONEDNN_SINCE:
+    if config_defaults.get(config, key) == 'onednn' and precision.jaxlib_version_tuple() < precision.ONEDNN_SINCE:
       raise errors.ConfigError(
           f"config.{key}='onednn' needs jaxlib >= 0.12 (this is jaxlib {jaxlib.__version__}, "
           "whose oneDNN fusions abort some programs): use 'auto' or 'ynnpack', or jax 0.12 on "
@@ -267,17 +242,17 @@ def _check_generator(config):
 
 
 def _check_classifier_guidance(config):
-  guidance = get(config, 'sampling.guidance')
-  scale = get(config, 'sampling.classifier_scale')
+  guidance = config_defaults.get(config, 'sampling.guidance')
+  scale = config_defaults.get(config, 'sampling.classifier_scale')
   if not isinstance(scale, (int, float)) or not math.isfinite(scale):
     raise errors.ConfigError(f'config.sampling.classifier_scale={scale!r} must be a finite '
                              'number (w_c of classifier guidance).')
-  for w_c in get(config, 'eval.classifier_scales') or ():
+  for w_c in config_defaults.get(config, 'eval.classifier_scales') or ():
     if not isinstance(w_c, (int, float)) or not math.isfinite(w_c):
       raise errors.ConfigError(f'config.eval.classifier_scales='
-                               f'{get(config, "eval.classifier_scales")!r} must be numbers, e.g. '
+                               f'{config_defaults.get(config, "eval.classifier_scales")!r} must be numbers, e.g. '
                                '--config.eval.classifier_scales=0,1,2,4')
-  if guidance != 'cfg' and not get(config, 'sampling.classifier_workdir'):
+  if guidance != 'cfg' and not config_defaults.get(config, 'sampling.classifier_workdir'):
     raise errors.ConfigError(
         f"config.sampling.guidance={guidance!r} needs the noise-aware classifier's run: "
         '--config.sampling.classifier_workdir=DIR (trained with python -m guidedflow.main '
@@ -290,9 +265,9 @@ def _check_classifier_guidance(config):
 
 
 def _check_latents(config):
-  if get(config, 'input.space') != 'latents':
+  if config_defaults.get(config, 'input.space') != 'latents':
     return
-  workdir, weights = get(config, 'autoencoder.workdir'), get(config, 'autoencoder.weights')
+  workdir, weights = config_defaults.get(config, 'autoencoder.workdir'), config_defaults.get(config, 'autoencoder.weights')
   if bool(workdir) == bool(weights):
     raise errors.ConfigError(
         "config.input.space='latents' needs exactly one autoencoder: "
@@ -300,22 +275,22 @@ def _check_latents(config):
         '--config.autoencoder.weights=FILE (a Stable Diffusion VAE file).')
   _choices(config, {'autoencoder.cache_dtype': latent_cache.DTYPES})
   _integers(config, ('autoencoder.batch_size',))
-  if get(config, 'autoencoder.workers') < 0:
+  if config_defaults.get(config, 'autoencoder.workers') < 0:
     raise errors.ConfigError('config.autoencoder.workers must be >= 0 (0: decode in this '
                              'process).')
 
 
 def _check_model(config):
   model = config.model
-  remat = get(config, 'model.remat')
+  remat = config_defaults.get(config, 'model.remat')
   if remat not in (True, False) and remat not in dit.REMAT_POLICIES:
     raise errors.ConfigError(f'config.model.remat={remat!r} is not one of {dit.REMAT_POLICIES} '
                              '(True / False are accepted as full / none).')
   try:
-    dit.check_unroll_blocks(get(config, 'model.unroll_blocks'))
+    dit.check_unroll_blocks(config_defaults.get(config, 'model.unroll_blocks'))
   except ValueError as e:
     raise errors.ConfigError(f'config.model.{e}') from None
-  if get(config, 'model.attention_impl') == 'cudnn' and model.dtype != 'bfloat16':
+  if config_defaults.get(config, 'model.attention_impl') == 'cudnn' and model.dtype != 'bfloat16':
     raise errors.ConfigError("config.model.attention_impl='cudnn' needs "
                              '--config.model.dtype=bfloat16 (and a GPU).')
 

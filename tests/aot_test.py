@@ -21,8 +21,8 @@ from guidedflow import aot
 from guidedflow import errors
 from guidedflow import hlo_collectives
 from guidedflow import sharding
-from guidedflow import tasks
 from guidedflow import train_state
+from guidedflow.tasks import registry
 from tests import subprocess_env
 
 REPO = subprocess_env.REPO
@@ -69,7 +69,7 @@ def _fsdp_sharded_shapes(config, devices, min_size):
   """Per-layer shapes (dims sorted, 1s dropped) of the parameters split over 'fsdp' that have
   at least `min_size` elements per layer."""
   is_variable = lambda x: isinstance(x, nnx.Variable)  # pylint: disable=unnecessary-lambda-assignment
-  model = nnx.eval_shape(tasks.get_task(config).model_constructor((28, 28, 1)))
+  model = nnx.eval_shape(registry.get_task(config).model_constructor((28, 28, 1)))
   params = nnx.state(model, nnx.Param)
   specs = sharding.state_shardings(params, train_state.make_mesh(config, devices))
   shapes = set()
@@ -93,7 +93,7 @@ def test_data_parallel_and_fsdp_compile_for_a_tpu_topology(v5e_2x2):
   figures = {}
   for name, shape in (('data', (4, 1, 1)), ('fsdp', (1, 4, 1))):
     config = _config(shape, 'XS/4', 64)
-    figures[name] = aot.compile_train_step(tasks.get_task(config), config, (28, 28, 1),
+    figures[name] = aot.compile_train_step(registry.get_task(config), config, (28, 28, 1),
                                            v5e_2x2, keep_hlo=True)
   data, fsdp = figures['data'], figures['fsdp']
   assert data['devices'] == fsdp['devices'] == 4 and data['compiler_flops_per_device'] > 0
@@ -169,14 +169,14 @@ def test_latent_generator_compiles_on_latent_moments_without_its_autoencoder(v5e
   config.model.variant = 'test/2'
   config.mesh.shape = (1, 4, 1)
   config.train.batch_size = 8
-  task = tasks.get_task(config)
+  task = registry.get_task(config)
   assert set(task.abstract_batch(8, (32, 32, 4))) == {'mean', 'logvar', 'label'}
   figures = aot.compile_train_step(task, config, (32, 32, 4), v5e_2x2)
   assert figures['devices'] == 4 and figures['argument_bytes'] > 0
   # Its sampler decodes to pixels with the SD-VAE's architecture, weights abstract (4×4
   # latents, 32×32 pixels: the decoder's compile grows with the image, 28 s at 8×8).
   config.sampling.batch_size, config.sampling.num_steps = 4, 2
-  sampler = aot.compile_sampler(tasks.get_task(config), config, (4, 4, 4), v5e_2x2)
+  sampler = aot.compile_sampler(registry.get_task(config), config, (4, 4, 4), v5e_2x2)
   assert sampler['decodes'] and sampler['batch_size'] == 4
   # the f32 SD-VAE decoder (49.5M parameters; jit drops the unused encoder), replicated
   assert sampler['argument_bytes'] > 4 * 49e6
@@ -204,7 +204,7 @@ def test_fsdp_sampler_gathers_the_weights_once_per_call(v5e_2x2):
     for steps in (2, 4):
       config = _config((1, 4, 1), 'XS/4', 64)
       config.sampling.update(method='euler', num_steps=steps, batch_size=8, gather_weights=gather)
-      sampler = aot.compile_sampler(tasks.get_task(config), config, (28, 28, 1), v5e_2x2)
+      sampler = aot.compile_sampler(registry.get_task(config), config, (28, 28, 1), v5e_2x2)
       gathers[gather, steps] = sampler['collectives']['all-gather']['count']
   assert gathers[True, 2] == gathers[True, 4], gathers
   assert gathers[False, 4] > gathers[False, 2] >= 2 * 6, gathers  # per step, per block

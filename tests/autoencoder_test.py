@@ -14,12 +14,14 @@ from guidedflow import errors
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
-from guidedflow import tasks
 from guidedflow import train
 from guidedflow import validation
 from guidedflow.models import autoencoder as ae
 from guidedflow.tasks import autoencoder as autoencoder_task
 from guidedflow.models.layers import param_count
+from guidedflow.tasks import registry
+from guidedflow import trained
+from guidedflow.models import factory
 
 
 def _tiny(**kwargs):
@@ -177,7 +179,7 @@ def test_task_trains_and_reports_psnr_and_latent_statistics(trained_autoencoder)
   assert result['latent_scale'] == pytest.approx(1 / result['latent_std'], rel=1e-4)
   assert 'ema_params' in state
   assert os.path.exists(os.path.join(workdir, 'samples', 'reconstructions.png'))
-  model, loaded, _ = tasks.load_trained(workdir, 'autoencoder', 'train it')
+  model, loaded, _ = trained.load(workdir, 'autoencoder', 'train it')
   assert loaded['step'] == 30 and model.latent_channels == 4
   # The loaded weights are the EMA's, which result.json (PSNR, latent scale) reports on.
   loaded_leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
@@ -210,8 +212,8 @@ def test_latent_scale_is_one_over_the_std_of_known_latents():
 
 def test_loss_terms_add_up_with_their_weights():
   config = _task_config(kl_weight=0.5, reconstruction='l2')
-  task = tasks.get_task(config)
-  model = autoencoder_task.model_constructor(config, (28, 28, 1))()
+  task = registry.get_task(config)
+  model = factory.autoencoder_kl(config, (28, 28, 1))()
   x = images_lib.to_model(jnp.asarray(input_pipeline.load_fashion_mnist(None, 'test')[0][:4]))
   batch = {'image': x, 'label': jnp.zeros(4, jnp.int32)}
   key = jax.random.PRNGKey(3)
@@ -231,7 +233,7 @@ def test_autoencoder_config_errors_name_the_key():
   config = _task_config()
   config.model.channels = (8, 16, 16, 16)  # 28 does not divide by 8
   with pytest.raises(errors.ConfigError, match='does not divide'):
-    autoencoder_task.model_constructor(config, (28, 28, 1))
+    factory.autoencoder_kl(config, (28, 28, 1))
 
 
 def test_feature_loss_compares_classifier_features(tmp_path):
@@ -246,13 +248,13 @@ def test_feature_loss_compares_classifier_features(tmp_path):
   config = _task_config(feature_weight=2.0)
   config.loss.feature_workdir = str(tmp_path / 'clf')  # not the evaluation's classifier
   config.eval.classifier_workdir = str(tmp_path / 'missing')
-  task = tasks.get_task(config)
-  model = autoencoder_task.model_constructor(config, (28, 28, 1))()
+  task = registry.get_task(config)
+  model = factory.autoencoder_kl(config, (28, 28, 1))()
   x = images_lib.to_model(jnp.asarray(input_pipeline.load_fashion_mnist(None, 'test')[0][:4]))
   batch = {'image': x, 'label': jnp.zeros(4, jnp.int32)}
   total, metrics = task.loss(model, batch, jax.random.PRNGKey(0))
   reconstruction, _, _ = model(x, jax.random.PRNGKey(0))
-  classifier = tasks.load_trained(str(tmp_path / 'clf'), 'classifier', 'x')[0]
+  classifier = trained.load(str(tmp_path / 'clf'), 'classifier', 'x')[0]
   feature = float(jnp.mean(jnp.square(classifier.features(reconstruction) -
                                       classifier.features(x))))
   assert float(metrics['feature']) == pytest.approx(feature, rel=1e-4) and feature > 0

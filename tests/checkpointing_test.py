@@ -18,6 +18,7 @@ import pytest
 
 from guidedflow import checkpointing
 from guidedflow import tree_compat
+from guidedflow import train_state
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,11 +142,11 @@ def test_mismatch_names_parameter_and_fix(tmp_path, change, message):
 def _dit_train_state(scan_blocks, abstract=False):
   """The tiny config's DiT train state (params, AdamW, EMA: one 'test/7' block) in a layout."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from guidedflow import sampler, sharding  # pylint: disable=g-import-not-at-top
+  from guidedflow import sharding  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.model.scan_blocks = scan_blocks
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  builder = sampler.state_builder(config, (28, 28, 1), mesh)
+  builder = train_state.builder(config, (28, 28, 1), mesh)
   return builder.abstract_state() if abstract else builder.init_state()
 
 

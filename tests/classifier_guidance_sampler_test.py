@@ -22,8 +22,8 @@ from guidedflow import feature_networks
 from guidedflow import input_pipeline
 from guidedflow import sampler as sampler_lib
 from guidedflow import train
+from guidedflow import trained
 from guidedflow import validation
-from guidedflow.tasks import noisy_classifier as noisy_lib
 from tests.evaluate_test import PixelFeatures
 
 NULL = 10  # the null label of the 10 Fashion-MNIST classes
@@ -120,7 +120,7 @@ def test_guidance_raises_the_classifier_log_probability_of_the_label(guided):
   Guidance runs on t ≥ 1/3 only (`guidance_interval`): near t = 0 a learned classifier's
   gradient does not vanish as the true one does (∝ α_t), and b_t = (1 − t)/t is 999 at t_eps.
   """
-  model, _, _ = noisy_lib.load(guided.classifier.workdir)
+  model, _, _ = trained.load_noisy_classifier(guided.classifier.workdir)
   guided.config.sampling.guidance_interval = (0.3, 1.0)
   guided._compiled = {}  # pylint: disable=protected-access
   labels = np.tile(np.arange(10, dtype=np.int32), 4)

@@ -23,6 +23,7 @@ from guidedflow import sampler as sampler_lib
 from guidedflow import train
 from guidedflow.models.classifier import Classifier
 from guidedflow.tasks import classifier as classifier_task
+from guidedflow.models import factory
 from tests import subprocess_env
 
 REPO = subprocess_env.REPO
@@ -185,7 +186,7 @@ def test_checkpoint_round_trip(trained):
   out = network(images)
   assert out['features'].shape == (100, 32) and out['features'].dtype == np.float32
   assert out['logits'].shape == (100, 10) and out['logits'].dtype == np.float32
-  model = classifier_task.model_constructor(_tiny_config(), (28, 28, 1))()
+  model = factory.feature_classifier(_tiny_config(), (28, 28, 1))()
   nnx.update(model, state['params'])
   features, logits = model.features_and_logits(images_lib.to_model(jnp.asarray(images)))
   np.testing.assert_allclose(out['logits'], np.asarray(logits), rtol=1e-5, atol=1e-5)

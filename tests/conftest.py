@@ -3,6 +3,8 @@
 import importlib.metadata
 import os
 
+import pytest
+
 # Tests run on CPU. libtpu (installed by the test extra for tests/aot_test.py, which asks for
 # TPU topologies explicitly) would otherwise make every process probe for a TPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -27,3 +29,11 @@ _CACHE_DIR = os.environ.get(
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE_DIR))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture
+def fake_bin(tmp_path):
+  """An empty directory for fake executables (tests/launch_scripts.py puts it first on PATH)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  return bin_dir

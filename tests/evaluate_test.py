@@ -20,6 +20,7 @@ from guidedflow import evaluation
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
+from guidedflow import run_context
 from guidedflow import sampler as sampler_lib
 from guidedflow import train
 from guidedflow import validation
@@ -231,7 +232,7 @@ def test_periodic_sample_metrics_reach_tensorboard(network, tmp_path, monkeypatc
     def close(self):
       pass
 
-  monkeypatch.setattr(train, 'Writer', RecordingWriter)
+  monkeypatch.setattr(run_context, 'Writer', RecordingWriter)
   config = _config()
   config.train.num_steps = 2
   config.eval.every_steps = 1

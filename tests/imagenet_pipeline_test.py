@@ -14,11 +14,11 @@ from PIL import Image
 
 from guidedflow import image_folder
 from guidedflow import input_pipeline
-from guidedflow import tasks
 from guidedflow import train
 from guidedflow.models import autoencoder
 from guidedflow.models import inception
 from guidedflow.models import sd_vae_weights
+from guidedflow.tasks import registry
 
 SIZE = 32  # the crop; 256 on ImageNet (the code path is the same)
 
@@ -111,7 +111,7 @@ def test_imagenet_path_end_to_end(stand_in, tmp_path):
   assert dataset.num_examples == 8 and dataset.image_shape == (SIZE, SIZE, 3)
   assert dataset.classes == ['n01440764', 'n01443537']
 
-  encoded = tasks.get_task(config, workdir).encode(workdir)  # --mode=encode
+  encoded = registry.get_task(config, workdir).encode(workdir)  # --mode=encode
   meta = encoded['train']
   assert meta['num_examples'] == 16 and meta['flip'] and meta['dtype'] == 'float16'
   assert meta['latent_shape'] == [SIZE // 8, SIZE // 8, 4] and meta['scale'] == 0.18215
@@ -121,12 +121,12 @@ def test_imagenet_path_end_to_end(stand_in, tmp_path):
   assert result['step'] == 3 and result['image_shape'] == [4, 4, 4]
   assert np.isfinite(result['heldout_loss_ema'])
 
-  sampled = tasks.get_task(config, workdir).sample(workdir)  # --mode=sample
+  sampled = registry.get_task(config, workdir).sample(workdir)  # --mode=sample
   with np.load(sampled['output']) as f:
     assert f['arr_0'].shape == (4, SIZE, SIZE, 3) and f['arr_0'].dtype == np.uint8
     np.testing.assert_array_equal(f['arr_1'], [0, 1, 0, 1])
 
-  evaluated = tasks.get_task(config, workdir).evaluate(workdir)  # --mode=evaluate
+  evaluated = registry.get_task(config, workdir).evaluate(workdir)  # --mode=evaluate
   assert evaluated['feature_network'] == 'inception_v3'
   assert np.isfinite(evaluated['fd']) and evaluated['fd'] > 0
   with open(os.path.join(workdir, 'eval', 'evaluate.json')) as f:

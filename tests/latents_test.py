@@ -14,9 +14,9 @@ from guidedflow import input_pipeline
 from guidedflow import latent_cache
 from guidedflow import latents
 from guidedflow import sampler as sampler_lib
-from guidedflow import tasks
 from guidedflow import train
 from guidedflow import validation
+from guidedflow.tasks import registry
 
 # One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (a subprocess or
 # a training run) is slow setup that each xdist worker would otherwise repeat.
@@ -178,7 +178,7 @@ def test_latent_generator_samples_pixels(autoencoder_dir, latent_run):
   images, nfe, _ = sampler.sample_images(jax.random.PRNGKey(0), np.arange(4), 2.0)
   assert images.shape == (4, 28, 28, 1) and images.dtype == np.uint8
   assert nfe == 2 * 3  # Heun, 2 steps: 3 evaluations (the last step is Euler's), CFG doubles
-  out = tasks.get_task(config, straight).sample(straight)
+  out = registry.get_task(config, straight).sample(straight)
   with np.load(out['output']) as f:
     assert f['images'].shape == (20, 28, 28, 1)
   assert os.path.exists(os.path.join(straight, 'samples', 'grid_latest.png'))
@@ -218,7 +218,7 @@ def test_a_process_trains_on_its_own_shard_alone(space, pixels, tmp_path):
 def test_encode_mode_needs_a_latent_generator(autoencoder_dir, tmp_path):
   from configs import tiny  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ConfigError, match='--mode=encode'):
-    tasks.get_task(tiny.get_config(), str(tmp_path)).encode(str(tmp_path))
+    registry.get_task(tiny.get_config(), str(tmp_path)).encode(str(tmp_path))
   with pytest.raises(errors.ConfigError, match='on the fly'):
     config = _generator_config(autoencoder_dir, cache=False)
-    tasks.get_task(config, str(tmp_path)).encode(str(tmp_path))
+    registry.get_task(config, str(tmp_path)).encode(str(tmp_path))

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import time
 
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch')
@@ -47,13 +46,6 @@ def recorded_calls(tmp_path):
   if not path.exists():
     return []
   return [call.split('\x1f') for call in path.read_text().split('\x1e') if call]
-
-
-@pytest.fixture
-def fake_bin(tmp_path):
-  bin_dir = tmp_path / 'bin'
-  bin_dir.mkdir()
-  return bin_dir
 
 
 def clean_env(tmp_path, fake_bin, **variables):

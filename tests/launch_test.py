@@ -16,8 +16,6 @@ from tests.launch_scripts import (
     REPO, SCRIPTS, BASH, SYSTEM_PATH, RECORDER, script_path, fake_executable, recorded_calls,
     clean_env, run_script, wait_for)
 
-pytest_plugins = ('tests.launch_scripts',)  # its fixtures: fake_bin
-
 
 # ----------------------------------------------------------------------------- all scripts
 

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from guidedflow import sampler
 from guidedflow.models import precision
+from guidedflow import train_state
 from tests import subprocess_env
 
 _spec = importlib.util.spec_from_file_location(
@@ -60,7 +60,7 @@ def test_state_is_params_plus_adamw_plus_ema(report):
 
 def test_fsdp8_state_is_exact_shard_sum():
   config = memory.recipe('S/2')
-  abstract = sampler.state_builder(config, memory.IMAGE_SHAPE,
+  abstract = train_state.builder(config, memory.IMAGE_SHAPE,
                                    memory.abstract_mesh((1, 8, 1))).abstract_state()
   mesh_sizes = {'data': 1, 'fsdp': 8, 'tensor': 1}
   expected = replicated_bytes = 0

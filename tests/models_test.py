@@ -14,6 +14,7 @@ from flax import nnx
 from guidedflow import models
 from guidedflow.models import dit as dit_lib
 from guidedflow.models.layers import param_count
+from guidedflow.models import factory
 
 NUM_CLASSES = 10
 TINY_UNET = dict(channels=(8, 16), num_residual_layers=1, t_embed_dim=8, y_embed_dim=8)
@@ -484,11 +485,10 @@ def test_attention_impl_auto_picks_cudnn_only_where_it_runs():
   assert jax.default_backend() == 'cpu' and dit_lib._cuda_capability() is None
   assert nnx.eval_shape(lambda: _dit(attention_impl='auto')).attention_impl == 'einsum'
   from configs import default  # pylint: disable=g-import-not-at-top
-  from guidedflow import sampler  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.model.dtype = 'bfloat16'
   assert config.model.attention_impl == 'auto'
-  model = nnx.eval_shape(sampler.model_constructor(config, (28, 28, 1)))
+  model = nnx.eval_shape(factory.generator(config, (28, 28, 1)))
   assert model.attention_impl == 'einsum' and model.blocks.attn.impl == 'einsum'
 
 
@@ -513,22 +513,22 @@ def test_model_config_keys_remat_scan_blocks_attention():
   """configs: remat takes a policy or an older config's bool, unroll_blocks 'auto' or a
   number; bad values name the key."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from guidedflow import errors, sampler, validation  # pylint: disable=g-import-not-at-top
+  from guidedflow import errors, validation  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   assert config.model.remat == 'none' and config.model.scan_blocks is True
   for value, policy in ((True, 'full'), (False, 'none'),
                         ('dots_with_no_batch_dims_saveable', 'dots_with_no_batch_dims_saveable')):
     config.model.remat = value  # a bool is accepted by the config, as older configs set it
     validation.validate_config(config)
-    model = nnx.eval_shape(sampler.model_constructor(config, (28, 28, 1)))
+    model = nnx.eval_shape(factory.generator(config, (28, 28, 1)))
     assert model.remat == policy and model.scan_blocks
   config.model.unroll_blocks = 3
-  assert nnx.eval_shape(sampler.model_constructor(config, (28, 28, 1))).unroll_blocks == 3
+  assert nnx.eval_shape(factory.generator(config, (28, 28, 1))).unroll_blocks == 3
   del config.model['unroll_blocks']  # a config written before the key existed: 'auto'
   validation.validate_config(config)
-  assert nnx.eval_shape(sampler.model_constructor(config, (28, 28, 1))).unroll_blocks == 'auto'
+  assert nnx.eval_shape(factory.generator(config, (28, 28, 1))).unroll_blocks == 'auto'
   config.model.scan_blocks = False
-  assert not nnx.eval_shape(sampler.model_constructor(config, (28, 28, 1))).scan_blocks
+  assert not nnx.eval_shape(factory.generator(config, (28, 28, 1))).scan_blocks
   for key, value, message in (('remat', 'sometimes', 'config.model.remat'),
                               ('attention_impl', 'flash', 'config.model.attention_impl'),
                               ('attention_impl', 'cudnn', 'dtype=bfloat16'),

@@ -30,7 +30,8 @@ _CHILD = textwrap.dedent(r'''
     import jax
     import numpy as np
     from configs import tiny
-    from guidedflow import checkpointing, input_pipeline, sampler, sharding, tasks, train_state
+    from guidedflow import checkpointing, input_pipeline, sampler, sharding, train_state
+    from guidedflow.tasks import registry
 
     workdir = sys.argv[1]
     config = tiny.get_config()
@@ -46,8 +47,8 @@ _CHILD = textwrap.dedent(r'''
     report = {'num_devices': jax.device_count()}
 
     def run(mesh):
-      builder = sampler.state_builder(config, image_shape, mesh)
-      train_step = builder.make_train_step(tasks.get_task(config).loss)
+      builder = train_state.builder(config, image_shape, mesh)
+      train_step = builder.make_train_step(registry.get_task(config).loss)
       state = builder.init_state()
       init_bytes = {k: sharding.bytes_per_device(state[k]) for k in ('params', 'opt_state',
                                                                     'ema_params')}
@@ -103,7 +104,7 @@ _CHILD = textwrap.dedent(r'''
         for name, target in [('restore_one_device', one),
                              ('restore_(8, 1, 1)', sharding.make_mesh((8, 1, 1)))]:
           restored, _ = ckpt.restore(
-              sampler.state_builder(config, image_shape, target).abstract_state())
+              train_state.builder(config, image_shape, target).abstract_state())
           equal = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), restored,
                                saved)
           report[name] = {

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 
 from configs import tiny
-from guidedflow import sampler
 from guidedflow import train_state
 from tests import subprocess_env
 
@@ -54,7 +53,7 @@ def _restore(workdir):
   config = tiny.get_config()
   with train_state.open_checkpointer(config, str(workdir), handle_sigterm=False) as ckpt:
     state, data_state = train_state.restore_or_init(
-        sampler.state_builder(config, (28, 28, 1)), ckpt)
+        train_state.builder(config, (28, 28, 1)), ckpt)
     steps = ckpt.all_steps()
   return jax.tree.map(np.asarray, jax.device_get(state)), data_state, steps
 

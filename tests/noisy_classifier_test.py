@@ -13,13 +13,15 @@ from flax import nnx
 from configs import fmnist_noisy_classifier
 from guidedflow import errors
 from guidedflow import models
-from guidedflow import tasks
 from guidedflow import train
+from guidedflow import trained as trained_lib
 from guidedflow import validation
 from guidedflow.models import unet
 from guidedflow.models.layers import param_count
 from guidedflow.models.noisy_classifier import NoisyClassifier
 from guidedflow.tasks import noisy_classifier as task_lib
+from guidedflow.tasks import registry
+from guidedflow.models import factory
 
 TIME_BINS = 5
 
@@ -100,7 +102,7 @@ def test_indivisible_size_raises_with_hint():
   config = fmnist_noisy_classifier.get_config()
   config.model.channels = (4, 8, 16, 32)  # 28 is not divisible by 8
   with pytest.raises(errors.ConfigError, match='config.model: .*not divisible by 8'):
-    task_lib.model_constructor(config, (28, 28, 1))
+    factory.noisy_image_classifier(config, (28, 28, 1))
 
 
 def test_analytic_flops_close_to_xla_count():
@@ -190,7 +192,7 @@ def test_time_report_from_bin_metrics():
 def test_eval_metrics_per_bin_ignore_padding():
   config = _tiny_config()
   config.input.num_classes = 3
-  task = tasks.get_task(config)
+  task = registry.get_task(config)
   assert isinstance(task, task_lib.NoisyClassifierTask)
   model = _perturb(_tiny_model())
   images = jax.random.uniform(jax.random.key(4), (6, 8, 8, 1), minval=-1, maxval=1)
@@ -245,7 +247,7 @@ def test_short_training_reports_accuracy_by_time(trained):
 
 def test_evaluate_reproduces_the_final_report(trained):
   workdir, _, result = trained
-  evaluated = tasks.get_task(_tiny_config(), workdir).evaluate(workdir)
+  evaluated = registry.get_task(_tiny_config(), workdir).evaluate(workdir)
   assert evaluated['step'] == 80
   for mine, theirs in zip(evaluated['accuracy_per_time_bin'], result['accuracy_per_time_bin']):
     assert mine['accuracy'] == pytest.approx(theirs['accuracy'], abs=2e-3)  # same noise
@@ -253,7 +255,7 @@ def test_evaluate_reproduces_the_final_report(trained):
 
 def test_load_returns_the_trained_model(trained):
   workdir, state, result = trained
-  model, loaded_result, config = task_lib.load(workdir)
+  model, loaded_result, config = trained_lib.load_noisy_classifier(workdir)
   assert isinstance(model, NoisyClassifier) and loaded_result['step'] == result['step']
   assert config.task == 'noisy_classifier'
   for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
@@ -264,7 +266,7 @@ def test_load_returns_the_trained_model(trained):
 def test_load_of_a_missing_run_names_the_train_command(tmp_path):
   workdir = str(tmp_path / 'none')
   with pytest.raises(errors.CheckpointNotFoundError) as info:
-    task_lib.load(workdir)
+    trained_lib.load_noisy_classifier(workdir)
   assert ('python -m guidedflow.main --config configs/fmnist_noisy_classifier.py --workdir '
           f'{workdir}') in str(info.value)
 

@@ -11,6 +11,7 @@ from flax import nnx
 
 from guidedflow.models import attention
 from guidedflow.models import precision
+from guidedflow.tasks import registry
 
 # (subscripts, lhs shape, rhs shape): a Linear on tokens, a Linear on vectors, attention logits
 # and attention output in the DiT's layouts.
@@ -262,17 +263,16 @@ def test_the_generator_task_asks_for_its_train_step_options():
   """`train.cpu_dots` and the model reach `precision.train_compiler_options` (forced values:
   they do not depend on this machine)."""
   from configs import default  # pylint: disable=g-import-not-at-top
-  from guidedflow import tasks  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.model.dtype = 'float32'
   config.train.cpu_dots = 'onednn'
-  onednn = tasks.get_task(config).train_compiler_options('cpu')
+  onednn = registry.get_task(config).train_compiler_options('cpu')
   assert onednn and onednn['xla_cpu_use_onednn']
-  assert tasks.get_task(config).train_compiler_options('gpu') is None
+  assert registry.get_task(config).train_compiler_options('gpu') is None
   config.train.cpu_dots = 'ynnpack'
-  assert tasks.get_task(config).train_compiler_options('cpu') is None
+  assert registry.get_task(config).train_compiler_options('cpu') is None
   config.train.cpu_dots = 'auto'
   config.model.name = 'unet'
-  assert tasks.get_task(config).train_compiler_options('cpu') is None
+  assert registry.get_task(config).train_compiler_options('cpu') is None
   del config.train['cpu_dots']  # a config written before the key: 'auto'
-  assert tasks.get_task(config).train_compiler_options('cpu') is None
+  assert registry.get_task(config).train_compiler_options('cpu') is None

@@ -14,7 +14,7 @@ from guidedflow import time_budget
 from guidedflow import train
 from guidedflow import train_state
 from guidedflow import validation
-from guidedflow import sampler as sampler_lib
+from guidedflow.models import factory
 
 
 def _config(budget_minutes=0.5, num_steps=None):
@@ -30,7 +30,7 @@ def _config(budget_minutes=0.5, num_steps=None):
 
 
 def _params(workdir, config):
-  construct = sampler_lib.model_constructor(config, (28, 28, 1))
+  construct = factory.generator(config, (28, 28, 1))
   builder = train_state.StateBuilder(construct, config, train_state.make_mesh(config))
   with train_state.open_checkpointer(config, str(workdir), handle_sigterm=False) as ckpt:
     state, _ = train_state.restore_or_init(builder, ckpt)

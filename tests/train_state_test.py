@@ -12,8 +12,8 @@ from flax import nnx
 
 from guidedflow import input_pipeline
 from guidedflow import sharding
-from guidedflow import train
 from guidedflow import train_state
+from guidedflow import run_context
 
 
 def _optim(**overrides):
@@ -123,27 +123,27 @@ def test_heldout_is_the_mean_over_real_rows_of_a_padded_split():
 
   images = np.zeros((11, 4, 4, 1), np.uint8)
   dataset = input_pipeline.ArrayDataset(images, np.arange(11), num_classes=11)
-  result = train.heldout_metrics(builder.make_eval_step(metrics), builder.init_state()['params'],
+  result = run_context.heldout_metrics(builder.make_eval_step(metrics), builder.init_state()['params'],
                                  dataset, batch_size=4, num_batches=0,
                                  batch_sharding=builder.batch_sharding, seed=0)
   assert result['loss'] == pytest.approx(5.0, abs=1e-6)
-  first_two = train.heldout_metrics(builder.make_eval_step(metrics),
+  first_two = run_context.heldout_metrics(builder.make_eval_step(metrics),
                                     builder.init_state()['params'], dataset, batch_size=4,
                                     num_batches=2, batch_sharding=builder.batch_sharding, seed=0)
   assert first_two['loss'] == pytest.approx(3.5, abs=1e-6)  # mean(0..7)
 
 
 def test_itstime():
-  due = [s for s in range(1, 11) if train.itstime(s, 4, 10)]
+  due = [s for s in range(1, 11) if run_context.itstime(s, 4, 10)]
   assert due == [4, 8, 10]
-  assert [s for s in range(1, 11) if train.itstime(s, 4, 10, last=False)] == [4, 8]
-  assert [s for s in range(1, 11) if train.itstime(s, 0, 10)] == [10]
-  assert not any(train.itstime(s, 0, 10, last=False) for s in range(1, 11))
+  assert [s for s in range(1, 11) if run_context.itstime(s, 4, 10, last=False)] == [4, 8]
+  assert [s for s in range(1, 11) if run_context.itstime(s, 0, 10)] == [10]
+  assert not any(run_context.itstime(s, 0, 10, last=False) for s in range(1, 11))
 
 
 def test_format_seconds():
-  assert train.format_seconds(3725.9) == '1:02:05'
-  assert train.format_seconds(math.nan) == '?'
+  assert run_context.format_seconds(3725.9) == '1:02:05'
+  assert run_context.format_seconds(math.nan) == '?'
 
 
 def test_a_train_step_whose_xla_options_are_refused_compiles_with_the_defaults():

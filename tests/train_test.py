@@ -19,11 +19,12 @@ from guidedflow import checkpointing
 from guidedflow import errors
 from guidedflow import input_pipeline
 from guidedflow import sampler as sampler_lib
-from guidedflow import tasks
 from guidedflow import train
 from guidedflow import train_state
 from guidedflow import validation
 from guidedflow.models import precision
+from guidedflow.tasks import registry
+from guidedflow.models import factory
 from tests import subprocess_env
 
 REPO = subprocess_env.REPO
@@ -41,7 +42,7 @@ def _leaves(tree):
 
 
 def _builder(config):
-  construct = sampler_lib.model_constructor(config, (28, 28, 1))
+  construct = factory.generator(config, (28, 28, 1))
   return train_state.StateBuilder(construct, config, train_state.make_mesh(config))
 
 
@@ -81,7 +82,7 @@ def test_all_configs_validate():
                  tiny.get_config(), imagenet256_latent.get_config(),
                  fmnist_classifier.get_config(), fmnist_autoencoder.get_config()):
     validation.validate_config(config)
-    assert tasks.get_task(config).name == config.get('task', 'generate')
+    assert registry.get_task(config).name == config.get('task', 'generate')
 
 
 def test_fashion_mnist_default_builds_its_model_and_evaluates_at_5000_per_w():
@@ -90,7 +91,7 @@ def test_fashion_mnist_default_builds_its_model_and_evaluates_at_5000_per_w():
   from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config()
   validation.validate_config(config)
-  model = sampler_lib.model_constructor(config, (28, 28, 1))()
+  model = factory.generator(config, (28, 28, 1))()
   assert model.norm == 'none' and model.channels == (16, 64, 128)
   assert not [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
               if 'norm' in '/'.join(map(str, path))]
@@ -99,7 +100,7 @@ def test_fashion_mnist_default_builds_its_model_and_evaluates_at_5000_per_w():
   with pytest.raises(errors.ConfigError, match="config.model.unet_norm='batch'"):
     validation.validate_config(config)
   del config.model['unet_norm']  # a config written before the key existed: GroupNorm
-  assert sampler_lib.model_constructor(config, (28, 28, 1))().norm == 'group'
+  assert factory.generator(config, (28, 28, 1))().norm == 'group'
 
 
 @pytest.mark.parametrize('topology,chips', [('v4-32', 16), ('v5p-64', 32), ('v5e-32', 32)])
@@ -141,7 +142,7 @@ def test_mesh_that_does_not_fit_says_so():
 def generator():
   """(config, train dataset, StateBuilder, compiled train step) of the tiny generator."""
   config = tiny.get_config()
-  task = tasks.get_task(config)
+  task = registry.get_task(config)
   builder = _builder(config)
   return config, task.train_dataset(), builder, builder.make_train_step(task.loss)
 
@@ -360,7 +361,7 @@ def test_train_cpu_dots_onednn_compiles_the_steps_dots_in_onednn(generator):
       validation.validate_config(choice)
     return
   validation.validate_config(choice)
-  task = tasks.get_task(choice)
+  task = registry.get_task(choice)
   step = builder.make_train_step(task.loss, task.train_compiler_options('cpu'))
   batch = next(input_pipeline.BatchIterator(dataset, global_batch_size=8, seed=0,
                                             sharding=builder.batch_sharding))

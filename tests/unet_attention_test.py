@@ -6,8 +6,8 @@ import numpy as np
 from flax import nnx
 
 from configs import fashion_mnist
-from guidedflow import sampler as sampler_lib
 from guidedflow.models import unet
+from guidedflow.models import factory
 
 
 def test_attention_starts_as_identity_and_then_sees_every_position():
@@ -32,10 +32,10 @@ def test_attention_starts_as_identity_and_then_sees_every_position():
 def test_config_key_builds_the_attention_in_the_midcoder():
   config = fashion_mnist.get_config()
   config.model.unet_attention_heads = 4
-  model = sampler_lib.model_constructor(config, (28, 28, 1))()
+  model = factory.generator(config, (28, 28, 1))()
   assert len(model.midcoder.attention) == config.model.unet_num_residual_layers - 1
   config.model.unet_attention_heads = 0
-  plain = sampler_lib.model_constructor(config, (28, 28, 1))()
+  plain = factory.generator(config, (28, 28, 1))()
   assert plain.midcoder.attention is None
   assert model.flops_per_example() > plain.flops_per_example()
   x = jnp.zeros((2, 28, 28, 1))

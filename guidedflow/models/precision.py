@@ -92,12 +92,7 @@ def _matmul_f32(lhs, rhs, dimension_numbers):
   return out.reshape(shape)
 
 
-def target_platform():
-  """The platform the traced program is for: the mesh's (`jax.set_mesh`, e.g. TPU devices of an
-  ahead-of-time compile on a CPU host), else the default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
-  return getattr(device, 'platform', None) or jax.default_backend()
+target_platform = stash.target_platform  # the traced program's platform (stash's too)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

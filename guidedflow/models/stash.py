@@ -39,10 +39,17 @@ def _restore_leaf(x):
   return lax.bitcast_convert_type(x.bits, x.like.dtype) if isinstance(x, _Bits) else x
 
 
+def target_platform():
+  """The platform the traced program is for: the mesh's (`jax.set_mesh`, e.g. TPU devices of an
+  ahead-of-time compile on a CPU host), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
+  return getattr(device, 'platform', None) or jax.default_backend()
+
+
 def keep(residuals):
   """`residuals` as a derivative keeps them: bf16/f16 arrays as their uint16 bits on XLA:CPU."""
-  from guidedflow.models import precision  # pylint: disable=g-import-not-at-top  # imports this
-  if precision.target_platform() != 'cpu':
+  if target_platform() != 'cpu':
     return residuals
   return jax.tree.map(_keep_leaf, residuals)
 

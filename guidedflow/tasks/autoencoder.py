@@ -29,16 +29,16 @@ from guidedflow import errors
 from guidedflow import evaluation
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
-from guidedflow import models
-from guidedflow import tasks
-from guidedflow import train
+from guidedflow import trained
+from guidedflow import run_context
 from guidedflow.models import autoencoder as autoencoder_lib
+from guidedflow.tasks import base
 
 def _per_example(values):
   return jnp.mean(values.reshape(values.shape[0], -1), axis=1)
 
 
-class AutoencoderTask(tasks.Task):
+class AutoencoderTask(base.Task):
   """Images ↔ latents; reports PSNR, latent statistics and the reconstructions' quality."""
 
   name = 'autoencoder'
@@ -48,9 +48,6 @@ class AutoencoderTask(tasks.Task):
   def __init__(self, config, workdir=None):
     super().__init__(config, workdir)
     self._features = None  # (graphdef, params) of the classifier for the feature loss
-
-  def model_constructor(self, image_shape):
-    return model_constructor(self.config, image_shape)
 
   def prepare(self):
     """The feature loss's classifier, restored before the step is traced (a missing one fails
@@ -86,13 +83,13 @@ class AutoencoderTask(tasks.Task):
     error = reconstruction - x
     error = jnp.abs(error) if config.reconstruction == 'l1' else jnp.square(error)
     pixels = np.prod(x.shape[1:])
-    rec = tasks.masked_mean(_per_example(error), batch)
-    kl = tasks.masked_mean(autoencoder_lib.kl_divergence(mean, logvar), batch) / pixels
+    rec = base.masked_mean(_per_example(error), batch)
+    kl = base.masked_mean(autoencoder_lib.kl_divergence(mean, logvar), batch) / pixels
     total = rec + config.kl_weight * kl
     metrics = {'reconstruction': rec, 'kl': kl}
     if config.get('feature_weight', 0.0) > 0:
       features = self._feature_fn()
-      feature = tasks.masked_mean(_per_example(jnp.square(
+      feature = base.masked_mean(_per_example(jnp.square(
           features(reconstruction) - jax.lax.stop_gradient(features(x)))), batch)
       total = total + config.feature_weight * feature
       metrics['feature'] = feature
@@ -105,15 +102,15 @@ class AutoencoderTask(tasks.Task):
     mse = _per_example(jnp.square(reconstruction - x))
     # PSNR on the [0, 1] scale: the data range of [−1, 1] is 2, so 10 log10(4 / MSE).
     psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
-    return {'l1': tasks.masked_mean(_per_example(jnp.abs(reconstruction - x)), batch),
-            'mse': tasks.masked_mean(mse, batch), 'psnr': tasks.masked_mean(psnr, batch)}
+    return {'l1': base.masked_mean(_per_example(jnp.abs(reconstruction - x)), batch),
+            'mse': base.masked_mean(mse, batch), 'psnr': base.masked_mean(psnr, batch)}
 
   def _heldout(self, run, params):
     return run.heldout(params, self.eval_dataset(), batch_size=self.config.eval.batch_size,
                        num_batches=self.config.eval.get('num_batches', 0))
 
   def periodic(self, run, state, step):
-    if not train.itstime(step, self.config.eval.get('every_steps', 0), run.num_steps,
+    if not run_context.itstime(step, self.config.eval.get('every_steps', 0), run.num_steps,
                          last=False):
       return {}
     return {f'eval/{k}': v for k, v in self._heldout(run, _weights(state)).items()}
@@ -159,7 +156,8 @@ class AutoencoderTask(tasks.Task):
 
   def evaluate(self, workdir):
     """--mode=evaluate: the final report of the finished autoencoder in `workdir` again."""
-    model, result, _ = tasks.load_trained(workdir, self.name, train_command(workdir))
+    model, result, _ = trained.load(workdir, self.name,
+                                    trained.train_command(workdir, trained.AUTOENCODER_CONFIG))
     out = {'step': result['step']}
     out.update(latent_statistics(model, self.train_dataset(), self.config))
     out.update(self._reconstruction_quality(model, workdir))
@@ -168,11 +166,6 @@ class AutoencoderTask(tasks.Task):
 
 def _weights(state):
   return state['ema_params'] if 'ema_params' in state else state['params']
-
-
-def train_command(workdir):
-  return (f'python -m guidedflow.main --config configs/fmnist_autoencoder.py '
-          f'--workdir {workdir}')
 
 
 def reconstruct(model, images, batch_size):
@@ -206,23 +199,3 @@ def latent_statistics(model, dataset, config):
   return {'latent_shift': round(float(latents.mean()), 6), 'latent_scale': round(1.0 / std, 6),
           'latent_std': round(std, 6), 'latent_shape': list(latents.shape[1:]),
           'num_latent_examples': int(num)}
-
-
-def model_constructor(config, image_shape):
-  """A zero-argument function building the autoencoder of `config.model` for `image_shape`."""
-  height, width, channels = (int(d) for d in image_shape)
-  factor = 2 ** (len(config.model.channels) - 1)
-  if height % factor or width % factor:
-    raise errors.ConfigError(
-        f'config.model.channels={tuple(config.model.channels)} downsamples by {factor}, which '
-        f'does not divide the {height}x{width} images; use fewer levels.')
-
-  def construct():
-    return autoencoder_lib.AutoencoderKL(
-        in_channels=channels, channels=tuple(config.model.channels),
-        layers_per_block=config.model.layers_per_block,
-        latent_channels=config.model.latent_channels, norm_groups=config.model.norm_groups,
-        dtype=models.DTYPES[config.model.dtype], param_dtype=jnp.float32,
-        rngs=nnx.Rngs(config.train.seed))
-
-  return tasks.checked_constructor(construct)

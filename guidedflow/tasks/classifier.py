@@ -14,14 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
-from guidedflow import models
-from guidedflow import tasks
-from guidedflow import train
-from guidedflow.models.classifier import Classifier
+from guidedflow import run_context
+from guidedflow.tasks import base
 
 def augment(images, key, *, random_flip, max_shift):
   """Random horizontal flips (garments are left/right symmetric) and shifts by up to
@@ -41,15 +38,12 @@ def augment(images, key, *, random_flip, max_shift):
   return images
 
 
-class ClassifierTask(tasks.Task):
+class ClassifierTask(base.Task):
   """A CNN classifier p(y|x) of clean images; reports its test accuracy at the end."""
 
   name = 'classifier'
   description = 'the feature network for the sample metrics'
   log_keys = ('accuracy',)
-
-  def model_constructor(self, image_shape):
-    return model_constructor(self.config, image_shape)
 
   def _logits(self, model, batch):
     return model(batch['image'])  # (B, K)
@@ -67,7 +61,7 @@ class ClassifierTask(tasks.Task):
     labels = batch['label']
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     hits = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return {'loss': tasks.masked_mean(loss, batch), 'accuracy': tasks.masked_mean(hits, batch)}
+    return {'loss': base.masked_mean(loss, batch), 'accuracy': base.masked_mean(hits, batch)}
 
   def _test(self, run, params):
     t0 = time.time()
@@ -77,7 +71,7 @@ class ClassifierTask(tasks.Task):
             'num_test_examples': dataset.num_examples, 'eval_s': round(time.time() - t0, 2)}
 
   def periodic(self, run, state, step):
-    if not train.itstime(step, self.config.eval.get('every_steps', 0), run.num_steps,
+    if not run_context.itstime(step, self.config.eval.get('every_steps', 0), run.num_steps,
                          last=False):
       return {}
     return {f'eval/{k[5:]}': v for k, v in self._test(run, state['params']).items()
@@ -100,18 +94,3 @@ class ClassifierTask(tasks.Task):
         'trained_test_accuracy': network.meta.get('test_accuracy'),
         'step': network.meta.get('step'), 'seconds': round(time.time() - t0, 2),
     }
-
-
-def model_constructor(config, image_shape):
-  """A zero-argument function building the classifier of `config.model` for `image_shape`."""
-  height, _, channels = (int(d) for d in image_shape)
-
-  def construct():
-    return Classifier(num_classes=config.input.num_classes, in_channels=channels,
-                      feature_dim=config.model.feature_dim, channels=tuple(config.model.channels),
-                      input_size=height, group_norm=bool(config.model.group_norm),
-                      arch=config.model.get('arch', 'cnn'),
-                      dtype=models.DTYPES[config.model.dtype], param_dtype=jnp.float32,
-                      rngs=nnx.Rngs(config.train.seed))
-
-  return tasks.checked_constructor(construct)

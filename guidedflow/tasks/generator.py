@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guidedflow import config_defaults
 from guidedflow import errors
 from guidedflow import evaluate as evaluate_lib
 from guidedflow import feature_networks
@@ -25,15 +26,15 @@ from guidedflow import latents
 from guidedflow import losses
 from guidedflow import paths
 from guidedflow import sampler as sampler_lib
-from guidedflow import tasks
-from guidedflow import train
-from guidedflow import validation
+from guidedflow import run_context
 from guidedflow.models import precision
+from guidedflow.models import factory
+from guidedflow.tasks import base
 
 _PERIODIC_KEYS = ('fd', 'precision', 'recall', 'accuracy', 'black_fraction', 'pixel_std')
 
 
-class GeneratorTask(tasks.Task):
+class GeneratorTask(base.Task):
   """u_θ(x|y) (or s_θ, ε_θ) trained by guided CFM / DSM; sampled with CFG."""
 
   name = 'generate'
@@ -47,14 +48,11 @@ class GeneratorTask(tasks.Task):
     self._grid_step = None  # the step of the last grid written
     self._latent_space = None
 
-  def model_constructor(self, image_shape):
-    return sampler_lib.model_constructor(self.config, image_shape)
-
   def train_compiler_options(self, backend):
     """Where the step's dots run on XLA:CPU (`train.cpu_dots`, `precision.train_compiler_options`)."""
     return precision.train_compiler_options(
-        validation.get(self.config, 'train.cpu_dots'),
-        sampler_lib.compute_dtype(self.config, backend)[0], backend,
+        config_defaults.get(self.config, 'train.cpu_dots'),
+        factory.compute_dtype(self.config, backend)[0], backend,
         convolutional=self.config.model.name == 'unet')
 
   # -- data: pixels, or latent moments of them (the cache, or encoded on the fly)
@@ -85,7 +83,7 @@ class GeneratorTask(tasks.Task):
   def check_inputs(self):
     """Opens the pixel eval split (the held-out loss and sample metrics read it): a latent
     run encodes it only when the held-out loss first needs it, not at start-up."""
-    tasks.check_eval_split(self.pixel_eval_dataset, self.config)
+    base.check_eval_split(self.pixel_eval_dataset, self.config)
 
   def train_dataset(self):
     return self._latent_dataset(self.pixel_train_dataset(), 'train', flip=True)
@@ -165,9 +163,9 @@ class GeneratorTask(tasks.Task):
                        num_batches=self.config.eval.num_batches)['loss']
 
   def periodic(self, run, state, step):
-    if train.itstime(step, self.config.train.sample_every_steps, run.num_steps, last=False):
+    if run_context.itstime(step, self.config.train.sample_every_steps, run.num_steps, last=False):
       self._write_grid(run, state, step)
-    if not train.itstime(step, self.config.eval.every_steps, run.num_steps, last=False):
+    if not run_context.itstime(step, self.config.eval.every_steps, run.num_steps, last=False):
       return {}
     t0 = time.time()
     scalars = {'eval/loss_ema': self._heldout_loss(run, state)}
@@ -222,7 +220,7 @@ class GeneratorTask(tasks.Task):
     seconds = time.time() - t0
     out_dir = os.path.join(workdir, 'samples')
     if jax.process_index() == 0:
-      keys = (('arr_0', 'arr_1') if validation.get(self.config, 'sampling.npz_keys') == 'adm'
+      keys = (('arr_0', 'arr_1') if config_defaults.get(self.config, 'sampling.npz_keys') == 'adm'
               else ('images', 'labels'))  # ADM's evaluator reads arr_0
       write_samples(out_dir, images, labels, num_classes, keys)
     result = {
@@ -235,7 +233,7 @@ class GeneratorTask(tasks.Task):
         'grid': os.path.join(out_dir, 'grid.png'),
     }
     if sampler.guidance != 'cfg':
-      result.update(classifier_scale=validation.get(self.config, 'sampling.classifier_scale'),
+      result.update(classifier_scale=config_defaults.get(self.config, 'sampling.classifier_scale'),
                     classifier_nfe=sampler.classifier_nfe,
                     classifier_workdir=sampler.classifier.workdir)
     logging.info('Samples: %s', json.dumps(result))
@@ -246,7 +244,7 @@ class GeneratorTask(tasks.Task):
     sweeps (guidedflow/evaluate.py) unless `config.eval.feature_network='none'`."""
     space = self.latent_space()
     builder, state, image_shape = sampler_lib.load(self.config, workdir, space)
-    run = train.Run(self.config, workdir, builder, None, image_shape, 0, self)
+    run = run_context.Run(self.config, workdir, builder, None, image_shape, 0, self)
     dataset = self.eval_dataset()
     heldout = {name: run.heldout(state[key], dataset, batch_size=self.config.train.batch_size,
                                  num_batches=self.config.eval.num_batches)['loss']

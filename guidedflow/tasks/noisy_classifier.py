@@ -22,14 +22,11 @@ import optax
 from flax import nnx
 
 from guidedflow import losses
-from guidedflow import models
 from guidedflow import paths
-from guidedflow import tasks
-from guidedflow import train
-from guidedflow.models.noisy_classifier import NoisyClassifier
+from guidedflow import trained
+from guidedflow import run_context
 from guidedflow.tasks import classifier
-
-CONFIG_PATH = 'configs/fmnist_noisy_classifier.py'
+from guidedflow.tasks import base
 
 
 def bin_centres(num_bins):
@@ -55,7 +52,7 @@ def _bin_key(k):
   return f'accuracy_bin{k:02d}'
 
 
-class NoisyClassifierTask(tasks.Task):
+class NoisyClassifierTask(base.Task):
   """p_t(y|x) of noisy images x_t; reports test accuracy per time bin at the end."""
 
   name = 'noisy_classifier'
@@ -66,15 +63,12 @@ class NoisyClassifierTask(tasks.Task):
     super().__init__(config, workdir)
     self.path = paths.get_path(config.path.schedule)
 
-  def model_constructor(self, image_shape):
-    return model_constructor(self.config, image_shape)
-
   def _cross_entropy(self, model, images, t, batch):
     logits = model(images, t)  # (B, K)
     labels = batch['label']
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     hits = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return tasks.masked_mean(loss, batch), tasks.masked_mean(hits, batch)
+    return base.masked_mean(loss, batch), base.masked_mean(hits, batch)
 
   def loss(self, model, batch, key):
     config = self.config
@@ -128,7 +122,7 @@ class NoisyClassifierTask(tasks.Task):
                                                               batch_size=batch_size))
 
   def periodic(self, run, state, step):
-    if not train.itstime(step, self.config.eval.get('every_steps', 0), run.num_steps,
+    if not run_context.itstime(step, self.config.eval.get('every_steps', 0), run.num_steps,
                          last=False):
       return {}
     report = self._test_state(run, state)
@@ -146,11 +140,12 @@ class NoisyClassifierTask(tasks.Task):
   def evaluate(self, workdir):
     """--mode=evaluate: the per-time-bin test accuracy of the finished run in `workdir` again
     (same noise as its final report), and its step."""
-    model, result, _ = tasks.load_trained(workdir, self.name, train_command(workdir))
+    model, result, _ = trained.load(
+        workdir, self.name, trained.train_command(workdir, trained.NOISY_CLASSIFIER_CONFIG))
     graphdef, params = nnx.split(model)
     eval_step = jax.jit(lambda p, b, k: self.eval_metrics(nnx.merge(graphdef, p), b, k))
     # The loop's held-out means with the loop's keys: the noise of the run's final report.
-    report = self._test(lambda dataset, batch_size: train.heldout_metrics(
+    report = self._test(lambda dataset, batch_size: run_context.heldout_metrics(
         eval_step, params, dataset, batch_size=batch_size, num_batches=0, batch_sharding=None,
         seed=self.config.train.seed))
     return {'step': result['step'], **report}
@@ -174,36 +169,3 @@ def time_report(metrics, num_bins):
 
 def _weights(state):
   return state['ema_params'] if 'ema_params' in state else state['params']
-
-
-def train_command(workdir, config_path=CONFIG_PATH):
-  return f'python -m guidedflow.main --config {config_path} --workdir {workdir}'
-
-
-def load(workdir, config_path=CONFIG_PATH):
-  """(model, result, config) of the finished noisy-classifier run in `workdir` (its EMA weights
-  when it kept an EMA), for classifier guidance.
-
-  Raises:
-    CheckpointNotFoundError: no finished run there; the message gives the command that trains
-      (or resumes) it with `config_path`.
-  """
-  return tasks.load_trained(workdir, NoisyClassifierTask.name,
-                            train_command(workdir, config_path))
-
-
-def model_constructor(config, image_shape):
-  """A zero-argument function building the noisy classifier of `config.model` for
-  `image_shape`."""
-  height, width, channels = (int(d) for d in image_shape)
-
-  def construct():
-    return NoisyClassifier(
-        input_size=(height, width), in_channels=channels,
-        num_classes=config.input.num_classes, channels=tuple(config.model.channels),
-        num_residual_layers=config.model.num_residual_layers,
-        t_embed_dim=config.model.t_embed_dim, norm=config.model.norm,
-        dtype=models.DTYPES[config.model.dtype], param_dtype=jnp.float32,
-        rngs=nnx.Rngs(config.train.seed))
-
-  return tasks.checked_constructor(construct)

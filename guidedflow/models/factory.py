@@ -1,0 +1,147 @@
+"""Every network guidedflow trains, built from its run's config: `constructor(config, shape)`.
+
+One factory for the training loop, inference and the loaders of finished runs, so that none of
+them needs the task that trained a network to rebuild it. `config.task` picks the network: the
+generator ('generate': `config.model.name` 'dit' or 'unet'), the feature classifier
+('classifier'), the autoencoder ('autoencoder') or the noise-aware classifier
+('noisy_classifier').
+"""
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from guidedflow import config_defaults
+from guidedflow import errors
+from guidedflow import models
+from guidedflow.models import autoencoder
+from guidedflow.models import classifier
+from guidedflow.models import noisy_classifier
+from guidedflow.models import precision
+
+
+def checked(construct):
+  """`construct`, once its model has been built abstractly (`nnx.eval_shape`): a model that
+  refuses its arguments raises ConfigError with the model's message."""
+  try:
+    nnx.eval_shape(construct)
+  except ValueError as e:
+    raise errors.ConfigError(f'config.model: {e}') from None
+  return construct
+
+
+def generator_kwargs(config):
+  """The architecture arguments of `models.create_model` for the generator's `config.model`."""
+  model = config.model
+  if model.name == 'dit':
+    return {'variant': model.variant,
+            'remat': models.dit.remat_policy_name(config_defaults.get(config, 'model.remat')),
+            'scan_blocks': bool(config_defaults.get(config, 'model.scan_blocks')),
+            'unroll_blocks': config_defaults.get(config, 'model.unroll_blocks'),
+            'attention_impl': config_defaults.get(config, 'model.attention_impl')}
+  return {'channels': tuple(model.unet_channels),
+          'num_residual_layers': model.unet_num_residual_layers,
+          'norm': config_defaults.get(config, 'model.unet_norm'),
+          'attention_heads': int(config_defaults.get(config, 'model.unet_attention_heads'))}
+
+
+def compute_dtype(config, backend=None):
+  """(the dtype the generator computes in on `backend` (default: JAX's), why it is not the
+  configured one or None): `precision.resolve_compute_dtype`."""
+  return precision.resolve_compute_dtype(config.model.dtype, backend or jax.default_backend(),
+                                         convolutional=config.model.name == 'unet')
+
+
+def generator(config, image_shape):
+  """A zero-argument function building the configured generator for `image_shape` (H, W, C).
+
+  Raises:
+    ConfigError: the model cannot take these images (the model's own check, e.g. a DiT patch
+      size that does not divide the image size), with the model's message.
+  """
+  height, width, channels = image_shape
+  dtype, reason = compute_dtype(config)
+  if reason:
+    logging.warning('config.model.dtype=%s: %s.', config.model.dtype, reason)
+
+  def construct():
+    return models.create_model(
+        config.model.name, input_size=(height, width), in_channels=channels,
+        num_classes=config.input.num_classes, dtype=models.DTYPES[dtype],
+        param_dtype=models.DTYPES[config.model.param_dtype], rngs=nnx.Rngs(config.train.seed),
+        **generator_kwargs(config))
+
+  try:
+    nnx.eval_shape(construct)
+  except ValueError as e:
+    raise errors.ConfigError(f'config.model ({config.model.name}) cannot take the '
+                             f'{height}x{width}x{channels} images of {config.input.dataset}: '
+                             f'{e}') from None
+  return construct
+
+
+def feature_classifier(config, image_shape):
+  """A zero-argument function building the classifier of `config.model` for `image_shape`."""
+  height, _, channels = (int(d) for d in image_shape)
+
+  def construct():
+    return classifier.Classifier(
+        num_classes=config.input.num_classes, in_channels=channels,
+        feature_dim=config.model.feature_dim, channels=tuple(config.model.channels),
+        input_size=height, group_norm=bool(config.model.group_norm),
+        arch=config_defaults.get(config, 'model.arch'),
+        dtype=models.DTYPES[config.model.dtype], param_dtype=jnp.float32,
+        rngs=nnx.Rngs(config.train.seed))
+
+  return checked(construct)
+
+
+def autoencoder_kl(config, image_shape):
+  """A zero-argument function building the autoencoder of `config.model` for `image_shape`."""
+  height, width, channels = (int(d) for d in image_shape)
+  factor = 2 ** (len(config.model.channels) - 1)
+  if height % factor or width % factor:
+    raise errors.ConfigError(
+        f'config.model.channels={tuple(config.model.channels)} downsamples by {factor}, which '
+        f'does not divide the {height}x{width} images; use fewer levels.')
+
+  def construct():
+    return autoencoder.AutoencoderKL(
+        in_channels=channels, channels=tuple(config.model.channels),
+        layers_per_block=config.model.layers_per_block,
+        latent_channels=config.model.latent_channels, norm_groups=config.model.norm_groups,
+        dtype=models.DTYPES[config.model.dtype], param_dtype=jnp.float32,
+        rngs=nnx.Rngs(config.train.seed))
+
+  return checked(construct)
+
+
+def noisy_image_classifier(config, image_shape):
+  """A zero-argument function building the noise-aware classifier of `config.model` for
+  `image_shape`."""
+  height, width, channels = (int(d) for d in image_shape)
+
+  def construct():
+    return noisy_classifier.NoisyClassifier(
+        input_size=(height, width), in_channels=channels,
+        num_classes=config.input.num_classes, channels=tuple(config.model.channels),
+        num_residual_layers=config.model.num_residual_layers,
+        t_embed_dim=config.model.t_embed_dim, norm=config.model.norm,
+        dtype=models.DTYPES[config.model.dtype], param_dtype=jnp.float32,
+        rngs=nnx.Rngs(config.train.seed))
+
+  return checked(construct)
+
+
+BY_TASK = {'generate': generator, 'classifier': feature_classifier,
+           'autoencoder': autoencoder_kl, 'noisy_classifier': noisy_image_classifier}
+
+
+def constructor(config, image_shape):
+  """The network of `config.task` ('generate' when the config has no such key) for
+  `image_shape`, as a zero-argument function."""
+  task = config.get('task', 'generate')
+  if task not in BY_TASK:
+    raise errors.ConfigError(f'config.task={task!r} is not one of {tuple(BY_TASK)}.')
+  return BY_TASK[task](config, image_shape)
