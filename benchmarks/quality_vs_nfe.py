@@ -26,7 +26,7 @@ from guidedflow import feature_networks
 from guidedflow import host_allocator
 from guidedflow import input_pipeline
 from guidedflow import sampler as sampler_lib
-from guidedflow import validation
+from guidedflow.tasks import registry
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -62,7 +62,7 @@ def main(argv):
   if config.eval.feature_network == 'none':
     raise app.UsageError('quality_vs_nfe needs a feature network: set '
                          '--config.eval.feature_network=fmnist_classifier (or inception_v3).')
-  validation.validate_config(config)
+  registry.validate(config)
   sampler = sampler_lib.Sampler.from_workdir(config, FLAGS.workdir)
   eval_set = input_pipeline.create_dataset(config.input, config.input.eval_split)
   result = evaluate.run(config, FLAGS.workdir, sampler, feature_networks.load(config), eval_set,

@@ -33,7 +33,7 @@ from guidedflow import judges
 from guidedflow import resume_config
 from guidedflow import sampler as sampler_lib
 from guidedflow import train_state
-from guidedflow import validation
+from guidedflow.tasks import registry
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -60,7 +60,7 @@ def _minutes(result, step):
 
 
 def measure(config, workdir):
-  validation.validate_config(config)
+  registry.validate(config)
   result = json.loads(open(os.path.join(workdir, 'result.json')).read())
   eval_set = input_pipeline.create_dataset(config.input, config.input.eval_split)
   names = feature_networks.names(config)

@@ -55,7 +55,6 @@ from configs import fashion_mnist as fmnist_config
 from guidedflow import host_allocator
 from guidedflow import models
 from guidedflow import sampler as sampler_lib
-from guidedflow import validation
 from guidedflow.tasks import registry
 from guidedflow.models import factory
 from guidedflow import train_state
@@ -155,7 +154,7 @@ def _builder(make, dtype_name, train_batch, model_options, train_cpu_dots=None):
     config.model.update(model_options)
   config.mesh.shape = (1, 1, 1)
   config.train.num_steps = 10_000  # the learning-rate schedule only
-  validation.validate_config(config)
+  registry.validate(config)
   return train_state.builder(config, image_shape), config, tuple(image_shape)
 
 

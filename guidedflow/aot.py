@@ -250,7 +250,7 @@ def run(config, workdir):
   data and loads no autoencoder: with an SD-VAE (fixed architecture) its latent shape follows
   from `input.image_size`, a guidedflow autoencoder's must be given."""
   task = registry.get_task(config, workdir)
-  shape = (config.get('compile') or {}).get('image_shape')
+  shape = config.compile.image_shape
   if not shape and latents.is_latent(config):
     shape = _latent_shape(config)
   image_shape = tuple(shape) if shape else tuple(task.train_dataset().image_shape)
@@ -263,7 +263,7 @@ def run(config, workdir):
 
 def _latent_shape(config):
   space = latents.CompileStandIn(config)
-  size = config.input.get('image_size')
+  size = config.input.image_size
   if not space.has_decoder or not size:
     raise errors.ConfigError(
         '--mode=compile of this latent generator needs its latent shape (no autoencoder is '
@@ -286,8 +286,8 @@ def report(task, config, image_shape):
       grids of a training), needs more per-device memory than the chip has; names the largest
       arrays and what to change.
   """
-  options = config.get('compile') or {}
-  name, slices = options.get('topology'), int(options.get('num_slices') or 1)
+  options = config.compile
+  name, slices = options.topology, int(options.num_slices or 1)
   if not name:
     raise errors.ConfigError('--mode=compile needs a target: --config.compile.topology=v5p-64 '
                              '(or v5e-32, v4-32, v5p:4x4x2).')
@@ -297,7 +297,7 @@ def report(task, config, image_shape):
   figures = compile_train_step(task, config, image_shape, devices, builder=builder)
   per_device_hbm = chip.hbm_bytes * chips / len(devices)
   total = _total(figures)
-  step_time = float(options.get('step_time_s') or 1.0)
+  step_time = float(options.step_time_s or 1.0)
   peak = chip.peak_bf16_flops * chips / len(devices)
   report = dict(topology=name, ici_topology=topology, num_slices=slices, chips=chips,
                 **figures, total_bytes=int(total), hbm_bytes_per_device=int(per_device_hbm),

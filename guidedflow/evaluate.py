@@ -25,7 +25,6 @@ from etils import epath
 import jax
 import numpy as np
 
-from guidedflow import config_defaults
 from guidedflow import evaluation
 from guidedflow import fashion_mnist
 from guidedflow import feature_networks
@@ -188,7 +187,7 @@ class Evaluator:
       row['guidance_scale'] = float(guidance_scale)
     if self.sampler.guidance != 'cfg':
       row['classifier_scale'] = float(
-          config_defaults.get(self.config, 'sampling.classifier_scale') if classifier_scale is None
+          self.config.sampling.classifier_scale if classifier_scale is None
           else classifier_scale)
     row.update({
         'method': method or sconfig.method,
@@ -403,8 +402,8 @@ def guidance_settings(config, guidance):
   scales = tuple(config.eval.guidance_scales or (config.sampling.guidance_scale,))
   if guidance == 'cfg':
     return [(float(w), None) for w in scales], 'guidance_scale', 'guidance scale w'
-  classifier_scales = tuple(config_defaults.get(config, 'eval.classifier_scales')
-                            or (config_defaults.get(config, 'sampling.classifier_scale'),))
+  classifier_scales = tuple(config.eval.classifier_scales
+                            or (config.sampling.classifier_scale,))
   if guidance == 'classifier':
     scales = (1.0,)
   settings = [(float(w), float(w_c)) for w in scales for w_c in classifier_scales]

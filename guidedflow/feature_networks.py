@@ -155,7 +155,7 @@ def load_classifier(workdir, *, batch_size=500, name='fmnist_classifier'):
   meta = {'num_classes': model.num_classes, 'feature_dim': model.feature_dim,
           'channels': tuple(config.model.channels), 'test_accuracy': result['test_accuracy'],
           'step': step, 'workdir': workdir, 'dataset': config.input.dataset,
-          'arch': config.model.get('arch', 'cnn')}
+          'arch': config.model.arch}
   return FeatureNetwork(name, model, lambda m, x: m.features_and_logits(x),
                         preprocess=images_lib.to_model, batch_size=batch_size, meta=meta,
                         image_shape=(model.input_size, model.input_size, model.in_channels))
@@ -171,7 +171,7 @@ def load_encoder(workdir, *, batch_size=500):
   except errors.CheckpointNotFoundError as e:
     raise FeatureNetworkNotFoundError(f'the label-free feature encoder (fmnist_encoder): {e}'
                                       ) from None
-  if config.loss.get('feature_weight', 0.0) > 0:
+  if config.loss.feature_weight > 0:
     logging.warning('The autoencoder in %s was trained with a classifier feature loss: its '
                     'feature space is not label-free.', workdir)
   meta = {'step': result['step'], 'workdir': workdir, 'dataset': config.input.dataset,
@@ -196,7 +196,7 @@ def load_inception(path, *, batch_size=50, dtype=jnp.float32):
 
 def extra_names(config):
   """`eval.extra_feature_networks` as a tuple of names (the command line's 'a,b' included)."""
-  extra = config.eval.get('extra_feature_networks') or ()
+  extra = config.eval.extra_feature_networks or ()
   extra = (extra,) if isinstance(extra, str) else tuple(extra)
   return tuple(n.strip() for item in extra for n in str(item).split(',') if n.strip())
 
@@ -210,13 +210,13 @@ def names(config):
 def load(config, name=None):
   """The network `name` (default: `config.eval.feature_network`)."""
   name = name or config.eval.feature_network
-  batch_size = config.eval.get('feature_batch_size', 0)  # 0: the network's default
+  batch_size = config.eval.feature_batch_size  # 0: the network's default
   kwargs = {'batch_size': batch_size} if batch_size else {}
   if name in ('fmnist_classifier', 'fmnist_gap_classifier'):
-    return load_classifier(config.eval.get(_TRAINED[name][1]) or f'runs/{name}', name=name,
+    return load_classifier(config.eval[_TRAINED[name][1]] or f'runs/{name}', name=name,
                            **kwargs)
   if name == 'fmnist_encoder':
-    return load_encoder(config.eval.get('encoder_workdir') or 'runs/fmnist_encoder', **kwargs)
+    return load_encoder(config.eval.encoder_workdir or 'runs/fmnist_encoder', **kwargs)
   if name == 'inception_v3':
     return load_inception(config.eval.inception_weights or '', **kwargs)
   raise errors.ConfigError(f'config.eval.feature_network={name!r} is not one of {NAMES}.')

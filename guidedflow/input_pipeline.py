@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from guidedflow import errors
-from guidedflow import image_folder
 from guidedflow import fashion_mnist
+from guidedflow import image_folder
 from guidedflow import images as images_lib
+from guidedflow import schema
 from guidedflow.datasets import Dataset  # re-exported: input_pipeline.Dataset
 
 # The Fashion-MNIST reader lives in its own module; these names stay importable from here.
@@ -226,10 +227,16 @@ def _tfds_dataset(name: str, split: str, data_dir: str | None, image_key: str, l
                      num_classes=num_classes, image_shape=image_shape, image_size=image_size)
 
 
-def _cfg(config: Any, key: str, default: Any) -> Any:
+# The input section's defaults (the schema's): what a partial `input_config` lacks.
+_INPUT_DEFAULTS = schema.common.image_data()
+
+
+def _cfg(config: Any, key: str) -> Any:
+  """input_config.<key> of a ConfigDict, dict or attribute object; the schema's default when
+  it lacks the key (a test's or a library user's partial section)."""
   if isinstance(config, Mapping):
-    return config.get(key, default)
-  return getattr(config, key, default)
+    return config[key] if key in config else _INPUT_DEFAULTS[key]
+  return getattr(config, key, _INPUT_DEFAULTS[key])
 
 
 def create_dataset(input_config: Any, split: str) -> Dataset:
@@ -242,10 +249,10 @@ def create_dataset(input_config: Any, split: str) -> Dataset:
     split: split name, e.g. `input_config.train_split` ('train') or `eval_split` ('test'); TFDS
       slicing like 'train[:90%]' works for TFDS datasets.
   """
-  dataset = _cfg(input_config, 'dataset', 'fashion_mnist')
-  data_dir = _cfg(input_config, 'data_dir', None)
-  num_classes = int(_cfg(input_config, 'num_classes', 10))
-  image_size = int(_cfg(input_config, 'image_size', 0) or 0)
+  dataset = _cfg(input_config, 'dataset')
+  data_dir = _cfg(input_config, 'data_dir')
+  num_classes = int(_cfg(input_config, 'num_classes'))
+  image_size = int(_cfg(input_config, 'image_size') or 0)
   if dataset == 'imagefolder':
     return image_folder.ImageFolderDataset(data_dir or '', split, image_size=image_size,
                                            num_classes=num_classes)
@@ -253,8 +260,8 @@ def create_dataset(input_config: Any, split: str) -> Dataset:
     images, labels = load_fashion_mnist(data_dir, split)
     return ArrayDataset(images, labels, num_classes=num_classes, name=dataset, split=split)
   if isinstance(dataset, str) and dataset.startswith('tfds:') and len(dataset) > 5:
-    return _tfds_dataset(dataset[5:], split, data_dir, _cfg(input_config, 'image_key', 'image'),
-                         _cfg(input_config, 'label_key', 'label'), num_classes, image_size)
+    return _tfds_dataset(dataset[5:], split, data_dir, _cfg(input_config, 'image_key'),
+                         _cfg(input_config, 'label_key'), num_classes, image_size)
   raise DataError(f'Unknown dataset {dataset!r}: set --config.input.dataset to '
                   "'fashion_mnist', 'tfds:<name>' (a TFDS dataset prepared as array_record) or "
                   "'imagefolder' (class folders of JPEGs under input.data_dir/<split>).")

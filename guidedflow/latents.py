@@ -37,7 +37,7 @@ SPACES = ('pixels', 'latents')
 
 
 def is_latent(config):
-  return config.input.get('space', 'pixels') == 'latents'
+  return config.input.space == 'latents'
 
 
 class LatentSpace:
@@ -102,7 +102,7 @@ class CompileStandIn:
 
   def __init__(self, config=None):
     self.graphdef = self.params = None
-    self.has_decoder = bool(config is not None and config.autoencoder.get('weights'))
+    self.has_decoder = bool(config is not None and config.autoencoder.weights)
     if self.has_decoder:
       model = nnx.eval_shape(lambda: autoencoder_lib.AutoencoderKL(rngs=nnx.Rngs(0)))
       self.graphdef, self.params = nnx.split(model)
@@ -131,7 +131,7 @@ def load(config):
   """
   if not is_latent(config):
     return None
-  workdir, weights = config.autoencoder.get('workdir'), config.autoencoder.get('weights')
+  workdir, weights = config.autoencoder.workdir, config.autoencoder.weights
   if weights:
     model = sd_vae_weights.load_sd_vae(weights)
     space = LatentSpace(model, shift=model.shift_factor, scale=model.scale_factor,

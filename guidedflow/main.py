@@ -15,16 +15,16 @@ from guidedflow import checkpointing
 from guidedflow import cli
 from guidedflow import errors
 from guidedflow import host_allocator
+from guidedflow import schema
 from guidedflow import sharding
 from guidedflow.tasks import registry
 from guidedflow import train
-from guidedflow import validation
 from guidedflow import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/fashion_mnist.py or configs/fashion_mnist.py:unet.',
-    lock_config=True)
+    lock_config=False)  # tasks.registry.prepare completes it, then locks it
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples and TensorBoard logs.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate', 'encode', 'compile'],
                   'train: train (resuming from --workdir); sample: write samples.npz + grid.png '
@@ -54,10 +54,9 @@ def main(argv):
   try:
     allocator = host_allocator.keep_freed_memory()  # before JAX starts XLA's threads
     # Before anything touches a backend: every process must join first.
-    mesh = config.get('mesh') or {}
-    sharding.initialize_distributed(
-        mesh.get('distributed', 'auto'), mesh.get('coordinator_address'),
-        mesh.get('num_processes'), mesh.get('process_id'))
+    mesh = schema.complete(config).mesh
+    sharding.initialize_distributed(mesh.distributed, mesh.coordinator_address,
+                                    mesh.num_processes, mesh.process_id)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -67,8 +66,7 @@ def main(argv):
                jax.local_device_count(), jax.local_devices())
   created = False
   try:
-    if FLAGS.mode in ('train', 'compile'):
-      validation.validate_config(config)  # before the workdir is touched
+    registry.prepare(config)  # before the workdir is touched
     created = workdir_lib.prepare(FLAGS.workdir, FLAGS.mode)
     if FLAGS.mode == 'train':
       _, result = train.train_and_evaluate(config, FLAGS.workdir)

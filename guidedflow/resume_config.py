@@ -11,9 +11,10 @@ compute dtype or attention kernel that give the same function) may change and is
 import json
 
 from absl import logging
+from ml_collections import config_dict
 
-from guidedflow import config_defaults
 from guidedflow import errors
+from guidedflow import schema
 
 # Prefixes of the keys that change the meaning of the weights.
 MEANING_KEYS = ('task', 'model.', 'path.', 'loss.parameterization', 'input.dataset',
@@ -22,7 +23,6 @@ MEANING_KEYS = ('task', 'model.', 'path.', 'loss.parameterization', 'input.datas
 # Keys under those prefixes that only choose how the same function is computed.
 IMPLEMENTATION_KEYS = ('model.dtype', 'model.attention_impl', 'model.remat', 'model.scan_blocks',
                        'model.unroll_blocks')
-_MISSING = object()
 
 
 def _flatten(tree, prefix=''):
@@ -48,20 +48,26 @@ def _changes_meaning(key):
 
 
 def differences(saved, config):
-  """{dotted key: (saved value, new value)} of the keys whose values differ; a key that one
-  side lacks counts with its `config_defaults.DEFAULTS` value (configs written before it existed)."""
-  old, new = _flatten(saved), _flatten(_as_json(config))
+  """{dotted key: (saved value, new value)} of the keys whose values differ. Both sides are
+  completed by the schema first: a key the saved config lacks (written before the key existed)
+  counts with the value that meant the behaviour of that time (`schema.PREDATED`) or its
+  default; a key dropped since the save is not compared."""
+  old, new = _flatten(_completed(saved)), _flatten(_completed(config))
   out = {}
-  for key in sorted(set(old) | set(new)):
-    if key == 'train.allow_config_change':
-      continue
-    default = config_defaults.DEFAULTS.get(key, _MISSING)
-    a, b = old.get(key, default), new.get(key, default)
-    if a is _MISSING or b is _MISSING:
-      continue  # a key added or dropped since the save, without a known default: not compared
-    if a != b:
-      out[key] = (a, b)
+  for key in sorted(set(old) & set(new)):
+    if key != 'train.allow_config_change' and old[key] != new[key]:
+      out[key] = (old[key], new[key])
   return out
+
+
+def _completed(config):
+  """`config` as JSON with every key of its task's schema (as saved, when it names no task)."""
+  tree = config_dict.ConfigDict(_as_json(config))
+  try:
+    schema.complete(tree)
+  except errors.ConfigError:
+    pass  # an unknown task: compared as saved
+  return _as_json(tree)
 
 
 def check(config, saved, step, directory):
@@ -81,7 +87,7 @@ def check(config, saved, step, directory):
     logging.info('Step %d restored with a changed config.%s: %r -> %r.', step, key, a, b)
   if not refused:
     return
-  if config_defaults.get(config, 'train.allow_config_change'):
+  if config.train.allow_config_change:
     for key, (a, b) in refused.items():
       logging.warning('Step %d restored with config.%s changed from %r to %r '
                       '(train.allow_config_change=true): the weights were trained for the old '

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from guidedflow import config_defaults
 from guidedflow import errors
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
@@ -31,7 +30,6 @@ from guidedflow import sampling
 from guidedflow import sharding
 from guidedflow import train_state
 from guidedflow import trained
-from guidedflow import validation
 from guidedflow.models import factory
 from guidedflow.models import precision
 
@@ -56,7 +54,7 @@ class Sampler:
     self.classifier = classifier  # a `GuidanceClassifier` for classifier guidance, or None
     if classifier is not None:  # replicated on the generator's mesh, where the program runs
       classifier.params = jax.device_put(classifier.params, builder.replicated)
-    self.guidance = config_defaults.get(config, 'sampling.guidance') if classifier else 'cfg'
+    self.guidance = config.sampling.guidance if classifier else 'cfg'
     self.classifier_nfe = 0  # classifier forward (= backward) passes per sample, last call
     self.builder = builder
     self.params = params
@@ -76,7 +74,7 @@ class Sampler:
     platform = builder.platform  # a TPU mesh's when compiling ahead of time
     # f32 dots in Eigen's GEMMs or oneDNN's fusions where they outrun YNNPACK (`sampling.cpu_dots`).
     self.compiler_options = precision.inference_compiler_options(
-        config_defaults.get(config, 'sampling.cpu_dots'), factory.compute_dtype(config, platform)[0],
+        config.sampling.cpu_dots, factory.compute_dtype(config, platform)[0],
         platform,
         convolutional=config.model.name == 'unet')
     self._compiled = {}
@@ -109,7 +107,7 @@ class Sampler:
       parameterization = self.config.loss.parameterization
 
       gathered = (sharding.without_axis(self.builder.param_shardings, 'fsdp')
-                  if config_defaults.get(self.config, 'sampling.gather_weights') else None)
+                  if self.config.sampling.gather_weights else None)
 
       def run(params, decoder_params, classifier_params, key, labels, classifier_labels,
               guidance_scale, classifier_scale, sigma):
@@ -143,7 +141,7 @@ class Sampler:
 
   def _guidance_inputs(self, labels, guidance_scale, classifier_scale):
     """(generator labels, classifier labels, w, w_c, use_cfg, use_classifier) of a call."""
-    classifier_scale = (config_defaults.get(self.config, 'sampling.classifier_scale')
+    classifier_scale = (self.config.sampling.classifier_scale
                         if classifier_scale is None else classifier_scale)
     classifier_labels = labels
     if self.guidance == 'cfg':
@@ -261,16 +259,18 @@ def sampled_weights(state):
 
 
 def load(config, workdir, latent_space=None):
-  """(StateBuilder, newest train state, generated shape) of a generator workdir; the shape is
-  the latents' of `latent_space` when given.
+  """(StateBuilder, newest train state, generated shape) of a generator workdir. The shape is
+  the one the run saved (run.json), so no data is opened; for a run of a version before it,
+  the train split's image shape (the latents' of `latent_space` when given).
 
   Raises:
     CheckpointNotFoundError: the workdir holds no checkpoint.
   """
-  validation.validate_config(config)
-  image_shape = input_pipeline.create_dataset(config.input, config.input.train_split).image_shape
-  if latent_space is not None:
-    image_shape = latent_space.latent_shape(image_shape)
+  image_shape = trained.saved_input_shape(workdir)
+  if image_shape is None:  # saved before run.json: the train split says
+    image_shape = input_pipeline.create_dataset(config.input, config.input.train_split).image_shape
+    if latent_space is not None:
+      image_shape = latent_space.latent_shape(image_shape)
   builder = train_state.builder(config, image_shape)
   state = train_state.load_latest(builder, config, workdir, check_config=resume_config.check)
   return builder, state, tuple(image_shape)
@@ -296,7 +296,7 @@ def load_classifier(config, image_shape, latent_space=None):
       that trains one).
     ConfigError: the classifier was trained for other images, classes or another path.
   """
-  guidance = config_defaults.get(config, 'sampling.guidance')
+  guidance = config.sampling.guidance
   if guidance == 'cfg':
     return None
   if latent_space is not None:

@@ -30,7 +30,7 @@ PROVISIONAL_STEPS = 10 ** 9  # the schedule's length until the count is fixed
 
 
 def minutes(config):
-  return float(config.train.get('time_budget_minutes', 0.0) or 0.0)
+  return float(config.train.time_budget_minutes or 0.0)
 
 
 def is_active(config):
@@ -57,7 +57,7 @@ class TimeBudget:
     self.t_start = t_start
     self.start_step = start_step
     warmup = self.warmup = int(config.optim.warmup_steps)
-    if config.optim.get('schedule', 'constant') == 'constant' and warmup == 0:
+    if config.optim.schedule == 'constant' and warmup == 0:
       end = start_step + PROBE_LAST  # the schedule is one constant: any step will do
     else:
       end = min(start_step + PROBE_LAST, warmup)

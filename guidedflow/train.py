@@ -22,7 +22,7 @@ from guidedflow import resume_config
 from guidedflow import run_context
 from guidedflow import time_budget
 from guidedflow import train_state
-from guidedflow import validation
+from guidedflow import trained
 from guidedflow.tasks import registry
 
 
@@ -90,7 +90,7 @@ def train_and_evaluate(config, workdir):
     (final train state, the task's JSON-able result, also written to <workdir>/result.json).
   """
   t_start, workdir = time.time(), os.fspath(workdir)
-  validation.validate_config(config)
+  registry.prepare(config)  # no second check of a config guidedflow.main prepared
   task = registry.get_task(config, workdir)
   # Workdir files go through etils.epath: a local path or gs://BUCKET/... (Cloud TPU).
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -107,6 +107,7 @@ def train_and_evaluate(config, workdir):
     start_step = int(state['step'])
     budget = _resume_budget(config, ckpt, start_step, builder, t_start)
     _write_config(config, workdir)
+    trained.write_run_info(workdir, task.name, dataset.image_shape)
     num_steps = config.train.num_steps or time_budget.PROVISIONAL_STEPS
     logging.info('Task %s: %.3fM parameters; data %s %s (%d examples); mesh %s.', task.name,
                  builder.param_count(state) / 1e6, config.input.dataset, dataset.image_shape,

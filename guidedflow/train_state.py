@@ -20,6 +20,7 @@ from flax import nnx
 
 from guidedflow import checkpointing
 from guidedflow import errors
+from guidedflow import schema
 from guidedflow import sharding
 from guidedflow import time_budget
 from guidedflow.models import factory
@@ -32,7 +33,7 @@ def learning_rate_schedule(optim, num_steps):
   decay to lr × final_lr_factor at `num_steps`."""
   peak = optim.learning_rate
   warmup = min(optim.warmup_steps, num_steps)
-  if optim.get('schedule', 'constant') == 'cosine':
+  if optim.schedule == 'cosine':
     after = optax.cosine_decay_schedule(peak, max(num_steps - warmup, 1), optim.final_lr_factor)
   else:
     after = optax.constant_schedule(peak)
@@ -62,7 +63,7 @@ def ema_decay(step, decay, warmup):
 
 
 def uses_ema(config):
-  return config.optim.get('ema_decay', 0.0) > 0
+  return config.optim.ema_decay > 0
 
 
 class StateBuilder:
@@ -83,7 +84,7 @@ class StateBuilder:
     self.graphdef, _, _ = nnx.split(nnx.eval_shape(construct), nnx.Param, ...)
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.replicated = sharding.replicated(mesh)
-    min_shard = config.get('mesh', {}).get('min_shard_size', sharding.MIN_SHARD_SIZE)
+    min_shard = config.mesh.min_shard_size
     abstract = jax.eval_shape(self._init_fn)
     # Optimizer statistics are Variables carrying their parameter's logical axis names, so
     # they (and the EMA) shard exactly like the parameters.
@@ -152,7 +153,7 @@ class StateBuilder:
     refuses them, the first call compiles the step with XLA's defaults and logs why.
     """
     self.init_rest()
-    ema = self.config.optim.get('ema_decay', 0.0), self.config.optim.get('ema_warmup', False)
+    ema = self.config.optim.ema_decay, self.config.optim.ema_warmup
 
     def step_fn(state, batch, base_key):
       step = state['step']
@@ -234,11 +235,9 @@ def make_mesh(config, devices=None):
   """The device mesh of `config.mesh` over `devices` (default: all; e.g. a TPU topology's for
   ahead-of-time compiles); ConfigError when it does not fit the devices or the batch does not
   split over its batch shards."""
-  mesh_config = config.get('mesh') or {}
-  shape = tuple(mesh_config.get('shape', (-1, 1, 1)))
+  shape = tuple(config.mesh.shape)
   try:
-    mesh = sharding.make_mesh(shape, devices,
-                              dcn_shape=tuple(mesh_config.get('dcn_shape', (1, 1, 1))))
+    mesh = sharding.make_mesh(shape, devices, dcn_shape=tuple(config.mesh.dcn_shape))
   except ValueError as e:
     where = (f'this job has {jax.device_count()} devices in {jax.process_count()} processes'
              if devices is None else f'the target has {len(devices)} devices')
@@ -254,7 +253,7 @@ def make_mesh(config, devices=None):
 
 def open_checkpointer(config, workdir, *, handle_sigterm=True):
   return checkpointing.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), max_to_keep=config.checkpoint.get('max_to_keep', 3),
+      os.path.join(workdir, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
       save_interval_steps=config.checkpoint.every_steps, handle_sigterm=handle_sigterm)
 
 
@@ -271,10 +270,10 @@ def restore_or_init(builder, ckpt, *, move_damaged=True, check_config=None):
     CheckpointMismatchError: the checkpoint holds another model; names the parameter.
     CheckpointNotFoundError: every checkpoint is damaged.
   """
-  task = builder.config.get('task', 'generate')
+  task = schema.task_of(builder.config)
 
   def check(step, saved):
-    saved_task = (saved or {}).get('task', 'generate')
+    saved_task = schema.task_of(saved or {})
     if saved_task != task:
       raise errors.ConfigError(
           f'{ckpt.directory} holds a checkpoint of config.task={saved_task!r}, but this config '

@@ -16,10 +16,30 @@ import numpy as np
 
 from guidedflow import checkpointing
 from guidedflow import errors
+from guidedflow import schema
 from guidedflow import train_state
 
 AUTOENCODER_CONFIG = 'configs/fmnist_autoencoder.py'
 NOISY_CLASSIFIER_CONFIG = 'configs/fmnist_noisy_classifier.py'
+
+
+RUN_INFO = 'run.json'
+
+
+def write_run_info(workdir, task_name, input_shape):
+  """Writes <workdir>/run.json: the task and the shape of one model input (the image, or its
+  latent), so that inference rebuilds the model without opening the dataset."""
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / RUN_INFO).write_text(json.dumps(
+        {'task': task_name, 'input_shape': [int(d) for d in input_shape]}))
+
+
+def saved_input_shape(workdir):
+  """The model input shape <workdir>/run.json saved, or None (a run of a version before it)."""
+  path = epath.Path(workdir) / RUN_INFO
+  if not path.exists():
+    return None
+  return tuple(json.loads(path.read_text())['input_shape'])
 
 
 def train_command(workdir, config_path):
@@ -58,7 +78,7 @@ def _restore_finished(ckpt, workdir, task_name, train_command, result):
   """`load`'s restore of the finished run's newest step."""
   step = ckpt.latest_step()
   saved = ckpt.restore_config(step) if step is not None else None
-  other = (saved or {}).get('task', 'generate')
+  other = schema.task_of(saved or {})
   if saved is not None and other != task_name:
     raise errors.CheckpointNotFoundError(
         f'{workdir} holds a run of config.task={other!r}, not {task_name!r}: give the '
@@ -68,7 +88,7 @@ def _restore_finished(ckpt, workdir, task_name, train_command, result):
         f'no finished {task_name} run in {workdir} (newest checkpoint: step {step}; '
         f'result.json: {result.get("task")} at step {result.get("step")}); train or resume it '
         f'with: {train_command}')
-  config = config_dict.ConfigDict(saved)
+  config = schema.complete(config_dict.ConfigDict(saved))
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1),
                            ('data', 'fsdp', 'tensor'))
   builder = train_state.builder(config, tuple(result['image_shape']), mesh)

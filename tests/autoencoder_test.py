@@ -15,7 +15,6 @@ from guidedflow import feature_networks
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
 from guidedflow import train
-from guidedflow import validation
 from guidedflow.models import autoencoder as ae
 from guidedflow.tasks import autoencoder as autoencoder_task
 from guidedflow.models.layers import param_count
@@ -229,7 +228,7 @@ def test_loss_terms_add_up_with_their_weights():
 def test_autoencoder_config_errors_name_the_key():
   config = _task_config(reconstruction='l3')
   with pytest.raises(errors.ConfigError, match="loss.reconstruction='l3'"):
-    validation.validate_config(config)
+    registry.validate(config)
   config = _task_config()
   config.model.channels = (8, 16, 16, 16)  # 28 does not divide by 8
   with pytest.raises(errors.ConfigError, match='does not divide'):

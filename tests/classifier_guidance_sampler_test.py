@@ -23,7 +23,7 @@ from guidedflow import input_pipeline
 from guidedflow import sampler as sampler_lib
 from guidedflow import train
 from guidedflow import trained
-from guidedflow import validation
+from guidedflow.tasks import registry
 from tests.evaluate_test import PixelFeatures
 
 NULL = 10  # the null label of the 10 Fashion-MNIST classes
@@ -227,10 +227,10 @@ def test_bad_guidance_configs_are_refused(overrides, match):
     group = {'label_dropout': 'loss', 'classifier_scales': 'eval'}.get(key, 'sampling')
     setattr(config[group], key, value)
   with pytest.raises(errors.ConfigError, match=match):
-    validation.validate_config(config)
+    registry.validate(config)
 
 
 def test_unconditional_config_validates_and_is_unconditional():
   config = fashion_mnist_unconditional.get_config()
-  validation.validate_config(config)
+  registry.validate(config)
   assert config.loss.label_dropout == 1.0 and config.sampling.guidance == 'classifier'

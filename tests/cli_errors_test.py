@@ -6,8 +6,10 @@ and data mistakes fail before anything compiles; the sampling case trains config
 """
 
 import gzip
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ from PIL import Image
 import pytest
 
 from guidedflow import input_pipeline
+from guidedflow.tasks import registry
 from tests import subprocess_env
 
 REPO = subprocess_env.REPO
@@ -91,12 +94,12 @@ def test_non_finite_learning_rate(tmp_path, value):
 ])
 def test_other_float_keys_are_checked_before_anything_runs(key, value, fragment):
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from guidedflow import errors, validation  # pylint: disable=g-import-not-at-top
+  from guidedflow import errors  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   group, name = key.split('.')
   config[group][name] = value
   with pytest.raises(errors.ConfigError, match=re.escape(f'config.{key}=')) as raised:
-    validation.validate_config(config)
+    registry.validate(config)
   assert fragment in str(raised.value)
 
 
@@ -183,3 +186,20 @@ def test_sample_fewer_than_the_classes_logs_them_and_refreshes_the_grid(trained_
   np.testing.assert_array_equal(labels, np.arange(7))  # 7 distinct classes, one each
   assert 'only classes 0-6 are drawn' in proc.stderr
   assert grid.shape[:2] == (7 * cell + 2, 1 * cell + 2)  # this run's grid: 7 rows, 1 column
+
+
+def test_sample_reads_no_data(trained_workdir, tmp_path):
+  """Inference rebuilds the model from the shape the run saved (run.json): --mode=sample works
+  with the dataset gone; a workdir without run.json (an older version's) needs the data."""
+  assert json.loads((trained_workdir / 'run.json').read_text()) == {
+      'task': 'generate', 'input_shape': [28, 28, 1]}
+  gone = f'--config.input.data_dir={tmp_path / "no_data"}'
+  proc = _main('--config', 'configs/tiny.py', '--mode=sample', gone,
+               '--config.sampling.num_samples=10', workdir=trained_workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  older = tmp_path / 'older'
+  shutil.copytree(trained_workdir, older)
+  (older / 'run.json').unlink()
+  proc = _main('--config', 'configs/tiny.py', '--mode=sample', gone,
+               '--config.sampling.num_samples=10', workdir=older)
+  _one_error(proc, 'train-images-idx3-ubyte.gz')

@@ -23,7 +23,7 @@ from guidedflow import input_pipeline
 from guidedflow import run_context
 from guidedflow import sampler as sampler_lib
 from guidedflow import train
-from guidedflow import validation
+from guidedflow.tasks import registry
 
 NUM_REAL = 200
 
@@ -206,14 +206,14 @@ def test_guidance_and_steps_sweeps_write_tables_figures_and_grid(trained, networ
 def test_bad_eval_config_is_refused():
   config = _config(methods=('rk4',))
   with pytest.raises(errors.ConfigError, match='eval.methods'):
-    validation.validate_config(config)
+    registry.validate(config)
   config = _config(num_steps=(0,))
   with pytest.raises(errors.ConfigError, match='eval.num_steps'):
-    validation.validate_config(config)
+    registry.validate(config)
   config = _config()
   config.input.space = 'latents'  # latents without an autoencoder to decode them
   with pytest.raises(errors.ConfigError, match='exactly one autoencoder'):
-    validation.validate_config(config)
+    registry.validate(config)
 
 
 def test_periodic_sample_metrics_reach_tensorboard(network, tmp_path, monkeypatch):

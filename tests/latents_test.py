@@ -15,7 +15,6 @@ from guidedflow import latent_cache
 from guidedflow import latents
 from guidedflow import sampler as sampler_lib
 from guidedflow import train
-from guidedflow import validation
 from guidedflow.tasks import registry
 
 # One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (a subprocess or
@@ -143,7 +142,7 @@ def test_latent_config_errors(autoencoder_dir, tmp_path):
   config = _generator_config(autoencoder_dir)
   config.autoencoder.workdir = None
   with pytest.raises(errors.ConfigError, match='exactly one autoencoder'):
-    validation.validate_config(config)
+    registry.validate(config)
   config = _generator_config(str(tmp_path / 'missing'))
   with pytest.raises(errors.CheckpointNotFoundError, match='fmnist_autoencoder.py'):
     latents.load(config)

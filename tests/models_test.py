@@ -15,6 +15,7 @@ from guidedflow import models
 from guidedflow.models import dit as dit_lib
 from guidedflow.models.layers import param_count
 from guidedflow.models import factory
+from guidedflow.tasks import registry
 
 NUM_CLASSES = 10
 TINY_UNET = dict(channels=(8, 16), num_residual_layers=1, t_embed_dim=8, y_embed_dim=8)
@@ -513,19 +514,19 @@ def test_model_config_keys_remat_scan_blocks_attention():
   """configs: remat takes a policy or an older config's bool, unroll_blocks 'auto' or a
   number; bad values name the key."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from guidedflow import errors, validation  # pylint: disable=g-import-not-at-top
+  from guidedflow import errors  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   assert config.model.remat == 'none' and config.model.scan_blocks is True
   for value, policy in ((True, 'full'), (False, 'none'),
                         ('dots_with_no_batch_dims_saveable', 'dots_with_no_batch_dims_saveable')):
     config.model.remat = value  # a bool is accepted by the config, as older configs set it
-    validation.validate_config(config)
+    registry.validate(config)
     model = nnx.eval_shape(factory.generator(config, (28, 28, 1)))
     assert model.remat == policy and model.scan_blocks
   config.model.unroll_blocks = 3
   assert nnx.eval_shape(factory.generator(config, (28, 28, 1))).unroll_blocks == 3
   del config.model['unroll_blocks']  # a config written before the key existed: 'auto'
-  validation.validate_config(config)
+  registry.validate(config)
   assert nnx.eval_shape(factory.generator(config, (28, 28, 1))).unroll_blocks == 'auto'
   config.model.scan_blocks = False
   assert not nnx.eval_shape(factory.generator(config, (28, 28, 1))).scan_blocks
@@ -538,4 +539,4 @@ def test_model_config_keys_remat_scan_blocks_attention():
     bad = tiny.get_config()
     bad.model[key] = value
     with pytest.raises(errors.ConfigError, match=message):
-      validation.validate_config(bad)
+      registry.validate(bad)

@@ -15,7 +15,6 @@ from guidedflow import errors
 from guidedflow import models
 from guidedflow import train
 from guidedflow import trained as trained_lib
-from guidedflow import validation
 from guidedflow.models import unet
 from guidedflow.models.layers import param_count
 from guidedflow.models.noisy_classifier import NoisyClassifier
@@ -283,8 +282,8 @@ def test_bad_config_values_raise_config_error(key, value, match):
   group, name = key.split('.')
   config[group][name] = value
   with pytest.raises(errors.ConfigError, match=match):
-    validation.validate_config(config)
+    registry.validate(config)
 
 
 def test_default_config_validates():
-  validation.validate_config(fmnist_noisy_classifier.get_config())
+  registry.validate(fmnist_noisy_classifier.get_config())

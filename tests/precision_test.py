@@ -11,6 +11,7 @@ from flax import nnx
 
 from guidedflow.models import attention
 from guidedflow.models import precision
+from guidedflow import schema
 from guidedflow.tasks import registry
 
 # (subscripts, lhs shape, rhs shape): a Linear on tokens, a Linear on vectors, attention logits
@@ -274,5 +275,7 @@ def test_the_generator_task_asks_for_its_train_step_options():
   config.train.cpu_dots = 'auto'
   config.model.name = 'unet'
   assert registry.get_task(config).train_compiler_options('cpu') is None
-  del config.train['cpu_dots']  # a config written before the key: 'auto'
+  del config.train['cpu_dots']  # a config written before the key is completed with 'auto'
+  schema.complete(config)
+  assert config.train.cpu_dots == 'auto'
   assert registry.get_task(config).train_compiler_options('cpu') is None

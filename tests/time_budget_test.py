@@ -13,8 +13,8 @@ from guidedflow import errors
 from guidedflow import time_budget
 from guidedflow import train
 from guidedflow import train_state
-from guidedflow import validation
 from guidedflow.models import factory
+from guidedflow.tasks import registry
 
 
 def _config(budget_minutes=0.5, num_steps=None):
@@ -79,7 +79,7 @@ def test_budget_config_errors(overrides, needle):
     group, name = key.split('.')
     config[group][name] = value
   with pytest.raises(errors.ConfigError) as info:
-    validation.validate_config(config)
+    registry.validate(config)
   assert needle in str(info.value)
 
 
@@ -87,7 +87,7 @@ def test_constant_schedule_needs_no_warmup():
   config = _config()
   config.optim.schedule = 'constant'
   config.optim.warmup_steps = 0
-  validation.validate_config(config)
+  registry.validate(config)
 
 
 def test_a_budget_spent_before_training_is_one_clear_error(tmp_path):

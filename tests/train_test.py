@@ -19,9 +19,9 @@ from guidedflow import checkpointing
 from guidedflow import errors
 from guidedflow import input_pipeline
 from guidedflow import sampler as sampler_lib
+from guidedflow import schema
 from guidedflow import train
 from guidedflow import train_state
-from guidedflow import validation
 from guidedflow.models import precision
 from guidedflow.tasks import registry
 from guidedflow.models import factory
@@ -70,7 +70,7 @@ def test_config_validation_names_the_key(key, value, needle):
   group, name = key.split('.')
   config[group][name] = value
   with pytest.raises(errors.ConfigError, match=None) as info:
-    validation.validate_config(config)
+    registry.validate(config)
   assert needle in str(info.value)
 
 
@@ -81,7 +81,7 @@ def test_all_configs_validate():
   for config in (default.get_config(), fashion_mnist.get_config(), fashion_mnist.get_config('dit'),
                  tiny.get_config(), imagenet256_latent.get_config(),
                  fmnist_classifier.get_config(), fmnist_autoencoder.get_config()):
-    validation.validate_config(config)
+    registry.validate(config)
     assert registry.get_task(config).name == config.get('task', 'generate')
 
 
@@ -90,7 +90,7 @@ def test_fashion_mnist_default_builds_its_model_and_evaluates_at_5000_per_w():
   channels) and --mode=evaluate measures at least 5,000 samples per guidance scale."""
   from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config()
-  validation.validate_config(config)
+  registry.validate(config)
   model = factory.generator(config, (28, 28, 1))()
   assert model.norm == 'none' and model.channels == (16, 64, 128)
   assert not [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -98,8 +98,9 @@ def test_fashion_mnist_default_builds_its_model_and_evaluates_at_5000_per_w():
   assert config.eval.samples_per_class * config.input.num_classes >= 5_000
   config.model.unet_norm = 'batch'
   with pytest.raises(errors.ConfigError, match="config.model.unet_norm='batch'"):
-    validation.validate_config(config)
+    registry.validate(config)
   del config.model['unet_norm']  # a config written before the key existed: GroupNorm
+  schema.complete(config)
   assert factory.generator(config, (28, 28, 1))().norm == 'group'
 
 
@@ -107,7 +108,7 @@ def test_fashion_mnist_default_builds_its_model_and_evaluates_at_5000_per_w():
 def test_imagenet_topology_meshes(topology, chips):
   from configs import imagenet256_latent  # pylint: disable=g-import-not-at-top
   config = imagenet256_latent.get_config(f'XL/2,{topology}')
-  validation.validate_config(config)
+  registry.validate(config)
   data, fsdp, tensor = config.mesh.shape
   assert data * fsdp * tensor == chips
   assert config.train.batch_size % (data * fsdp) == 0
@@ -124,7 +125,7 @@ def test_mesh_config_errors(key, value, needle):
   config = tiny.get_config()
   config.mesh[key] = value
   with pytest.raises(errors.ConfigError) as info:
-    validation.validate_config(config)
+    registry.validate(config)
   assert needle in str(info.value)
 
 
@@ -358,9 +359,9 @@ def test_train_cpu_dots_onednn_compiles_the_steps_dots_in_onednn(generator):
   choice.train.cpu_dots = 'onednn'
   if precision.jaxlib_version_tuple() < precision.ONEDNN_SINCE:
     with pytest.raises(errors.ConfigError, match=r"cpu_dots='onednn' needs jaxlib >= 0.12"):
-      validation.validate_config(choice)
+      registry.validate(choice)
     return
-  validation.validate_config(choice)
+  registry.validate(choice)
   task = registry.get_task(choice)
   step = builder.make_train_step(task.loss, task.train_compiler_options('cpu'))
   batch = next(input_pipeline.BatchIterator(dataset, global_batch_size=8, seed=0,
@@ -388,7 +389,7 @@ def test_cpu_dots_compile_the_samplers_dots_outside_ynnpack(generator):
   onednn_config.sampling.cpu_dots = 'onednn'
   if precision.jaxlib_version_tuple() < precision.ONEDNN_SINCE:
     with pytest.raises(errors.ConfigError, match=r"sampling.cpu_dots='onednn' needs jaxlib"):
-      validation.validate_config(onednn_config)
+      registry.validate(onednn_config)
   else:
     choices.append('onednn')
   dots, hlo, samples = {}, {}, {}

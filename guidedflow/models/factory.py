@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from guidedflow import config_defaults
 from guidedflow import errors
+from guidedflow import schema
 from guidedflow import models
 from guidedflow.models import autoencoder
 from guidedflow.models import classifier
@@ -36,14 +36,14 @@ def generator_kwargs(config):
   model = config.model
   if model.name == 'dit':
     return {'variant': model.variant,
-            'remat': models.dit.remat_policy_name(config_defaults.get(config, 'model.remat')),
-            'scan_blocks': bool(config_defaults.get(config, 'model.scan_blocks')),
-            'unroll_blocks': config_defaults.get(config, 'model.unroll_blocks'),
-            'attention_impl': config_defaults.get(config, 'model.attention_impl')}
+            'remat': models.dit.remat_policy_name(config.model.remat),
+            'scan_blocks': bool(config.model.scan_blocks),
+            'unroll_blocks': config.model.unroll_blocks,
+            'attention_impl': config.model.attention_impl}
   return {'channels': tuple(model.unet_channels),
           'num_residual_layers': model.unet_num_residual_layers,
-          'norm': config_defaults.get(config, 'model.unet_norm'),
-          'attention_heads': int(config_defaults.get(config, 'model.unet_attention_heads'))}
+          'norm': config.model.unet_norm,
+          'attention_heads': int(config.model.unet_attention_heads)}
 
 
 def compute_dtype(config, backend=None):
@@ -90,7 +90,7 @@ def feature_classifier(config, image_shape):
         num_classes=config.input.num_classes, in_channels=channels,
         feature_dim=config.model.feature_dim, channels=tuple(config.model.channels),
         input_size=height, group_norm=bool(config.model.group_norm),
-        arch=config_defaults.get(config, 'model.arch'),
+        arch=config.model.arch,
         dtype=models.DTYPES[config.model.dtype], param_dtype=jnp.float32,
         rngs=nnx.Rngs(config.train.seed))
 
@@ -141,7 +141,4 @@ BY_TASK = {'generate': generator, 'classifier': feature_classifier,
 def constructor(config, image_shape):
   """The network of `config.task` ('generate' when the config has no such key) for
   `image_shape`, as a zero-argument function."""
-  task = config.get('task', 'generate')
-  if task not in BY_TASK:
-    raise errors.ConfigError(f'config.task={task!r} is not one of {tuple(BY_TASK)}.')
-  return BY_TASK[task](config, image_shape)
+  return BY_TASK[schema.task_of(config)](config, image_shape)

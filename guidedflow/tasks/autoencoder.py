@@ -29,13 +29,20 @@ from guidedflow import errors
 from guidedflow import evaluation
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
-from guidedflow import trained
+from guidedflow import models
 from guidedflow import run_context
+from guidedflow import trained
+from guidedflow import validation
 from guidedflow.models import autoencoder as autoencoder_lib
 from guidedflow.tasks import base
 
 def _per_example(values):
   return jnp.mean(values.reshape(values.shape[0], -1), axis=1)
+
+
+# The feature networks that may judge the reconstructions (eval.feature_network): the ones whose
+# weights the schema's eval section locates.
+AUTOENCODER_JUDGES = ('none', 'fmnist_classifier', 'inception_v3')
 
 
 class AutoencoderTask(base.Task):
@@ -45,6 +52,19 @@ class AutoencoderTask(base.Task):
   description = 'the autoencoder of latent diffusion'
   log_keys = ('reconstruction', 'kl')
 
+  @staticmethod
+  def validate(config):
+    validation.integers(config, ('eval.batch_size', 'model.layers_per_block',
+                                 'model.latent_channels', 'model.norm_groups',
+                                 'eval.num_latent_examples', 'eval.num_quality_examples'))
+    validation.counts(config, ('eval.num_batches',))
+    validation.choices(config, {'model.dtype': tuple(models.DTYPES),
+                                'loss.reconstruction': autoencoder_lib.RECONSTRUCTION_LOSSES,
+                                'eval.feature_network': AUTOENCODER_JUDGES})
+    validation.widths(config, 'model.channels', '(32, 64, 64)')
+    for key in ('loss.kl_weight', 'loss.feature_weight'):
+      validation.number(config, key, at_least=0)
+
   def __init__(self, config, workdir=None):
     super().__init__(config, workdir)
     self._features = None  # (graphdef, params) of the classifier for the feature loss
@@ -52,13 +72,13 @@ class AutoencoderTask(base.Task):
   def prepare(self):
     """The feature loss's classifier, restored before the step is traced (a missing one fails
     before the first step)."""
-    if self.config.loss.get('feature_weight', 0.0) > 0:
+    if self.config.loss.feature_weight > 0:
       self._feature_fn()
 
   def _feature_fn(self):
     """The classifier's feature function for `loss.feature_weight > 0` (its weights frozen)."""
     if self._features is None:
-      workdir = self.config.loss.get('feature_workdir')
+      workdir = self.config.loss.feature_workdir
       if not workdir:
         workdir = self.config.eval.classifier_workdir
         logging.warning('The feature loss uses the evaluation\'s classifier (%s): the reported '
@@ -87,7 +107,7 @@ class AutoencoderTask(base.Task):
     kl = base.masked_mean(autoencoder_lib.kl_divergence(mean, logvar), batch) / pixels
     total = rec + config.kl_weight * kl
     metrics = {'reconstruction': rec, 'kl': kl}
-    if config.get('feature_weight', 0.0) > 0:
+    if config.feature_weight > 0:
       features = self._feature_fn()
       feature = base.masked_mean(_per_example(jnp.square(
           features(reconstruction) - jax.lax.stop_gradient(features(x)))), batch)
@@ -107,10 +127,10 @@ class AutoencoderTask(base.Task):
 
   def _heldout(self, run, params):
     return run.heldout(params, self.eval_dataset(), batch_size=self.config.eval.batch_size,
-                       num_batches=self.config.eval.get('num_batches', 0))
+                       num_batches=self.config.eval.num_batches)
 
   def periodic(self, run, state, step):
-    if not run_context.itstime(step, self.config.eval.get('every_steps', 0), run.num_steps,
+    if not run_context.itstime(step, self.config.eval.every_steps, run.num_steps,
                          last=False):
       return {}
     return {f'eval/{k}': v for k, v in self._heldout(run, _weights(state)).items()}

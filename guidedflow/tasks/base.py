@@ -10,6 +10,8 @@ from guidedflow.models import factory
 class Task:
   """Base class; `config.task` names the subclass (`tasks.registry`).
 
+  validate(config): checks the task's own config sections, once per run
+  (`tasks.registry.prepare`).
   Hooks the loop calls (all optional but `loss`):
     train_dataset(), eval_dataset(): the data.
     check_inputs(): at start-up, before compiling: opens every other input the run will read
@@ -35,6 +37,12 @@ class Task:
   # of them go to TensorBoard).
   log_keys = ()
 
+  @staticmethod
+  def validate(config):
+    """Checks the task's own config sections (the shared ones: `validation.check_common`);
+    raises ConfigError naming the key and its fix. Default: nothing more."""
+    del config  # Unused.
+
   def __init__(self, config, workdir=None):
     self.config = config
     self.workdir = workdir  # None outside a run (e.g. a model loaded for inference)
@@ -43,13 +51,13 @@ class Task:
     """The train split, or its first `input.num_train_examples` (0 or absent: all)."""
     return input_pipeline.take(
         input_pipeline.create_dataset(self.config.input, self.config.input.train_split),
-        self.config.input.get('num_train_examples', 0))
+        self.config.input.num_train_examples)
 
   def eval_dataset(self):
     """The eval split, or its first `eval.num_examples` (0 or absent: all)."""
     return input_pipeline.take(
         input_pipeline.create_dataset(self.config.input, self.config.input.eval_split),
-        self.config.eval.get('num_examples', 0))
+        self.config.eval.num_examples)
 
   def abstract_batch(self, batch_size, image_shape):
     """{key: (shape, dtype)} of a global train batch, for ahead-of-time compiles

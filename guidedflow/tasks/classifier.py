@@ -17,8 +17,12 @@ import optax
 
 from guidedflow import feature_networks
 from guidedflow import images as images_lib
+from guidedflow import models
 from guidedflow import run_context
+from guidedflow import validation
+from guidedflow.models import classifier as classifier_lib
 from guidedflow.tasks import base
+
 
 def augment(images, key, *, random_flip, max_shift):
   """Random horizontal flips (garments are left/right symmetric) and shifts by up to
@@ -44,6 +48,14 @@ class ClassifierTask(base.Task):
   name = 'classifier'
   description = 'the feature network for the sample metrics'
   log_keys = ('accuracy',)
+
+  @staticmethod
+  def validate(config):
+    validation.integers(config, ('eval.batch_size', 'model.feature_dim'))
+    validation.counts(config, ('eval.num_examples', 'train.random_shift_pixels'))
+    validation.widths(config, 'model.channels', '(32, 64, 128)')
+    validation.choices(config, {'model.dtype': tuple(models.DTYPES),
+                                'model.arch': classifier_lib.ARCHS})
 
   def _logits(self, model, batch):
     return model(batch['image'])  # (B, K)
@@ -71,7 +83,7 @@ class ClassifierTask(base.Task):
             'num_test_examples': dataset.num_examples, 'eval_s': round(time.time() - t0, 2)}
 
   def periodic(self, run, state, step):
-    if not run_context.itstime(step, self.config.eval.get('every_steps', 0), run.num_steps,
+    if not run_context.itstime(step, self.config.eval.every_steps, run.num_steps,
                          last=False):
       return {}
     return {f'eval/{k[5:]}': v for k, v in self._test(run, state['params']).items()

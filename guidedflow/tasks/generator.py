@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from guidedflow import config_defaults
 from guidedflow import errors
 from guidedflow import evaluate as evaluate_lib
 from guidedflow import feature_networks
@@ -30,6 +29,7 @@ from guidedflow import run_context
 from guidedflow.models import precision
 from guidedflow.models import factory
 from guidedflow.tasks import base
+from guidedflow.tasks import generator_checks
 
 _PERIODIC_KEYS = ('fd', 'precision', 'recall', 'accuracy', 'black_fraction', 'pixel_std')
 
@@ -39,6 +39,7 @@ class GeneratorTask(base.Task):
 
   name = 'generate'
   description = 'a generative model'
+  validate = staticmethod(generator_checks.validate)
 
   def __init__(self, config, workdir=None):
     super().__init__(config, workdir)
@@ -51,7 +52,7 @@ class GeneratorTask(base.Task):
   def train_compiler_options(self, backend):
     """Where the step's dots run on XLA:CPU (`train.cpu_dots`, `precision.train_compiler_options`)."""
     return precision.train_compiler_options(
-        config_defaults.get(self.config, 'train.cpu_dots'),
+        self.config.train.cpu_dots,
         factory.compute_dtype(self.config, backend)[0], backend,
         convolutional=self.config.model.name == 'unet')
 
@@ -96,16 +97,16 @@ class GeneratorTask(base.Task):
     if space is None:
       return pixels
     config = self.config.autoencoder
-    flip = flip and config.get('flip', False)
-    if not config.get('cache', True):
+    flip = flip and config.flip
+    if not config.cache:
       return latents.EncodedDataset(pixels, space, flip=flip)
-    if config.get('cache_dir') is None and self.workdir is None:
+    if config.cache_dir is None and self.workdir is None:
       raise errors.ConfigError('the latent cache needs --config.autoencoder.cache_dir (or a '
                                'workdir: <workdir>/latent_cache).')
-    root = config.get('cache_dir') or os.path.join(self.workdir, 'latent_cache')
+    root = config.cache_dir or os.path.join(self.workdir, 'latent_cache')
     return latent_cache.open_split(
         space, pixels, os.path.join(root, which), flip=flip, batch_size=config.batch_size,
-        dtype=config.get('cache_dtype', 'float32'), workers=config.get('workers', 0),
+        dtype=config.cache_dtype, workers=config.workers,
         process_local=which == 'train')
 
   def encode(self, workdir):
@@ -113,7 +114,7 @@ class GeneratorTask(base.Task):
     returns what each holds and how fast it was encoded."""
     if self.latent_space() is None:
       return super().encode(workdir)
-    if not self.config.autoencoder.get('cache', True):
+    if not self.config.autoencoder.cache:
       raise errors.ConfigError('--mode=encode writes the latent cache, but '
                                'config.autoencoder.cache=False encodes on the fly.')
     return {which: dict(dataset.meta, directory=os.fspath(dataset.directory))
@@ -220,7 +221,7 @@ class GeneratorTask(base.Task):
     seconds = time.time() - t0
     out_dir = os.path.join(workdir, 'samples')
     if jax.process_index() == 0:
-      keys = (('arr_0', 'arr_1') if config_defaults.get(self.config, 'sampling.npz_keys') == 'adm'
+      keys = (('arr_0', 'arr_1') if self.config.sampling.npz_keys == 'adm'
               else ('images', 'labels'))  # ADM's evaluator reads arr_0
       write_samples(out_dir, images, labels, num_classes, keys)
     result = {
@@ -233,7 +234,7 @@ class GeneratorTask(base.Task):
         'grid': os.path.join(out_dir, 'grid.png'),
     }
     if sampler.guidance != 'cfg':
-      result.update(classifier_scale=config_defaults.get(self.config, 'sampling.classifier_scale'),
+      result.update(classifier_scale=self.config.sampling.classifier_scale,
                     classifier_nfe=sampler.classifier_nfe,
                     classifier_workdir=sampler.classifier.workdir)
     logging.info('Samples: %s', json.dumps(result))

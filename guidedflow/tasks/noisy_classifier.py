@@ -22,11 +22,14 @@ import optax
 from flax import nnx
 
 from guidedflow import losses
+from guidedflow import models
 from guidedflow import paths
-from guidedflow import trained
 from guidedflow import run_context
-from guidedflow.tasks import classifier
+from guidedflow import trained
+from guidedflow import validation
+from guidedflow.models import unet
 from guidedflow.tasks import base
+from guidedflow.tasks import classifier
 
 
 def bin_centres(num_bins):
@@ -58,6 +61,18 @@ class NoisyClassifierTask(base.Task):
   name = 'noisy_classifier'
   description = 'the noise-aware classifier of classifier guidance'
   log_keys = ('accuracy',)
+
+  @staticmethod
+  def validate(config):
+    validation.integers(config, ('eval.batch_size', 'eval.time_bins',
+                                 'model.num_residual_layers', 'model.t_embed_dim'))
+    validation.choices(config, {'model.dtype': tuple(models.DTYPES), 'model.norm': unet.NORMS,
+                                'path.schedule': paths.SCHEDULES,
+                                'loss.time_sampler': losses.TIME_SAMPLERS})
+    validation.counts(config, ('eval.num_examples', 'train.random_shift_pixels'))
+    validation.widths(config, 'model.channels', '(32, 64, 128)')
+    if config.loss.time_sampler == 'logit_normal':
+      validation.number(config, 'loss.logit_normal_std', above=0)
 
   def __init__(self, config, workdir=None):
     super().__init__(config, workdir)
@@ -122,7 +137,7 @@ class NoisyClassifierTask(base.Task):
                                                               batch_size=batch_size))
 
   def periodic(self, run, state, step):
-    if not run_context.itstime(step, self.config.eval.get('every_steps', 0), run.num_steps,
+    if not run_context.itstime(step, self.config.eval.every_steps, run.num_steps,
                          last=False):
       return {}
     report = self._test_state(run, state)

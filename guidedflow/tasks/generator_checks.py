@@ -1,0 +1,163 @@
+"""The generator task's config checks (`GeneratorTask.validate`): its model, path, loss,
+sampling, evaluation and latent sections; ConfigError names the key and its fix.
+
+Allowed values come from the library's own constants (`paths.SCHEDULES`, `sampling.METHODS`,
+...), so a new choice there is accepted here without a copied table. What the model needs of
+the image size is checked once, by the model's own constructor (`models.factory`).
+"""
+
+import math
+
+import jaxlib
+
+from guidedflow import errors
+from guidedflow import feature_networks
+from guidedflow import latent_cache
+from guidedflow import latents
+from guidedflow import losses
+from guidedflow import models
+from guidedflow import paths
+from guidedflow import sampling
+from guidedflow import validation
+from guidedflow.models import dit
+from guidedflow.models import precision
+from guidedflow.models import unet
+
+_GENERATOR_CHOICES = {
+    'model.name': tuple(models.MODELS),
+    'model.unet_norm': unet.NORMS,
+    'model.dtype': tuple(models.DTYPES),
+    'model.param_dtype': tuple(models.DTYPES),
+    'model.attention_impl': dit.ATTENTION_IMPLS,
+    'path.schedule': paths.SCHEDULES,
+    'loss.parameterization': paths.PARAMETERIZATIONS,
+    'loss.time_sampler': losses.TIME_SAMPLERS,
+    'loss.dsm_weighting': losses.DSM_WEIGHTINGS,
+    'sampling.method': sampling.METHODS,
+    'sampling.sigma_schedule': sampling.SIGMA_SCHEDULES,
+    'eval.feature_network': ('none',) + feature_networks.NAMES,
+    'input.space': latents.SPACES,
+    'sampling.npz_keys': ('guidedflow', 'adm'),
+    'sampling.guidance': sampling.GUIDANCE_MODES,
+    'sampling.gather_weights': (True, False),
+    'sampling.cpu_dots': precision.CPU_DOTS,
+    'train.cpu_dots': precision.TRAIN_CPU_DOTS,
+}
+_GENERATOR_POSITIVE = (
+    'sampling.num_steps', 'sampling.num_samples', 'sampling.batch_size',
+    'sampling.grid_samples_per_class', 'eval.samples_per_class', 'eval.num_real_images',
+    'eval.nearest_k', 'eval.grid_rows_per_class')
+
+
+def validate(config):
+  """Checks the generator's own sections (the common ones: `validation.check_common`)."""
+  validation.choices(config, _GENERATOR_CHOICES)
+  validation.integers(config, _GENERATOR_POSITIVE)
+  validation.integers(config, ('train.sample_every_steps',), minimum=0)
+  validation.counts(config, ('eval.num_examples', 'eval.num_batches'))
+  if not 0.0 <= config.loss.label_dropout <= 1.0:
+    raise errors.ConfigError(
+        f'config.loss.label_dropout={config.loss.label_dropout} must be in [0, 1] (it is the '
+        'probability η of training on the null label; 1 trains an unconditional generator).')
+  if not math.isfinite(config.sampling.guidance_scale):
+    raise errors.ConfigError('config.sampling.guidance_scale must be a finite number.')
+  _check_classifier_guidance(config)
+  for key in ('train.cpu_dots', 'sampling.cpu_dots'):
+    if validation.value(config, key) == 'onednn' and precision.jaxlib_version_tuple() < precision.ONEDNN_SINCE:
+      raise errors.ConfigError(
+          f"config.{key}='onednn' needs jaxlib >= 0.12 (this is jaxlib {jaxlib.__version__}, "
+          "whose oneDNN fusions abort some programs): use 'auto' or 'ynnpack', or jax 0.12 on "
+          'Python >= 3.12.')
+  validation.number(config, 'sampling.sigma', at_least=0)
+  validation.number(config, 'loss.t_eps', at_least=0)
+  if not config.loss.t_eps < 0.5:
+    raise errors.ConfigError(f'config.loss.t_eps={config.loss.t_eps} must be < 0.5 (the '
+                             'distance kept from the ends of [0, 1]), e.g. 1e-3.')
+  if config.loss.time_sampler == 'logit_normal':
+    validation.number(config, 'loss.logit_normal_std', above=0)
+  if not config.sampling.grid_guidance_scales:
+    raise errors.ConfigError('config.sampling.grid_guidance_scales must name at least one scale.')
+  interval = config.sampling.guidance_interval
+  if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
+    raise errors.ConfigError(f'config.sampling.guidance_interval={interval!r} must be None or '
+                             '(t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1.')
+  _check_model(config)
+  _check_eval(config)
+  _check_latents(config)
+
+
+def _check_classifier_guidance(config):
+  guidance = config.sampling.guidance
+  scale = config.sampling.classifier_scale
+  if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    raise errors.ConfigError(f'config.sampling.classifier_scale={scale!r} must be a finite '
+                             'number (w_c of classifier guidance).')
+  for w_c in config.eval.classifier_scales or ():
+    if not isinstance(w_c, (int, float)) or not math.isfinite(w_c):
+      raise errors.ConfigError(f'config.eval.classifier_scales='
+                               f'{config.eval.classifier_scales!r} must be numbers, e.g. '
+                               '--config.eval.classifier_scales=0,1,2,4')
+  if guidance != 'cfg' and not config.sampling.classifier_workdir:
+    raise errors.ConfigError(
+        f"config.sampling.guidance={guidance!r} needs the noise-aware classifier's run: "
+        '--config.sampling.classifier_workdir=DIR (trained with python -m guidedflow.main '
+        '--config configs/fmnist_noisy_classifier.py --workdir DIR).')
+  if guidance == 'cfg+classifier' and config.loss.label_dropout >= 1.0:
+    raise errors.ConfigError(
+        "config.sampling.guidance='cfg+classifier' needs a conditional generator, but "
+        'config.loss.label_dropout=1 trained an unconditional one (it has no CFG): use '
+        "--config.sampling.guidance=classifier.")
+
+
+def _check_latents(config):
+  if config.input.space != 'latents':
+    return
+  workdir, weights = config.autoencoder.workdir, config.autoencoder.weights
+  if bool(workdir) == bool(weights):
+    raise errors.ConfigError(
+        "config.input.space='latents' needs exactly one autoencoder: "
+        '--config.autoencoder.workdir=DIR (a finished run of configs/fmnist_autoencoder.py) or '
+        '--config.autoencoder.weights=FILE (a Stable Diffusion VAE file).')
+  validation.choices(config, {'autoencoder.cache_dtype': latent_cache.DTYPES})
+  validation.integers(config, ('autoencoder.batch_size',))
+  if config.autoencoder.workers < 0:
+    raise errors.ConfigError('config.autoencoder.workers must be >= 0 (0: decode in this '
+                             'process).')
+
+
+def _check_model(config):
+  model = config.model
+  remat = config.model.remat
+  if remat not in (True, False) and remat not in dit.REMAT_POLICIES:
+    raise errors.ConfigError(f'config.model.remat={remat!r} is not one of {dit.REMAT_POLICIES} '
+                             '(True / False are accepted as full / none).')
+  try:
+    dit.check_unroll_blocks(config.model.unroll_blocks)
+  except ValueError as e:
+    raise errors.ConfigError(f'config.model.{e}') from None
+  if config.model.attention_impl == 'cudnn' and model.dtype != 'bfloat16':
+    raise errors.ConfigError("config.model.attention_impl='cudnn' needs "
+                             '--config.model.dtype=bfloat16 (and a GPU).')
+
+
+def _check_eval(config):
+  evaluation = config.eval
+  for w in evaluation.guidance_scales or ():
+    if not isinstance(w, (int, float)) or not math.isfinite(w):
+      raise errors.ConfigError(f'config.eval.guidance_scales={evaluation.guidance_scales!r} '
+                               'must be numbers, e.g. --config.eval.guidance_scales=1,1.5,2,3,4')
+  for n in evaluation.num_steps or ():
+    if not isinstance(n, int) or n < 1:
+      raise errors.ConfigError(f'config.eval.num_steps={evaluation.num_steps!r} must be '
+                               'positive integers, e.g. --config.eval.num_steps=5,10,20,50')
+  for method in evaluation.methods or ():
+    if method not in sampling.METHODS:
+      raise errors.ConfigError(f'config.eval.methods={evaluation.methods!r}: {method!r} is not '
+                               f'one of {sampling.METHODS}.')
+  extra = feature_networks.extra_names(config) if 'eval' in config else ()
+  for name in extra:
+    if name not in feature_networks.NAMES:
+      raise errors.ConfigError(
+          f'config.eval.extra_feature_networks={tuple(extra)!r}: {name!r} is not one of '
+          f'{feature_networks.NAMES}, e.g. --config.eval.extra_feature_networks='
+          'fmnist_gap_classifier,fmnist_encoder')
