@@ -65,7 +65,7 @@ def guidance_active(t, interval):
   """Whether guidance applies at time(s) t: inside the closed `interval` = (t_lo, t_hi).
 
   The bounds are compared in t's float dtype (float32 for the sampler's grid), so the sampler's
-  static plan (`sampling.cfg_plan`, on the concrete grid) and `effective_scale` (traced) agree
+  static plan (`sampling_plan.cfg_plan`, on the concrete grid) and `effective_scale` (traced) agree
   at the boundaries. `interval=None` means everywhere. Host (numpy) times give a numpy answer,
   computed without a device.
   """
@@ -85,7 +85,7 @@ def effective_scale(guidance_scale, t, interval):
   Outside the closed interval the scale is 1 (plain conditional). Times follow our convention
   (t = 0 noise, t = 1 data); guidance-interval papers that count noise levels the other way must
   be flipped (t ↦ 1 − t). `interval=None` returns `guidance_scale` unchanged. The sampler does not
-  call this: it skips the unconditional half outside the interval (`sampling.cfg_plan`), which
+  call this: it skips the unconditional half outside the interval (`sampling_plan.cfg_plan`), which
   gives the same samples with fewer model evaluations.
   """
   if interval is None:

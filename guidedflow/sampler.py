@@ -4,7 +4,10 @@
 `Sampler.from_train_state(...)` wraps the weights of a running training. `--mode=sample`,
 evaluation, the periodic sample grids, the notebook and the benchmarks all sample through it.
 The sampler costs exactly its NFE: w = 1 runs the conditional batch alone, and with a guidance
-interval the doubled CFG batch runs only inside it (`sampling.cfg_plan`).
+interval the doubled CFG batch runs only inside it (`sampling_plan.cfg_plan`). A call's plan —
+its sampler, steps, interval and whether w and w_c need their extra evaluations — is decided and
+checked once (`sampling_plan.make_plan`), and each plan is one compiled program whose body is
+`sampling.integrate`.
 
 Guidance (`config.sampling.guidance`): 'cfg' (classifier-free, scale w), 'classifier' (the
 generator's unconditional field ∅ plus w_c b_t ∇log p_t(y|x) of the noise-aware classifier in
@@ -27,6 +30,7 @@ from guidedflow import latents
 from guidedflow import paths
 from guidedflow import resume_config
 from guidedflow import sampling
+from guidedflow import sampling_plan
 from guidedflow import sharding
 from guidedflow import train_state
 from guidedflow import trained
@@ -100,12 +104,9 @@ class Sampler:
     """Samples from `state`'s weights from now on (same compiled programs)."""
     self.params, self.step = sampled_weights(state), int(state['step'])
 
-  def _program(self, options, use_cfg, use_classifier):
-    cache_key = tuple(sorted(options.items())) + (('use_cfg', use_cfg),
-                                                  ('use_classifier', use_classifier))
-    if cache_key not in self._compiled:
-      parameterization = self.config.loss.parameterization
-
+  def _program(self, plan):
+    """The compiled sampler of `plan` (one per plan; weights, keys, labels and scales traced)."""
+    if plan not in self._compiled:
       gathered = (sharding.without_axis(self.builder.param_shardings, 'fsdp')
                   if self.config.sampling.gather_weights else None)
 
@@ -115,29 +116,25 @@ class Sampler:
           params = jax.lax.with_sharding_constraint(params, gathered)
         model = self.builder.merge(params)
         classifier_fn = None
-        if use_classifier:
+        if plan.use_classifier:
           classifier = nnx.merge(self.classifier.graphdef, classifier_params)
           classifier_fn = lambda x, t: classifier(x, t)  # pylint: disable=unnecessary-lambda
-        samples, info = sampling.sample(
-            lambda x, t, y: model(x, t, y), key, labels, shape=self.image_shape, path=self.path,
-            parameterization=parameterization, null_label=self.null_label,
-            guidance_scale=guidance_scale if use_cfg else 1.0, sigma=sigma,
-            classifier_fn=classifier_fn, classifier_scale=classifier_scale,
-            classifier_labels=classifier_labels if use_classifier else None, **options)
+        samples, _ = sampling.integrate(
+            plan, lambda x, t, y: model(x, t, y), classifier_fn, key, labels, classifier_labels,
+            guidance_scale, classifier_scale, sigma)
         if self.latent_space is not None:
           samples = self.latent_space.decode(decoder_params, samples)
-        return samples, info['nfe'], info['classifier_nfe']
+        return samples
 
       # The batch is split over (data, fsdp) like a training batch; the noise is drawn with
       # the partitionable threefry, so the samples do not depend on the mesh.
       b = self.builder
-      self._compiled[cache_key] = jax.jit(
+      self._compiled[plan] = jax.jit(
           run, in_shardings=(b.param_shardings, b.replicated, b.replicated, b.replicated,
                              b.batch_sharding, b.batch_sharding, b.replicated, b.replicated,
                              b.replicated),
-          out_shardings=(b.batch_sharding, b.replicated, b.replicated),
-          compiler_options=self.compiler_options)
-    return self._compiled[cache_key]
+          out_shardings=b.batch_sharding, compiler_options=self.compiler_options)
+    return self._compiled[plan]
 
   def _guidance_inputs(self, labels, guidance_scale, classifier_scale):
     """(generator labels, classifier labels, w, w_c, use_cfg, use_classifier) of a call."""
@@ -170,13 +167,13 @@ class Sampler:
     labels = np.asarray(labels, np.int32)
     (labels, classifier_labels, guidance_scale, classifier_scale, use_cfg,
      use_classifier) = self._guidance_inputs(labels, guidance_scale, classifier_scale)
-    options = self._options(num_steps, method, sigma_schedule)
     sigma = self.config.sampling.sigma if sigma is None else sigma
-    sampling.validate_sampling_args(
-        parameterization=self.config.loss.parameterization, null_label=self.null_label,
-        guidance_scale=guidance_scale, labels=labels, classifier_scale=classifier_scale,
-        classifier_labels=classifier_labels if use_classifier else None, **options)
-    program = self._program(options, use_cfg, use_classifier)
+    plan = self._plan(use_cfg, use_classifier, num_steps, method, sigma_schedule)
+    sampling_plan.check_values(
+        null_label=self.null_label, guidance_scale=guidance_scale, labels=labels,
+        classifier_scale=classifier_scale,
+        classifier_labels=classifier_labels if use_classifier else None, sigma=sigma)
+    program = self._program(plan)
     num = len(labels)
     pad = (0, -num % sharding.batch_axes_size(self.builder.mesh))
     with jax.set_mesh(self.builder.mesh):
@@ -184,20 +181,23 @@ class Sampler:
                                    for a in (labels, classifier_labels))
       decoder_params = self.latent_space.params if self.latent_space is not None else None
       classifier_params = self.classifier.params if use_classifier else None
-      samples, nfe, classifier_nfe = program(
+      samples = program(
           self.params, decoder_params, classifier_params, key, labels, classifier_labels,
           jnp.float32(guidance_scale), jnp.float32(classifier_scale), jnp.float32(sigma))
       if pad[1]:
         samples = samples[:num]
-    self.classifier_nfe = int(classifier_nfe)
-    return samples, int(nfe)
+    self.classifier_nfe = plan.classifier_nfe
+    return samples, plan.nfe
 
-  def _options(self, num_steps=None, method=None, sigma_schedule=None):
+  def _plan(self, use_cfg, use_classifier, num_steps=None, method=None, sigma_schedule=None):
+    """The `sampling_plan.Plan` of a call: the config's sampler unless overridden (checked)."""
     config = self.config.sampling
-    return dict(num_steps=num_steps or config.num_steps, method=method or config.method,
-                sigma_schedule=sigma_schedule or config.sigma_schedule,
-                guidance_interval=(tuple(config.guidance_interval)
-                                   if config.guidance_interval is not None else None))
+    return sampling_plan.make_plan(
+        shape=self.image_shape, path=self.path, parameterization=self.config.loss.parameterization,
+        null_label=self.null_label, method=method or config.method,
+        num_steps=num_steps or config.num_steps, use_cfg=use_cfg, use_classifier=use_classifier,
+        sigma_schedule=sigma_schedule or config.sigma_schedule,
+        guidance_interval=config.guidance_interval)
 
   def lower_cfg(self, batch_size):
     """The CFG program of the `sampling.*` settings (w ≠ 1; decoding included for a latent
@@ -209,7 +209,7 @@ class Sampler:
     scalar = abstract((), jnp.float32, b.replicated)
     decoder = None if self.latent_space is None else jax.tree.map(
         lambda x: abstract(x.shape, x.dtype, b.replicated), self.latent_space.params)
-    program = self._program(self._options(), use_cfg=True, use_classifier=False)
+    program = self._program(self._plan(use_cfg=True, use_classifier=False))
     with jax.set_mesh(b.mesh):
       return program.lower(self.params, decoder, None, abstract((2,), jnp.uint32, b.replicated),
                            labels, labels, scalar, scalar, scalar)

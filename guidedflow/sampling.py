@@ -1,4 +1,11 @@
-"""ODE and SDE samplers (Euler, Heun, Euler–Maruyama) with classifier-free guidance, in lax.scan."""
+"""ODE and SDE samplers (Euler, Heun, Euler–Maruyama) with classifier-free and classifier
+guidance, in lax.scan.
+
+`integrate(plan, ...)` is the sampler: a pure function of the model, the keys, labels and
+scales for one static `sampling_plan.Plan` (checked once, before tracing), compiled by its
+caller (the `Sampler` compiles it into its one program per plan). `sample(...)` is the
+stand-alone entry point: it decides and checks the plan, checks the values, and compiles.
+"""
 
 import functools
 
@@ -8,109 +15,16 @@ import numpy as np
 
 from guidedflow import guidance
 from guidedflow import paths as paths_lib
-
-METHODS = ('euler', 'heun', 'euler_maruyama')
-# How the Sampler guides (guidedflow/sampler.py): classifier-free, classifier, or both.
-GUIDANCE_MODES = ('cfg', 'classifier', 'cfg+classifier')
-SIGMA_SCHEDULES = ('constant', 'decreasing', 'path')
-DEFAULT_T_EPS = 1e-3
-TRAJECTORY_FRAMES = 9
-
-
-def _is_concrete(value):
-  return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(value))
-
-
-def _is_python_number(value):
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def validate_sampling_args(*, parameterization, null_label, guidance_scale, num_steps, method,
-                           sigma_schedule='constant', sigma=None, labels=None,
-                           guidance_interval=None, path=None, t_eps=DEFAULT_T_EPS,
-                           classifier_scale=0.0, classifier_labels=None):
-  """Raises ValueError naming the argument and its allowed values for any bad argument.
-
-  Values that are tracers (inside an outer jit) are not inspected; names, `num_steps` and shapes
-  always are.
-  """
-  paths_lib.check_choice('method', method, METHODS)
-  paths_lib.check_choice('parameterization', parameterization, paths_lib.PARAMETERIZATIONS)
-  paths_lib.check_choice('sigma_schedule', sigma_schedule, SIGMA_SCHEDULES)
-  if path is not None:
-    paths_lib.get_path(path)
-  if (not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool)
-      or num_steps < 1):
-    raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}.')
-  if (not isinstance(null_label, (int, np.integer)) or isinstance(null_label, bool)
-      or null_label < 0):
-    raise ValueError(f'null_label must be a non-negative integer (the number of classes), '
-                     f'got {null_label!r}.')
-  if not 0.0 < float(t_eps) < 0.5:
-    raise ValueError(f't_eps must be in (0, 0.5), got {t_eps!r}.')
-  if _is_concrete(guidance_scale):
-    scale = np.asarray(guidance_scale, np.float64)
-    if scale.ndim > 1 or not np.all(np.isfinite(scale)):
-      raise ValueError('guidance_scale must be a finite number (or a finite (B,) array), '
-                       f'got {guidance_scale!r}.')
-  if _is_concrete(classifier_scale):
-    scale = np.asarray(classifier_scale, np.float64)
-    if scale.ndim > 1 or not np.all(np.isfinite(scale)):
-      raise ValueError('classifier_scale must be a finite number (or a finite (B,) array), '
-                       f'got {classifier_scale!r}.')
-  if classifier_labels is not None:
-    _check_labels('classifier_labels', classifier_labels, null_label - 1, 'classes 0..'
-                  f'{null_label - 1}; the classifier has no null label')
-  if sigma is not None and _is_concrete(sigma):
-    sigma_value = np.asarray(sigma, np.float64)
-    if sigma_value.ndim != 0 or not np.isfinite(sigma_value) or sigma_value < 0:
-      raise ValueError(f'sigma must be a finite number >= 0, got {sigma!r}.')
-  if guidance_interval is not None:
-    try:
-      t_lo, t_hi = (float(v) for v in guidance_interval)
-    except (TypeError, ValueError):
-      raise ValueError('guidance_interval must be None or a pair (t_lo, t_hi) with '
-                       f'0 <= t_lo <= t_hi <= 1, got {guidance_interval!r}.') from None
-    if not 0.0 <= t_lo <= t_hi <= 1.0:
-      raise ValueError('guidance_interval must be None or a pair (t_lo, t_hi) with '
-                       f'0 <= t_lo <= t_hi <= 1, got {guidance_interval!r}.')
-  if labels is not None:
-    _check_labels('labels', labels, null_label, f'classes 0..{null_label - 1} and the null label '
-                  f'{null_label}')
-
-
-def _check_labels(name, labels, top, meaning):
-  """`labels` must be int (B,) in [0, top]."""
-  if jnp.ndim(labels) != 1:
-    raise ValueError(f'{name} must have shape (B,), got shape {jnp.shape(labels)}.')
-  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-    raise ValueError(f'{name} must be integers in [0, {top}], got dtype '
-                     f'{jnp.result_type(labels)}.')
-  if (_is_concrete(labels) and np.size(labels)
-      and (not isinstance(labels, jax.Array) or labels.is_fully_addressable)):
-    values = np.asarray(labels)
-    if values.min() < 0 or values.max() > top:
-      raise ValueError(f'{name} must lie in [0, {top}] ({meaning}), got values in '
-                       f'[{values.min()}, {values.max()}].')
-
-
-def start_time(parameterization, method, sigma_schedule, t_eps=DEFAULT_T_EPS, classifier=False):
-  """First time of the grid: t_eps where a needed conversion is singular at t = 0, else 0.
-
-  Velocity from a score/noise prediction divides by alpha_0 = 0, and so do the 'path'
-  diffusion coefficient sigma_t² = 2 b_t and the classifier-guidance term b_t ∇log p_t(y|x)
-  (`classifier`); a velocity model with neither starts at exactly 0. The model is never
-  evaluated at t = 1 (see `sample`), so the grid always ends at 1 exactly.
-  """
-  needs_b = (method == 'euler_maruyama' and sigma_schedule == 'path') or classifier
-  return t_eps if (parameterization != 'velocity' or needs_b) else 0.0
-
-
-def time_grid(num_steps, t_start):
-  """Uniform grid t_start = t_0 < ... < t_N = 1, float32 (N + 1,): numpy, computed in float64
-  on the host, so the sampler's constant grid is the same on every backend and is made without
-  a device (an ahead-of-time compile for TPU devices this host does not have)."""
-  return np.linspace(float(t_start), 1.0, num_steps + 1).astype(np.float32)
+from guidedflow import sampling_plan
+# The plan's names, where callers look for them.
+from guidedflow.sampling_plan import DEFAULT_T_EPS  # noqa: F401
+from guidedflow.sampling_plan import GUIDANCE_MODES  # noqa: F401
+from guidedflow.sampling_plan import METHODS  # noqa: F401
+from guidedflow.sampling_plan import SIGMA_SCHEDULES
+from guidedflow.sampling_plan import TRAJECTORY_FRAMES  # noqa: F401
+from guidedflow.sampling_plan import start_time  # noqa: F401
+from guidedflow.sampling_plan import time_grid  # noqa: F401
+from guidedflow.sampling_plan import uses_cfg  # noqa: F401
 
 
 def diffusion_coefficient(t, *, path, sigma_schedule, sigma):
@@ -133,113 +47,6 @@ def sde_drift(velocity, score, diffusion):
   """Drift of the guided SDE: ũ + sigma_t²/2 s̃ (same marginals as the ODE for any sigma_t)."""
   return velocity + 0.5 * jnp.square(diffusion) * score
 
-
-def uses_cfg(guidance_scale):
-  """Whether `guidance_scale` needs the unconditional branch, i.e. the doubled batch [x; x].
-
-  False only when w is known while tracing — a Python or NumPy number, or a concrete array — and
-  is exactly 1 everywhere (plain conditional sampling, where CFG returns the conditional
-  prediction exactly); a traced w (inside an outer jit) always runs the doubled batch.
-  """
-  if isinstance(guidance_scale, jax.core.Tracer):
-    return True
-  if isinstance(guidance_scale, jax.Array) and not (
-      guidance_scale.is_fully_addressable or guidance_scale.is_fully_replicated):
-    return True
-  try:
-    value = np.asarray(guidance_scale, np.float64)
-  except (TypeError, ValueError):
-    return True
-  return not bool(np.all(value == 1.0))
-
-
-def _concrete_grid(num_steps, t_start):
-  """`time_grid` as a concrete array, also while tracing (the CFG plan is static)."""
-  with jax.ensure_compile_time_eval():  # (a jnp grid, e.g. a test's patch, is concrete too)
-    return np.asarray(time_grid(num_steps, t_start), np.float32)
-
-
-def uses_classifier(classifier_fn, classifier_scale):
-  """Whether the classifier term runs: a classifier is given and w_c is not known while tracing
-  to be exactly 0 everywhere (then the term vanishes and the classifier is never evaluated)."""
-  if classifier_fn is None:
-    return False
-  if isinstance(classifier_scale, jax.core.Tracer):
-    return True
-  try:
-    value = np.asarray(classifier_scale, np.float64)
-  except (TypeError, ValueError):
-    return True
-  return not bool(np.all(value == 0.0))
-
-
-def cfg_plan(method, grid, guidance_interval, use_cfg):
-  """The sampler's static guidance pattern: which model evaluations are guided.
-
-  Step i evaluates the model at grid[i] and, for Heun (all steps but the last), at grid[i + 1].
-  An evaluation is guided when `use_cfg` (any guidance term: CFG's doubled batch [x; x],
-  classifier guidance's gradient) and its time lies in the closed `guidance_interval` (None:
-  everywhere); otherwise only the conditional model runs — w = 1 and w_c = 0 there, where the
-  guided field is the conditional one exactly, so the samples are those of guidance everywhere
-  with `guidance.effective_scale`, at fewer evaluations.
-
-  Args:
-    method: 'euler' | 'heun' | 'euler_maruyama'.
-    grid: the concrete (N + 1,) time grid.
-    guidance_interval: None or (t_lo, t_hi).
-    use_cfg: False when no guidance term runs (w = 1 known in Python and no classifier).
-
-  Returns:
-    Tuple of segments (start, stop, guided_at_t, guided_at_t_next): steps start..stop − 1 share
-    the pattern and run as one `lax.scan`. `guided_at_t_next` is None where the steps evaluate
-    once (Euler, Euler–Maruyama, a Heun run whose last step is alone); a Heun segment that ends
-    at the last step skips its second evaluation there (`lax.cond`, never at t = 1).
-  """
-  grid = np.asarray(grid)
-  num_steps = len(grid) - 1
-  if not use_cfg:
-    active = np.zeros(num_steps + 1, bool)
-  else:
-    active = guidance.guidance_active(grid, guidance_interval)  # numpy: the plan is static
-  heun = method == 'heun'
-  patterns = [(bool(active[i]), bool(active[i + 1]) if heun and i < num_steps - 1 else None)
-              for i in range(num_steps)]
-  if heun and num_steps > 1 and patterns[-1][0] == patterns[-2][0]:
-    patterns[-1] = patterns[-2]  # join the previous segment; its lax.cond skips the 2nd eval
-  segments = []
-  for i, pattern in enumerate(patterns):
-    if segments and segments[-1][2:] == pattern:
-      segments[-1] = (segments[-1][0], i + 1) + pattern
-    else:
-      segments.append((i, i + 1) + pattern)
-  return tuple(segments)
-
-
-def plan_evaluations(plan, num_steps, *, guided_cost=2, plain_cost=1):
-  """Evaluations per sample of a `cfg_plan`: a guided evaluation counts `guided_cost` (2 for
-  CFG's doubled batch [x; x]; 1 for the classifier, which runs only on guided evaluations:
-  `guided_cost=1, plain_cost=0`), an unguided one `plain_cost`."""
-  total = 0
-  for start, stop, first, second in plan:
-    total += (stop - start) * (guided_cost if first else plain_cost)
-    if second is not None:
-      total += (stop - start - (stop == num_steps)) * (guided_cost if second else plain_cost)
-  return total
-
-
-def _num_frames(return_trajectory, num_steps):
-  if return_trajectory is True:
-    return min(TRAJECTORY_FRAMES, num_steps + 1)
-  if return_trajectory is False or return_trajectory is None:
-    return 0
-  if isinstance(return_trajectory, int) and return_trajectory >= 2:
-    return min(return_trajectory, num_steps + 1)
-  raise ValueError('return_trajectory must be a bool or an int number of frames >= 2, '
-                   f'got {return_trajectory!r}.')
-
-
-def _frame_steps(num_steps, num_frames):
-  return np.unique(np.round(np.linspace(0, num_steps, num_frames)).astype(np.int32))
 
 
 def _make_step(fields, *, path, method, sigma_schedule, sigma, num_steps):
@@ -313,21 +120,31 @@ def _make_fields(model_fn, classifier_fn, labels, classifier_labels, guidance_sc
   return fields
 
 
-def _sample_impl(model_fn, classifier_fn, key, labels, classifier_labels, guidance_scale,
-                 classifier_scale, sigma, *, shape, path, parameterization, null_label, method,
-                 num_steps, sigma_schedule, plan, num_frames, t_eps, use_cfg):
-  """The sampler body (traced once per static configuration): one lax.scan per plan segment."""
-  batch = labels.shape[0]
-  grid = _concrete_grid(num_steps, start_time(parameterization, method, sigma_schedule, t_eps,
-                                              classifier=classifier_fn is not None))
+def integrate(plan, model_fn, classifier_fn, key, labels, classifier_labels, guidance_scale,
+              classifier_scale, sigma):
+  """The sampler for `plan`: integrates from noise (t = grid[0]) to data (t = 1), one
+  `lax.scan` per segment of the plan. Pure and not compiled: the caller jits it (with `plan`
+  static). No argument is checked here: `sampling_plan.make_plan` and `check_values` did.
+
+  Args: as `sample`'s; `classifier_fn` None unless `plan.use_classifier`.
+
+  Returns:
+    (samples float32 (B, *shape), info) with info['time_grid'] and, with frames,
+    info['trajectory'] (F, B, *shape) and info['trajectory_time'] (F,).
+  """
+  batch, num_steps = labels.shape[0], plan.num_steps
+  grid = np.asarray(plan.grid, np.float32)
   key_init, key_steps = jax.random.split(key)
-  x = jax.random.normal(key_init, (batch,) + shape, jnp.float32)  # p_init at t = grid[0]
-  fields = _make_fields(model_fn, classifier_fn, labels, classifier_labels, guidance_scale,
-                        classifier_scale, path=path, parameterization=parameterization,
-                        null_label=null_label, use_cfg=use_cfg)
-  step = _make_step(fields, path=path, method=method, sigma_schedule=sigma_schedule,
-                    sigma=sigma, num_steps=num_steps)
-  frame_steps = _frame_steps(num_steps, num_frames) if num_frames else np.zeros(0, np.int32)
+  x = jax.random.normal(key_init, (batch,) + plan.shape, jnp.float32)  # p_init at t = grid[0]
+  fields = _make_fields(model_fn, classifier_fn if plan.use_classifier else None, labels,
+                        classifier_labels, guidance_scale, classifier_scale, path=plan.path,
+                        parameterization=plan.parameterization, null_label=plan.null_label,
+                        use_cfg=plan.use_cfg)
+  step = _make_step(fields, path=plan.path, method=plan.method,
+                    sigma_schedule=plan.sigma_schedule, sigma=sigma, num_steps=num_steps)
+  num_frames = plan.num_frames
+  frame_steps = (sampling_plan.frame_steps(num_steps, num_frames) if num_frames
+                 else np.zeros(0, np.int32))
   slot_of_step = np.full(num_steps + 1, -1, np.int32)
   slot_of_step[frame_steps] = np.arange(len(frame_steps), dtype=np.int32)
   trajectory = jnp.zeros((len(frame_steps),) + x.shape, x.dtype)
@@ -344,7 +161,7 @@ def _sample_impl(model_fn, classifier_fn, key, labels, classifier_labels, guidan
     return (key, x, trajectory), None
 
   carry = (key_steps, x, trajectory)
-  for start, stop, guided_at_t, guided_at_t_next in plan:
+  for start, stop, guided_at_t, guided_at_t_next in plan.segments:
     pattern = (guided_at_t, guided_at_t_next, stop == num_steps)
     inputs = (jnp.arange(start, stop), grid[start:stop], grid[start + 1:stop + 1],
               jnp.asarray(slot_of_step[start + 1:stop + 1]))
@@ -357,10 +174,8 @@ def _sample_impl(model_fn, classifier_fn, key, labels, classifier_labels, guidan
   return x, info
 
 
-_STATIC_ARGNAMES = ('shape', 'path', 'parameterization', 'null_label', 'method', 'num_steps',
-                    'sigma_schedule', 'plan', 'num_frames', 't_eps', 'use_cfg')
-_sample_jit_traced_model = jax.jit(_sample_impl, static_argnames=_STATIC_ARGNAMES)
-_sample_jit_static_model = jax.jit(_sample_impl, static_argnames=('model_fn',) + _STATIC_ARGNAMES)
+_integrate_traced_model = jax.jit(integrate, static_argnames=('plan',))
+_integrate_static_model = jax.jit(integrate, static_argnames=('plan', 'model_fn'))
 
 
 def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, guidance_scale,
@@ -394,9 +209,8 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
   t = 0). A w_c known in Python to be 0 never evaluates the classifier, so the samples are the
   unguided sampler's exactly.
 
-  Compilation: one compile per static configuration (shape, batch, path, parameterization,
-  method, num_steps, sigma_schedule, guidance_interval, return_trajectory, and whether w is the
-  Python 1). `key`, `labels`, `guidance_scale` and `sigma` are traced, so changing them does not
+  Compilation: one compile per `sampling_plan.Plan` (shape, path, parameterization, method,
+  num_steps, sigma_schedule, guidance interval, frames, and whether w is the Python 1) and batch. `key`, `labels`, `guidance_scale` and `sigma` are traced, so changing them does not
   recompile (w = 1 and w != 1 are two compiles). `model_fn` is a static argument hashed by
   identity when it is a plain callable: pass the same function object to reuse the compile, or
   pass a `jax.tree_util.Partial(apply, params)` (or any pytree callable with array leaves), which
@@ -435,28 +249,18 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
     ((N + 1,) times) and, with `return_trajectory`, info['trajectory'] (F, B, *shape) and
     info['trajectory_time'] (F,).
   """
-  path = paths_lib.get_path(path)
-  use_classifier = uses_classifier(classifier_fn, classifier_scale)
+  use_classifier = sampling_plan.uses_classifier(classifier_fn, classifier_scale)
   if use_classifier and classifier_labels is None:
     classifier_labels = labels
-  validate_sampling_args(
-      parameterization=parameterization, null_label=null_label, guidance_scale=guidance_scale,
-      num_steps=num_steps, method=method, sigma_schedule=sigma_schedule, sigma=sigma,
-      labels=labels, guidance_interval=guidance_interval, t_eps=t_eps,
+  plan = sampling_plan.make_plan(
+      shape=shape, path=path, parameterization=parameterization, null_label=null_label,
+      method=method, num_steps=num_steps, use_cfg=uses_cfg(guidance_scale),
+      use_classifier=use_classifier, sigma_schedule=sigma_schedule,
+      guidance_interval=guidance_interval, return_trajectory=return_trajectory, t_eps=t_eps)
+  sampling_plan.check_values(
+      null_label=null_label, guidance_scale=guidance_scale, labels=labels,
       classifier_scale=classifier_scale,
-      classifier_labels=classifier_labels if use_classifier else None)
-  num_frames = _num_frames(return_trajectory, num_steps)
-  if guidance_interval is not None:
-    guidance_interval = tuple(float(v) for v in guidance_interval)
-  use_cfg = uses_cfg(guidance_scale)
-  t_start = start_time(parameterization, method, sigma_schedule, t_eps, use_classifier)
-  plan = cfg_plan(method, _concrete_grid(int(num_steps), t_start), guidance_interval,
-                  use_cfg or use_classifier)
-  options = dict(
-      shape=tuple(int(d) for d in shape), path=path, parameterization=parameterization,
-      null_label=int(null_label), method=method, num_steps=int(num_steps),
-      sigma_schedule=sigma_schedule, plan=plan, num_frames=num_frames, t_eps=float(t_eps),
-      use_cfg=use_cfg)
+      classifier_labels=classifier_labels if use_classifier else None, sigma=sigma)
   labels = jnp.asarray(labels)
   if use_classifier:
     leaves = jax.tree_util.tree_leaves(classifier_fn)
@@ -470,16 +274,13 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
                 classifier_scale=jnp.asarray(classifier_scale, jnp.float32),
                 sigma=jnp.asarray(sigma, jnp.float32))
   leaves = jax.tree_util.tree_leaves(model_fn)
-  if not _is_concrete((model_fn, classifier_fn, arrays)):
-    samples, info = _sample_impl(model_fn, classifier_fn, **arrays, **options)
+  if not sampling_plan.is_concrete((model_fn, classifier_fn, arrays)):
+    samples, info = integrate(plan, model_fn, classifier_fn, **arrays)  # inside the caller's jit
   elif len(leaves) == 1 and leaves[0] is model_fn:
-    samples, info = _sample_jit_static_model(model_fn=model_fn, classifier_fn=classifier_fn,
-                                             **arrays, **options)
+    samples, info = _integrate_static_model(plan=plan, model_fn=model_fn,
+                                            classifier_fn=classifier_fn, **arrays)
   else:
-    samples, info = _sample_jit_traced_model(model_fn=model_fn, classifier_fn=classifier_fn,
-                                             **arrays, **options)
-  info['nfe'] = plan_evaluations(plan, int(num_steps), guided_cost=2 if use_cfg else 1)
-  classifier_nfe = (plan_evaluations(plan, int(num_steps), guided_cost=1, plain_cost=0)
-                    if use_classifier else 0)
-  info['classifier_nfe'] = classifier_nfe
+    samples, info = _integrate_traced_model(plan=plan, model_fn=model_fn,
+                                            classifier_fn=classifier_fn, **arrays)
+  info['nfe'], info['classifier_nfe'] = plan.nfe, plan.classifier_nfe
   return samples, info

@@ -8,6 +8,7 @@ import pytest
 from guidedflow import guidance
 from guidedflow import paths
 from guidedflow import sampling
+from guidedflow import sampling_plan
 from tests import gaussian_mixture as gm
 
 PER_CLASS = 4096
@@ -96,7 +97,7 @@ def _broken_cfg(cond, uncond, guidance_scale):
 BROKEN_CASES = {
     'missing-half': (sampling, 'sde_drift', _broken_drift,
                      dict(method='euler_maruyama', num_steps=200, sigma=2.0), None),
-    'reversed-time': (sampling, 'time_grid', _broken_grid,
+    'reversed-time': (sampling_plan, 'time_grid', _broken_grid,
                       dict(method='euler', num_steps=100), None),
     'swapped-cfg-weights': (guidance, 'cfg_combine', _broken_cfg,
                             dict(method='euler', num_steps=100, guidance_scale=0.0), gm.NULL),

@@ -127,3 +127,15 @@ def test_no_defaults_read_outside_the_schema():
         if pattern.search(line):
           found.append(f'{os.path.relpath(path, ROOT)}:{number}: {line.strip()}')
   assert not found, '\n'.join(found)
+
+
+@pytest.mark.parametrize('name', ['fmnist_classifier', 'fmnist_noisy_classifier',
+                                  'fmnist_autoencoder', 'fmnist_encoder', 'tiny'])
+def test_what_every_task_reads_is_in_its_schema(name):
+  """The loop's and the task base's reads (data splits, periodic work, checkpoints, mesh) find
+  their keys in a prepared config of every task: a locked config has no other keys."""
+  config = registry.prepare(importlib.import_module(f'configs.{name}').get_config())
+  task = registry.get_task(config)
+  assert task.train_dataset().num_examples == 60_000
+  assert task.eval_dataset().num_examples == 10_000
+  assert config.eval.every_steps == 0 and config.checkpoint.max_to_keep >= 1

@@ -57,6 +57,7 @@ def get_config():
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500
   config.eval.num_batches = 0          # held-out PSNR over the whole test split
+  config.eval.num_examples = 0         # 0: the whole eval split; N: its first N
   config.eval.every_steps = 0          # periodic held-out metrics (TensorBoard); 0: at the end
   config.eval.num_latent_examples = 10_000  # training images for the latent scale and shift
   config.eval.num_quality_examples = 10_000  # test images for FD / accuracy of reconstructions
