@@ -1,6 +1,7 @@
-"""SIGTERM and Ctrl-C (SIGINT) as requests to save and stop; a second one aborts at once.
+"""SIGTERM, SIGHUP and Ctrl-C (SIGINT) as requests to save and stop; a second one aborts at once.
 
-`StopSignals.install()` (main thread only) replaces both handlers. The first signal sets
+`StopSignals.install()` (main thread only) replaces their handlers. SIGHUP — the terminal or ssh
+session of a run started without nohup closed — is a SIGTERM: the run saves and exits 0. The first signal sets
 `requested` (the training loop polls it every step, saves the current step and exits); a second
 one of either kind ends the process at once, without waiting for the step, a compile or a save
 in flight (orbax writes into a temporary directory, so the last finished checkpoint is safe).
@@ -11,7 +12,7 @@ wake-up pipe (`signal.set_wakeup_fd`) that a daemon thread reads as they arrive:
 `requested` at once and aborts on the second signal even while the main thread is inside XLA.
 
 Exit statuses (documented in docs/training.md): a run stopped by SIGTERM exits 0 after its checkpoint
-(a preempted job that saved is not a failure); one stopped by Ctrl-C exits 130 after its
+(a preempted job that saved is not a failure), and so does one stopped by SIGHUP; one stopped by Ctrl-C exits 130 after its
 checkpoint (128 + SIGINT, what shells expect of an interrupted program); an abort by a second
 signal exits 128 + that signal, with no checkpoint.
 """
@@ -22,15 +23,16 @@ import signal
 import sys
 import threading
 
-_NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C (SIGINT)'}
+_NAMES = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C (SIGINT)',
+          signal.SIGHUP: 'SIGHUP (terminal closed)'}
 
 
 class StopSignals:
-  """Turns SIGTERM / SIGINT into a stop request (see the module docstring)."""
+  """Turns SIGTERM / SIGHUP / SIGINT into a stop request (see the module docstring)."""
 
   def __init__(self, forward_sigterm_to=None):
     """Args: forward_sigterm_to: when JAX's preemption service owns SIGTERM (multi-process
-    runs), Ctrl-C is passed on as a SIGTERM to this pid so that every process stops at the same
+    runs), Ctrl-C and SIGHUP are passed on as a SIGTERM to this pid so that every process stops at the same
     step; None: handle SIGTERM here too."""
     self.requested = threading.Event()
     self.first_signal = None
@@ -44,7 +46,7 @@ class StopSignals:
 
   @property
   def exit_status(self):
-    """0 after a SIGTERM stop, 130 after a Ctrl-C stop, None when no signal came."""
+    """0 after a SIGTERM or SIGHUP stop, 130 after a Ctrl-C stop, None when no signal came."""
     if self.first_signal is None:
       return None
     return 130 if self.first_signal == signal.SIGINT else 0
@@ -55,7 +57,7 @@ class StopSignals:
       logging.warning('Stop signals are not handled outside the main thread: SIGTERM or Ctrl-C '
                       'kill the run without a final checkpoint.')
       return False
-    signums = [signal.SIGINT] + ([] if self._forward_to else [signal.SIGTERM])
+    signums = [signal.SIGINT, signal.SIGHUP] + ([] if self._forward_to else [signal.SIGTERM])
     for signum in signums:
       self._previous[signum] = signal.signal(signum, self._on_signal)
     read_fd, write_fd = os.pipe()
@@ -120,12 +122,12 @@ class StopSignals:
                   'no checkpoint of the current step; rerun the same command to resume from '
                   'the last checkpoint.\n'.encode())
       os._exit(128 + signum)
-    if signum == signal.SIGINT and self._forward_to:
+    if signum in (signal.SIGINT, signal.SIGHUP) and self._forward_to:
       os.kill(self._forward_to, signal.SIGTERM)  # JAX's preemption service syncs the step
     self.requested.set()
     logging.warning('%s received: saving a checkpoint at the end of this step, then exiting '
                     '(%s again aborts at once).', _NAMES.get(signum, signum),
-                    'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM')
+                    'Ctrl-C' if signum == signal.SIGINT else signal_name(signum))
     sys.stderr.flush()
 
 

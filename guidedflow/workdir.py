@@ -18,6 +18,10 @@ import jax
 from guidedflow import errors
 
 
+# The folders a run writes inside its workdir: probed at start-up when an earlier run made them.
+RUN_FOLDERS = ('checkpoints', 'samples', 'eval', 'tensorboard', 'latent_cache')
+
+
 class WorkdirError(errors.UserError, OSError):
   """The workdir cannot be used; the message names the path, the problem and the fix."""
 
@@ -93,7 +97,10 @@ def prepare(workdir, mode):
       raise WorkdirError(describe_os_error(_with_path(e, workdir), '--workdir')) from e
     created = True
   if jax.process_index() == 0:  # one probe per workdir (gs:// or a shared disk)
-    _probe_writable(path)
+    _probe_writable(path, '--workdir')
+    for sub in RUN_FOLDERS:  # a folder of an earlier run, e.g. a read-only checkpoints/ mount
+      if (path / sub).is_dir():
+        _probe_writable(path / sub, 'the run folder')
   return created
 
 
@@ -103,14 +110,14 @@ def _with_path(error, path):
   return error
 
 
-def _probe_writable(path):
+def _probe_writable(path, what):
   probe = path / f'.write_probe.{os.getpid()}'
   try:
     probe.write_text('guidedflow checks that it can write here\n')
     probe.unlink()
   except OSError as e:
-    e.filename = os.fspath(path)  # the workdir, not the probe file's name
-    raise WorkdirError(describe_os_error(e, '--workdir')) from e
+    e.filename = os.fspath(path)  # the folder, not the probe file's name
+    raise WorkdirError(describe_os_error(e, what)) from e
 
 
 def cleanup_if_unused(workdir):

@@ -273,13 +273,15 @@ def _free_port():
     return str(s.getsockname()[1])
 
 
-@pytest.mark.parametrize('mode', ['local', 'distributed'])
-def test_sigterm_subprocess_saves_and_exits_cleanly(tmp_path, mode):
+@pytest.mark.parametrize('mode,signum', [('local', signal.SIGTERM), ('distributed', signal.SIGTERM),
+                                         ('local', signal.SIGHUP), ('distributed', signal.SIGHUP)])
+def test_sigterm_subprocess_saves_and_exits_cleanly(tmp_path, mode, signum):
+  """SIGTERM (preemption) and SIGHUP (a closed terminal) save the step and exit 0."""
   child = _Child(_LOOP, [str(tmp_path / 'ckpt'), mode, _free_port()], tmp_path / 'stderr.txt')
   try:
     child.wait_ready()
     time.sleep(0.5)  # Let it run some steps, then preempt.
-    os.kill(child.process.pid, signal.SIGTERM)
+    os.kill(child.process.pid, signum)
   finally:
     child.wait()
   reported = child.stopped_step()

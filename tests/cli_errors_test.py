@@ -203,3 +203,15 @@ def test_sample_reads_no_data(trained_workdir, tmp_path):
   proc = _main('--config', 'configs/tiny.py', '--mode=sample', gone,
                '--config.sampling.num_samples=10', workdir=older)
   _one_error(proc, 'train-images-idx3-ubyte.gz')
+
+
+@pytest.mark.parametrize('override, fragment', [
+    ('--config.sampling.grid_classes=3,42', 'config.sampling.grid_classes=(3, 42) must be None'),
+    ('--config.sampling.grid_guidance_scales=abc', 'grid_guidance_scales='),
+], ids=['class_out_of_range', 'scale_not_a_number'])
+def test_grid_keys_are_checked_before_the_first_step(tmp_path, override, fragment):
+  """Keys read only at the first grid or the end fail at start-up, before any training."""
+  proc = _main('--config', 'configs/tiny.py', '--config.train.sample_every_steps=2', override,
+               workdir=tmp_path / 'run')
+  _one_error(proc, fragment)
+  assert proc.returncode == 1 and not (tmp_path / 'run').exists()

@@ -362,3 +362,15 @@ def test_resume_with_another_objective_is_refused_and_changes_nothing(run):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "config.path.schedule changed from 'linear' to 'cosine'" in out.stderr
   assert 'config.train.num_steps: 4 -> 6' in out.stderr  # keys that may change are logged
+
+
+def test_read_only_checkpoints_folder_fails_at_start_up(run, tmp_path):
+  """A writable workdir whose checkpoints/ cannot be written (a read-only mount) fails before
+  the first step, naming that folder, not at the first save after minutes of training."""
+  workdir, before = run
+  checkpoints = workdir / 'checkpoints'
+  setup = f'mount --bind {checkpoints} {checkpoints} && mount -o remount,ro,bind {checkpoints}'
+  out = _in_namespace(tmp_path, setup, shlex.join(_cmd(workdir, '--config.train.num_steps=600')))
+  _error_line(out, f'the run folder {checkpoints}', 'Read-only file system')
+  assert 'First step' not in out.stderr
+  _kept(before, workdir)

@@ -75,8 +75,7 @@ def validate(config):
                              'distance kept from the ends of [0, 1]), e.g. 1e-3.')
   if config.loss.time_sampler == 'logit_normal':
     validation.number(config, 'loss.logit_normal_std', above=0)
-  if not config.sampling.grid_guidance_scales:
-    raise errors.ConfigError('config.sampling.grid_guidance_scales must name at least one scale.')
+  _check_grid(config)
   interval = config.sampling.guidance_interval
   if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1):
     raise errors.ConfigError(f'config.sampling.guidance_interval={interval!r} must be None or '
@@ -84,6 +83,23 @@ def validate(config):
   _check_model(config)
   _check_eval(config)
   _check_latents(config)
+
+
+def _check_grid(config):
+  """The keys of the sample grids, which a run reads only at its first grid or its end: checked
+  before the first step, so a typo costs no training."""
+  scales = config.sampling.grid_guidance_scales
+  if not scales or any(isinstance(w, bool) or not isinstance(w, (int, float))
+                       or not math.isfinite(w) for w in scales):
+    raise errors.ConfigError(f'config.sampling.grid_guidance_scales={scales!r} must be one or '
+                             'more finite numbers, e.g. --config.sampling.grid_guidance_scales=1,2,4')
+  classes, num_classes = config.sampling.grid_classes, config.input.num_classes
+  if classes is not None and (
+      not classes or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes
+                         for c in classes)):
+    raise errors.ConfigError(
+        f'config.sampling.grid_classes={classes!r} must be None (every class) or class ids in '
+        f'[0, {num_classes - 1}], e.g. --config.sampling.grid_classes=0,3,8')
 
 
 def _check_classifier_guidance(config):
