@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guidedflow import atomic
 from guidedflow import errors
 from guidedflow import hlo_collectives
 from guidedflow import latents
@@ -257,7 +258,7 @@ def run(config, workdir):
   task.prepare()
   result = report(task, config, image_shape)
   if jax.process_index() == 0:
-    (epath.Path(workdir) / 'compile.json').write_text(json.dumps(result, indent=2))
+    atomic.write_text(epath.Path(workdir) / 'compile.json', json.dumps(result, indent=2))
   return result
 
 

@@ -25,6 +25,7 @@ from etils import epath
 import jax
 import numpy as np
 
+from guidedflow import atomic
 from guidedflow import evaluation
 from guidedflow import fashion_mnist
 from guidedflow import feature_networks
@@ -256,14 +257,12 @@ def _plot(path, rows, x_key, x_label, title, group_key=None, log_x=False):
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=120)
   plt.close(fig)
-  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  epath.Path(path).write_bytes(buffer.getvalue())
+  atomic.write_bytes(path, buffer.getvalue())
 
 
 def _write(path, text):
   if jax.process_index() == 0:
-    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    epath.Path(path).write_text(text)
+    atomic.write_text(path, text)
 
 
 def run(config, workdir, sampler, network, eval_dataset, train_dataset, *, guidance=True,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Any, Mapping, Protocol
 
 from etils import epath
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guidedflow import atomic
 from guidedflow import errors
 
 
@@ -358,12 +358,8 @@ def save_reference(path: str, *, features, logits=None, labels=None,
     arrays['logits'] = np.asarray(logits, np.float32)
   if labels is not None:
     arrays['labels'] = np.asarray(labels, np.int32)
-  path = epath.Path(path)  # local or gs://
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = path.parent / f'{path.name}.tmp{os.getpid()}'
-  with temporary.open('wb') as f:
+  with atomic.open_write(path) as f:  # local or gs://; readers never see a half-written file
     np.savez(f, **arrays)
-  temporary.replace(path)  # readers never see a half-written file
 
 
 def load_reference(path: str, *, expect_meta: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,9 +8,10 @@ the mapping is written; every module goes through them.
 
 import io
 
-from etils import epath
 import numpy as np
 from PIL import Image
+
+from guidedflow import atomic
 
 
 def to_model(images):
@@ -80,6 +81,4 @@ def save_png(path, image, *, upscale=1):
     image = image[..., 0]
   buffer = io.BytesIO()
   Image.fromarray(image).save(buffer, format='PNG')
-  path = epath.Path(path)  # local, or gs:// (any etils.epath filesystem)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(buffer.getvalue())
+  atomic.write_bytes(path, buffer.getvalue())  # local, or gs:// (any etils.epath filesystem)

@@ -16,6 +16,7 @@ from etils import epath
 import jax
 import numpy as np
 
+from guidedflow import atomic
 from guidedflow import errors
 from guidedflow import input_pipeline
 from guidedflow import resume_config
@@ -56,7 +57,7 @@ def _log_metrics(step, num_steps, pending, chrono, writer, batch_size, extra_key
 
 def _write_config(config, workdir):
   if jax.process_index() == 0:
-    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    atomic.write_text(epath.Path(workdir) / 'config.json', config.to_json_best_effort(indent=2))
 
 
 def _fix_num_steps(config, num_steps, builder):
@@ -177,6 +178,6 @@ def _finish(task, run, step, result, last_summary, chrono, t_start, warnings=())
   if warnings:
     result['warnings'] = list(warnings)
   if jax.process_index() == 0:
-    (epath.Path(run.workdir) / 'result.json').write_text(json.dumps(result, indent=2))
+    atomic.write_text(epath.Path(run.workdir) / 'result.json', json.dumps(result, indent=2))
   logging.info('Done: %s', json.dumps(result))
   return result

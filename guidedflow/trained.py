@@ -14,6 +14,7 @@ import jax
 from ml_collections import config_dict
 import numpy as np
 
+from guidedflow import atomic
 from guidedflow import checkpointing
 from guidedflow import errors
 from guidedflow import schema
@@ -30,7 +31,7 @@ def write_run_info(workdir, task_name, input_shape):
   """Writes <workdir>/run.json: the task and the shape of one model input (the image, or its
   latent), so that inference rebuilds the model without opening the dataset."""
   if jax.process_index() == 0:
-    (epath.Path(workdir) / RUN_INFO).write_text(json.dumps(
+    atomic.write_text(epath.Path(workdir) / RUN_INFO, json.dumps(
         {'task': task_name, 'input_shape': [int(d) for d in input_shape]}))
 
 

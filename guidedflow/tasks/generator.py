@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from guidedflow import atomic
 from guidedflow import errors
 from guidedflow import evaluate as evaluate_lib
 from guidedflow import feature_networks
@@ -287,10 +288,13 @@ def write_samples(out_dir, images, labels, num_classes, keys):
   drawn, up to 10 samples each. The previous grid.png goes first, so a grid never shows
   samples of another run than the samples.npz beside it."""
   out = epath.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'grid.png').unlink(missing_ok=True)
-  with (out / 'samples.npz').open('wb') as f:
+  # Written whole or not at all: a full disk keeps the previous samples.npz and grid.png. The
+  # previous grid goes only once the new samples are in place, so a grid never shows samples
+  # of another run than the samples.npz beside it.
+  with atomic.open_write(out / 'samples.npz') as f:
     np.savez(f, **dict(zip(keys, (images, labels))))
+    f.flush()
+    (out / 'grid.png').unlink(missing_ok=True)
   rows = min(len(labels), num_classes)  # balanced labels: classes 0..rows-1 are drawn
   per_class = min(max(len(labels) // num_classes, 1), 10)
   grid = images_lib.make_grid(evaluate_lib.first_per_class(images, labels, rows, per_class),
