@@ -17,6 +17,7 @@ from guidedflow import errors
 from guidedflow import host_allocator
 from guidedflow import schema
 from guidedflow import sharding
+from guidedflow import stop_signals
 from guidedflow.tasks import registry
 from guidedflow import train
 from guidedflow import workdir as workdir_lib
@@ -68,6 +69,8 @@ def main(argv):
   try:
     registry.prepare(config)  # before the workdir is touched
     created = workdir_lib.prepare(FLAGS.workdir, FLAGS.mode)
+    if FLAGS.mode != 'train':  # training saves on them (stop_signals.StopSignals)
+      stop_signals.exit_on_signals(f'--mode={FLAGS.mode}')
     if FLAGS.mode == 'train':
       _, result = train.train_and_evaluate(config, FLAGS.workdir)
       print(json.dumps(result))

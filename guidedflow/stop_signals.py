@@ -134,3 +134,29 @@ class StopSignals:
 def signal_name(signum):
   """'SIGINT' / 'SIGTERM' (the name of `signum`)."""
   return signal.Signals(signum).name
+
+
+def exit_on_signals(what):
+  """Outside training (--mode=sample, evaluate, encode, compile): SIGTERM and SIGHUP end the
+  process at once — also inside a long XLA call — with one `error:` line naming `what` and
+  status 128 + the signal. Their outputs are written whole or not at all (`atomic`), so the
+  files of earlier runs stay as they were. Main thread only; returns False elsewhere."""
+  if threading.current_thread() is not threading.main_thread():
+    return False
+  signums = (signal.SIGTERM, signal.SIGHUP)
+  for signum in signums:
+    signal.signal(signum, lambda *_: None)  # the watcher below acts; no Python-level work
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+  def watch():
+    while True:
+      for signum in os.read(read_fd, 64):
+        if signum in signums:
+          os.write(2, f'error: stopped by {signal_name(signum)} during {what}; the files it '
+                      'had not finished were not written (earlier outputs are kept).\n'.encode())
+          os._exit(128 + signum)
+
+  threading.Thread(target=watch, daemon=True, name='guidedflow-exit-on-signals').start()
+  return True

@@ -374,3 +374,28 @@ def test_read_only_checkpoints_folder_fails_at_start_up(run, tmp_path):
   _error_line(out, f'the run folder {checkpoints}', 'Read-only file system')
   assert 'First step' not in out.stderr
   _kept(before, workdir)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP])
+def test_signal_during_sampling_is_one_line_and_keeps_the_samples(run, signum):
+  """SIGTERM (or a closed terminal) during --mode=sample ends it at once with one line and
+  128 + the signal; the samples of an earlier call stay byte for byte."""
+  workdir, _ = run
+  assert _main(workdir, mode='sample').returncode == 0
+  before = _files(workdir / 'samples')
+  proc = subprocess.Popen(
+      _cmd(workdir, '--config.sampling.num_samples=200000', '--config.sampling.num_steps=50',
+           mode='sample'), cwd=REPO, env=subprocess_env.env(), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if 'Restored checkpoint' in line:
+      time.sleep(2)  # inside the compile or the sampling
+      proc.send_signal(signum)
+      break
+  stdout, rest = proc.communicate(timeout=120)
+  out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, ''.join(lines) + rest)
+  assert out.returncode == 128 + signum, out.stderr[-3000:]
+  _error_line(out, f'stopped by {signal.Signals(signum).name} during --mode=sample')
+  assert _files(workdir / 'samples') == before
