@@ -2,6 +2,7 @@
 
 import json
 import logging as pylogging
+import os
 import sys
 
 from absl import app
@@ -46,6 +47,20 @@ class _QuietLibraries(pylogging.Filter):
     return not ('/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
 
 
+def _start_backend():
+  """Starts JAX's backend; one line and status 1 when JAX_PLATFORMS names one that is not here
+  (JAX raises an AssertionError or a RuntimeError, with a traceback, from its first use)."""
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as e:
+    platforms = os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms
+    detail = (str(e).splitlines() or ['no such device or plugin'])[0]
+    print(f'error: JAX cannot start the backend JAX_PLATFORMS={platforms!r} names on this '
+          f'machine ({detail}); unset JAX_PLATFORMS to use what it has, or install that '
+          "backend (e.g. pip install 'jax[cuda12]' on an NVIDIA GPU host).", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -61,6 +76,7 @@ def main(argv):
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  _start_backend()
   logging.info('%s', allocator)
   logging.info('JAX %s, process %d/%d, %d devices (%d local): %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(),

@@ -215,3 +215,15 @@ def test_grid_keys_are_checked_before_the_first_step(tmp_path, override, fragmen
                workdir=tmp_path / 'run')
   _one_error(proc, fragment)
   assert proc.returncode == 1 and not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('platform', ['cuda', 'tpu'])
+def test_a_backend_that_is_not_here_is_one_line(tmp_path, platform):
+  """JAX_PLATFORMS naming a backend this machine lacks: one line, not JAX's traceback."""
+  proc = subprocess.run(
+      [sys.executable, '-m', 'guidedflow.main', '--config', 'configs/tiny.py',
+       '--workdir', str(tmp_path / 'run')], cwd=REPO,
+      env={**subprocess_env.env(), 'JAX_PLATFORMS': platform}, capture_output=True, text=True,
+      timeout=300)
+  _one_error(proc, f"JAX_PLATFORMS='{platform}' names", 'unset JAX_PLATFORMS')
+  assert proc.returncode == 1 and not (tmp_path / 'run').exists()
