@@ -22,6 +22,7 @@ from guidedflow import stop_signals
 from guidedflow.tasks import registry
 from guidedflow import train
 from guidedflow import workdir as workdir_lib
+from guidedflow import workdir_lock
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -88,7 +89,8 @@ def main(argv):
     if FLAGS.mode != 'train':  # training saves on them (stop_signals.StopSignals)
       stop_signals.exit_on_signals(f'--mode={FLAGS.mode}')
     if FLAGS.mode == 'train':
-      _, result = train.train_and_evaluate(config, FLAGS.workdir)
+      with workdir_lock.WorkdirLock(FLAGS.workdir, 'training'):
+        _, result = train.train_and_evaluate(config, FLAGS.workdir)
       print(json.dumps(result))
       if result.get('stop_signal'):
         sys.exit(result['exit_status'])
@@ -101,7 +103,8 @@ def main(argv):
   except (errors.UserError, OSError) as e:  # the message says what is wrong and how to fix it
     if not isinstance(e, errors.UserError) and not e.errno:
       raise  # not a file-system error with a cause we can name: keep the traceback
-    if created and not isinstance(e, (errors.TrainingError, checkpointing.DiskFullError)):
+    if created and not isinstance(e, (errors.TrainingError, checkpointing.DiskFullError,
+                                      workdir_lock.WorkdirLockedError)):
       workdir_lib.cleanup_if_unused(FLAGS.workdir)  # failed before training: leave nothing
     message = str(e) if isinstance(e, errors.UserError) else workdir_lib.describe_os_error(e)
     logging.error('%s: %s', type(e).__name__, message)

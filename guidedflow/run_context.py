@@ -8,6 +8,7 @@ loop that runs it.
 import contextlib
 import dataclasses
 import math
+import os
 import time
 
 from absl import logging
@@ -85,7 +86,8 @@ class Writer:
     self._writer = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(logdir)
+      # One event file per run (its PID in the name), also for two started in the same second.
+      self._writer = SummaryWriter(logdir, filename_suffix=f'.{os.getpid()}')
 
   def scalars(self, step, values):
     if self._writer:

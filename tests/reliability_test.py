@@ -399,3 +399,35 @@ def test_signal_during_sampling_is_one_line_and_keeps_the_samples(run, signum):
   assert out.returncode == 128 + signum, out.stderr[-3000:]
   _error_line(out, f'stopped by {signal.Signals(signum).name} during --mode=sample')
   assert _files(workdir / 'samples') == before
+
+
+# ----------------------------------------------------------------------------- workdir lock
+
+
+def test_second_run_on_a_workdir_is_refused_and_a_dead_runs_lock_is_reclaimed(tmp_path):
+  """A second training on a workdir in use exits 1 with one line naming the holder, and the
+  first trains on untouched; a lock left by a killed run is taken over with a log line."""
+  workdir = tmp_path / 'run'
+  first = subprocess.Popen(
+      _cmd(workdir, '--config.train.num_steps=100000', '--config.checkpoint.every_steps=1000000',
+           '--config.train.log_every_steps=1'), cwd=REPO, env=subprocess_env.env(),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in first.stderr:
+      if 'step 3/' in line:
+        break
+    holder = json.loads((workdir / '.lock').read_text())
+    assert holder['pid'] == first.pid
+    second = _main(workdir, '--config.optim.learning_rate=1e-3', '--config.train.seed=7')
+    _error_line(second, f'--workdir {workdir} is in use by the training of PID {first.pid}',
+                'use another --workdir')
+    assert second.returncode == 1 and first.poll() is None  # the first trains on
+    assert json.loads((workdir / 'config.json').read_text())['train']['seed'] == 0
+  finally:
+    first.kill()  # SIGKILL: no exit path runs, the lock stays
+    first.communicate(timeout=60)
+  assert json.loads((workdir / '.lock').read_text())['pid'] == first.pid
+  third = _main(workdir, '--config.train.num_steps=4')
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert f'Reclaiming the lock of --workdir {workdir}: its run (PID {first.pid}' in third.stderr
+  assert not (workdir / '.lock').exists()  # released at the end
