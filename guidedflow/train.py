@@ -55,6 +55,28 @@ def _log_metrics(step, num_steps, pending, chrono, writer, batch_size, extra_key
   return summary
 
 
+def _check_no_history(config, workdir):
+  """Refuses to train from step 0 over a run it cannot continue: result.json of a finished run
+  whose checkpoints are gone, or only damaged steps (moved to checkpoints_damaged/)."""
+  path = epath.Path(workdir)
+  damaged = path / 'checkpoints_damaged'
+  history = []
+  if (path / 'result.json').exists():
+    history.append('the result.json of a run')
+  if damaged.is_dir() and any(damaged.iterdir()):
+    history.append(f'damaged checkpoints in {damaged}')
+  if not history:
+    return
+  if config.train.restart:
+    logging.warning('--config.train.restart=true: training %s again from step 0 (it holds %s).',
+                    workdir, ' and '.join(history))
+    return
+  raise errors.ConfigError(
+      f'--workdir {workdir} holds {" and ".join(history)} but no checkpoint to continue from: '
+      'pass --config.train.restart=true to train it again from step 0 (its outputs are '
+      'replaced), or use another --workdir.')
+
+
 def _write_config(config, workdir):
   if jax.process_index() == 0:
     atomic.write_text(epath.Path(workdir) / 'config.json', config.to_json_best_effort(indent=2))
@@ -106,6 +128,8 @@ def train_and_evaluate(config, workdir):
     state, data_state = train_state.restore_or_init(builder, ckpt,
                                                     check_config=resume_config.check)
     start_step = int(state['step'])
+    if not start_step:
+      _check_no_history(config, workdir)
     budget = _resume_budget(config, ckpt, start_step, builder, t_start)
     _write_config(config, workdir)
     trained.write_run_info(workdir, task.name, dataset.image_shape)

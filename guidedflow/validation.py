@@ -18,7 +18,8 @@ from guidedflow import time_budget
 from guidedflow import train_state
 
 _COMMON_CHOICES = {'optim.schedule': train_state.SCHEDULES,
-                   'mesh.distributed': sharding.DISTRIBUTED_MODES}
+                   'mesh.distributed': sharding.DISTRIBUTED_MODES,
+                   'train.allow_config_change': (True, False), 'train.restart': (True, False)}
 _COMMON_POSITIVE = ('train.num_steps', 'train.batch_size', 'train.log_every_steps',
                     'checkpoint.every_steps', 'checkpoint.max_to_keep', 'input.num_classes')
 

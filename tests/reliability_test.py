@@ -431,3 +431,25 @@ def test_second_run_on_a_workdir_is_refused_and_a_dead_runs_lock_is_reclaimed(tm
   assert third.returncode == 0, third.stderr[-3000:]
   assert f'Reclaiming the lock of --workdir {workdir}: its run (PID {first.pid}' in third.stderr
   assert not (workdir / '.lock').exists()  # released at the end
+
+
+def test_a_history_it_cannot_continue_is_refused_until_restart_is_asked(run):
+  """After every step turned out damaged, or with checkpoints/ deleted beside a result.json, a
+  rerun does not silently train from step 0 over the old run: one line names the flag."""
+  workdir, _ = run
+  for step in ('2', '4'):
+    _truncate_state(workdir / 'checkpoints' / step)
+  _error_line(_main(workdir, '--config.train.num_steps=6'), 'None of the 2 checkpoint(s)')
+  result_before = (workdir / 'result.json').read_bytes()
+  refused = _main(workdir, '--config.train.num_steps=6')
+  _error_line(refused, 'holds the result.json of a run and damaged checkpoints',
+              '--config.train.restart=true')
+  assert (workdir / 'result.json').read_bytes() == result_before  # nothing replaced
+  restarted = _main(workdir, '--config.train.num_steps=4', '--config.train.restart=true')
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  assert 'training' in restarted.stderr and 'again from step 0' in restarted.stderr
+  assert _result(restarted)['steps_this_run'] == 4
+  shutil.rmtree(workdir / 'checkpoints')
+  shutil.rmtree(str(workdir / 'checkpoints') + '_damaged')
+  _error_line(_main(workdir, '--config.train.num_steps=4'), 'holds the result.json of a run',
+              'no checkpoint to continue from')

@@ -44,6 +44,9 @@ def train(*, num_steps, batch_size, seed=0, log_every_steps=100, **extra):
   section.batch_size = batch_size    # global batch, split over processes and devices
   section.seed = seed
   section.log_every_steps = log_every_steps
+  # A workdir with a history but no checkpoint to continue from (result.json of a finished run
+  # whose checkpoints are gone, or only damaged steps) is refused; True trains it again from 0.
+  section.restart = False
   # Wall-clock budget of the whole run in minutes (0: none); with train.num_steps None the run
   # measures its step rate in the warm-up and chooses the count that fits (time_budget.py).
   section.time_budget_minutes = 0.0
