@@ -12,6 +12,7 @@ the FLOPs of a step, and the collectives of its optimized HLO.
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -64,7 +65,8 @@ _FIT_ADVICE = ('Shard more (a larger fsdp axis in --config.mesh.shape), recomput
 
 
 def _grid(chips, dims):
-  """The ICI topology gcloud gives `chips` chips: 2D slices as 2^a × 2^b, 3D as 2×2×… cubes."""
+  """The ICI topology gcloud gives `chips` chips: 2D slices as 2^a × 2^b, 3D as 2×2×… cubes,
+  the sizes ascending and any axis of 1 last (v5p-8 is 2x2x1, as libtpu expects)."""
   if chips < 1 or chips & (chips - 1):
     raise errors.ConfigError(f'{chips} chips is not a power of two; give the topology itself, '
                              'e.g. --config.compile.topology=v5p:4x4x2')
@@ -73,7 +75,8 @@ def _grid(chips, dims):
   while math.prod(shape) < chips:
     shape[axis] *= 2
     axis = (axis + 1) % dims
-  return 'x'.join(map(str, sorted(shape)))
+  shape = sorted(s for s in shape if s > 1) + [1] * shape.count(1)
+  return 'x'.join(map(str, shape))
 
 
 def parse_topology(name):
@@ -107,15 +110,21 @@ def topology_devices(name, num_slices=1):
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # else libtpu logs a bogus error
   kwargs = {'num_slices': num_slices} if num_slices > 1 else {}
+  dims = [int(d) for d in topology.partition(':')[2].split('x')] + [1, 1]
+  if dims[0] < 2 or dims[1] < 2:  # smaller than libtpu's default host (2x2x1): one host
+    kwargs['chips_per_host_bounds'] = tuple(dims[:3])
   if CHIPS[generation].cores_per_chip > 1:  # one device per chip, as a real v4 / v5p is
     kwargs['chip_config_name'] = 'megacore'
   try:
     devices = topologies.get_topology_desc(topology_name=topology, platform='tpu',
                                            **kwargs).devices
   except Exception as e:  # pylint: disable=broad-except  # no libtpu, or it refuses the name
+    fix = ("--mode=compile needs libtpu: pip install -e '.[aot]'."
+           if importlib.util.find_spec('libtpu') is None else
+           'libtpu refused it: give the slice as an accelerator type (e.g. v5p-8) or another '
+           'topology (e.g. --config.compile.topology=v5p:2x2x1).')
     raise errors.ConfigError(
-        f'cannot describe TPU topology {topology} ({errors.one_line(e)}). --mode=compile needs '
-        "libtpu: pip install -e '.[aot]'.") from e
+        f'cannot describe TPU topology {topology} ({errors.one_line(e)}). {fix}') from e
   return generation, topology, chips * num_slices, list(devices)
 
 

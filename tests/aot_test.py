@@ -34,7 +34,9 @@ needs_libtpu = pytest.mark.skipif(
 
 @pytest.mark.parametrize('name, generation, topology, chips', [
     ('v5p-64', 'v5p', 'v5p:2x4x4', 32),
-    ('v5p-8', 'v5p', 'v5p:1x2x2', 4),
+    ('v5p-8', 'v5p', 'v5p:2x2x1', 4),
+    ('v4-8', 'v4', 'v4:2x2x1', 4),
+    ('v5litepod-1', 'v5e', 'v5e:1x1', 1),
     ('v4-32', 'v4', 'v4:2x2x4', 16),
     ('v5e-32', 'v5e', 'v5e:4x8', 32),
     ('v5litepod-16', 'v5e', 'v5e:4x4', 16),
@@ -217,3 +219,13 @@ def test_megacore_generations_have_one_device_per_chip():
   for name, chips in (('v4-32', 16), ('v5p-16', 8), ('v5litepod-8', 8)):
     _, _, count, devices = aot.topology_devices(name)
     assert count == chips == len(devices), (name, len(devices))
+
+
+@needs_libtpu
+@pytest.mark.parametrize('name, chips', [('v4-8', 4), ('v5p-8', 4), ('v5litepod-1', 1),
+                                         ('v6e-1', 1), ('v6e-4', 4)])
+def test_the_smallest_slice_of_each_generation_is_described(name, chips):
+  """libtpu accepts the topology of every generation's smallest real slice (v5p-8 as 2x2x1,
+  single-chip v5e / v6e with a one-chip host)."""
+  _, _, count, devices = aot.topology_devices(name)
+  assert count == chips == len(devices)
