@@ -227,3 +227,14 @@ def test_a_backend_that_is_not_here_is_one_line(tmp_path, platform):
       timeout=300)
   _one_error(proc, f"JAX_PLATFORMS='{platform}' names", 'unset JAX_PLATFORMS')
   assert proc.returncode == 1 and not (tmp_path / 'run').exists()
+
+
+def test_a_sample_count_beyond_memory_is_refused_up_front(trained_workdir):
+  """--mode=sample holds its uint8 samples in memory: 10^8 Fashion-MNIST samples (73 GiB) are
+  refused before anything is sampled, naming the key that allows more."""
+  before = sorted(os.listdir(trained_workdir))
+  proc = _main('--config', 'configs/tiny.py', '--mode=sample',
+               '--config.sampling.num_samples=100000000', workdir=trained_workdir)
+  _one_error(proc, 'config.sampling.num_samples=100000000 makes 73.0 GiB', '28x28x1',
+             'max_output_gib=4')
+  assert 'Sampled' not in proc.stderr and sorted(os.listdir(trained_workdir)) == before

@@ -99,6 +99,8 @@ def get_config():
   config.sampling.sigma_schedule = 'constant'  # euler_maruyama: 'constant' | 'decreasing' | 'path'
   config.sampling.sigma = 0.0          # euler_maruyama noise level σ
   config.sampling.num_samples = 1000   # --mode=sample: total samples, balanced over classes
+  # --mode=sample holds its uint8 samples in memory: more than this many GiB is refused up front.
+  config.sampling.max_output_gib = 4.0
   config.sampling.batch_size = 500     # samples per compiled sampler call
   config.sampling.gather_weights = True  # FSDP: gather the weights once per sampler call, not at every model evaluation (holds them whole per device)
   config.sampling.cpu_dots = 'auto'   # XLA:CPU: 'auto' | 'ynnpack' | 'eigen' | 'onednn' (auto, f32 on an Intel CPU with AMX: Eigen's GEMMs with jaxlib < 0.12, oneDNN's dot fusions for a DiT from 0.12, where they sample faster)

@@ -7,6 +7,7 @@ quality (guidedflow/evaluate.py).
 """
 
 import json
+import math
 import os
 import time
 
@@ -213,6 +214,7 @@ class GeneratorTask(base.Task):
     sampler = sampler_lib.Sampler.from_workdir(self.config, workdir, self.latent_space())
     sconfig = self.config.sampling
     num, num_classes = sconfig.num_samples, sampler.num_classes
+    _check_output_size(num, output_shape(sampler), sconfig.max_output_gib)
     labels, note = balanced_labels(num, num_classes)
     if note and not sampler.unconditional:
       logging.warning('%s', note)
@@ -281,6 +283,27 @@ def balanced_labels(num_samples, num_classes):
                     f'classes: classes 0-{extra - 1} get {count + 1} samples, classes '
                     f'{extra}-{num_classes - 1} get {count}; {fix}')
   return labels, None
+
+
+def output_shape(sampler):
+  """The shape of one sample the Sampler returns: its image shape, or the decoded pixels' of a
+  latent generator (traced, not computed)."""
+  if sampler.latent_space is None:
+    return tuple(sampler.image_shape)
+  space = sampler.latent_space
+  latent = jax.ShapeDtypeStruct((1,) + tuple(sampler.image_shape), jnp.float32)
+  return tuple(jax.eval_shape(lambda x: space.decode(space.params, x), latent).shape[1:])
+
+
+def _check_output_size(num_samples, shape, max_gib):
+  """Refuses, before anything is sampled, a sample count whose uint8 images exceed `max_gib`."""
+  gib = num_samples * math.prod(shape) / 2**30
+  if gib > max_gib:
+    raise errors.ConfigError(
+        f'config.sampling.num_samples={num_samples} makes {gib:.1f} GiB of uint8 images '
+        f'({"x".join(map(str, shape))} each), above config.sampling.max_output_gib={max_gib:g}: '
+        'sample fewer per call (and more calls with other --config.sampling.seed), or raise '
+        'max_output_gib if this host has the memory.')
 
 
 def write_samples(out_dir, images, labels, num_classes, keys):

@@ -69,6 +69,7 @@ def validate(config):
           "whose oneDNN fusions abort some programs): use 'auto' or 'ynnpack', or jax 0.12 on "
           'Python >= 3.12.')
   validation.number(config, 'sampling.sigma', at_least=0)
+  validation.number(config, 'sampling.max_output_gib', above=0, example='8')
   validation.number(config, 'loss.t_eps', at_least=0)
   if not config.loss.t_eps < 0.5:
     raise errors.ConfigError(f'config.loss.t_eps={config.loss.t_eps} must be < 0.5 (the '
