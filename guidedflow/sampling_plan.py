@@ -189,16 +189,21 @@ def uses_cfg(guidance_scale):
   is exactly 1 everywhere (plain conditional sampling, where CFG returns the conditional
   prediction exactly); a traced w (inside an outer jit) always runs the doubled batch.
   """
-  if isinstance(guidance_scale, jax.core.Tracer):
-    return True
-  if isinstance(guidance_scale, jax.Array) and not (
-      guidance_scale.is_fully_addressable or guidance_scale.is_fully_replicated):
-    return True
+  return not _known_to_equal(guidance_scale, 1.0)
+
+
+def _known_to_equal(value, neutral):
+  """Whether `value` is known while tracing (a Python or NumPy number, a concrete readable
+  array) and equals `neutral` everywhere; a tracer or an unreadable array is not known."""
+  if isinstance(value, jax.core.Tracer):
+    return False
+  if isinstance(value, jax.Array) and not (value.is_fully_addressable
+                                           or value.is_fully_replicated):
+    return False
   try:
-    value = np.asarray(guidance_scale, np.float64)
+    return bool(np.all(np.asarray(value, np.float64) == neutral))
   except (TypeError, ValueError):
-    return True
-  return not bool(np.all(value == 1.0))
+    return False
 
 
 def _concrete_grid(num_steps, t_start):
@@ -210,15 +215,7 @@ def _concrete_grid(num_steps, t_start):
 def uses_classifier(classifier_fn, classifier_scale):
   """Whether the classifier term runs: a classifier is given and w_c is not known while tracing
   to be exactly 0 everywhere (then the term vanishes and the classifier is never evaluated)."""
-  if classifier_fn is None:
-    return False
-  if isinstance(classifier_scale, jax.core.Tracer):
-    return True
-  try:
-    value = np.asarray(classifier_scale, np.float64)
-  except (TypeError, ValueError):
-    return True
-  return not bool(np.all(value == 0.0))
+  return classifier_fn is not None and not _known_to_equal(classifier_scale, 0.0)
 
 
 def cfg_plan(method, grid, guidance_interval, use_cfg):

@@ -21,14 +21,7 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 
                  if not p.endswith('__init__.py'))
 
 
-def _flat(tree, prefix=''):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[prefix + key] = value
-  return out
+_flat = resume_config._flatten  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize('name', CONFIGS)

@@ -89,7 +89,7 @@ class Task:
     return builder.make_train_step(self.loss, self.train_compiler_options(builder.platform))
 
   def loss(self, model, batch, key):
-    raise NotImplementedError
+    raise NotImplementedError(f'{type(self).__name__} must define loss(model, batch, key).')
 
   def eval_metrics(self, model, batch, key):
     return {'loss': self.loss(model, batch, key)[0]}
@@ -114,7 +114,7 @@ class Task:
                              f'({self.description}): use --mode=train or --mode=evaluate.')
 
   def evaluate(self, workdir):
-    raise NotImplementedError
+    raise NotImplementedError(f'{type(self).__name__} must define evaluate(workdir).')
 
 
 def check_eval_split(open_split, config):
