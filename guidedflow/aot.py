@@ -261,7 +261,7 @@ def run(config, workdir):
   from `input.image_size`, a guidedflow autoencoder's must be given."""
   task = registry.get_task(config, workdir)
   shape = config.compile.image_shape
-  if not shape and latents.is_latent(config):
+  if not shape and task.name == 'generate' and latents.is_latent(config):
     shape = _latent_shape(config)
   image_shape = tuple(shape) if shape else tuple(task.train_dataset().image_shape)
   task.prepare()

@@ -238,3 +238,11 @@ def test_a_sample_count_beyond_memory_is_refused_up_front(trained_workdir):
   _one_error(proc, 'config.sampling.num_samples=100000000 makes 73.0 GiB', '28x28x1',
              'max_output_gib=4')
   assert 'Sampled' not in proc.stderr and sorted(os.listdir(trained_workdir)) == before
+
+
+def test_compile_of_an_auxiliary_task_reads_only_its_own_keys(tmp_path):
+  """--mode=compile of the classifier (whose config has no input.space) gets as far as the
+  target: a bad topology is its one line."""
+  proc = _main('--config', 'configs/fmnist_classifier.py', '--mode=compile',
+               '--config.compile.topology=v9-8', workdir=tmp_path / 'run')
+  _one_error(proc, "config.compile.topology='v9-8' is not a TPU accelerator type")
