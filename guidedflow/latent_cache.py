@@ -5,9 +5,12 @@ Layout of `<cache_dir>/<split>/`:
                               p, p + Q, p + 2Q, ... (example e = image e // 2, mirrored when
                               odd, with `autoencoder.flip`; else image e)
   labels-PPPPP-of-QQQQQ.npy   (n_p,) int32
+  checksums-PPPPP-of-QQQQQ.json  size and CRC-32 of both (`checksums.file_record`), checked
+                              when the shard is opened: a damaged file is one line naming it
   meta.json                   what was encoded (`latents.describe`: the autoencoder's
                               fingerprint, dataset, split, flips, shapes), shards, throughput
-Each process encodes and writes its own shard (JPEG decoding in grain worker processes when
+Each process encodes and writes its own shard, row by row into a memory-mapped file (RAM
+does not grow with the split), then its checksums (JPEG decoding in grain worker processes when
 the dataset reads files); meta.json is written last, by process 0, so a cache without it is
 incomplete and is written again. Reading memory-maps the shards and touches only the rows of
 this process's slice of each batch. For training, a cache written by as many processes as run
@@ -26,6 +29,9 @@ from etils import epath
 import jax
 import numpy as np
 
+from guidedflow import atomic
+from guidedflow import checksums
+from guidedflow import errors
 from guidedflow import input_pipeline
 from guidedflow import latents as latents_lib
 
@@ -40,6 +46,10 @@ class CacheMismatchError(input_pipeline.DataError):
 def _shard_names(process, count):
   suffix = f'{process:05d}-of-{count:05d}.npy'
   return f'moments-{suffix}', f'labels-{suffix}'
+
+
+def _checksums_name(process, count):
+  return f'checksums-{process:05d}-of-{count:05d}.json'
 
 
 def _examples(num, process, count):
@@ -67,6 +77,30 @@ def _image_batches(dataset, indices, flip, batch_size, workers):
       yield latents_lib.images_of(dataset, batch, flip)
 
 
+def _open_shard_files(directory, process, count, rows, shape, dtype):
+  """Temporary .npy files of this process's shard, memory-mapped for writing row by row (the
+  encoded shard never sits whole in RAM)."""
+  out = []
+  for name, (row_shape, row_dtype) in zip(_shard_names(process, count),
+                                          (((2,) + shape, dtype), ((), np.int32))):
+    out.append(np.lib.format.open_memmap(os.fspath(directory / (name + '.tmp')), mode='w+',
+                                         dtype=row_dtype, shape=(rows,) + row_shape))
+  return out
+
+
+def _finish_shard(directory, process, count, arrays):
+  """Flushes the shard, renames it into place and writes its checksums file (before meta.json,
+  so a cache with a meta.json has the checksums of every shard)."""
+  records = {}
+  for name, array in zip(_shard_names(process, count), arrays):
+    array.flush()
+    (directory / (name + '.tmp')).rename(directory / name)
+    records[name] = checksums.file_record(os.fspath(directory / name))
+  atomic.write_text(directory / _checksums_name(process, count),
+                    json.dumps({'algorithm': checksums.FILE_ALGORITHM, 'files': records},
+                               indent=2))
+
+
 def write(space, dataset, directory, *, flip, batch_size=256, dtype='float32', workers=0,
           process_index=None, process_count=None):
   """Encodes `dataset` into the cache `directory` (this process's slice), then meta.json.
@@ -80,9 +114,8 @@ def write(space, dataset, directory, *, flip, batch_size=256, dtype='float32', w
   directory.mkdir(parents=True, exist_ok=True)
   num = dataset.num_examples * (2 if flip else 1)
   examples = _examples(num, process, count)
-  shape = space.latent_shape(dataset.image_shape)
-  moments = np.empty((len(examples), 2) + shape, np.dtype(dtype))
-  labels = np.empty((len(examples),), np.int32)
+  moments, labels = _open_shard_files(directory, process, count, len(examples),
+                                      space.latent_shape(dataset.image_shape), np.dtype(dtype))
   t0, done = time.time(), 0
   for images, batch_labels in _image_batches(dataset, examples, flip, batch_size, workers):
     n = len(batch_labels)
@@ -94,19 +127,15 @@ def write(space, dataset, directory, *, flip, batch_size=256, dtype='float32', w
     logging.log_every_n_seconds(logging.INFO, 'Encoded %d/%d examples into %s.', 30, done,
                                 len(examples), directory)
   seconds = time.time() - t0
-  names = _shard_names(process, count)
-  for name, array in zip(names, (moments, labels)):
-    tmp = directory / (name + '.tmp')
-    with tmp.open('wb') as f:
-      np.save(f, array)
-    tmp.rename(directory / name)
+  _finish_shard(directory, process, count, [moments, labels])
+  del moments, labels
   meta = dict(latents_lib.describe(space, dataset, flip), num_examples=int(num),
               dtype=str(np.dtype(dtype)), process_count=count,
               encode_images_per_s=round(len(examples) / max(seconds, 1e-9), 1),
               encode_s=round(seconds, 2))
   _barrier(f'latent cache {directory}: shards written')
   if process == 0:
-    (directory / META).write_text(json.dumps(meta, indent=2))
+    atomic.write_text(directory / META, json.dumps(meta, indent=2))
   _barrier(f'latent cache {directory}: meta written')
   logging.info('Latent cache %s: %d examples encoded at %.1f img/s (this process).', directory,
                len(examples), meta['encode_images_per_s'])
@@ -119,6 +148,54 @@ def _barrier(name):
     multihost_utils.sync_global_devices(name)
 
 
+def _damaged(directory, name, why):
+  return input_pipeline.DataError(
+      f'the latent cache file {directory / name} is damaged: {why}. Delete {directory} and run '
+      'the same command again (or --mode=encode with this config) to encode the split again.')
+
+
+def _read_json(directory, name):
+  try:
+    return latents_lib.read_json(directory / name)
+  except ValueError as e:  # also UnicodeDecodeError: random bytes
+    raise _damaged(directory, name, f'it is not JSON ({errors.one_line(e)})') from e
+
+
+def _load(path):
+  try:
+    return np.load(os.fspath(path), mmap_mode='r')
+  except (ValueError, OSError) as e:  # checksums matched, or a cache written before them
+    raise _damaged(path.parent, path.name, f'numpy cannot read it ({e})') from e
+
+
+def verify_shard(directory, process, count):
+  """Checks the files of shard `process` against the checksums written with them (one line
+  naming the damaged file and the fix); a cache written before checksums is read unverified,
+  with a warning."""
+  directory = epath.Path(directory)
+  records = _read_json(directory, _checksums_name(process, count))
+  if records is None:
+    logging.warning('The latent cache %s has no %s (written before caches were checksummed): '
+                    'reading it unverified; delete it to encode it again with checksums.',
+                    directory, _checksums_name(process, count))
+    return
+  if records.get('algorithm') != checksums.FILE_ALGORITHM:
+    logging.warning('The latent cache %s was checksummed with %s, not %s: reading it '
+                    'unverified.', directory, records.get('algorithm'),
+                    checksums.FILE_ALGORITHM)
+    return
+  t0 = time.time()
+  for name in _shard_names(process, count):
+    if name not in records['files']:
+      raise _damaged(directory, _checksums_name(process, count), f'it lists no {name}')
+    why = checksums.file_damage(os.fspath(directory / name), records['files'][name])
+    if why:
+      raise _damaged(directory, name, why)
+  logging.info('Latent cache %s: shard %d of %d verified (%.1f MB in %.1f s).', directory,
+               process, count, sum(r['bytes'] for r in records['files'].values()) / 1e6,
+               time.time() - t0)
+
+
 class LatentCacheDataset(input_pipeline.Dataset):
   """Random access to a written cache: `get_batch` → {'mean', 'logvar', 'label'} (float32).
 
@@ -128,7 +205,7 @@ class LatentCacheDataset(input_pipeline.Dataset):
 
   def __init__(self, directory, expected=None, *, shard=None):
     directory = epath.Path(directory)
-    meta = latents_lib.read_json(directory / META)
+    meta = _read_json(directory, META)
     if meta is None:
       raise input_pipeline.DataError(f'no latent cache in {directory} ({META} is missing); '
                                      'write it with --mode=encode.')
@@ -145,8 +222,9 @@ class LatentCacheDataset(input_pipeline.Dataset):
     self._moments, self._labels = [], []
     for p in (range(count) if shard is None else [shard]):
       moments_name, labels_name = _shard_names(p, count)
-      self._moments.append(np.load(os.fspath(directory / moments_name), mmap_mode='r'))
-      self._labels.append(np.load(os.fspath(directory / labels_name), mmap_mode='r'))
+      verify_shard(directory, p, count)
+      self._moments.append(_load(directory / moments_name))
+      self._labels.append(_load(directory / labels_name))
       expected_rows = len(_examples(self.num_examples, p, count))
       if len(self._labels[-1]) != expected_rows or len(self._moments[-1]) != expected_rows:
         raise input_pipeline.DataError(
@@ -155,6 +233,17 @@ class LatentCacheDataset(input_pipeline.Dataset):
             'directory and write it again.')
     if shard is not None:
       self.num_examples = len(self._labels[0])
+
+  def __getstate__(self):  # pickled into grain workers: the shards' paths, mapped again there
+    state = dict(self.__dict__)
+    state['_moments'] = [m.filename for m in self._moments]
+    state['_labels'] = [m.filename for m in self._labels]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._moments = [np.load(f, mmap_mode='r') for f in state['_moments']]
+    self._labels = [np.load(f, mmap_mode='r') for f in state['_labels']]
 
   def get_batch(self, indices):
     indices = np.asarray(indices, np.int64)
@@ -195,7 +284,7 @@ def open_split(space, dataset, directory, *, flip, batch_size, dtype, workers,
   process's shard only (each process trains on the examples it encoded).
   """
   expected = latents_lib.describe(space, dataset, flip)
-  meta = latents_lib.read_json(epath.Path(directory) / META)
+  meta = _read_json(epath.Path(directory), META)
   if meta is None:
     logging.info('Writing the latent cache of %s %s to %s.', dataset.name, dataset.split,
                  directory)
@@ -203,7 +292,7 @@ def open_split(space, dataset, directory, *, flip, batch_size, dtype, workers,
           workers=workers)
   shard = None
   if process_local and jax.process_count() > 1:
-    written_by = int(latents_lib.read_json(epath.Path(directory) / META)['process_count'])
+    written_by = int(_read_json(epath.Path(directory), META)['process_count'])
     if written_by == jax.process_count():
       shard = jax.process_index()
       logging.info('Reading the latent cache %s process-locally: shard %d of %d.', directory,

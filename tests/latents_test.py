@@ -221,3 +221,93 @@ def test_encode_mode_needs_a_latent_generator(autoencoder_dir, tmp_path):
   with pytest.raises(errors.ConfigError, match='on the fly'):
     config = _generator_config(autoencoder_dir, cache=False)
     registry.get_task(config, str(tmp_path)).encode(str(tmp_path))
+
+
+def _damage(directory, how):
+  moments = directory / 'moments-00000-of-00001.npy'
+  if how == 'truncated':
+    with open(moments, 'r+b') as f:
+      f.truncate(os.path.getsize(moments) - 100)
+    return moments.name
+  if how == 'replaced':  # random bytes in place of the labels file, same size
+    labels = directory / 'labels-00000-of-00001.npy'
+    labels.write_bytes(np.random.default_rng(0).bytes(os.path.getsize(labels)))
+    return labels.name
+  if how == 'changed':  # one float of the data region: numpy would read it without a word
+    with open(moments, 'r+b') as f:
+      f.seek(os.path.getsize(moments) - 64)
+      f.write(np.float32(1e4).tobytes())
+    return moments.name
+  (directory / 'meta.json').write_bytes(b'\x89\xff\x00garbage')  # how == 'meta'
+  return 'meta.json'
+
+
+@pytest.mark.parametrize('how', ['truncated', 'replaced', 'changed', 'meta'])
+def test_a_damaged_cache_is_one_error_naming_the_file_and_the_fix(space, pixels, tmp_path, how):
+  kwargs = dict(flip=False, batch_size=16, dtype='float32', workers=0)
+  directory = tmp_path / 'cache'
+  latent_cache.open_split(space, pixels, str(directory), **kwargs)
+  assert json.loads((directory / 'checksums-00000-of-00001.json').read_text())['algorithm'] \
+      == 'crc32/v1'
+  name = _damage(directory, how)
+  with pytest.raises(errors.DataError) as e:
+    latent_cache.open_split(space, pixels, str(directory), **kwargs)
+  message = str(e.value)
+  assert '\n' not in message and str(directory / name) in message and 'Delete' in message
+  assert os.path.exists(directory / name)  # refused, nothing rewritten
+
+
+def test_a_cache_written_before_checksums_is_read_with_a_warning(space, pixels, tmp_path,
+                                                                    caplog):
+  directory = tmp_path / 'cache'
+  written = latent_cache.open_split(space, pixels, str(directory), flip=False, batch_size=16,
+                                    dtype='float32', workers=0)
+  os.remove(directory / 'checksums-00000-of-00001.json')
+  reread = latent_cache.LatentCacheDataset(str(directory))
+  np.testing.assert_array_equal(reread.get_batch([3, 1])['mean'], written.get_batch([3, 1])['mean'])
+  assert any('unverified' in r.getMessage() for r in caplog.records)
+
+
+def test_the_cache_is_written_row_by_row_not_whole_in_ram(space, tmp_path):
+  """Peak numpy allocation while writing stays far below the shard's size (a shard assembled in
+  RAM, then saved, would need all of it)."""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+  images, labels = input_pipeline.load_fashion_mnist(None, 'test')
+  pixels = input_pipeline.ArrayDataset(images[:640], labels[:640], num_classes=10, split='test')
+  latent_cache.write(space, pixels, str(tmp_path / 'warm'), flip=False, batch_size=16)  # compile
+  tracemalloc.start()
+  try:
+    latent_cache.write(space, pixels, str(tmp_path / 'c'), flip=False, batch_size=16)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  shard = os.path.getsize(tmp_path / 'c' / 'moments-00000-of-00001.npy')
+  assert shard > 480_000 and peak < shard / 4, (peak, shard)
+  cached = latent_cache.LatentCacheDataset(str(tmp_path / 'c'))
+  np.testing.assert_array_equal(cached.get_batch(np.arange(600, 640))['label'], labels[600:640])
+
+
+def test_a_damaged_cache_stops_the_command_line_in_one_line(autoencoder_dir, latent_run,
+                                                            tmp_path):
+  """Through `python -m guidedflow.main --mode=encode`, as a user meets it (the run's own cache,
+  copied, with one float changed in its data region)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests import subprocess_env  # pylint: disable=g-import-not-at-top
+  cache = tmp_path / 'cache'
+  shutil.copytree(os.path.join(latent_run[0], 'latent_cache'), cache)
+  name = _damage(cache / 'train', 'changed')
+  before = (cache / 'train' / name).read_bytes()
+  (tmp_path / 'run').mkdir()
+  overrides = ['--config.model.variant=test/1', '--config.input.space=latents',
+               '--config.input.num_train_examples=96', '--config.eval.num_examples=40',
+               f'--config.autoencoder.workdir={autoencoder_dir}',
+               '--config.autoencoder.batch_size=32', f'--config.autoencoder.cache_dir={cache}']
+  proc = subprocess.run(
+      [sys.executable, '-m', 'guidedflow.main', '--config', 'configs/tiny.py',
+       f'--workdir={tmp_path / "run"}', '--mode=encode', *overrides],
+      cwd=subprocess_env.REPO, env=subprocess_env.env(), capture_output=True, text=True,
+      timeout=600)
+  subprocess_env.one_error_line(proc, str(cache / 'train' / name), 'CRC-32', 'Delete')
+  assert (cache / 'train' / name).read_bytes() == before
