@@ -1,7 +1,6 @@
 """Entry point: python -m guidedflow.main --config configs/x.py --workdir DIR [--mode=...]."""
 
 import json
-import logging as pylogging
 import os
 import sys
 
@@ -16,6 +15,7 @@ from guidedflow import checkpointing
 from guidedflow import cli
 from guidedflow import errors
 from guidedflow import host_allocator
+from guidedflow import log_filters
 from guidedflow import schema
 from guidedflow import sharding
 from guidedflow import stop_signals
@@ -38,16 +38,6 @@ flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'evaluate', 'encode', 'co
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Drops INFO chatter of orbax (dozens of lines per save) and JAX's backend probing
-  ("Unable to initialize backend 'tpu'" on every machine without one); keeps warnings/errors."""
-
-  def filter(self, record):
-    if record.levelno >= pylogging.WARNING:
-      return True
-    return not ('/orbax/' in record.pathname or record.pathname.endswith('xla_bridge.py'))
-
-
 def _start_backend():
   """Starts JAX's backend; one line and status 1 when JAX_PLATFORMS names one that is not here
   (JAX raises an AssertionError or a RuntimeError, with a traceback, from its first use)."""
@@ -66,7 +56,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   host_allocator.skip_tpu_probe_without_tpu()
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  log_filters.install()
   config = cli.get_config()
   try:
     allocator = host_allocator.keep_freed_memory()  # before JAX starts XLA's threads
