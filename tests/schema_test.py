@@ -132,3 +132,19 @@ def test_what_every_task_reads_is_in_its_schema(name):
   assert task.train_dataset().num_examples == 60_000
   assert task.eval_dataset().num_examples == 10_000
   assert config.eval.every_steps == 0 and config.checkpoint.max_to_keep >= 1
+
+
+def test_guidance_scales_beyond_the_documented_range_are_warned_of(caplog):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  registry.validate(config)
+  assert not [r for r in caplog.records if 'documented range' in r.getMessage()]
+  config.sampling.guidance_scale = 1e9
+  config.eval.guidance_scales = (1.0, 12.0)
+  config.sampling.classifier_scale = -1.0
+  registry.validate(config)  # accepted, with a warning per key
+  warned = [r.getMessage() for r in caplog.records if 'documented range' in r.getMessage()]
+  assert len(warned) == 3 and all('[0, 10]' in m for m in warned), warned
+  assert 'config.sampling.guidance_scale=1e+09' in warned[0]
+  assert 'config.eval.guidance_scales=12 ' in warned[1]
+  assert 'config.sampling.classifier_scale=-1 ' in warned[2]

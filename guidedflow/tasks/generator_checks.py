@@ -8,6 +8,7 @@ the image size is checked once, by the model's own constructor (`models.factory`
 
 import math
 
+from absl import logging
 import jaxlib
 
 from guidedflow import errors
@@ -43,6 +44,9 @@ _GENERATOR_CHOICES = {
     'sampling.cpu_dots': precision.CPU_DOTS,
     'train.cpu_dots': precision.TRAIN_CPU_DOTS,
 }
+# The documented range of w and w_c (docs/evaluation.md): beyond it samples saturate (w = 1e9
+# gives all-black and all-white images); outside it is allowed, with a warning.
+GUIDANCE_RANGE = (0.0, 10.0)
 _GENERATOR_POSITIVE = (
     'sampling.num_steps', 'sampling.num_samples', 'sampling.batch_size',
     'sampling.grid_samples_per_class', 'eval.samples_per_class', 'eval.num_real_images',
@@ -62,6 +66,7 @@ def validate(config):
   if not math.isfinite(config.sampling.guidance_scale):
     raise errors.ConfigError('config.sampling.guidance_scale must be a finite number.')
   _check_classifier_guidance(config)
+  _warn_outside_range(config)
   for key in ('train.cpu_dots', 'sampling.cpu_dots'):
     if validation.value(config, key) == 'onednn' and precision.jaxlib_version_tuple() < precision.ONEDNN_SINCE:
       raise errors.ConfigError(
@@ -101,6 +106,23 @@ def _check_grid(config):
     raise errors.ConfigError(
         f'config.sampling.grid_classes={classes!r} must be None (every class) or class ids in '
         f'[0, {num_classes - 1}], e.g. --config.sampling.grid_classes=0,3,8')
+
+
+def _warn_outside_range(config):
+  """Warns (once per run: checks run when a run's config is prepared) of every w and w_c
+  outside `GUIDANCE_RANGE`; values of the wrong type are left to their checks."""
+  low, high = GUIDANCE_RANGE
+  for key in ('sampling.guidance_scale', 'sampling.grid_guidance_scales',
+              'eval.guidance_scales', 'sampling.classifier_scale', 'eval.classifier_scales'):
+    values = validation.value(config, key)
+    values = values if isinstance(values, (tuple, list)) else (values,)
+    outside = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)
+               and not low <= v <= high]
+    if outside:
+      logging.warning('config.%s=%s is outside the documented range [%g, %g] of guidance '
+                      'scales: samples saturate beyond it (w = 1 samples the conditional '
+                      'model, 0 the unconditional one; docs/evaluation.md).', key,
+                      ','.join(f'{v:g}' for v in outside), low, high)
 
 
 def _check_classifier_guidance(config):
