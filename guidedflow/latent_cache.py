@@ -83,8 +83,14 @@ def _open_shard_files(directory, process, count, rows, shape, dtype):
   out = []
   for name, (row_shape, row_dtype) in zip(_shard_names(process, count),
                                           (((2,) + shape, dtype), ((), np.int32))):
-    out.append(np.lib.format.open_memmap(os.fspath(directory / (name + '.tmp')), mode='w+',
-                                         dtype=row_dtype, shape=(rows,) + row_shape))
+    path = os.fspath(directory / (name + '.tmp'))
+    out.append(np.lib.format.open_memmap(path, mode='w+', dtype=row_dtype,
+                                         shape=(rows,) + row_shape))
+    if hasattr(os, 'posix_fallocate'):
+      # Reserve the blocks now: a full disk is an OSError here (one line), not a SIGBUS at
+      # the first write into a page of the sparse file.
+      with open(path, 'r+b') as f:
+        os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
   return out
 
 

@@ -320,6 +320,40 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_what_the_save_needs(tm
   assert saved and all('/checkpoints/2/' in path for path in saved), saved
 
 
+_CACHE_ON_A_FULL_DISK = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from guidedflow import input_pipeline, latent_cache
+
+    class Space:  # a stand-in encoder: 64x64x4 latents of zeros (33.5 MB for 256 images)
+      def latent_shape(self, shape):
+        return (64, 64, 4)
+
+      def encode(self, images):
+        z = np.zeros((len(images), 64, 64, 4), np.float32)
+        return z, z
+
+    pixels = input_pipeline.ArrayDataset(np.zeros((256, 28, 28, 1), np.uint8),
+                                         np.zeros(256, np.int32), num_classes=10)
+    try:
+      latent_cache.write(Space(), pixels, sys.argv[1], flip=False, batch_size=64)
+    except OSError as e:
+      print(f'error: {e}')
+      sys.exit(1)
+""")
+
+
+def test_a_latent_cache_on_a_full_disk_is_an_os_error_not_a_crash(tmp_path):
+  """The shard is memory-mapped for writing: without its blocks reserved up front, the first
+  write into a page past the disk's end kills the process with SIGBUS."""
+  mount = tmp_path / 'small_disk'
+  mount.mkdir()
+  out = _in_namespace(tmp_path, f'mount -t tmpfs -o size=1m tmpfs {mount}',
+                      shlex.join([sys.executable, '-c', _CACHE_ON_A_FULL_DISK, str(mount)]))
+  assert out.returncode == 1, (out.returncode, out.stderr[-2000:])
+  assert 'No space left on device' in out.stdout and 'Traceback' not in out.stderr
+
+
 def test_disk_full_while_writing_is_one_error_and_removes_the_partial_save(tmp_path,
                                                                            monkeypatch):
   """ENOSPC from inside orbax (the real error is tensorstore's RESOURCE_EXHAUSTED)."""
