@@ -19,6 +19,10 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8,<4",
     "ml-dtypes>=0.5,<1",  # bfloat16 in torch_weights.py without importing jax
     "etils[epath]>=1.15,<2",  # workdir files on local disk or gs://
+    # Text conditioning (guidedflow/text): CLIP's BPE from tokenizer.json / vocab.json +
+    # merges.txt, T5's sentencepiece model.
+    "tokenizers>=0.22,<0.24",
+    "sentencepiece>=0.2,<0.3",
 ]
 
 EXTRAS_REQUIRE = {
