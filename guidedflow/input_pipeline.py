@@ -1,10 +1,12 @@
 """Input pipeline: datasets (Fashion-MNIST, TFDS array_record sources), deterministic batches.
 
-Data flow: a `Dataset` (random access by example index) → `BatchIterator` (global batch of
-step `s` is a pure function of `(seed, s)`, each process takes its contiguous slice) → jax
-arrays, optionally assembled into one global array with `jax.make_array_from_process_local_data`.
-The iterator's state is `{'step', 'seed', ...}` (JSON); the checkpoint stores it, and a resumed
-iterator yields bitwise the same batches as the uninterrupted stream.
+Data flow: a `Dataset` (random access by example index) → `batches.HostBatches` (a grain
+`MapDataset` whose element `s` is this process's slice of the global batch of step `s`, a pure
+function of `(seed, s)`) → `batches.BatchIterator` (grain's iterator with a prefetch thread for
+file-backed datasets, the loop's thread for in-memory arrays; jax arrays, optionally one global
+array assembled with `jax.make_array_from_process_local_data`). The iterator's state is
+`{'step', 'seed', ...}` (JSON; 'step' is grain's `next_index`); the checkpoint stores it, and a
+resumed iterator yields bitwise the same batches as the uninterrupted stream.
 
 Images come out as float32 NHWC in [-1, 1] (`images.to_model`: uint8 data → `x / 127.5 - 1`;
 float data is in [-1, 1] already), labels as int32 in [0, num_classes).
@@ -12,19 +14,15 @@ float data is in [-1, 1] already), labels as int32 in [0, num_classes).
 
 from __future__ import annotations
 
-import concurrent.futures
-import logging
 import threading
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from guidedflow import batches
 from guidedflow import errors
 from guidedflow import fashion_mnist
 from guidedflow import image_folder
-from guidedflow import images as images_lib
 from guidedflow import schema
 from guidedflow.datasets import Dataset  # re-exported: input_pipeline.Dataset
 
@@ -32,6 +30,10 @@ from guidedflow.datasets import Dataset  # re-exported: input_pipeline.Dataset
 DataError = errors.DataError
 FASHION_MNIST_DIR = fashion_mnist.FASHION_MNIST_DIR
 load_fashion_mnist = fashion_mnist.load_fashion_mnist
+# The batches live in `batches` (a grain MapDataset of steps); these names stay importable here.
+BatchIterator = batches.BatchIterator
+eval_batches = batches.eval_batches
+to_model = batches.to_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +89,8 @@ def _as_nhwc(images: np.ndarray, where: str) -> np.ndarray:
 
 class ArrayDataset(Dataset):
   """In-memory dataset (numpy arrays); `get_batch` is one vectorised gather."""
+
+  in_memory = True  # `BatchIterator` gathers in the loop's thread (no prefetch thread)
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, *, num_classes: int,
                name: str = 'arrays', split: str = 'train'):
@@ -274,213 +278,3 @@ def take(dataset: Dataset, num_examples: int) -> Dataset:
   batch = dataset.get_batch(np.arange(num_examples))
   return ArrayDataset(batch['image'], batch['label'], num_classes=dataset.num_classes,
                       name=dataset.name, split=f'{dataset.split}[:{num_examples}]')
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches.
-
-
-def _process_slice(global_batch_size: int, process_index: int | None,
-                   process_count: int | None) -> tuple[int, int]:
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  if global_batch_size % process_count:
-    raise DataError(f'Global batch size {global_batch_size} is not divisible by the number '
-                    f'of processes {process_count}; set --config.train.batch_size to a multiple '
-                    f'of {process_count}.')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
-  local = global_batch_size // process_count
-  return process_index * local, (process_index + 1) * local
-
-
-def to_model(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """A dataset batch as the model takes it: 'image' through `images.to_model`, the rest (labels,
-  latent moments) as it is."""
-  out = dict(batch)
-  if 'image' in out:
-    out['image'] = images_lib.to_model(out['image'])
-  return out
-
-
-def _to_jax(batch: dict[str, np.ndarray], sharding: Any) -> dict[str, jax.Array]:
-  if sharding is None:
-    return {k: jnp.asarray(v) for k, v in batch.items()}
-  out = {}
-  for key, value in batch.items():
-    if value.ndim < len(sharding.spec):  # Labels, masks: shard the batch axis only.
-      spec = jax.sharding.PartitionSpec(*sharding.spec[:value.ndim])
-      value_sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
-    else:
-      value_sharding = sharding
-    out[key] = jax.make_array_from_process_local_data(value_sharding, value)
-  return out
-
-
-class BatchIterator:
-  """Infinite, deterministic, resumable iterator of shuffled training batches.
-
-  The stream is the concatenation of epochs; epoch `e` is the permutation drawn by
-  `np.random.default_rng([seed, e])`. Step `s` reads stream positions `[s*B, (s+1)*B)` (a batch
-  may straddle two epochs, so every example appears exactly once per epoch). Every process
-  computes the same global indices and gathers only its slice `[p*B/P, (p+1)*B/P)`.
-
-  Args:
-    dataset: a `Dataset`.
-    global_batch_size: B, summed over all processes.
-    seed: shuffling seed.
-    sharding: optional `NamedSharding` for the image batch (batch axis first); the global batch
-      is assembled with `jax.make_array_from_process_local_data`; labels use its first axis
-      entries. None: arrays on the default device (process-local batches).
-    start_step: first step to produce.
-    process_index, process_count: default `jax.process_index()`, `jax.process_count()`.
-    prefetch: batches prepared ahead in one background thread (0 disables; None: 2 for
-      file-backed datasets, 0 for in-memory ones, whose ~60 µs gathers gain nothing from a
-      thread). Batches are a pure function of the step, so prefetching never changes them.
-  """
-
-  def __init__(self, dataset: Dataset, *, global_batch_size: int, seed: int, sharding=None,
-               start_step: int = 0, process_index: int | None = None,
-               process_count: int | None = None, prefetch: int | None = None):
-    if global_batch_size <= 0:
-      raise ValueError(f'global_batch_size must be positive, got {global_batch_size}.')
-    if dataset.num_examples == 0:
-      raise DataError(f'{dataset!r} is empty.')
-    self.dataset = dataset
-    self.global_batch_size = int(global_batch_size)
-    self.seed = int(seed)
-    self.sharding = sharding
-    self.step = int(start_step)
-    self._lo, self._hi = _process_slice(self.global_batch_size, process_index, process_count)
-    # A process-local dataset (this process's shard of the latent cache): this process's part
-    # of every batch is drawn from it alone, by its own permutations.
-    self._stream_batch, self._rng_extra = self.global_batch_size, ()
-    if getattr(dataset, 'process_local', False):
-      self._stream_batch, self._lo, self._hi = self._hi - self._lo, 0, self._hi - self._lo
-      self._rng_extra = (jax.process_index() if process_index is None else process_index,)
-    self._permutations: dict[int, np.ndarray] = {}
-    self._perm_lock = threading.Lock()
-    if prefetch is None:
-      prefetch = 0 if isinstance(dataset, ArrayDataset) else 2
-    self._prefetch = int(prefetch)
-    self._executor = (concurrent.futures.ThreadPoolExecutor(1, 'batch_prefetch')
-                      if self._prefetch > 0 else None)
-    self._pending: dict[tuple[int, int], concurrent.futures.Future] = {}
-
-  # -- pure functions of (seed, step) -----------------------------------------------------------
-
-  def _permutation(self, seed: int, epoch: int) -> np.ndarray:
-    with self._perm_lock:
-      perm = self._permutations.get((seed, epoch))
-      if perm is None:
-        perm = np.random.default_rng([seed, epoch, *self._rng_extra]).permutation(
-            self.dataset.num_examples)
-        if len(self._permutations) >= 4:  # A batch touches at most a few consecutive epochs.
-          self._permutations.pop(min(self._permutations))
-        self._permutations[(seed, epoch)] = perm
-      return perm
-
-  def global_indices(self, step: int, seed: int | None = None) -> np.ndarray:
-    """Dataset indices of the whole global batch of `step` (same on every process); of this
-    process's part of it for a process-local dataset."""
-    seed = self.seed if seed is None else seed
-    n = self.dataset.num_examples
-    positions = np.arange(step * self._stream_batch, (step + 1) * self._stream_batch,
-                          dtype=np.int64)
-    epochs, offsets = np.divmod(positions, n)
-    indices = np.empty_like(positions)
-    for epoch in np.unique(epochs):
-      where = epochs == epoch
-      indices[where] = self._permutation(seed, int(epoch))[offsets[where]]
-    return indices
-
-  def host_batch(self, step: int, seed: int | None = None) -> dict[str, np.ndarray]:
-    """This process's slice of the batch of `step` as numpy (`to_model`)."""
-    indices = self.global_indices(step, seed)[self._lo:self._hi]
-    return to_model(self.dataset.get_batch(indices))
-
-  # -- iteration ----------------------------------------------------------------------------------
-
-  def _get_host_batch(self, step: int) -> dict[str, np.ndarray]:
-    if self._executor is None:
-      return self.host_batch(step)
-    future = self._pending.pop((self.seed, step), None)
-    # Drop stale work (after set_state) and keep `prefetch` future steps in flight.
-    for key in [k for k in self._pending if k[0] != self.seed or not step < k[1]]:
-      self._pending.pop(key).cancel()
-    for ahead in range(step + 1, step + 1 + self._prefetch):
-      if (self.seed, ahead) not in self._pending:
-        self._pending[(self.seed, ahead)] = self._executor.submit(self.host_batch, ahead,
-                                                                  self.seed)
-    return future.result() if future is not None else self.host_batch(step)
-
-  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
-    return self
-
-  def __next__(self) -> dict[str, jax.Array]:
-    batch = _to_jax(self._get_host_batch(self.step), self.sharding)
-    self.step += 1
-    return batch
-
-  def get_state(self) -> dict[str, int]:
-    """JSON-able state; the next batch is the one of `step`."""
-    return {'step': self.step, 'seed': self.seed, 'global_batch_size': self.global_batch_size,
-            'num_examples': self.dataset.num_examples}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    """Continues the stream described by `state` (from `get_state`, e.g. via a checkpoint)."""
-    for key, current in (('global_batch_size', self.global_batch_size),
-                         ('num_examples', self.dataset.num_examples)):
-      if key in state and int(state[key]) != current:
-        logging.warning('Resuming a data stream saved with %s=%s, now %s: the batches differ '
-                        'from the uninterrupted run.', key, state[key], current)
-    self.step = int(state['step'])
-    self.seed = int(state.get('seed', self.seed))
-
-  def close(self) -> None:
-    if self._executor is not None:
-      for future in self._pending.values():
-        future.cancel()
-      self._pending.clear()
-      self._executor.shutdown(wait=True)
-      self._executor = None
-
-  def __enter__(self) -> 'BatchIterator':
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-  def __del__(self):
-    try:
-      self.close()
-    except Exception:  # pylint: disable=broad-except  # Interpreter shutdown.
-      pass
-
-
-def eval_batches(dataset: Dataset, batch_size: int, *, sharding=None,
-                 num_batches: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict[str, jax.Array]]:
-  """Yields the split in order, in fixed-shape batches, for held-out metrics.
-
-  The last partial batch is padded (with copies of the first examples) to `batch_size`; each
-  batch carries `mask` (float32, 1 = real example, 0 = padding): average losses as
-  `sum(loss * mask) / sum(mask)`. Fixed shapes mean one compile. Processes split each global
-  batch as `BatchIterator` does.
-
-  Args:
-    dataset: a `Dataset`.
-    batch_size: global batch size.
-    sharding: as in `BatchIterator`.
-    num_batches: stop after this many batches; None or 0 = the whole split.
-    process_index, process_count: default `jax.process_index()`, `jax.process_count()`.
-  """
-  lo, hi = _process_slice(batch_size, process_index, process_count)
-  total = -(-dataset.num_examples // batch_size)
-  if num_batches:
-    total = min(total, num_batches)
-  for b in range(total):
-    positions = np.arange(b * batch_size, (b + 1) * batch_size)[lo:hi]
-    mask = (positions < dataset.num_examples).astype(np.float32)
-    batch = dataset.get_batch(np.where(mask > 0, positions, positions % dataset.num_examples))
-    yield _to_jax(dict(to_model(batch), mask=mask), sharding)

@@ -15,7 +15,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from guidedflow import input_pipeline
+from guidedflow import batches
 from guidedflow import sharding
 from guidedflow import train_state
 
@@ -133,7 +133,7 @@ def heldout_metrics(eval_step, params, dataset, *, batch_size, num_batches, batc
   fold_in(PRNGKey(seed + 1), i), so every call draws the same noise."""
   totals, count = {}, 0.0
   key = jax.random.PRNGKey(seed + 1)
-  for i, batch in enumerate(input_pipeline.eval_batches(
+  for i, batch in enumerate(batches.eval_batches(
       dataset, batch_size, num_batches=num_batches or None, sharding=batch_sharding)):
     weight = float(np.sum(sharding.to_host(batch['mask'])))
     for name, value in eval_step(params, batch, jax.random.fold_in(key, i)).items():

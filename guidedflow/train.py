@@ -17,8 +17,8 @@ import jax
 import numpy as np
 
 from guidedflow import atomic
+from guidedflow import batches
 from guidedflow import errors
-from guidedflow import input_pipeline
 from guidedflow import resume_config
 from guidedflow import run_context
 from guidedflow import time_budget
@@ -137,7 +137,7 @@ def train_and_evaluate(config, workdir):
     logging.info('Task %s: %.3fM parameters; data %s %s (%d examples); mesh %s.', task.name,
                  builder.param_count(state) / 1e6, config.input.dataset, dataset.image_shape,
                  dataset.num_examples, dict(builder.mesh.shape))
-    iterator = stack.enter_context(input_pipeline.BatchIterator(
+    iterator = stack.enter_context(batches.BatchIterator(
         dataset, global_batch_size=batch_size, seed=config.train.seed,
         sharding=builder.batch_sharding, start_step=start_step))
     if data_state is not None:
