@@ -215,3 +215,18 @@ def test_quality_vs_time_plots_every_space_and_reads_minutes_off_the_result(tmp_
             'train_s': 1080.0, 'periodic_s': 60.0}
   assert module._minutes(result, 500) == 10.5  # 1 min + half of 19 min  pylint: disable=protected-access
   assert module._minutes(result, 1000) == 20.0  # pylint: disable=protected-access
+
+
+def test_input_pipeline_smoke():
+  """Every reader through every path (hand-written and grain) at toy size, with the CPU named."""
+  report = json.loads(_run('input_pipeline.py', '--smoke', '--json'))
+  assert report['cpu'] and report['grain']
+  paths = {'old-sync', 'old-thread', 'grain-sync', 'grain-t1-b2', 'grain-t2-b4'}
+  rows = report['rows']
+  assert {r['path'] for r in rows if r['reader'] == 'fashion_mnist'} == paths
+  assert {r['path'] for r in rows if r['reader'] == 'latent_cache'} == paths | {'grain-mp1'}
+  for r in rows:
+    assert r['batches_per_s'] > 0 and r['images_per_s'] == pytest.approx(
+        r['batches_per_s'] * r['batch_size'], rel=0.01, abs=1)
+    assert r['ratio_to_old_sync'] > 0 and r['first_batch_ms'] >= 0
+  assert all(r['ratio_to_old_sync'] == 1.0 for r in rows if r['path'] == 'old-sync')
