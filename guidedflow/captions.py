@@ -41,6 +41,7 @@ SYNONYMS = (('T-shirt', 'tee', 'top'), ('trousers', 'pants', 'slacks'),
             ('coat', 'jacket', 'overcoat'), ('sandal', 'strappy sandal', 'open shoe'),
             ('shirt', 'button-up shirt', 'blouse'), ('sneaker', 'trainer', 'running shoe'),
             ('bag', 'handbag', 'purse'), ('ankle boot', 'boot', 'bootie'))
+_PLURALS = ('trousers', 'pants', 'slacks')
 # `{a}`: the attribute words before the noun; `{c}`: the clause form. With no attribute the
 # template reads naturally too ("a photo of a sneaker", "sneaker").
 TEMPLATES = ('{art} {a}{noun}', 'a photo of {art} {a}{noun}', '{noun}{c_list}',
@@ -145,7 +146,10 @@ def _render(label, synonym, template, phrase):
   parts = sorted(_phrase_parts(phrase), key=lambda part: _WORD_ORDER.index(part[0]))
   words = [LEVEL_WORDS[ATTRIBUTES[a]][level] for a, level in parts]
   before = ''.join(w + ' ' for w in words)
-  article = lambda text: 'an' if text[0].lower() in 'aeiou' else 'a'  # noqa: E731
+  if noun in _PLURALS:  # "a photo of a pair of dark pants"
+    article = lambda text: 'a pair of'  # noqa: E731
+  else:
+    article = lambda text: 'an' if text[0].lower() in 'aeiou' else 'a'  # noqa: E731
   text = TEMPLATES[template].format(
       art=article(before + noun), art_noun=article(noun), a=before, noun=noun,
       c_list=''.join(', ' + w for w in words),

@@ -48,6 +48,7 @@ def test_every_caption_is_once_in_the_table_and_reads_well():
   assert table[captions.caption_id(2, 0, 0, 0)] == 'a pullover'
   assert 'a picture of an ankle boot that is dark and wide' in table
   assert 'an ankle boot' in table and 'a dark ankle boot' in table
+  assert 'a photo of a pair of dark pants' in table and 'pants, dark' in table
   assert 'pullover, patterned' in table and 'a photo of a small light sandal' in table
   assert 'a dark wide pullover' in table and 'a photo of a light small sandal' not in table
 
