@@ -137,10 +137,7 @@ class HostBatches(grain.MapDataset):
         self._permutations[(seed, epoch)] = perm
       return perm
 
-  def global_indices(self, step: int, seed: int | None = None) -> np.ndarray:
-    """Dataset indices of the whole global batch of `step` (same on every process); of this
-    process's part of it for a process-local dataset."""
-    seed = self.seed if seed is None else seed
+  def _indices_and_epochs(self, step: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     n = self.dataset.num_examples
     positions = np.arange(step * self._stream_batch, (step + 1) * self._stream_batch,
                           dtype=np.int64)
@@ -149,11 +146,22 @@ class HostBatches(grain.MapDataset):
     for epoch in np.unique(epochs):
       where = epochs == epoch
       indices[where] = self._permutation(seed, int(epoch))[offsets[where]]
-    return indices
+    return indices, epochs
+
+  def global_indices(self, step: int, seed: int | None = None) -> np.ndarray:
+    """Dataset indices of the whole global batch of `step` (same on every process); of this
+    process's part of it for a process-local dataset."""
+    return self._indices_and_epochs(step, self.seed if seed is None else seed)[0]
 
   def host_batch(self, step: int, seed: int | None = None) -> dict[str, np.ndarray]:
-    """This process's slice of the batch of `step` as numpy (`to_model`)."""
-    indices = self.global_indices(step, seed)[self._lo:self._hi]
+    """This process's slice of the batch of `step` as numpy (`to_model`). A dataset that draws
+    something per example and epoch (`draws_per_epoch`: a caption) gets each example's epoch
+    and the stream's seed too, so a resumed run draws the same."""
+    seed = self.seed if seed is None else seed
+    indices, epochs = self._indices_and_epochs(step, seed)
+    indices, epochs = indices[self._lo:self._hi], epochs[self._lo:self._hi]
+    if getattr(self.dataset, 'draws_per_epoch', False):
+      return to_model(self.dataset.get_batch(indices, epochs=epochs, seed=seed))
     return to_model(self.dataset.get_batch(indices))
 
 

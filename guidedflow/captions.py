@@ -31,6 +31,8 @@ import itertools
 
 import numpy as np
 
+from guidedflow import datasets
+
 ATTRIBUTES = ('brightness', 'size', 'width', 'texture')
 LEVEL_WORDS = {'brightness': ('dark', 'light'), 'size': ('small', 'large'),
                'width': ('narrow', 'wide'), 'texture': ('plain', 'patterned')}
@@ -211,3 +213,41 @@ def draw(seed, epochs, indices, labels, attribute_levels):
     parts = [(a, int(row[a] == 2)) for a in order[:k]]
     out[i] = caption_id(int(label), synonym, template, _phrase_of(parts))
   return out
+
+
+class CaptionedDataset(datasets.Dataset):
+  """A labelled Fashion-MNIST `Dataset` with a caption id per example ('caption', int32 into
+  `caption_table()`), drawn per example and epoch (`draws_per_epoch`: `batches.HostBatches`
+  passes each example's epoch and the stream's seed); without them (evaluation), epoch 0 and
+  seed 0. With `hold_out`, the examples of the `HELD_OUT` compositions are left out (training);
+  the captions of the rest are keyed by their index in `base`, so they do not move.
+  """
+
+  draws_per_epoch = True
+
+  def __init__(self, base, *, hold_out, chunk=8192):
+    if base.num_classes != len(SYNONYMS):
+      raise ValueError(f'captions are written for the {len(SYNONYMS)} Fashion-MNIST classes; '
+                       f'{base!r} has {base.num_classes}.')
+    self.base = base
+    self.name, self.split = base.name, base.split
+    self.image_shape, self.num_classes = base.image_shape, base.num_classes
+    self.in_memory = getattr(base, 'in_memory', False)
+    self._keep = np.arange(base.num_examples)
+    if hold_out:
+      out = np.zeros(base.num_examples, bool)
+      for start in range(0, base.num_examples, chunk):
+        batch = base.get_batch(np.arange(start, min(start + chunk, base.num_examples)))
+        out[start:start + len(batch['label'])] = held_out(
+            batch['label'], levels(batch['image'], batch['label']))
+      self._keep = np.nonzero(~out)[0]
+    self.num_examples = len(self._keep)
+    self.num_held_out = base.num_examples - self.num_examples
+
+  def get_batch(self, indices, epochs=None, seed=0):
+    rows = self._keep[np.asarray(indices)]
+    batch = dict(self.base.get_batch(rows))
+    epochs = np.zeros(len(rows), np.int64) if epochs is None else epochs
+    batch['caption'] = draw(seed, epochs, rows, batch['label'],
+                            levels(batch['image'], batch['label']))
+    return batch

@@ -78,3 +78,31 @@ def test_captions_are_true_to_their_image_and_drawn_per_epoch(train):
   phrases = first % captions.NUM_PHRASES
   assert np.mean(phrases == 0) == pytest.approx(0.2 + 0.8 * np.mean(
       (levels == 1).all(1)), abs=0.03)
+
+
+def test_a_captioned_stream_holds_out_its_compositions_and_resumes_exactly(train):
+  from guidedflow import batches  # pylint: disable=g-import-not-at-top
+  images, labels = train
+  base = input_pipeline.ArrayDataset(images[:600], labels[:600], num_classes=10, split='train')
+  data = captions.CaptionedDataset(base, hold_out=True)
+  kept_levels = captions.levels(images[:600][data._keep], labels[:600][data._keep])  # pylint: disable=protected-access
+  assert data.num_held_out > 0 and not captions.held_out(labels[:600][data._keep],
+                                                         kept_levels).any()
+  kwargs = dict(global_batch_size=64, seed=5)
+  straight = batches.BatchIterator(data, **kwargs)
+  stream = [jax_batch for _, jax_batch in zip(range(12), straight)]  # 12 × 64 > 1 epoch
+  resumed = batches.BatchIterator(data, **kwargs)
+  resumed.set_state(dict(straight.get_state(), step=7))
+  for step in range(7, 12):
+    again = next(resumed)
+    for key in ('caption', 'label', 'image'):
+      np.testing.assert_array_equal(np.asarray(again[key]), np.asarray(stream[step][key]))
+  # An example's caption is redrawn each epoch, and says its class.
+  first = straight.batches.host_batch(0)
+  table = captions.caption_table()
+  assert all(any(n in table[c] for n in captions.SYNONYMS[y])
+             for c, y in zip(first['caption'], first['label']))
+  index = straight.global_indices(0)[0]
+  epochs = [data.get_batch([index], epochs=np.array([e]), seed=5)['caption'][0]
+            for e in range(8)]
+  assert len(set(epochs)) > 2
