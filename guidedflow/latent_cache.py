@@ -21,7 +21,6 @@ refused, never overwritten.
 """
 
 import json
-import os
 import time
 
 from absl import logging
@@ -29,13 +28,13 @@ from etils import epath
 import jax
 import numpy as np
 
+from guidedflow import array_files
 from guidedflow import atomic
-from guidedflow import checksums
-from guidedflow import errors
 from guidedflow import input_pipeline
 from guidedflow import latents as latents_lib
 
 META = 'meta.json'
+WHAT = 'latent cache'
 DTYPES = ('float32', 'float16')
 
 
@@ -77,36 +76,6 @@ def _image_batches(dataset, indices, flip, batch_size, workers):
       yield latents_lib.images_of(dataset, batch, flip)
 
 
-def _open_shard_files(directory, process, count, rows, shape, dtype):
-  """Temporary .npy files of this process's shard, memory-mapped for writing row by row (the
-  encoded shard never sits whole in RAM)."""
-  out = []
-  for name, (row_shape, row_dtype) in zip(_shard_names(process, count),
-                                          (((2,) + shape, dtype), ((), np.int32))):
-    path = os.fspath(directory / (name + '.tmp'))
-    out.append(np.lib.format.open_memmap(path, mode='w+', dtype=row_dtype,
-                                         shape=(rows,) + row_shape))
-    if hasattr(os, 'posix_fallocate'):
-      # Reserve the blocks now: a full disk is an OSError here (one line), not a SIGBUS at
-      # the first write into a page of the sparse file.
-      with open(path, 'r+b') as f:
-        os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
-  return out
-
-
-def _finish_shard(directory, process, count, arrays):
-  """Flushes the shard, renames it into place and writes its checksums file (before meta.json,
-  so a cache with a meta.json has the checksums of every shard)."""
-  records = {}
-  for name, array in zip(_shard_names(process, count), arrays):
-    array.flush()
-    (directory / (name + '.tmp')).rename(directory / name)
-    records[name] = checksums.file_record(os.fspath(directory / name))
-  atomic.write_text(directory / _checksums_name(process, count),
-                    json.dumps({'algorithm': checksums.FILE_ALGORITHM, 'files': records},
-                               indent=2))
-
-
 def write(space, dataset, directory, *, flip, batch_size=256, dtype='float32', workers=0,
           process_index=None, process_count=None):
   """Encodes `dataset` into the cache `directory` (this process's slice), then meta.json.
@@ -120,8 +89,10 @@ def write(space, dataset, directory, *, flip, batch_size=256, dtype='float32', w
   directory.mkdir(parents=True, exist_ok=True)
   num = dataset.num_examples * (2 if flip else 1)
   examples = _examples(num, process, count)
-  moments, labels = _open_shard_files(directory, process, count, len(examples),
-                                      space.latent_shape(dataset.image_shape), np.dtype(dtype))
+  moments_name, labels_name = _shard_names(process, count)
+  moments = array_files.open_rows(directory, moments_name, (len(examples), 2) + tuple(
+      space.latent_shape(dataset.image_shape)), np.dtype(dtype))
+  labels = array_files.open_rows(directory, labels_name, (len(examples),), np.int32)
   t0, done = time.time(), 0
   for images, batch_labels in _image_batches(dataset, examples, flip, batch_size, workers):
     n = len(batch_labels)
@@ -133,7 +104,8 @@ def write(space, dataset, directory, *, flip, batch_size=256, dtype='float32', w
     logging.log_every_n_seconds(logging.INFO, 'Encoded %d/%d examples into %s.', 30, done,
                                 len(examples), directory)
   seconds = time.time() - t0
-  _finish_shard(directory, process, count, [moments, labels])
+  array_files.finish(directory, {moments_name: moments, labels_name: labels},
+                     _checksums_name(process, count))
   del moments, labels
   meta = dict(latents_lib.describe(space, dataset, flip), num_examples=int(num),
               dtype=str(np.dtype(dtype)), process_count=count,
@@ -154,52 +126,10 @@ def _barrier(name):
     multihost_utils.sync_global_devices(name)
 
 
-def _damaged(directory, name, why):
-  return input_pipeline.DataError(
-      f'the latent cache file {directory / name} is damaged: {why}. Delete {directory} and run '
-      'the same command again (or --mode=encode with this config) to encode the split again.')
-
-
-def _read_json(directory, name):
-  try:
-    return latents_lib.read_json(directory / name)
-  except ValueError as e:  # also UnicodeDecodeError: random bytes
-    raise _damaged(directory, name, f'it is not JSON ({errors.one_line(e)})') from e
-
-
-def _load(path):
-  try:
-    return np.load(os.fspath(path), mmap_mode='r')
-  except (ValueError, OSError) as e:  # checksums matched, or a cache written before them
-    raise _damaged(path.parent, path.name, f'numpy cannot read it ({e})') from e
-
-
 def verify_shard(directory, process, count):
-  """Checks the files of shard `process` against the checksums written with them (one line
-  naming the damaged file and the fix); a cache written before checksums is read unverified,
-  with a warning."""
-  directory = epath.Path(directory)
-  records = _read_json(directory, _checksums_name(process, count))
-  if records is None:
-    logging.warning('The latent cache %s has no %s (written before caches were checksummed): '
-                    'reading it unverified; delete it to encode it again with checksums.',
-                    directory, _checksums_name(process, count))
-    return
-  if records.get('algorithm') != checksums.FILE_ALGORITHM:
-    logging.warning('The latent cache %s was checksummed with %s, not %s: reading it '
-                    'unverified.', directory, records.get('algorithm'),
-                    checksums.FILE_ALGORITHM)
-    return
-  t0 = time.time()
-  for name in _shard_names(process, count):
-    if name not in records['files']:
-      raise _damaged(directory, _checksums_name(process, count), f'it lists no {name}')
-    why = checksums.file_damage(os.fspath(directory / name), records['files'][name])
-    if why:
-      raise _damaged(directory, name, why)
-  logging.info('Latent cache %s: shard %d of %d verified (%.1f MB in %.1f s).', directory,
-               process, count, sum(r['bytes'] for r in records['files'].values()) / 1e6,
-               time.time() - t0)
+  """Checks the files of shard `process` against the checksums written with them."""
+  array_files.verify(WHAT, directory, _checksums_name(process, count),
+                     _shard_names(process, count))
 
 
 class LatentCacheDataset(input_pipeline.Dataset):
@@ -211,7 +141,7 @@ class LatentCacheDataset(input_pipeline.Dataset):
 
   def __init__(self, directory, expected=None, *, shard=None):
     directory = epath.Path(directory)
-    meta = _read_json(directory, META)
+    meta = array_files.read_json(WHAT, directory, META)
     if meta is None:
       raise input_pipeline.DataError(f'no latent cache in {directory} ({META} is missing); '
                                      'write it with --mode=encode.')
@@ -229,8 +159,8 @@ class LatentCacheDataset(input_pipeline.Dataset):
     for p in (range(count) if shard is None else [shard]):
       moments_name, labels_name = _shard_names(p, count)
       verify_shard(directory, p, count)
-      self._moments.append(_load(directory / moments_name))
-      self._labels.append(_load(directory / labels_name))
+      self._moments.append(array_files.load(WHAT, directory, moments_name))
+      self._labels.append(array_files.load(WHAT, directory, labels_name))
       expected_rows = len(_examples(self.num_examples, p, count))
       if len(self._labels[-1]) != expected_rows or len(self._moments[-1]) != expected_rows:
         raise input_pipeline.DataError(
@@ -290,7 +220,7 @@ def open_split(space, dataset, directory, *, flip, batch_size, dtype, workers,
   process's shard only (each process trains on the examples it encoded).
   """
   expected = latents_lib.describe(space, dataset, flip)
-  meta = _read_json(epath.Path(directory), META)
+  meta = array_files.read_json(WHAT, directory, META)
   if meta is None:
     logging.info('Writing the latent cache of %s %s to %s.', dataset.name, dataset.split,
                  directory)
@@ -298,7 +228,7 @@ def open_split(space, dataset, directory, *, flip, batch_size, dtype, workers,
           workers=workers)
   shard = None
   if process_local and jax.process_count() > 1:
-    written_by = int(_read_json(epath.Path(directory), META)['process_count'])
+    written_by = int(array_files.read_json(WHAT, directory, META)['process_count'])
     if written_by == jax.process_count():
       shard = jax.process_index()
       logging.info('Reading the latent cache %s process-locally: shard %d of %d.', directory,
