@@ -1,0 +1,90 @@
+"""The text cache: a frozen encoder's outputs for a caption set, streamed to disk, read by id,
+refused when foreign, one line when damaged."""
+
+import json
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from guidedflow import captions
+from guidedflow import errors
+from guidedflow import text_cache
+
+
+class _Encoder:
+  """A stand-in frozen encoder: bytes as tokens, a fixed random table as hidden states."""
+
+  def __init__(self, seed=0, max_length=24, width=16):
+    self.name, self.max_length, self.width = 'stand-in', max_length, width
+    self.fingerprint = f'table-{seed}'
+    self._table = np.random.default_rng(seed).normal(size=(259, width)).astype(np.float32)
+
+  def tokenize(self, texts):
+    ids = np.zeros((len(texts), self.max_length), np.int32)
+    for i, text in enumerate(texts):
+      row = [b + 3 for b in text.encode()][:self.max_length]
+      ids[i, :len(row)] = row
+    return ids, (ids > 0).astype(np.int32)
+
+  def encode(self, ids, mask):
+    hidden = self._table[ids] * mask[..., None]
+    pooled = hidden.sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+    return {'hidden': hidden, 'pooled': pooled}
+
+
+TEXTS = captions.caption_table()[:150]
+
+
+@pytest.mark.parametrize('dtype,tolerance', [('float32', 0), ('float16', 2e-3),
+                                             ('bfloat16', 1e-2)])
+def test_the_cache_returns_the_encoders_outputs_by_caption_id(tmp_path, dtype, tolerance):
+  encoder = _Encoder()
+  cache = text_cache.open_or_write(encoder, TEXTS, tmp_path / 'c', dtype=dtype, batch_size=32)
+  ids = np.array([149, 0, 77, 77, 31])
+  got = cache.get(ids)
+  tokens, mask = encoder.tokenize([TEXTS[i] for i in ids])
+  want = encoder.encode(tokens, mask)
+  np.testing.assert_allclose(got['text_hidden'], want['hidden'], rtol=tolerance, atol=tolerance)
+  np.testing.assert_allclose(got['text_pooled'], want['pooled'], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(got['text_mask'], mask)
+  assert json.loads((tmp_path / 'c' / 'captions.json').read_text()) == TEXTS
+  meta = json.loads((tmp_path / 'c' / 'meta.json').read_text())
+  assert meta['num_captions'] == 150 and meta['dtype'] == dtype
+
+
+def test_a_foreign_cache_is_refused_and_kept(tmp_path):
+  text_cache.open_or_write(_Encoder(), TEXTS, tmp_path / 'c')
+  before = (tmp_path / 'c' / 'hidden.npy').read_bytes()
+  with pytest.raises(text_cache.TextCacheMismatchError, match='fingerprint') as e:
+    text_cache.open_or_write(_Encoder(seed=1), TEXTS, tmp_path / 'c')
+  assert '\n' not in str(e.value) and 'text.cache_dir' in str(e.value)
+  with pytest.raises(text_cache.TextCacheMismatchError, match='captions'):
+    text_cache.open_or_write(_Encoder(), TEXTS[:-1] + ['another caption'], tmp_path / 'c')
+  assert (tmp_path / 'c' / 'hidden.npy').read_bytes() == before
+
+
+def test_a_damaged_cache_is_one_line_naming_the_file(tmp_path):
+  text_cache.open_or_write(_Encoder(), TEXTS, tmp_path / 'c')
+  hidden = tmp_path / 'c' / 'hidden.npy'
+  with open(hidden, 'r+b') as f:
+    f.seek(os.path.getsize(hidden) - 10)
+    f.write(b'\x7f\x7f')
+  with pytest.raises(errors.DataError) as e:
+    text_cache.TextCache(tmp_path / 'c')
+  assert str(hidden) in str(e.value) and 'CRC-32' in str(e.value) and '\n' not in str(e.value)
+
+
+def test_the_cache_is_streamed_not_held_in_ram(tmp_path):
+  encoder = _Encoder(width=64)
+  texts = captions.caption_table()[:1024]
+  text_cache.write(encoder, texts[:64], tmp_path / 'warm', batch_size=32)
+  tracemalloc.start()
+  try:
+    text_cache.write(encoder, texts, tmp_path / 'c', dtype='float32', batch_size=32)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  size = os.path.getsize(tmp_path / 'c' / 'hidden.npy')
+  assert size > 6_000_000 and peak < size / 4, (peak, size)
