@@ -230,3 +230,11 @@ def test_input_pipeline_smoke():
         r['batches_per_s'] * r['batch_size'], rel=0.01, abs=1)
     assert r['ratio_to_old_sync'] > 0 and r['first_batch_ms'] >= 0
   assert all(r['ratio_to_old_sync'] == 1.0 for r in rows if r['path'] == 'old-sync')
+
+
+def test_captions_benchmark_reproduces_the_terciles_and_draws_the_grid(tmp_path):
+  out = _run('captions.py', f'--out={tmp_path / "grid.png"}', '--repeats=5', '--step_ms=300')
+  recomputed = float(out.split('max |recomputed - documented| / documented:')[1].split()[0])
+  assert recomputed < 2e-6
+  assert 'caption table: 3960 captions' in out and 'held out: dark sneaker' in out
+  assert '% of a 300 ms train step' in out and os.path.getsize(tmp_path / 'grid.png') > 10_000
