@@ -279,9 +279,10 @@ def export_state_dict(model: clip_text.ClipTextEncoder, layout: str = 'transform
   default prefix is 'text_model.' in 'transformers' (CLIPTextModelWithProjection's), '' else."""
   prefix = (_TEXT_MODEL if layout == 'transformers' else '') if prefix is None else prefix
   out: dict[str, list] = {}
-  for target in _targets(model, layout, prefix):
+  for target in _targets(model, layout, prefix):  # q, k, v come in any order: place by chunk
     value = np.asarray(target.variable.get_value())
-    out.setdefault(target.key, []).append(value.T if target.transpose else value)
+    parts = out.setdefault(target.key, [None] * (1 if target.chunk is None else 3))
+    parts[target.chunk or 0] = value.T if target.transpose else value
   return {k: np.ascontiguousarray(np.concatenate(v) if len(v) > 1 else v[0])
           for k, v in out.items()}
 
