@@ -235,8 +235,16 @@ def test_weights_errors_are_one_line(tmp_path):
   with pytest.raises(clip_text_weights.ClipTextWeightsMismatchError) as e:
     clip_text_weights.load_clip_text(_path('a'), 'openai-vit-l-14')
   text = _one_line(e.value)
-  assert "'openai-vit-l-14'" in text and 'mis-shaped' in text
-  assert 'width=32, layers=2, vocab_size=153, max_length=16, mlp_dim=64' in text
+  assert "'openai-vit-l-14': it has width=768, layers=12" in text
+  assert 'the file holds width=32, layers=2, vocab_size=153, max_length=16, mlp_dim=64' in text
+  # ... and a preset's weights under another preset's name: the right preset is named.
+  vit_h = nnx.eval_shape(lambda: clip_text.ClipTextEncoder('openclip-vit-h-14', rngs=nnx.Rngs(0)))
+  big = {k: jax.ShapeDtypeStruct(shape, jnp.float32)
+         for k, shape in clip_text_weights.expected_shapes(vit_h, 'open_clip').items()}
+  model = nnx.eval_shape(lambda: clip_text.ClipTextEncoder('openai-vit-l-14', rngs=nnx.Rngs(0)))
+  with pytest.raises(clip_text_weights.ClipTextWeightsMismatchError) as e:
+    clip_text_weights.load_into(model, big, dry_run=True, source='open_clip_model.safetensors')
+  assert "load them as 'openclip-vit-h-14'" in _one_line(e.value)
   with pytest.raises(clip_text_weights.ClipTextWeightsNotFoundError) as e:
     clip_text_weights.load_clip_text(tmp_path / 'nothing.safetensors')
   assert 'nothing.safetensors' in _one_line(e.value) and isinstance(e.value, errors.DataError)

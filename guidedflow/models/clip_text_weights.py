@@ -217,18 +217,25 @@ def infer_sizes(state_dict: Mapping[str, Any], layout: str, prefix: str) -> dict
                   proj.shape[1] if layout == 'open_clip' else proj.shape[0]))
 
 
-def _hint(state_dict, layout, prefix) -> str:
+_SIZES = ('width', 'layers', 'vocab_size', 'max_length', 'mlp_dim')
+
+
+def _sizes_problem(state_dict, layout, prefix, config) -> str | None:
+  """Why the weights are another encoder's (their sizes and the preset they match), or None
+  when their sizes are `config`'s (or cannot be read)."""
   try:
     sizes = infer_sizes(state_dict, layout, prefix)
   except (KeyError, ValueError, IndexError):
-    return 'they are not a CLIP text encoder\'s.'
-  fields = ('width', 'layers', 'vocab_size', 'max_length', 'mlp_dim')
-  names = [n for n, c in clip_text.CONFIGS.items()
-           if all(getattr(c, f) == sizes[f] for f in fields)]
-  shown = ', '.join(f'{f}={sizes[f]}' for f in fields + ('projection_dim',))
+    return None
+  if all(getattr(config, f) == sizes[f] for f in _SIZES):
+    return None
+  names = [n for n, c in clip_text.CONFIGS.items() if all(getattr(c, f) == sizes[f]
+                                                          for f in _SIZES)]
   fix = (f"load them as {' or '.join(repr(n) for n in names)}" if names else
-         'pass a ClipTextConfig with these sizes (clip_text.ClipTextConfig)')
-  return f'The file holds {shown}: {fix}.'
+         'pass a clip_text.ClipTextConfig with these sizes')
+  wanted = ', '.join(f'{f}={getattr(config, f)}' for f in _SIZES)
+  held = ', '.join(f'{f}={sizes[f]}' for f in _SIZES + ('projection_dim',))
+  return f'it has {wanted}, the file holds {held}: {fix}'
 
 
 def load_into(model: clip_text.ClipTextEncoder, state_dict: Mapping[str, np.ndarray], *,
@@ -245,19 +252,21 @@ def load_into(model: clip_text.ClipTextEncoder, state_dict: Mapping[str, np.ndar
     source, encoder: name the file and the encoder in error messages.
 
   Raises:
-    ClipTextWeightsMismatchError (a ConfigError): one line naming the missing, unexpected and
-      mis-shaped keys, and the preset the file's sizes match; nothing is assigned then.
+    ClipTextWeightsMismatchError (a ConfigError): one line: the file's sizes and the preset
+      they match when they are not the model's, else the missing, unexpected and mis-shaped
+      keys; nothing is assigned then.
   """
   if layout is None or prefix is None:
     layout, prefix = detect_layout(state_dict, prefix, source)
   targets = _targets(model, layout, prefix)
   missing, unexpected, misshaped = _check(targets, state_dict, layout, prefix)
   if missing or unexpected or misshaped:
-    problems = '; '.join(_listed(items, title) for items, title in (
-        (missing, 'missing'), (unexpected, 'unexpected'), (misshaped, 'mis-shaped')) if items)
+    problems = _sizes_problem(state_dict, layout, prefix, model.config) or '; '.join(
+        _listed(items, title) for items, title in (
+            (missing, 'missing'), (unexpected, 'unexpected'), (misshaped, 'mis-shaped')) if items)
     raise ClipTextWeightsMismatchError(
         f'{source}: the weights ({layout} layout, prefix {prefix!r}) do not match the CLIP text '
-        f'encoder {encoder}: {problems}. {_hint(state_dict, layout, prefix)}')
+        f'encoder {encoder}: {problems}.')
   if not dry_run:
     for target in targets:
       value = np.asarray(state_dict[target.key])
@@ -271,6 +280,14 @@ def load_into(model: clip_text.ClipTextEncoder, state_dict: Mapping[str, np.ndar
   assert all(not k.startswith(scope) or k[len(scope):].startswith(_IGNORED[layout])
              for k in ignored)
   return LoadReport(layout, prefix, used, ignored)
+
+
+def expected_shapes(model: clip_text.ClipTextEncoder, layout: str = 'transformers', *,
+                    prefix: str | None = None) -> dict[str, tuple[int, ...]]:
+  """Source key → shape of the weights `model` reads in `layout` (`nnx.eval_shape` models too);
+  prefix as in `export_state_dict`."""
+  prefix = (_TEXT_MODEL if layout == 'transformers' else '') if prefix is None else prefix
+  return {t.key: t.source_shape for t in _targets(model, layout, prefix)}
 
 
 def export_state_dict(model: clip_text.ClipTextEncoder, layout: str = 'transformers', *,
