@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from guidedflow import batches
+from guidedflow import caption_data
 from guidedflow import errors
 from guidedflow import fashion_mnist
 from guidedflow import image_folder
@@ -248,8 +249,9 @@ def create_dataset(input_config: Any, split: str) -> Dataset:
 
   Args:
     input_config: the config's `input` group (ConfigDict, dict or any attribute object) with
-      `dataset` ('fashion_mnist' | 'tfds:<name>' | 'imagefolder'), `data_dir`, `image_key`,
-      `label_key`, `num_classes`, `image_size` (> 0: ADM center crop, `image_folder`).
+      `dataset` ('fashion_mnist' | 'tfds:<name>' | 'imagefolder' | 'caption_folder' |
+      'webdataset'), `data_dir`, `image_key`, `label_key`, `num_classes`, `image_size` (> 0: ADM
+      center crop, `image_folder`), `caption_column` (`caption_data`).
     split: split name, e.g. `input_config.train_split` ('train') or `eval_split` ('test'); TFDS
       slicing like 'train[:90%]' works for TFDS datasets.
   """
@@ -260,6 +262,11 @@ def create_dataset(input_config: Any, split: str) -> Dataset:
   if dataset == 'imagefolder':
     return image_folder.ImageFolderDataset(data_dir or '', split, image_size=image_size,
                                            num_classes=num_classes)
+  if dataset == 'caption_folder':
+    return caption_data.CaptionFolderDataset(data_dir or '', split, image_size=image_size,
+                                             caption_column=_cfg(input_config, 'caption_column'))
+  if dataset == 'webdataset':
+    return caption_data.WebDatasetShards(data_dir or '', split, image_size=image_size)
   if dataset == 'fashion_mnist':
     images, labels = load_fashion_mnist(data_dir, split)
     return ArrayDataset(images, labels, num_classes=num_classes, name=dataset, split=split)
@@ -267,8 +274,10 @@ def create_dataset(input_config: Any, split: str) -> Dataset:
     return _tfds_dataset(dataset[5:], split, data_dir, _cfg(input_config, 'image_key'),
                          _cfg(input_config, 'label_key'), num_classes, image_size)
   raise DataError(f'Unknown dataset {dataset!r}: set --config.input.dataset to '
-                  "'fashion_mnist', 'tfds:<name>' (a TFDS dataset prepared as array_record) or "
-                  "'imagefolder' (class folders of JPEGs under input.data_dir/<split>).")
+                  "'fashion_mnist', 'tfds:<name>' (a TFDS dataset prepared as array_record), "
+                  "'imagefolder' (class folders of JPEGs under input.data_dir/<split>), "
+                  "'caption_folder' (input.data_dir/<split>/metadata.jsonl and its images) or "
+                  "'webdataset' (.tar shards: input.data_dir/<split>/*.tar or a glob).")
 
 
 def take(dataset: Dataset, num_examples: int) -> Dataset:

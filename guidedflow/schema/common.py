@@ -12,8 +12,10 @@ from ml_collections import config_dict
 def data(**overrides):
   """The `input` section: which dataset, where, and its splits."""
   section = ml_collections.ConfigDict()
-  section.dataset = 'fashion_mnist'  # 'fashion_mnist' | 'tfds:<name>' (array_record) | 'imagefolder'
-  # None: /usr/share/datasets/fashion-mnist (or the TFDS default); imagefolder: <data_dir>/<split>
+  # 'fashion_mnist' | 'tfds:<name>' (array_record) | 'imagefolder' | 'caption_folder' | 'webdataset'
+  section.dataset = 'fashion_mnist'
+  # None: /usr/share/datasets/fashion-mnist (or the TFDS default); imagefolder, caption_folder:
+  # <data_dir>/<split>; webdataset: <data_dir>/<split>/*.tar, or a glob ('{split}' replaced)
   section.data_dir = config_dict.placeholder(str)
   section.image_key = 'image'        # feature names (TFDS datasets)
   section.label_key = 'label'
@@ -30,6 +32,7 @@ def image_data(**overrides):
   section = data()
   section.space = 'pixels'           # 'pixels' | 'latents' (train on config.autoencoder's latents)
   section.image_size = 0             # > 0: ADM center crop to this size (ImageFolder / TFDS JPEGs)
+  section.caption_column = 'text'    # caption_folder: metadata.jsonl's column of the captions
   section.update(overrides)
   return section
 
