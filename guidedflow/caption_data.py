@@ -200,13 +200,19 @@ def shard_files(pattern_or_dir, split):
 
 def _index_shard(path):
   """[(key, image member name, offset, size, caption)] of one shard, in member order."""
-  if os.path.getsize(path) == 0:
+  file_size = os.path.getsize(path)
+  if file_size == 0:
     raise errors.DataError(f'WebDataset shard {path} is empty (0 bytes): write it again or '
                            'remove it from the shard folder.')
   images, texts, order = {}, {}, []
+  truncated = errors.DataError(
+      f'WebDataset shard {path} is truncated (it ends before its last member or has no '
+      'end-of-archive blocks): copy or write it again.')
   try:
     with tarfile.open(path, 'r:') as tar:  # uncompressed: the offsets are the file's
       for member in tar:
+        if member.offset_data + member.size > file_size:
+          raise truncated
         if not member.isfile():
           continue
         folder, name = os.path.split(member.name)
@@ -220,6 +226,10 @@ def _index_shard(path):
           images[key] = (member.name, member.offset_data, member.size)
         elif ext == 'txt':
           texts[key] = tar.extractfile(member).read()
+      # tarfile stops without a word at a cut between members: the end marker (zero blocks,
+      # at `tar.offset` once read) must be there.
+      if file_size < tar.offset + tarfile.BLOCKSIZE:
+        raise truncated
   except tarfile.TarError as e:
     raise errors.DataError(
         f'WebDataset shard {path} is not a readable tar file ({_line(e) or type(e).__name__}): '

@@ -266,6 +266,16 @@ def test_shard_errors_name_the_shard_and_the_fix(tmp_path):
   check('train-00001.tar', lambda p: p.write_bytes(b'just text, no tar ' * 40),
         'not a readable tar file')
   check('train-00001.tar', lambda p: tarfile.open(p, 'w').close(), 'holds no samples')
+
+  def cut(path, at_member_end):  # an interrupted copy: inside a member, or between two
+    write_shard(path, [5, 6])
+    with tarfile.open(path) as tar:
+      end = max(m.offset_data + m.size for m in tar)
+    path.write_bytes(path.read_bytes()[:-(-end // 512) * 512 if at_member_end else end - 10])
+
+  for at_member_end in (False, True):
+    assert 'write it again' in check('train-00001.tar', lambda p, a=at_member_end: cut(p, a),
+                                     'is truncated')
   message = check('train-00001.tar', lambda p: write_shard(p, [7], skip=('txt',)),
                   'sample shard/000007 has shard/000007.jpg but no shard/000007.txt')
   assert 'add the caption' in message
