@@ -15,6 +15,7 @@ cancel as random ones, about 2⁻³². The cost is one elementwise pass, no host
 latent cache): size and CRC-32, checked when the file is opened.
 """
 
+import hashlib
 import mmap
 import os
 import zlib
@@ -118,3 +119,14 @@ def file_damage(path, record):
   if file_record(path)['crc32'] != record['crc32']:
     return 'its bytes changed since it was written (CRC-32 mismatch)'
   return None
+
+
+def fingerprint(params, salt=''):
+  """16 hex digits that name a tree of weights (with `salt`): the identity of an encoder whose
+  outputs a cache holds (SHA-256 of every leaf's path and float32 bytes, in path order)."""
+  digest = hashlib.sha256(str(salt).encode())
+  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params),
+                           key=lambda item: jax.tree_util.keystr(item[0])):
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+  return digest.hexdigest()[:16]

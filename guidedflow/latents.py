@@ -16,7 +16,6 @@ Horizontal flips (fast-DiT's recipe, `autoencoder.flip`): example e of a latent 
 image e // 2, mirrored when e is odd; the dataset has twice the images' examples.
 """
 
-import hashlib
 import json
 
 from absl import logging
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from guidedflow import checksums
 from guidedflow import errors
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
@@ -56,7 +56,7 @@ class LatentSpace:
     self.downsample_factor = int(model.downsample_factor)
     self.latent_channels = int(model.latent_channels)
     self.in_channels = int(model.in_channels)
-    self.fingerprint = _fingerprint(self.params, self.shift, self.scale)
+    self.fingerprint = checksums.fingerprint(self.params, salt=f'{self.shift:.6g}/{self.scale:.6g}')
     self._encode = jax.jit(lambda params, x: self._model(params).encode(x))
 
   def _model(self, params):
@@ -109,15 +109,6 @@ class CompileStandIn:
       self.downsample_factor = int(model.downsample_factor)
       self.latent_channels = int(model.latent_channels)
       self.in_channels = int(model.in_channels)
-
-
-def _fingerprint(params, shift, scale):
-  digest = hashlib.sha256(f'{shift:.6g}/{scale:.6g}'.encode())
-  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params),
-                           key=lambda item: jax.tree_util.keystr(item[0])):
-    digest.update(jax.tree_util.keystr(path).encode())
-    digest.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
-  return digest.hexdigest()[:16]
 
 
 def load(config):

@@ -73,13 +73,13 @@ def prepare(workdir, mode):
 
   Args:
     workdir: local path or gs://.
-    mode: 'train' (created if missing) or another mode of guidedflow.main (must exist: it holds
-      the checkpoints to sample or evaluate; outputs are written into it, so it must be
-      writable too).
+    mode: 'train', 'compile' or 'encode' (created if missing: they write a run's first files)
+      or another mode of guidedflow.main (must exist: it holds the checkpoints to sample or
+      evaluate; outputs are written into it, so it must be writable too).
 
   Raises:
     WorkdirError: not a directory, cannot be created, or not writable; one line with the fix.
-    CheckpointNotFoundError: a mode other than 'train' on a workdir that does not exist.
+    CheckpointNotFoundError: sample or evaluate on a workdir that does not exist.
   """
   path = epath.Path(workdir)
   if path.exists() and not path.is_dir():
@@ -87,7 +87,7 @@ def prepare(workdir, mode):
                        'is created when missing).')
   created = False
   if not path.exists():
-    if mode not in ('train', 'compile'):
+    if mode not in ('train', 'compile', 'encode'):  # these write a run's first files
       raise errors.CheckpointNotFoundError(
           f'No checkpoint to {mode}: --workdir {workdir} does not exist. Train first: '
           f'python -m guidedflow.main --config <config> --workdir {workdir}')

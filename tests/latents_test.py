@@ -299,7 +299,7 @@ def test_a_damaged_cache_stops_the_command_line_in_one_line(autoencoder_dir, lat
   shutil.copytree(os.path.join(latent_run[0], 'latent_cache'), cache)
   name = _damage(cache / 'train', 'changed')
   before = (cache / 'train' / name).read_bytes()
-  (tmp_path / 'run').mkdir()
+
   overrides = ['--config.model.variant=test/1', '--config.input.space=latents',
                '--config.input.num_train_examples=96', '--config.eval.num_examples=40',
                f'--config.autoencoder.workdir={autoencoder_dir}',

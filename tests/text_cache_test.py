@@ -88,3 +88,50 @@ def test_the_cache_is_streamed_not_held_in_ram(tmp_path):
     tracemalloc.stop()
   size = os.path.getsize(tmp_path / 'c' / 'hidden.npy')
   assert size > 6_000_000 and peak < size / 4, (peak, size)
+
+
+# ------------------------------------------------------------- through the command line
+
+
+def _main(workdir, *args, mode='encode'):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests import subprocess_env  # pylint: disable=g-import-not-at-top
+  return subprocess.run(
+      [sys.executable, '-m', 'guidedflow.main', '--config', 'configs/tiny.py',
+       f'--workdir={workdir}', f'--mode={mode}', *args], cwd=subprocess_env.REPO,
+      env=subprocess_env.env(), capture_output=True, text=True, timeout=600)
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+
+
+@pytest.mark.parametrize('encoder,folder', [('clip', 'clip/a_quick_gelu'), ('t5', 't5/sharded')])
+def test_encode_writes_the_fashion_mnist_caption_cache_of_a_real_weight_folder(tmp_path, encoder,
+                                                                               folder):
+  """`--mode=encode` with the parity fixtures' transformers folders (tokenizer found beside)."""
+  proc = _main(tmp_path / 'run', f'--config.text.encoder={encoder}',
+               f'--config.text.weights={os.path.join(FIXTURES, folder)}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  meta = json.loads(proc.stdout.strip().splitlines()[-1])['text']
+  assert meta['num_captions'] == 3960 and meta['captions'] == text_cache.captions_digest(
+      captions.caption_table())
+  cache = text_cache.TextCache(tmp_path / 'run' / 'text_cache')
+  got = cache.get([0, 3959])
+  assert got['text_hidden'].shape == (2, meta['max_length'], meta['width'])
+  assert got['text_mask'][0].sum() < got['text_mask'][1].sum()  # 'a T-shirt' is the shortest
+  again = _main(tmp_path / 'run', f'--config.text.encoder={encoder}',
+                f'--config.text.weights={os.path.join(FIXTURES, folder)}')
+  assert again.returncode == 0 and 'Writing the text cache' not in again.stderr  # reused
+
+
+def test_text_config_errors_are_one_line(tmp_path):
+  from tests import subprocess_env  # pylint: disable=g-import-not-at-top
+  line = subprocess_env.one_error_line
+  line(_main(tmp_path / 'a', '--config.text.encoder=clip'), '--config.text.weights=DIR')
+  line(_main(tmp_path / 'b', '--config.text.encoder=clip',
+             f'--config.text.weights={os.path.join(FIXTURES, "t5", "single")}'),
+       'model.safetensors', 'CLIP')
+  line(_main(tmp_path / 'c', '--config.text.encoder=trained', mode='train'),
+       'text.encoder', 'issue 48', '--config.text.encoder=none')
+  assert not os.path.exists(tmp_path / 'a') and not os.path.exists(tmp_path / 'c')

@@ -71,6 +71,17 @@ def get_config():
   config.autoencoder.batch_size = 256  # encoding batch
   config.autoencoder.workers = 0       # grain worker processes decoding JPEGs while encoding
 
+  # ---- Text (captions as y; guidedflow/text_encoders.py, text_cache.py). For now a frozen
+  # encoder's outputs are cached by --mode=encode; text-conditioned training is issue 48.
+  config.text = ml_collections.ConfigDict()
+  config.text.encoder = 'none'         # 'none' | 'clip' | 't5' | 'trained' (small, trained with the generator)
+  config.text.weights = config_dict.placeholder(str)  # clip / t5: a Hugging Face model folder
+  config.text.tokenizer = config_dict.placeholder(str)  # None: found in or beside text.weights
+  config.text.max_length = config_dict.placeholder(int)  # None: the encoder's (77 CLIP, 120 T5, 64 trained)
+  config.text.cache_dir = config_dict.placeholder(str)  # None: <workdir>/text_cache
+  config.text.cache_dtype = 'float16'  # 'float16' | 'bfloat16' | 'float32' (hidden states on disk)
+  config.text.batch_size = 64          # encoding batch
+
   # ---- Training loop.
   config.train = common.train(
       # Steps to train; None with train.time_budget_minutes > 0: the run measures its step rate

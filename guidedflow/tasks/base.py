@@ -106,7 +106,8 @@ class Task:
     del workdir  # Unused.
     raise errors.ConfigError(f'--mode=encode does not apply to config.task={self.name!r} '
                              f'({self.description}): it writes the latent cache of a latent '
-                             "generator (config.input.space='latents').")
+                             "generator (config.input.space='latents') and the text cache of a "
+                             "generator's frozen text encoder (config.text.encoder).")
 
   def sample(self, workdir):
     del workdir  # Unused.

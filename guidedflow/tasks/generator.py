@@ -21,6 +21,7 @@ from guidedflow import atomic
 from guidedflow import errors
 from guidedflow import evaluate as evaluate_lib
 from guidedflow import feature_networks
+from guidedflow import captions
 from guidedflow import images as images_lib
 from guidedflow import latent_cache
 from guidedflow import latents
@@ -28,6 +29,8 @@ from guidedflow import losses
 from guidedflow import paths
 from guidedflow import sampler as sampler_lib
 from guidedflow import run_context
+from guidedflow import text_cache
+from guidedflow import text_encoders
 from guidedflow.models import precision
 from guidedflow.models import factory
 from guidedflow.tasks import base
@@ -111,17 +114,43 @@ class GeneratorTask(base.Task):
         dtype=config.cache_dtype, workers=config.workers,
         process_local=which == 'train')
 
+  def prepare(self):
+    if self.config.text.encoder != 'none':
+      raise errors.ConfigError(
+          f"config.text.encoder='{self.config.text.encoder}': text-conditioned generators are "
+          'not built yet (issue 48); --mode=encode writes the text cache of a frozen encoder. '
+          "Set --config.text.encoder=none to train on class labels.")
+
   def encode(self, workdir):
-    """--mode=encode: writes the latent cache of the train and eval splits (when absent) and
-    returns what each holds and how fast it was encoded."""
-    if self.latent_space() is None:
-      return super().encode(workdir)
-    if not self.config.autoencoder.cache:
-      raise errors.ConfigError('--mode=encode writes the latent cache, but '
-                               'config.autoencoder.cache=False encodes on the fly.')
-    return {which: dict(dataset.meta, directory=os.fspath(dataset.directory))
-            for which, dataset in (('train', self.train_dataset()),
-                                   ('eval', self.eval_dataset()))}
+    """--mode=encode: writes the latent cache of the train and eval splits and the text cache
+    of the caption set (each when absent) and returns what each holds and how fast it was
+    encoded."""
+    out = {}
+    if self.config.text.encoder != 'none':
+      out['text'] = self._text_cache(workdir)
+    if self.latent_space() is not None:
+      if not self.config.autoencoder.cache:
+        raise errors.ConfigError('--mode=encode writes the latent cache, but '
+                                 'config.autoencoder.cache=False encodes on the fly.')
+      out.update({which: dict(dataset.meta, directory=os.fspath(dataset.directory))
+                  for which, dataset in (('train', self.train_dataset()),
+                                         ('eval', self.eval_dataset()))})
+    return out or super().encode(workdir)
+
+  def _text_cache(self, workdir):
+    text = self.config.text
+    if text.encoder not in text_encoders.FROZEN:
+      raise errors.ConfigError(f"config.text.encoder='{text.encoder}' is trained with the "
+                               'generator: it has no frozen outputs to cache (clip or t5 have).')
+    if self.config.input.dataset != 'fashion_mnist':
+      raise errors.ConfigError(
+          f"the text cache of config.input.dataset='{self.config.input.dataset}' is not built "
+          "yet: --mode=encode caches the captions of 'fashion_mnist' (captions.py).")
+    directory = text.cache_dir or os.path.join(workdir, 'text_cache')
+    cache = text_cache.open_or_write(text_encoders.load(self.config), captions.caption_table(),
+                                     directory, dtype=text.cache_dtype,
+                                     batch_size=text.batch_size)
+    return dict(cache.meta, directory=os.fspath(cache.directory))
 
   def loss(self, model, batch, key):
     config = self.config.loss

@@ -19,6 +19,8 @@ from guidedflow import losses
 from guidedflow import models
 from guidedflow import paths
 from guidedflow import sampling
+from guidedflow import text_cache
+from guidedflow import text_encoders
 from guidedflow import validation
 from guidedflow.models import dit
 from guidedflow.models import precision
@@ -43,6 +45,8 @@ _GENERATOR_CHOICES = {
     'sampling.gather_weights': (True, False),
     'sampling.cpu_dots': precision.CPU_DOTS,
     'train.cpu_dots': precision.TRAIN_CPU_DOTS,
+    'text.encoder': text_encoders.ENCODERS,
+    'text.cache_dtype': text_cache.DTYPES,
 }
 # The documented range of w and w_c (docs/evaluation.md): beyond it samples saturate (w = 1e9
 # gives all-black and all-white images); outside it is allowed, with a warning.
@@ -50,7 +54,7 @@ GUIDANCE_RANGE = (0.0, 10.0)
 _GENERATOR_POSITIVE = (
     'sampling.num_steps', 'sampling.num_samples', 'sampling.batch_size',
     'sampling.grid_samples_per_class', 'eval.samples_per_class', 'eval.num_real_images',
-    'eval.nearest_k', 'eval.grid_rows_per_class')
+    'eval.nearest_k', 'eval.grid_rows_per_class', 'text.batch_size')
 
 
 def validate(config):
@@ -67,6 +71,7 @@ def validate(config):
     raise errors.ConfigError('config.sampling.guidance_scale must be a finite number.')
   _check_classifier_guidance(config)
   _warn_outside_range(config)
+  _check_text(config)
   for key in ('train.cpu_dots', 'sampling.cpu_dots'):
     if validation.value(config, key) == 'onednn' and precision.jaxlib_version_tuple() < precision.ONEDNN_SINCE:
       raise errors.ConfigError(
@@ -106,6 +111,19 @@ def _check_grid(config):
     raise errors.ConfigError(
         f'config.sampling.grid_classes={classes!r} must be None (every class) or class ids in '
         f'[0, {num_classes - 1}], e.g. --config.sampling.grid_classes=0,3,8')
+
+
+def _check_text(config):
+  text = config.text
+  if text.max_length is not None and (not isinstance(text.max_length, int)
+                                      or text.max_length < 3):
+    raise errors.ConfigError(f'config.text.max_length={text.max_length!r} must be None (the '
+                             "encoder's own) or an integer >= 3 (tokens, the special ones "
+                             'included).')
+  if text.encoder in text_encoders.FROZEN and not text.weights:
+    raise errors.ConfigError(f"config.text.encoder='{text.encoder}' needs its weights: "
+                             "--config.text.weights=DIR (the encoder's Hugging Face folder, "
+                             'e.g. text_encoder/ of a Stable Diffusion repository).')
 
 
 def _warn_outside_range(config):
