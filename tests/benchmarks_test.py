@@ -238,3 +238,11 @@ def test_captions_benchmark_reproduces_the_terciles_and_draws_the_grid(tmp_path)
   assert recomputed < 2e-6
   assert 'caption table: 3960 captions' in out and 'held out: dark sneaker' in out
   assert '% of a 300 ms train step' in out and os.path.getsize(tmp_path / 'grid.png') > 10_000
+
+
+def test_text_encoders_benchmark_smoke():
+  out = _run('text_encoders.py', '--encoders=test', '--batch=4', '--repeats=1')
+  row = [line for line in out.splitlines() if line.startswith('| test |')]
+  assert len(row) == 1 and 'CPU:' in out
+  cells = [c.strip() for c in row[0].strip('|').split('|')]
+  assert float(cells[4]) > 0 and cells[6].endswith('min')
