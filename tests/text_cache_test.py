@@ -135,3 +135,22 @@ def test_text_config_errors_are_one_line(tmp_path):
   line(_main(tmp_path / 'c', '--config.text.encoder=trained', mode='train'),
        'text.encoder', 'issue 48', '--config.text.encoder=none')
   assert not os.path.exists(tmp_path / 'a') and not os.path.exists(tmp_path / 'c')
+
+
+def test_encode_caches_each_split_of_an_image_caption_folder(tmp_path):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from guidedflow.tasks import registry  # pylint: disable=g-import-not-at-top
+  from tests import caption_data_test  # pylint: disable=g-import-not-at-top
+  caption_data_test.make_folder(tmp_path / 'data', 'train', num=6)
+  caption_data_test.make_folder(tmp_path / 'data', 'test', num=3)
+  config = tiny.get_config()
+  config.input.dataset, config.input.data_dir = 'caption_folder', str(tmp_path / 'data')
+  config.input.image_size = 8
+  config.text.encoder = 'clip'
+  config.text.weights = os.path.join(FIXTURES, 'clip', 'a_quick_gelu')
+  registry.prepare(config)
+  out = registry.get_task(config, str(tmp_path / 'run')).encode(str(tmp_path / 'run'))
+  assert out['text']['train']['num_captions'] == 6 and out['text']['eval']['num_captions'] == 3
+  train = text_cache.TextCache(tmp_path / 'run' / 'text_cache' / 'train')
+  assert json.loads((train.directory / 'captions.json').read_text())[4] == \
+      caption_data_test._caption(4)  # pylint: disable=protected-access

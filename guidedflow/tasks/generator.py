@@ -138,19 +138,30 @@ class GeneratorTask(base.Task):
     return out or super().encode(workdir)
 
   def _text_cache(self, workdir):
+    """The text cache of the caption set: for Fashion-MNIST the caption table (one cache),
+    for an image–caption dataset every example's caption, one cache per split."""
     text = self.config.text
     if text.encoder not in text_encoders.FROZEN:
       raise errors.ConfigError(f"config.text.encoder='{text.encoder}' is trained with the "
                                'generator: it has no frozen outputs to cache (clip or t5 have).')
-    if self.config.input.dataset != 'fashion_mnist':
-      raise errors.ConfigError(
-          f"the text cache of config.input.dataset='{self.config.input.dataset}' is not built "
-          "yet: --mode=encode caches the captions of 'fashion_mnist' (captions.py).")
-    directory = text.cache_dir or os.path.join(workdir, 'text_cache')
-    cache = text_cache.open_or_write(text_encoders.load(self.config), captions.caption_table(),
-                                     directory, dtype=text.cache_dtype,
-                                     batch_size=text.batch_size)
-    return dict(cache.meta, directory=os.fspath(cache.directory))
+    if self.config.input.dataset == 'fashion_mnist':
+      sets = {'captions': captions.caption_table()}
+    else:
+      splits = {'train': self.pixel_train_dataset(), 'eval': self.pixel_eval_dataset()}
+      if not all(hasattr(d, 'caption_table') for d in splits.values()):
+        raise errors.ConfigError(
+            f"config.input.dataset='{self.config.input.dataset}' has no captions: the text "
+            "cache encodes those of 'fashion_mnist', 'caption_folder' or 'webdataset'.")
+      sets = {split: d.caption_table() for split, d in splits.items()}
+    encoder = text_encoders.load(self.config)
+    root = text.cache_dir or os.path.join(workdir, 'text_cache')
+    out = {}
+    for name, texts in sets.items():
+      directory = root if len(sets) == 1 else os.path.join(root, name)
+      cache = text_cache.open_or_write(encoder, texts, directory, dtype=text.cache_dtype,
+                                       batch_size=text.batch_size)
+      out[name] = dict(cache.meta, directory=os.fspath(cache.directory))
+    return out['captions'] if len(sets) == 1 else out
 
   def loss(self, model, batch, key):
     config = self.config.loss
