@@ -34,28 +34,33 @@ def cfg_combine(cond, uncond, guidance_scale):
   return (1.0 - w) * uncond + w * cond
 
 
-def guided_prediction(model_fn, x, t, y, *, null_label, guidance_scale):
+def guided_prediction(model_fn, x, t, y, *, null_label, guidance_scale, null_y=None):
   """CFG prediction from ONE model call on the doubled batch: x with labels y and with ∅.
 
   Args:
     model_fn: (x, t, y) -> prediction of x's shape; t has shape (2B,).
     x: (B, ...) states.
     t: scalar or (B,) times.
-    y: (B,) int labels (may already hold the null label).
+    y: (B,) int labels (may already hold the null label), or a pytree of (B, ...) arrays (a
+      text condition).
     null_label: the index of ∅ (= number of classes).
     guidance_scale: w, scalar or (B,).
+    null_y: what takes ∅'s place, a pytree like `y` (a text model's null condition, or a
+      negative prompt); None: `y` with every label ∅.
 
   Returns:
     (1 − w) model(x, t, ∅) + w model(x, t, y), shape (B, ...). Costs 2 evaluations per sample.
   """
   batch = x.shape[0]
   t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (batch,))
-  y = jnp.asarray(y)
+  if null_y is None:
+    y = jnp.asarray(y)
+    null_y = jnp.full_like(y, null_label)
   # Each sample's conditional row is next to its unconditional one, (x_i, y_i), (x_i, ∅): a
   # batch split over devices keeps both rows of its samples (with [x; x] halves the rows would
   # move between devices on the way in and out).
   pair = lambda a, b: jnp.stack([a, b], axis=1).reshape((2 * batch,) + a.shape[1:])  # pylint: disable=unnecessary-lambda-assignment
-  prediction = model_fn(pair(x, x), pair(t, t), pair(y, jnp.full_like(y, null_label)))
+  prediction = model_fn(pair(x, x), pair(t, t), jax.tree.map(pair, y, null_y))
   prediction = prediction.reshape((batch, 2) + prediction.shape[1:])
   cond, uncond = prediction[:, 0], prediction[:, 1]
   return cfg_combine(cond, uncond, guidance_scale)

@@ -90,14 +90,15 @@ def _make_step(fields, *, path, method, sigma_schedule, sigma, num_steps):
 
 
 def _make_fields(model_fn, classifier_fn, labels, classifier_labels, guidance_scale,
-                 classifier_scale, *, path, parameterization, null_label, use_cfg):
+                 classifier_scale, *, path, parameterization, null_label, use_cfg,
+                 null_labels=None):
   """fields(x, t, guided, with_score) -> (ũ, s̃ or None) at the scalar time t.
 
   Guided evaluations run CFG's doubled batch when `use_cfg` and add the classifier term when
   `classifier_fn` is given: ũ = u + w_c b_t ∇log p_t(y|x), s̃ = s + w_c ∇log p_t(y|x), the
   gradient by `jax.grad` of the summed log-softmax (`guidance.grad_log_prob_from_logits`).
   """
-  batch = labels.shape[0]
+  batch = jax.tree_util.tree_leaves(labels)[0].shape[0]
   grad_log_prob = (guidance.grad_log_prob_from_logits(classifier_fn)
                    if classifier_fn is not None else None)
 
@@ -105,7 +106,8 @@ def _make_fields(model_fn, classifier_fn, labels, classifier_labels, guidance_sc
     times = jnp.full((batch,), t, x.dtype)
     if guided and use_cfg:
       prediction = guidance.guided_prediction(model_fn, x, t, labels, null_label=null_label,
-                                              guidance_scale=guidance_scale)
+                                              guidance_scale=guidance_scale,
+                                              null_y=null_labels)
     else:
       prediction = model_fn(x, times, labels)
     u = path.velocity_from_prediction(prediction, x, t, parameterization)
@@ -121,7 +123,7 @@ def _make_fields(model_fn, classifier_fn, labels, classifier_labels, guidance_sc
 
 
 def integrate(plan, model_fn, classifier_fn, key, labels, classifier_labels, guidance_scale,
-              classifier_scale, sigma):
+              classifier_scale, sigma, null_labels=None):
   """The sampler for `plan`: integrates from noise (t = grid[0]) to data (t = 1), one
   `lax.scan` per segment of the plan. Pure and not compiled: the caller jits it (with `plan`
   static). No argument is checked here: `sampling_plan.make_plan` and `check_values` did.
@@ -132,14 +134,14 @@ def integrate(plan, model_fn, classifier_fn, key, labels, classifier_labels, gui
     (samples float32 (B, *shape), info) with info['time_grid'] and, with frames,
     info['trajectory'] (F, B, *shape) and info['trajectory_time'] (F,).
   """
-  batch, num_steps = labels.shape[0], plan.num_steps
+  batch, num_steps = jax.tree_util.tree_leaves(labels)[0].shape[0], plan.num_steps
   grid = np.asarray(plan.grid, np.float32)
   key_init, key_steps = jax.random.split(key)
   x = jax.random.normal(key_init, (batch,) + plan.shape, jnp.float32)  # p_init at t = grid[0]
   fields = _make_fields(model_fn, classifier_fn if plan.use_classifier else None, labels,
                         classifier_labels, guidance_scale, classifier_scale, path=plan.path,
                         parameterization=plan.parameterization, null_label=plan.null_label,
-                        use_cfg=plan.use_cfg)
+                        use_cfg=plan.use_cfg, null_labels=null_labels)
   step = _make_step(fields, path=plan.path, method=plan.method,
                     sigma_schedule=plan.sigma_schedule, sigma=sigma, num_steps=num_steps)
   num_frames = plan.num_frames
@@ -181,7 +183,7 @@ _integrate_static_model = jax.jit(integrate, static_argnames=('plan', 'model_fn'
 def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, guidance_scale,
            method, num_steps, sigma_schedule='constant', sigma=0.0, guidance_interval=None,
            return_trajectory=False, t_eps=DEFAULT_T_EPS, classifier_fn=None,
-           classifier_scale=0.0, classifier_labels=None):
+           classifier_scale=0.0, classifier_labels=None, null_labels=None):
   """Draws samples from the guided model by integrating from noise (t = 0) to data (t = 1).
 
   Integrates over the uniform grid `time_grid(num_steps, start_time(...))` in `lax.scan`. A
@@ -240,6 +242,9 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
     classifier_scale: w_c (scalar or per-sample (B,)); 0 = no classifier guidance.
     classifier_labels: int (B,) in [0, K − 1], the classes the classifier pulls towards; None:
       `labels` (which then must not hold ∅).
+    null_labels: what takes ∅'s place in CFG, a pytree like `labels`; with it `labels` may be
+      any pytree of (B, ...) arrays the model takes (a text model's condition; its null
+      condition or a negative prompt here). None: `labels` with every label ∅.
 
   Returns:
     (samples float32 (B, *shape), info) with info['nfe'] (the generator evaluations per sample
@@ -257,11 +262,12 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
       method=method, num_steps=num_steps, use_cfg=uses_cfg(guidance_scale),
       use_classifier=use_classifier, sigma_schedule=sigma_schedule,
       guidance_interval=guidance_interval, return_trajectory=return_trajectory, t_eps=t_eps)
+  structured = null_labels is not None  # a pytree condition, its ∅ given
   sampling_plan.check_values(
-      null_label=null_label, guidance_scale=guidance_scale, labels=labels,
-      classifier_scale=classifier_scale,
+      null_label=null_label, guidance_scale=guidance_scale,
+      labels=None if structured else labels, classifier_scale=classifier_scale,
       classifier_labels=classifier_labels if use_classifier else None, sigma=sigma)
-  labels = jnp.asarray(labels)
+  labels = jax.tree.map(jnp.asarray, labels)
   if use_classifier:
     leaves = jax.tree_util.tree_leaves(classifier_fn)
     if len(leaves) == 1 and leaves[0] is classifier_fn:  # a plain callable: static
@@ -272,7 +278,8 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
   arrays = dict(key=key, labels=labels, classifier_labels=classifier_labels,
                 guidance_scale=jnp.asarray(guidance_scale, jnp.float32),
                 classifier_scale=jnp.asarray(classifier_scale, jnp.float32),
-                sigma=jnp.asarray(sigma, jnp.float32))
+                sigma=jnp.asarray(sigma, jnp.float32),
+                null_labels=jax.tree.map(jnp.asarray, null_labels) if structured else None)
   leaves = jax.tree_util.tree_leaves(model_fn)
   if not sampling_plan.is_concrete((model_fn, classifier_fn, arrays)):
     samples, info = integrate(plan, model_fn, classifier_fn, **arrays)  # inside the caller's jit

@@ -433,3 +433,38 @@ def test_bad_arguments_raise(override, argument):
     sampling.sample(_oracle('linear', 'velocity'), jax.random.PRNGKey(0), labels, **kwargs)
   if argument in ('method', 'parameterization', 'sigma_schedule', 'path'):
     assert 'must be one of' in str(error.value)
+
+
+@pytest.mark.parametrize('method', ['euler', 'heun', 'euler_maruyama'])
+def test_a_structured_condition_with_its_own_null_samples_like_labels(method):
+  """A text model's condition is a pytree whose ∅ the caller gives (`null_labels`): the mixture's
+  oracle behind a dict condition ({'label', 'null'}) gives the samples of the int labels; a
+  'negative prompt' (another class in ∅'s place) gives (1 − w) u(x|neg) + w u(x|y)."""
+  oracle = _oracle('linear', 'velocity')
+
+  def by_dict(x, t, y):
+    return oracle(x, t, jnp.where(y['null'] > 0, gm.NULL, y['label']))
+
+  kwargs = dict(shape=(2,), path='linear', parameterization='velocity', null_label=gm.NULL,
+                guidance_scale=2.5, method=method, num_steps=6, sigma=0.3)
+  labels = jnp.asarray(LABELS)
+  key = jax.random.PRNGKey(3)
+  want, _ = sampling.sample(oracle, key, labels, **kwargs)
+  cond = {'label': labels, 'null': jnp.zeros_like(labels)}
+  got, info = sampling.sample(by_dict, key, cond, null_labels=dict(cond, null=jnp.ones_like(labels)),
+                              **kwargs)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert info['nfe'] == _sample_mixture(method=method, num_steps=6, guidance_scale=2.5,
+                                        sigma=0.3)[1]['nfe']
+  negative = (labels + 1) % gm.NULL
+
+  def negative_in_null(x, t, y):  # ∅ means "the negative class" here (CFG rows are paired)
+    assert y.shape[0] == 2 * negative.shape[0]
+    pairs = y.reshape(-1, 2)
+    return oracle(x, t, jnp.stack([pairs[:, 0], (pairs[:, 0] + 1) % gm.NULL], 1).reshape(-1))
+
+  want_negative, _ = sampling.sample(negative_in_null, key, labels, **kwargs)
+  got_negative, _ = sampling.sample(by_dict, key, cond, null_labels={
+      'label': negative, 'null': jnp.zeros_like(labels)}, **kwargs)
+  np.testing.assert_allclose(got_negative, want_negative, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(got_negative, got, atol=1e-2)
