@@ -179,8 +179,8 @@ def resolve_config(variant: str = 'S/2', *, input_size: int | Sequence[int], in_
   return config
 
 
-def _dense(d_in: int, d_out: int, names: tuple, *, dtype, param_dtype, rngs: nnx.Rngs,
-           kernel_init=nnx.initializers.xavier_uniform(), zero: bool = False) -> nnx.Linear:
+def dense(d_in: int, d_out: int, names: tuple, *, dtype, param_dtype, rngs: nnx.Rngs,
+          kernel_init=nnx.initializers.xavier_uniform(), zero: bool = False) -> nnx.Linear:
   """nnx.Linear with logical names on kernel and bias; `zero` zero-initialises both."""
   kernel_init = nnx.initializers.zeros_init() if zero else kernel_init
   # bf16 compute: bf16 operands, f32 accumulation and output, bf16 gradient dots (precision.py).
@@ -200,10 +200,10 @@ class Attention(nnx.Module):
     self.impl = impl
     # Fused q/k/v laid out as (heads, 3, head_dim) along the output so that splitting the output
     # over a 'tensor' mesh axis keeps whole heads (q, k and v of a head) on one device.
-    self.qkv = _dense(width, 3 * width, ('embed', 'heads'), dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs)
-    self.proj = _dense(width, width, ('heads', 'embed'), dtype=dtype, param_dtype=param_dtype,
-                       rngs=rngs)
+    self.qkv = dense(width, 3 * width, ('embed', 'heads'), dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs)
+    self.proj = dense(width, width, ('heads', 'embed'), dtype=dtype, param_dtype=param_dtype,
+                      rngs=rngs)
 
   def __call__(self, x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     """Attention of the modulated LayerNorm of the residual stream x (B, N, D) → f32 (B, N, D)."""
@@ -230,13 +230,13 @@ class DiTBlock(nnx.Module):
     self.dtype = dtype
     self.attn = Attention(width, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                           impl=attention_impl)
-    self.fc1 = _dense(width, mlp_dim, ('embed', 'mlp'), dtype=dtype, param_dtype=param_dtype,
-                      rngs=rngs)
-    self.fc2 = _dense(mlp_dim, width, ('mlp', 'embed'), dtype=dtype, param_dtype=param_dtype,
-                      rngs=rngs)
+    self.fc1 = dense(width, mlp_dim, ('embed', 'mlp'), dtype=dtype, param_dtype=param_dtype,
+                     rngs=rngs)
+    self.fc2 = dense(mlp_dim, width, ('mlp', 'embed'), dtype=dtype, param_dtype=param_dtype,
+                     rngs=rngs)
     # adaLN-Zero: zero modulation makes every block the identity at initialisation.
-    self.modulation = _dense(width, 6 * width, ('embed', 'modulation'), dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs, zero=True)
+    self.modulation = dense(width, 6 * width, ('embed', 'modulation'), dtype=dtype,
+                            param_dtype=param_dtype, rngs=rngs, zero=True)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     # x: (B, N, D) float32 residual stream; c: (B, D) conditioning.
@@ -311,10 +311,10 @@ class DiT(nnx.Module):
     d = cfg.width
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     # Linear on flattened p×p×C patches: the same map (and parameter count) as DiT's p×p conv.
-    self.patch_embed = _dense(cfg.patch_dim, d, ('patch', 'embed'), **kw)
+    self.patch_embed = dense(cfg.patch_dim, d, ('patch', 'embed'), **kw)
     small_normal = nnx.initializers.normal(0.02)
-    self.time_mlp1 = _dense(TIME_FREQUENCY_DIM, d, (None, 'mlp'), kernel_init=small_normal, **kw)
-    self.time_mlp2 = _dense(d, d, ('mlp', 'embed'), kernel_init=small_normal, **kw)
+    self.time_mlp1 = dense(TIME_FREQUENCY_DIM, d, (None, 'mlp'), kernel_init=small_normal, **kw)
+    self.time_mlp2 = dense(d, d, ('mlp', 'embed'), kernel_init=small_normal, **kw)
     self.label_embed = nnx.Embed(cfg.num_classes + 1, d, dtype=dtype, param_dtype=param_dtype,
                                  embedding_init=partitioned(small_normal, ('classes', 'embed')),
                                  rngs=rngs)
@@ -324,11 +324,11 @@ class DiT(nnx.Module):
                       rngs=block_rngs, attention_impl=attention_impl)
 
     if self.scan_blocks:
-      self.blocks = _stacked(make_block, cfg.depth, rngs)
+      self.blocks = stacked(make_block, cfg.depth, rngs)
     else:
       self.blocks = nnx.List([make_block(rngs) for _ in range(cfg.depth)])
-    self.final_modulation = _dense(d, 2 * d, ('embed', 'modulation'), zero=True, **kw)
-    self.final_proj = _dense(d, cfg.patch_dim, ('embed', 'patch'), zero=True, **kw)
+    self.final_modulation = dense(d, 2 * d, ('embed', 'modulation'), zero=True, **kw)
+    self.final_proj = dense(d, cfg.patch_dim, ('embed', 'patch'), zero=True, **kw)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
     cfg = self.config
@@ -336,11 +336,8 @@ class DiT(nnx.Module):
     if (height, width) != cfg.input_size or channels != cfg.in_channels:
       raise ValueError(f'DiT built for {cfg.input_size}×{cfg.in_channels}, got x of shape '
                        f'{x.shape}.')
-    p = cfg.patch_size
     gh, gw = cfg.grid
-    # Patchify: (B, H, W, C) → (B, gh·gw, p·p·C).
-    x = x.reshape(batch, gh, p, gw, p, channels).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(batch, gh * gw, cfg.patch_dim).astype(self.dtype)
+    x = patchify(x, cfg.patch_size).astype(self.dtype)                     # (B, N, p·p·C)
     pos = sincos_2d_position_embedding(cfg.width, gh, gw)                  # (N, D) constant
     h = self.patch_embed(x).astype(jnp.float32) + pos[None]                # (B, N, D) f32
     # Split over the batch, not like the FSDP-sharded weights (layers.constrain).
@@ -352,10 +349,10 @@ class DiT(nnx.Module):
     c = constrain(c, 'batch', None)
 
     if self.scan_blocks:
-      h = _scan_blocks(self.blocks, h, c, self.remat,
-                       resolve_unroll_blocks(self.unroll_blocks, cfg.depth))
+      h = run_stacked_blocks(self.blocks, h, c, self.remat,
+                             resolve_unroll_blocks(self.unroll_blocks, cfg.depth))
     else:
-      run_block = _checkpointed(_call_block, self.remat, prevent_cse=True)
+      run_block = checkpointed(call_block, self.remat, prevent_cse=True)
       for block in self.blocks:
         h = run_block(block, h, c)
 
@@ -363,13 +360,27 @@ class DiT(nnx.Module):
                              2, axis=-1)
     out = fused.norm_modulate_dense(h, shift, scale, *fused.linear_weights(self.final_proj))
     out = constrain(out, 'batch', None, None)                               # (B, N, p·p·C)
-    # Unpatchify: (B, gh·gw, p·p·C) → (B, H, W, C).
-    out = out.reshape(batch, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-    return out.reshape(batch, height, width, channels)
+    return unpatchify(out, cfg.grid, cfg.patch_size, channels)
 
   def flops_per_example(self) -> int:
     """Forward FLOPs for one image: 2 × multiply-adds of all matmuls, attention included."""
     return dit_flops(self.config)
+
+
+def patchify(x: jax.Array, patch_size: int) -> jax.Array:
+  """(B, H, W, C) → (B, gh·gw, p·p·C) patches in row-major grid order."""
+  batch, height, width, channels = x.shape
+  p = patch_size
+  x = x.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
+def unpatchify(tokens: jax.Array, grid: tuple[int, int], patch_size: int,
+               channels: int) -> jax.Array:
+  """(B, gh·gw, p·p·C) → (B, gh·p, gw·p, C), the inverse of `patchify`."""
+  (gh, gw), p = grid, patch_size
+  out = tokens.reshape(tokens.shape[0], gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return out.reshape(tokens.shape[0], gh * p, gw * p, channels)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -386,7 +397,7 @@ def remat_policy_name(remat: str | bool | None) -> str:
   return remat
 
 
-def _checkpointed(fn, remat: str, *, prevent_cse: bool):
+def checkpointed(fn, remat: str, *, prevent_cse: bool):
   """`fn` under `nnx.remat` with the named policy ('none': `fn` itself)."""
   if remat == 'none':
     return fn
@@ -394,13 +405,13 @@ def _checkpointed(fn, remat: str, *, prevent_cse: bool):
   return nnx.remat(fn, policy=policy, prevent_cse=prevent_cse, graph=False)
 
 
-def _call_block(block: DiTBlock, h: jax.Array, c: jax.Array) -> jax.Array:
+def call_block(block: nnx.Module, h: jax.Array, c) -> jax.Array:
   return block(h, c)
 
 
-def _stacked(make_block, depth: int, rngs: nnx.Rngs) -> DiTBlock:
-  """`depth` blocks as one DiTBlock whose parameters have a leading 'layers' axis (prepended
-  to their logical names by `transform_metadata`)."""
+def stacked(make_block, depth: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`depth` blocks as one block (`make_block`'s) whose parameters have a leading 'layers' axis
+  (prepended to their logical names by `transform_metadata`)."""
   @nnx.split_rngs(splits=depth)
   @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_SCAN_METADATA)
   def create(block_rngs):
@@ -435,17 +446,17 @@ def check_unroll_blocks(unroll: str | int) -> str | int:
   return unroll
 
 
-def _scan_blocks(blocks: DiTBlock, h: jax.Array, c: jax.Array, remat: str,
-                 unroll: int = 1) -> jax.Array:
-  """h (B, N, D) through the stacked blocks in order, with one `nnx.scan` over 'layers'
-  running `unroll` blocks per iteration.
+def run_stacked_blocks(blocks: nnx.Module, h: jax.Array, c, remat: str,
+                       unroll: int = 1) -> jax.Array:
+  """h (B, N, D) through the stacked blocks in order (`block(h, c)`; c: any pytree, the same
+  for every block), with one `nnx.scan` over 'layers' running `unroll` blocks per iteration.
 
   Tree mode (`graph=False`: the module is a pytree, sliced like `jax.lax.scan` slices its xs):
   graph mode refuses Variables from an outer trace, and the samplers call the model inside
   their own `lax.scan` with parameters merged outside it.
   """
   # Under scan, CSE cannot merge the recomputation with the forward pass: no need to prevent it.
-  body = _checkpointed(_call_block, remat, prevent_cse=False)
+  body = checkpointed(call_block, remat, prevent_cse=False)
   scan = nnx.scan(lambda carry, block, cond: body(block, carry, cond), unroll=unroll,
                   in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry, graph=False)
   return scan(h, blocks, c)
