@@ -82,7 +82,14 @@ def _draw(batch, key, *, path, null_label, label_dropout, time_sampler, time_sam
   if not jnp.issubdtype(z.dtype, jnp.floating):
     raise ValueError(f"batch['image'] must be a float array, got dtype {z.dtype}.")
   key_drop, key_time, key_noise = jax.random.split(key, 3)
-  labels, dropped = drop_labels(key_drop, batch['label'], label_dropout, null_label)
+  if 'text' in batch:  # a text condition (models/text_conditioning.py): caption dropout sets
+    # its 'null' flags, and the model puts the null condition there
+    condition = batch['text']
+    dropped = jax.random.uniform(key_drop, (z.shape[0],)) < label_dropout
+    labels = dict(condition, null=jnp.maximum(jnp.asarray(condition['null'], jnp.int32),
+                                              dropped.astype(jnp.int32)))
+  else:
+    labels, dropped = drop_labels(key_drop, batch['label'], label_dropout, null_label)
   t = sample_time(key_time, (z.shape[0],), time_sampler, time_sampler_kwargs)
   # t = 1 (beta = 0) is where DSM targets (−eps/beta) and the vp velocity target (beta_dot) blow
   # up; the t = 0 end is finite for every target, so only the data end is clipped.
@@ -102,8 +109,10 @@ def cfm_loss(model_fn, batch, key, *, path, null_label, label_dropout=0.1,
 
   Args:
     model_fn: (x, t, y) -> velocity, shape of x; t has shape (B,).
-    batch: {'image': float (B, ...), 'label': int (B,)}, optionally 'mask' (B,) float, 1 = real
-      example, 0 = padding (padded examples do not count in the mean).
+    batch: {'image': float (B, ...), 'label': int (B,)} — or, for a text model, 'text': its
+      condition (a dict with 'null' flags, `models/text_conditioning.py`) in place of 'label' —
+      optionally 'mask' (B,) float, 1 = real example, 0 = padding (padded examples do not count
+      in the mean).
     key: PRNG key.
     path: GaussianPath or schedule name.
     null_label: index of ∅.

@@ -212,3 +212,26 @@ def test_dsm_weighting_none_is_noise_weighting_over_beta_squared():
   assert float(metrics['t_mean']) == pytest.approx(0.7, abs=1e-6)
   assert float(raw) / float(noise) == pytest.approx(1 / 0.3 ** 2, rel=1e-5)
   assert float(noise) == pytest.approx(1.0, abs=0.3)  # E ε² = 1
+
+
+def test_caption_dropout_flags_null_rows_of_a_text_condition_at_the_rate_eta():
+  """A text batch carries its condition under 'text'; dropout sets its 'null' flags (the label
+  path's rate), keeps rows already null, and hands the model the rest unchanged."""
+  seen = {}
+
+  def model_fn(x, t, y):
+    seen.update(y)
+    return jnp.zeros_like(x)
+
+  n = 4000
+  tokens = jnp.arange(n * 3, dtype=jnp.int32).reshape(n, 3)
+  already = (jnp.arange(n) % 10 == 0).astype(jnp.int32)
+  batch = {'image': jnp.ones((n, 2)), 'text': {'tokens': tokens, 'null': already}}
+  _, metrics = losses.loss_fn(model_fn, batch, jax.random.PRNGKey(0), path='linear',
+                              parameterization='velocity', null_label=10, label_dropout=0.25)
+  null = np.asarray(seen['null'])
+  np.testing.assert_array_equal(np.asarray(seen['tokens']), tokens)
+  assert null[np.asarray(already) == 1].all()
+  dropped = null[np.asarray(already) == 0].mean()
+  assert abs(dropped - 0.25) < 4 * np.sqrt(0.25 * 0.75 / (0.9 * n))
+  assert abs(float(metrics['label_dropped_fraction']) - 0.25) < 0.03
