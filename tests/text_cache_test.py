@@ -154,3 +154,29 @@ def test_encode_caches_each_split_of_an_image_caption_folder(tmp_path):
   train = text_cache.TextCache(tmp_path / 'run' / 'text_cache' / 'train')
   assert json.loads((train.directory / 'captions.json').read_text())[4] == \
       caption_data_test._caption(4)  # pylint: disable=protected-access
+
+
+def test_a_captioned_stream_carries_its_text_condition_and_resumes_exactly():
+  from guidedflow import batches  # pylint: disable=g-import-not-at-top
+  from guidedflow import input_pipeline  # pylint: disable=g-import-not-at-top
+  from guidedflow import text_data  # pylint: disable=g-import-not-at-top
+  from guidedflow.models import text_transformer  # pylint: disable=g-import-not-at-top
+  images, labels = input_pipeline.load_fashion_mnist(None, 'test')
+  base = captions.CaptionedDataset(
+      input_pipeline.ArrayDataset(images[:300], labels[:300], num_classes=10, split='test'),
+      hold_out=False)
+  tokenizer = text_transformer.ByteTokenizer(64)
+  table = text_data.TokenTable(tokenizer, captions.caption_table())
+  data = text_data.TextDataset(base, table)
+  stream = batches.BatchIterator(data, global_batch_size=32, seed=1)
+  first = [next(stream) for _ in range(12)]  # > 1 epoch: captions redrawn
+  for batch in first[:2]:
+    texts = [captions.caption_table()[i] for i in np.asarray(batch['caption'])]
+    tokens, mask = tokenizer(texts)
+    np.testing.assert_array_equal(np.asarray(batch['text_tokens']), tokens)
+    np.testing.assert_array_equal(np.asarray(batch['text_mask']), mask)
+  condition = text_data.condition(first[0])
+  assert sorted(condition) == ['mask', 'null', 'tokens'] and not np.asarray(condition['null']).any()
+  resumed = batches.BatchIterator(data, global_batch_size=32, seed=1, start_step=10)
+  np.testing.assert_array_equal(np.asarray(next(resumed)['text_tokens']),
+                                np.asarray(first[10]['text_tokens']))
