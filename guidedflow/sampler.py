@@ -111,7 +111,7 @@ class Sampler:
                   if self.config.sampling.gather_weights else None)
 
       def run(params, decoder_params, classifier_params, key, labels, classifier_labels,
-              guidance_scale, classifier_scale, sigma):
+              guidance_scale, classifier_scale, sigma, null_labels):
         if gathered is not None:  # once per call, not once per model evaluation (FSDP)
           params = jax.lax.with_sharding_constraint(params, gathered)
         model = self.builder.merge(params)
@@ -121,7 +121,7 @@ class Sampler:
           classifier_fn = lambda x, t: classifier(x, t)  # pylint: disable=unnecessary-lambda
         samples, _ = sampling.integrate(
             plan, lambda x, t, y: model(x, t, y), classifier_fn, key, labels, classifier_labels,
-            guidance_scale, classifier_scale, sigma)
+            guidance_scale, classifier_scale, sigma, null_labels)
         if self.latent_space is not None:
           samples = self.latent_space.decode(decoder_params, samples)
         return samples
@@ -132,7 +132,7 @@ class Sampler:
       self._compiled[plan] = jax.jit(
           run, in_shardings=(b.param_shardings, b.replicated, b.replicated, b.replicated,
                              b.batch_sharding, b.batch_sharding, b.replicated, b.replicated,
-                             b.replicated),
+                             b.replicated, b.batch_sharding),
           out_shardings=b.batch_sharding, compiler_options=self.compiler_options)
     return self._compiled[plan]
 
@@ -153,7 +153,7 @@ class Sampler:
             sampling.uses_cfg(guidance_scale), use_classifier)
 
   def sample(self, key, labels, guidance_scale, *, classifier_scale=None, num_steps=None,
-             method=None, sigma_schedule=None, sigma=None):
+             method=None, sigma_schedule=None, sigma=None, null_labels=None):
     """Samples (float, [−1, 1]) for int `labels`, and the generator's NFE per sample (the model
     evaluations run, a doubled batch counting 2); `self.classifier_nfe` holds the classifier's
     forward (= backward) passes per sample of the call.
@@ -164,6 +164,9 @@ class Sampler:
     `self.guidance` ('cfg': w; 'classifier': w_c on the unconditional field; 'cfg+classifier':
     both).
     """
+    if null_labels is not None:  # a text condition and the condition in ∅'s place
+      return self._sample_structured(key, labels, null_labels, guidance_scale, num_steps, method,
+                                     sigma_schedule, sigma)
     labels = np.asarray(labels, np.int32)
     (labels, classifier_labels, guidance_scale, classifier_scale, use_cfg,
      use_classifier) = self._guidance_inputs(labels, guidance_scale, classifier_scale)
@@ -173,21 +176,50 @@ class Sampler:
         null_label=self.null_label, guidance_scale=guidance_scale, labels=labels,
         classifier_scale=classifier_scale,
         classifier_labels=classifier_labels if use_classifier else None, sigma=sigma)
+    samples = self._run(plan, key, labels, classifier_labels, guidance_scale, classifier_scale,
+                        sigma, None, use_classifier)
+    self.classifier_nfe = plan.classifier_nfe
+    return samples, plan.nfe
+
+  def _sample_structured(self, key, condition, null_condition, guidance_scale, num_steps, method,
+                         sigma_schedule, sigma):
+    """`sample` of a text model: `condition` and `null_condition` are pytrees of (B, ...)
+    arrays (`text_prompts.Prompts`); CFG puts `null_condition` in ∅'s place."""
+    if self.classifier is not None:
+      raise errors.ConfigError(
+          f"config.sampling.guidance='{self.config.sampling.guidance}': classifier guidance "
+          'needs class labels; a text model is guided by CFG alone (sampling.guidance=cfg).')
+    sigma = self.config.sampling.sigma if sigma is None else sigma
+    plan = self._plan(sampling.uses_cfg(guidance_scale), False, num_steps, method,
+                      sigma_schedule)
+    sampling_plan.check_values(null_label=self.null_label, guidance_scale=guidance_scale,
+                               sigma=sigma)
+    samples = self._run(plan, key, condition, None, float(guidance_scale), 0.0, sigma,
+                        null_condition, False)
+    self.classifier_nfe = 0
+    return samples, plan.nfe
+
+  def _run(self, plan, key, labels, classifier_labels, guidance_scale, classifier_scale, sigma,
+           null_labels, use_classifier):
+    """Runs `plan`'s program on a batch padded to the mesh's batch shards."""
     program = self._program(plan)
-    num = len(labels)
-    pad = (0, -num % sharding.batch_axes_size(self.builder.mesh))
+    num = len(jax.tree_util.tree_leaves(labels)[0])
+    pad = -num % sharding.batch_axes_size(self.builder.mesh)
+
+    def put(tree):
+      return jax.tree.map(lambda a: jax.device_put(
+          np.pad(np.asarray(a), [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)),
+          self.builder.batch_sharding), tree)
+
     with jax.set_mesh(self.builder.mesh):
-      labels, classifier_labels = (jax.device_put(np.pad(a, pad), self.builder.batch_sharding)
-                                   for a in (labels, classifier_labels))
       decoder_params = self.latent_space.params if self.latent_space is not None else None
       classifier_params = self.classifier.params if use_classifier else None
       samples = program(
-          self.params, decoder_params, classifier_params, key, labels, classifier_labels,
-          jnp.float32(guidance_scale), jnp.float32(classifier_scale), jnp.float32(sigma))
-      if pad[1]:
-        samples = samples[:num]
-    self.classifier_nfe = plan.classifier_nfe
-    return samples, plan.nfe
+          self.params, decoder_params, classifier_params, key, put(labels),
+          put(labels if classifier_labels is None else classifier_labels),
+          jnp.float32(guidance_scale), jnp.float32(classifier_scale), jnp.float32(sigma),
+          None if null_labels is None else put(null_labels))
+      return samples[:num] if pad else samples
 
   def _plan(self, use_cfg, use_classifier, num_steps=None, method=None, sigma_schedule=None):
     """The `sampling_plan.Plan` of a call: the config's sampler unless overridden (checked)."""
@@ -212,7 +244,7 @@ class Sampler:
     program = self._program(self._plan(use_cfg=True, use_classifier=False))
     with jax.set_mesh(b.mesh):
       return program.lower(self.params, decoder, None, abstract((2,), jnp.uint32, b.replicated),
-                           labels, labels, scalar, scalar, scalar)
+                           labels, labels, scalar, scalar, scalar, None)
 
   def sample_images(self, key, labels, guidance_scale, *, batch_size=None, **options):
     """uint8 samples for any number of labels, in padded batches of one compiled shape.
