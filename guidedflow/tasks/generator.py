@@ -254,7 +254,7 @@ class GeneratorTask(base.Task):
     sampler = sampler_lib.Sampler.from_workdir(self.config, workdir, self.latent_space())
     sconfig = self.config.sampling
     num, num_classes = sconfig.num_samples, sampler.num_classes
-    _check_output_size(num, output_shape(sampler), sconfig.max_output_gib)
+    check_output_size(num, output_shape(sampler), sconfig.max_output_gib)
     labels, note = balanced_labels(num, num_classes)
     if note and not sampler.unconditional:
       logging.warning('%s', note)
@@ -335,7 +335,7 @@ def output_shape(sampler):
   return tuple(jax.eval_shape(lambda x: space.decode(space.params, x), latent).shape[1:])
 
 
-def _check_output_size(num_samples, shape, max_gib):
+def check_output_size(num_samples, shape, max_gib):
   """Refuses, before anything is sampled, a sample count whose uint8 images exceed `max_gib`."""
   gib = num_samples * math.prod(shape) / 2**30
   if gib > max_gib:
@@ -346,18 +346,23 @@ def _check_output_size(num_samples, shape, max_gib):
         'max_output_gib if this host has the memory.')
 
 
+def write_npz(out_dir, arrays):
+  """<out_dir>/samples.npz of `arrays`, written whole or not at all: a full disk keeps the
+  previous samples.npz and grid.png. The previous grid goes only once the new samples are in
+  place, so a grid never shows samples of another run than the samples.npz beside it."""
+  out = epath.Path(out_dir)
+  with atomic.open_write(out / 'samples.npz') as f:
+    np.savez(f, **arrays)
+    f.flush()
+    (out / 'grid.png').unlink(missing_ok=True)
+
+
 def write_samples(out_dir, images, labels, num_classes, keys):
   """<out_dir>/samples.npz (`keys` name the images and labels) and grid.png: one row per class
   drawn, up to 10 samples each. The previous grid.png goes first, so a grid never shows
   samples of another run than the samples.npz beside it."""
   out = epath.Path(out_dir)
-  # Written whole or not at all: a full disk keeps the previous samples.npz and grid.png. The
-  # previous grid goes only once the new samples are in place, so a grid never shows samples
-  # of another run than the samples.npz beside it.
-  with atomic.open_write(out / 'samples.npz') as f:
-    np.savez(f, **dict(zip(keys, (images, labels))))
-    f.flush()
-    (out / 'grid.png').unlink(missing_ok=True)
+  write_npz(out_dir, dict(zip(keys, (images, labels))))
   rows = min(len(labels), num_classes)  # balanced labels: classes 0..rows-1 are drawn
   per_class = min(max(len(labels) // num_classes, 1), 10)
   grid = images_lib.make_grid(evaluate_lib.first_per_class(images, labels, rows, per_class),
