@@ -31,8 +31,9 @@ def checked(construct):
   return construct
 
 
-def generator_kwargs(config):
-  """The architecture arguments of `models.create_model` for the generator's `config.model`."""
+def generator_kwargs(config, text_dim=0):
+  """The architecture arguments of `models.create_model` for the generator's `config.model`;
+  with `text_dim` > 0 a U-Net's are those of the text U-Net for text features of that width."""
   model = config.model
   if model.name == 'dit':
     return {'variant': model.variant,
@@ -40,10 +41,15 @@ def generator_kwargs(config):
             'scan_blocks': bool(config.model.scan_blocks),
             'unroll_blocks': config.model.unroll_blocks,
             'attention_impl': config.model.attention_impl}
-  return {'channels': tuple(model.unet_channels),
-          'num_residual_layers': model.unet_num_residual_layers,
-          'norm': config.model.unet_norm,
-          'attention_heads': int(config.model.unet_attention_heads)}
+  kwargs = {'channels': tuple(model.unet_channels),
+            'num_residual_layers': model.unet_num_residual_layers,
+            'norm': config.model.unet_norm,
+            'attention_heads': int(config.model.unet_attention_heads)}
+  if text_dim:
+    kwargs.update(text_dim=int(text_dim),
+                  text_attention_levels=tuple(model.unet_text_attention_levels),
+                  text_heads=int(model.unet_text_heads))
+  return kwargs
 
 
 def compute_dtype(config, backend=None):
@@ -53,14 +59,19 @@ def compute_dtype(config, backend=None):
                                          convolutional=config.model.name == 'unet')
 
 
-def generator(config, image_shape):
-  """A zero-argument function building the configured generator for `image_shape` (H, W, C).
+def generator(config, image_shape, text_dim=0):
+  """A zero-argument function building the configured generator for `image_shape` (H, W, C);
+  `text_dim` > 0: the text-conditioned U-Net for text features of that width (the text encoder's
+  width; config.model.name 'unet' only here).
 
   Raises:
     ConfigError: the model cannot take these images (the model's own check, e.g. a DiT patch
       size that does not divide the image size), with the model's message.
   """
   height, width, channels = image_shape
+  if text_dim and config.model.name != 'unet':
+    raise errors.ConfigError(f'factory.generator builds the text U-Net only; config.model.name='
+                             f'{config.model.name!r} with text features of width {text_dim}.')
   dtype, reason = compute_dtype(config)
   if reason:
     logging.warning('config.model.dtype=%s: %s.', config.model.dtype, reason)
@@ -70,7 +81,7 @@ def generator(config, image_shape):
         config.model.name, input_size=(height, width), in_channels=channels,
         num_classes=config.input.num_classes, dtype=models.DTYPES[dtype],
         param_dtype=models.DTYPES[config.model.param_dtype], rngs=nnx.Rngs(config.train.seed),
-        **generator_kwargs(config))
+        **generator_kwargs(config, text_dim))
 
   try:
     nnx.eval_shape(construct)
@@ -138,7 +149,13 @@ BY_TASK = {'generate': generator, 'classifier': feature_classifier,
            'autoencoder': autoencoder_kl, 'noisy_classifier': noisy_image_classifier}
 
 
-def constructor(config, image_shape):
+def constructor(config, image_shape, text_dim=0):
   """The network of `config.task` ('generate' when the config has no such key) for
-  `image_shape`, as a zero-argument function."""
-  return BY_TASK[schema.task_of(config)](config, image_shape)
+  `image_shape`, as a zero-argument function; `text_dim` > 0 (the generator only): conditioned
+  on text features of that width."""
+  task = schema.task_of(config)
+  if text_dim:
+    if task != 'generate':
+      raise errors.ConfigError(f'config.task={task!r} has no text-conditioned network.')
+    return generator(config, image_shape, text_dim=text_dim)
+  return BY_TASK[task](config, image_shape)

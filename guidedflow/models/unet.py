@@ -5,7 +5,8 @@ and decoders (2× bilinear upsampling + conv, then residual blocks) with the enc
 added back as skip connections. Each residual block adds a per-channel bias computed from the
 time embedding (Gaussian Fourier features) and one from the label embedding (a table with
 K + 1 rows, row K = null label ∅). With channels (32, 64, 128) a 28×28 image goes
-28 → 14 → 7 and back.
+28 → 14 → 7 and back. With `text_dim > 0` the same network is conditioned on text instead
+(`unet_text`: pooled text into the label adapters, cross-attention at the low resolutions).
 
 Differences from the lab, on purpose: GroupNorm (statistics in f32) instead of BatchNorm, so
 the network has no batch state and treats conditional/unconditional halves of a CFG batch
@@ -13,15 +14,17 @@ independently; pre-activation order norm → SiLU → conv; and a zero-initialis
 the output is exactly 0 at initialisation (as the DiT's). The output is float32.
 
 Logical axis names: conv kernels (None, None, 'conv_in', 'conv_out'); dense kernels
-('embed', 'conv_out') for the adapters; label table ('classes', None).
+('embed', 'conv_out') for the adapters; label table ('classes', None); the text pieces' in
+`unet_text`.
 """
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from guidedflow.models import unet_text
 from guidedflow.models.layers import as_hw, partitioned
 
 
@@ -105,22 +108,42 @@ class ResidualLayer(nnx.Module):
     return x + h
 
 
+def cross_attention_blocks(channels: int, count: int, text_dim: int, text_heads: int,
+                           **kw) -> nnx.List | None:
+  """`count` text cross-attention blocks at `channels` (one after each residual block of a
+  stage), or None for text_dim=0."""
+  if not text_dim:
+    return None
+  heads = unet_text.heads_for(channels, text_heads)
+  return nnx.List([unet_text.CrossAttention(channels, text_dim, heads, **kw)
+                   for _ in range(count)])
+
+
+def attend_text(blocks: nnx.List | None, i: int, x: jax.Array, text) -> jax.Array:
+  """x after the i-th cross-attention block of a stage (x itself in a stage without)."""
+  return x if blocks is None else blocks[i](x, *text)
+
+
 class Encoder(nnx.Module):
   """Residual blocks at `c_in`, then a stride-2 conv to `c_out` (resolution halves).
 
-  y_embed_dim=0: no label adapters (y_emb=None), as in every block class here.
+  y_embed_dim=0: no label adapters (y_emb=None), as in every block class here. text_dim > 0:
+  text cross-attention after each residual block (called with text = (hidden, mask)).
   """
 
   def __init__(self, c_in: int, c_out: int, num_residual_layers: int, t_embed_dim: int,
-               y_embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, norm: str = 'group'):
+               y_embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, norm: str = 'group',
+               text_dim: int = 0, text_heads: int = 4):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.res_blocks = nnx.List([ResidualLayer(c_in, t_embed_dim, y_embed_dim, norm=norm, **kw)
                                 for _ in range(num_residual_layers)])
     self.downsample = conv3x3(c_in, c_out, strides=2, **kw)
+    self.cross_attention = cross_attention_blocks(c_in, num_residual_layers, text_dim,
+                                                  text_heads, **kw)
 
-  def __call__(self, x, t_emb, y_emb=None):
-    for block in self.res_blocks:
-      x = block(x, t_emb, y_emb)
+  def __call__(self, x, t_emb, y_emb=None, text=None):
+    for i, block in enumerate(self.res_blocks):
+      x = attend_text(self.cross_attention, i, block(x, t_emb, y_emb), text)
     return self.downsample(x)
 
 
@@ -161,11 +184,11 @@ class SelfAttention(nnx.Module):
 
 class Midcoder(nnx.Module):
   """Residual blocks at the lowest resolution; with `attention_heads`, self-attention after
-  each of them but the last."""
+  each of them but the last; with text_dim > 0, text cross-attention after each of them."""
 
   def __init__(self, channels: int, num_residual_layers: int, t_embed_dim: int,
                y_embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, norm: str = 'group',
-               attention_heads: int = 0):
+               attention_heads: int = 0, text_dim: int = 0, text_heads: int = 4):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.res_blocks = nnx.List([
         ResidualLayer(channels, t_embed_dim, y_embed_dim, norm=norm, **kw)
@@ -173,12 +196,15 @@ class Midcoder(nnx.Module):
     self.attention = (nnx.List([SelfAttention(channels, attention_heads, **kw)
                                 for _ in range(max(num_residual_layers - 1, 1))])
                       if attention_heads else None)
+    self.cross_attention = cross_attention_blocks(channels, num_residual_layers, text_dim,
+                                                  text_heads, **kw)
 
-  def __call__(self, x, t_emb, y_emb=None):
+  def __call__(self, x, t_emb, y_emb=None, text=None):
     for i, block in enumerate(self.res_blocks):
       x = block(x, t_emb, y_emb)
       if self.attention is not None and i < len(self.attention):
         x = self.attention[i](x)
+      x = attend_text(self.cross_attention, i, x, text)
     return x
 
 
@@ -186,18 +212,21 @@ class Decoder(nnx.Module):
   """2× bilinear upsampling + conv to `c_out`, then residual blocks at `c_out`."""
 
   def __init__(self, c_in: int, c_out: int, num_residual_layers: int, t_embed_dim: int,
-               y_embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, norm: str = 'group'):
+               y_embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, norm: str = 'group',
+               text_dim: int = 0, text_heads: int = 4):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.upsample_conv = conv3x3(c_in, c_out, **kw)
     self.res_blocks = nnx.List([ResidualLayer(c_out, t_embed_dim, y_embed_dim, norm=norm, **kw)
                                 for _ in range(num_residual_layers)])
+    self.cross_attention = cross_attention_blocks(c_out, num_residual_layers, text_dim,
+                                                  text_heads, **kw)
 
-  def __call__(self, x, t_emb, y_emb=None):
+  def __call__(self, x, t_emb, y_emb=None, text=None):
     b, h, w, c = x.shape
     x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method='bilinear')
     x = self.upsample_conv(x)
-    for block in self.res_blocks:
-      x = block(x, t_emb, y_emb)
+    for i, block in enumerate(self.res_blocks):
+      x = attend_text(self.cross_attention, i, block(x, t_emb, y_emb), text)
     return x
 
 
@@ -219,6 +248,9 @@ class FourierEncoder(nnx.Module):
 class UNet(nnx.Module):
   """Simplified U-Net for `(x, t, y)` → prediction of the shape of x, float32.
 
+  With text_dim > 0 (a text U-Net, `unet_text`) y is the text condition
+  {'hidden': (B, L, text_dim), 'mask': (B, L), 'pooled': (B, text_dim)} instead of labels.
+
   Args:
     input_size: image height = width, or (height, width); each must be divisible by
       2**(len(channels) − 1).
@@ -234,13 +266,21 @@ class UNet(nnx.Module):
       elementwise work that XLA:CPU runs on one core).
     attention_heads: > 0: self-attention with this many heads in the midcoder (the lowest
       resolution), between its residual blocks; 0: none (the lecture's U-Net).
+    text_dim: 0: class-conditional (the label table; num_classes used). > 0: text-conditional
+      with hidden states of this width: pooled text · W + b replaces the label table, and
+      cross-attention follows every residual block at the `text_attention_levels`.
+    text_attention_levels: resolutions with text cross-attention, as indices into `channels`
+      (negative from the end): default the two lowest (14×14 and 7×7 for 28×28 images).
+    text_heads: most heads per cross-attention block; fewer where the head width would fall
+      below 16 channels (`unet_text.heads_for`).
   """
 
   def __init__(self, *, input_size: int | Sequence[int], in_channels: int, num_classes: int,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
                channels: Sequence[int] = (32, 64, 128), num_residual_layers: int = 2,
                t_embed_dim: int = 40, y_embed_dim: int = 40, norm: str = 'group',
-               attention_heads: int = 0):
+               attention_heads: int = 0, text_dim: int = 0,
+               text_attention_levels: Sequence[int] = (-2, -1), text_heads: int = 4):
     if norm not in NORMS:
       raise ValueError(f"U-Net norm must be 'group' or 'none', got {norm!r}.")
     self.norm = norm
@@ -250,6 +290,8 @@ class UNet(nnx.Module):
     self.channels = tuple(int(c) for c in channels)
     self.num_residual_layers = int(num_residual_layers)
     self.dtype = dtype
+    self.text_dim = int(text_dim)
+    levels = unet_text.resolve_levels(text_attention_levels, len(self.channels))
     factor = 2 ** (len(self.channels) - 1)
     h, w = self.input_size
     if h % factor or w % factor:
@@ -263,17 +305,28 @@ class UNet(nnx.Module):
     self.init_conv = conv3x3(self.in_channels, c0, **kw)
     self.init_norm = maybe_norm(norm, c0, **kw)
     self.time_embedder = FourierEncoder(t_embed_dim, param_dtype=param_dtype, rngs=rngs)
-    self.label_embed = nnx.Embed(
-        self.num_classes + 1, y_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        embedding_init=partitioned(nnx.initializers.normal(1.0), ('classes', None)))
+    if self.text_dim:
+      self.text_embed = unet_text.TextEmbed(self.text_dim, y_embed_dim, **kw)
+    else:
+      self.label_embed = nnx.Embed(
+          self.num_classes + 1, y_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+          embedding_init=partitioned(nnx.initializers.normal(1.0), ('classes', None)))
     pairs = list(zip(self.channels[:-1], self.channels[1:]))
     block_kw = dict(norm=norm, **kw)
+
+    def text_kw(level):  # cross-attention in the stages at resolution level `level`
+      return (dict(text_dim=self.text_dim, text_heads=int(text_heads)) if level in levels
+              else {})
+
+    n = len(self.channels)
     self.encoders = nnx.List([Encoder(a, b, num_residual_layers, t_embed_dim, y_embed_dim,
-                                      **block_kw) for a, b in pairs])
+                                      **text_kw(i), **block_kw)
+                              for i, (a, b) in enumerate(pairs)])
     self.midcoder = Midcoder(self.channels[-1], num_residual_layers, t_embed_dim, y_embed_dim,
-                             attention_heads=int(attention_heads), **block_kw)
+                             attention_heads=int(attention_heads), **text_kw(n - 1), **block_kw)
     self.decoders = nnx.List([Decoder(b, a, num_residual_layers, t_embed_dim, y_embed_dim,
-                                      **block_kw) for a, b in reversed(pairs)])
+                                      **text_kw(i), **block_kw)
+                              for i, (a, b) in reversed(list(enumerate(pairs)))])
     self.final_conv = conv3x3(c0, self.in_channels, zero=True, **kw)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
@@ -281,22 +334,32 @@ class UNet(nnx.Module):
       raise ValueError(f'U-Net built for {self.input_size}×{self.in_channels}, got x of shape '
                        f'{x.shape}.')
     t_emb = self.time_embedder(t).astype(self.dtype)  # (B, t_embed_dim)
-    y_emb = self.label_embed(y)                       # (B, y_embed_dim)
+    if self.text_dim:
+      hidden, mask, pooled = unet_text.check_cond(y, self.text_dim)
+      y_emb = self.text_embed(pooled)                 # (B, y_embed_dim)
+      text = (hidden, mask)
+    else:
+      if isinstance(y, Mapping):
+        raise ValueError('a class-conditional U-Net (text_dim=0) takes labels, got a dict.')
+      y_emb = self.label_embed(y)                     # (B, y_embed_dim)
+      text = None
     x = nnx.silu(apply_norm(self.init_norm, self.init_conv(x.astype(self.dtype))))
     residuals = []
     for encoder in self.encoders:
-      x = encoder(x, t_emb, y_emb)
+      x = encoder(x, t_emb, y_emb, text)
       residuals.append(x)
-    x = self.midcoder(x, t_emb, y_emb)
+    x = self.midcoder(x, t_emb, y_emb, text)
     for decoder in self.decoders:
-      x = decoder(x + residuals.pop(), t_emb, y_emb)
+      x = decoder(x + residuals.pop(), t_emb, y_emb, text)
     return self.final_conv(x).astype(jnp.float32)
 
-  def flops_per_example(self) -> int:
-    """Forward FLOPs for one image: 2 × multiply-adds of convs and dense layers."""
+  def flops_per_example(self, text_length: int = 24) -> int:
+    """Forward FLOPs for one image: 2 × multiply-adds of convs and dense layers (a text
+    U-Net's with `text_length` text tokens)."""
     h, w = self.input_size
     t_dim = self.time_embedder.weights.shape[0] * 2
-    y_dim = self.label_embed.embedding.shape[1]
+    y_dim = (self.text_embed.proj.kernel.shape[1] if self.text_dim
+             else self.label_embed.embedding.shape[1])
 
     def conv(hw, c_in, c_out):
       return hw * 9 * c_in * c_out
@@ -318,4 +381,14 @@ class UNet(nnx.Module):
       hw *= 4
       macs += conv(hw, c_in, c_out) + nr * res(hw, c_out)
     macs += conv(hw, self.channels[0], self.in_channels)
-    return 2 * macs
+    flops = 2 * macs
+    if self.text_dim:
+      flops += 2 * self.text_dim * y_dim
+      stages = [(e, h * w // 4**i) for i, e in enumerate(self.encoders)]
+      stages += [(self.midcoder, h * w // 4**len(self.encoders))]
+      stages += [(d, h * w // 4**(len(self.decoders) - 1 - j))
+                 for j, d in enumerate(self.decoders)]
+      for stage, tokens in stages:
+        for block in stage.cross_attention or ():
+          flops += block.flops_per_example(tokens, text_length)
+    return flops

@@ -27,6 +27,12 @@ def get_config():
   config.model.unet_num_residual_layers = 2    # residual blocks per U-Net stage (unet only)
   config.model.unet_norm = 'group'     # 'group' (GroupNorm in every residual block) | 'none' (unet only)
   config.model.unet_attention_heads = 0  # > 0: self-attention with this many heads at the lowest resolution (unet only)
+  # unet with a text encoder (text.encoder != 'none'): cross-attention to the caption tokens after
+  # each residual block at these resolutions, indices into unet_channels (-1 = the lowest; the
+  # default (-2, -1) is 14×14 and 7×7 for 28×28 images), with at most unet_text_heads heads
+  # (fewer where a head would be narrower than 16 channels).
+  config.model.unet_text_attention_levels = (-2, -1)
+  config.model.unet_text_heads = 4
   config.model.dtype = 'float32'       # compute dtype: 'float32' | 'bfloat16' (accelerators)
   config.model.param_dtype = 'float32'  # parameter dtype
   # dit: what the backward pass keeps of each block: 'none' | 'full' (block inputs only: least
