@@ -246,3 +246,15 @@ def test_text_encoders_benchmark_smoke():
   assert len(row) == 1 and 'CPU:' in out
   cells = [c.strip() for c in row[0].strip('|').split('|')]
   assert float(cells[4]) > 0 and cells[6].endswith('min')
+
+
+def test_text_unet_throughput_smoke():
+  out = _run('text_unet_throughput.py', '--smoke', '--batch=2', '--rounds=1', '--steps=1',
+             '--variants=levels=-1')
+  assert 'CPU:' in out
+  rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip('|').split('|')]
+                                        for line in out.splitlines() if line.startswith('| '))}
+  assert set(rows) >= {'class', 'text levels=-1', 'text levels=-1 + encoder'}
+  params = {name: int(row[1].replace(',', '')) for name, row in rows.items() if name != 'model'}
+  assert params['class'] < params['text levels=-1'] < params['text levels=-1 + encoder']
+  assert float(rows['class'][7]) == 1.0 and float(rows['text levels=-1'][6]) > 0
