@@ -7,6 +7,8 @@ generator ('generate': `config.model.name` 'dit' or 'unet'), the feature classif
 ('noisy_classifier').
 """
 
+import os
+
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -16,9 +18,14 @@ from guidedflow import errors
 from guidedflow import schema
 from guidedflow import models
 from guidedflow.models import autoencoder
+from guidedflow.models import clip_text
 from guidedflow.models import classifier
+from guidedflow.models import dit_text
 from guidedflow.models import noisy_classifier
 from guidedflow.models import precision
+from guidedflow.models import t5_encoder
+from guidedflow.models import text_conditioning
+from guidedflow.models import text_transformer
 
 
 def checked(construct):
@@ -145,6 +152,57 @@ def noisy_image_classifier(config, image_shape):
   return checked(construct)
 
 
+def text_dims(config):
+  """(width D, tokens L) of `config.text`'s encoder without loading weights: the trained one's
+  config, a frozen one's `config.json` (its position table for CLIP; 120 for T5)."""
+  text = config.text
+  if text.encoder == 'trained':
+    return int(text.encoder_width), int(text.max_length or 64)
+  if text.encoder not in ('clip', 't5'):
+    raise errors.ConfigError(f"config.text.encoder='{text.encoder}' has no text features.")
+  config_file = os.path.join(os.fspath(text.weights or ''), 'config.json')
+  if not os.path.isfile(config_file):
+    raise errors.DataError(f"no config.json in config.text.weights={text.weights}: the "
+                           f"{text.encoder} encoder's transformers config gives its width.")
+  if text.encoder == 'clip':
+    clip = clip_text.config_from_hf(config_file)
+    return int(clip.width), int(text.max_length or clip.max_length)
+  t5 = t5_encoder.config_from_hf(config_file)
+  return int(t5.d_model), int(text.max_length or t5_encoder.MAX_LENGTH_PIXART_ALPHA)
+
+
+def text_generator(config, image_shape, text_dim, max_length):
+  """A zero-argument function building the text-conditioned generator of `config.text` for
+  `image_shape`: its backbone (`model.name` 'unet': the text U-Net; 'dit': `dit_text.TextDiT`)
+  behind the trained encoder (text.encoder='trained') or cached features of width `text_dim`,
+  and the null condition `text.null` (`text_conditioning.TextConditioned`)."""
+  text = config.text
+  if config.model.name == 'dit':
+    backbone = dit_text.from_config(config, image_shape, text_dim)
+  else:
+    backbone = generator(config, image_shape, text_dim=text_dim)
+  empty = None
+  if text.null == 'empty':
+    if text.encoder != 'trained':
+      raise errors.ConfigError("config.text.null='empty' is built for the trained encoder; a "
+                               "frozen encoder's cached features take text.null='learned'.")
+    tokens, mask = text_transformer.ByteTokenizer(max_length)([''])
+    empty = {'tokens': tokens[0], 'mask': mask[0]}
+
+  def construct():
+    rngs = nnx.Rngs(config.train.seed)
+    encoder = None
+    if text.encoder == 'trained':
+      encoder = text_transformer.TextTransformer(
+          rngs=rngs, width=text_dim, depth=int(text.encoder_depth),
+          heads=int(text.encoder_heads), max_length=max_length)
+    return text_conditioning.TextConditioned(backbone(), text_dim=text_dim,
+                                             max_length=max_length, encoder=encoder,
+                                             null=text.null, empty=empty, rngs=rngs)
+
+  return checked(construct)
+
+
 BY_TASK = {'generate': generator, 'classifier': feature_classifier,
            'autoencoder': autoencoder_kl, 'noisy_classifier': noisy_image_classifier}
 
@@ -154,6 +212,8 @@ def constructor(config, image_shape, text_dim=0):
   `image_shape`, as a zero-argument function; `text_dim` > 0 (the generator only): conditioned
   on text features of that width."""
   task = schema.task_of(config)
+  if task == 'generate' and 'text' in config and config.text.encoder != 'none':
+    return text_generator(config, image_shape, *text_dims(config))
   if text_dim:
     if task != 'generate':
       raise errors.ConfigError(f'config.task={task!r} has no text-conditioned network.')

@@ -87,6 +87,10 @@ def get_config():
   config.text.cache_dir = config_dict.placeholder(str)  # None: <workdir>/text_cache
   config.text.cache_dtype = 'float16'  # 'float16' | 'bfloat16' | 'float32' (hidden states on disk)
   config.text.batch_size = 64          # encoding batch
+  config.text.null = 'learned'         # CFG's ∅: 'learned' (PixArt-α's null tokens) | 'empty' (the encoded '', trained encoder)
+  config.text.encoder_width = 128      # trained: the small encoder's width, blocks and heads
+  config.text.encoder_depth = 3
+  config.text.encoder_heads = 4
 
   # ---- Training loop.
   config.train = common.train(
@@ -124,6 +128,9 @@ def get_config():
   config.sampling.seed = 0
   config.sampling.npz_keys = 'guidedflow'  # samples.npz keys: 'guidedflow' (images, labels) | 'adm' (arr_0, arr_1)
   config.sampling.grid_guidance_scales = (1.0, 2.0, 4.0)  # grid columns: one block per w
+  config.sampling.prompts = config_dict.placeholder(str)  # a text model: 'a dark wide pullover;a small light sandal'
+  config.sampling.prompts_file = config_dict.placeholder(str)  # or a file, one prompt per line
+  config.sampling.negative_prompt = config_dict.placeholder(str)  # takes ∅'s place in CFG
   config.sampling.grid_samples_per_class = 4  # images per (class, w) cell of the grid
   config.sampling.grid_classes = config_dict.placeholder(tuple)  # None: every class; or a tuple of class ids (grid rows)
 

@@ -47,6 +47,7 @@ _GENERATOR_CHOICES = {
     'train.cpu_dots': precision.TRAIN_CPU_DOTS,
     'text.encoder': text_encoders.ENCODERS,
     'text.cache_dtype': text_cache.DTYPES,
+    'text.null': ('learned', 'empty'),
 }
 # The documented range of w and w_c (docs/evaluation.md): beyond it samples saturate (w = 1e9
 # gives all-black and all-white images); outside it is allowed, with a warning.
@@ -120,6 +121,15 @@ def _check_text(config):
     raise errors.ConfigError(f'config.text.max_length={text.max_length!r} must be None (the '
                              "encoder's own) or an integer >= 3 (tokens, the special ones "
                              'included).')
+  prompts = [k for k in ('prompts', 'prompts_file', 'negative_prompt')
+             if config.sampling[k] is not None]
+  if text.encoder == 'none' and prompts:
+    raise errors.ConfigError(f'config.sampling.{prompts[0]} is for a text model: this generator '
+                             'is conditioned on class labels (config.text.encoder=none); sample '
+                             'it by class, or set --config.text.encoder for a text model.')
+  if text.encoder != 'none' and config.sampling.guidance != 'cfg':
+    raise errors.ConfigError(f"config.sampling.guidance='{config.sampling.guidance}' needs class "
+                             'labels: a text model is guided by CFG alone (sampling.guidance=cfg).')
   if text.encoder in text_encoders.FROZEN and not text.weights:
     raise errors.ConfigError(f"config.text.encoder='{text.encoder}' needs its weights: "
                              "--config.text.weights=DIR (the encoder's Hugging Face folder, "

@@ -11,6 +11,7 @@ from guidedflow.tasks import autoencoder
 from guidedflow.tasks import classifier
 from guidedflow.tasks import generator
 from guidedflow.tasks import noisy_classifier
+from guidedflow.tasks import text_generator
 
 TASKS = {task.name: task for task in (generator.GeneratorTask, classifier.ClassifierTask,
                                       autoencoder.AutoencoderTask,
@@ -45,5 +46,9 @@ def prepare(config):
 
 
 def get_task(config, workdir=None):
-  """The task named by `config.task`, for the run in `workdir`."""
-  return TASKS[schema.task_of(config)](config, workdir)
+  """The task named by `config.task`, for the run in `workdir`; a generator with a text
+  encoder (`config.text.encoder`) is the text generator."""
+  task = TASKS[schema.task_of(config)]
+  if task is generator.GeneratorTask and config.text.encoder != 'none':
+    task = text_generator.TextGeneratorTask
+  return task(config, workdir)

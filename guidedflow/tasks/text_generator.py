@@ -1,0 +1,193 @@
+"""The generator conditioned on captions (`config.text.encoder` 'trained' | 'clip' | 't5'): the
+generator task with text in place of class labels.
+
+Data: Fashion-MNIST with a caption per example and epoch (`captions.CaptionedDataset`, the
+held-out compositions left out of training), or an image–caption folder / WebDataset shards,
+each batch with its text condition (`text_data`): a trained encoder's tokens, or a frozen
+encoder's features from the text cache (written on first use, like the latent cache). The loss
+drops captions at rate `loss.label_dropout` (the model puts the null condition there:
+`models/text_conditioning.py`). Grids and `--mode=sample` take prompts (`sampling.prompts`,
+`sampling.prompts_file`), CFG with the null condition or `sampling.negative_prompt` in its
+place; the grid is labelled with its prompts.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from guidedflow import captions
+from guidedflow import errors
+from guidedflow import images as images_lib
+from guidedflow import sampler as sampler_lib
+from guidedflow import text_cache
+from guidedflow import text_data
+from guidedflow import text_encoders
+from guidedflow import text_prompts
+from guidedflow.models import text_transformer
+from guidedflow.tasks import generator
+
+# The training-time grid's prompts when sampling.prompts is unset: one per class, then the same
+# class with attributes (Fashion-MNIST).
+DEFAULT_GRID_PROMPTS = ('a T-shirt', 'a dark T-shirt', 'a pair of trousers', 'a pullover',
+                        'a patterned pullover', 'a dress', 'a coat', 'a sandal', 'a shirt',
+                        'a sneaker', 'a dark sneaker', 'a bag', 'a narrow bag', 'an ankle boot')
+
+
+class TextGeneratorTask(generator.GeneratorTask):
+  """The generator task with captions as y (module docstring)."""
+
+  description = 'a text-conditioned generative model'
+
+  def __init__(self, config, workdir=None):
+    super().__init__(config, workdir)
+    self._prompts = None
+    self._tables = {}
+
+  # -- data
+
+  def prepare(self):
+    if self.latent_space() is not None:
+      raise errors.ConfigError("config.text.encoder with config.input.space='latents' is not "
+                               'built yet: train a text model on pixels (input.space=pixels).')
+
+  def _table(self, which, texts):
+    """The caption set's lookup: a trained encoder's tokens, or the text cache."""
+    if which not in self._tables:
+      text = self.config.text
+      if text.encoder == 'trained':
+        tokenizer = text_transformer.ByteTokenizer(text.max_length or 64)
+        self._tables[which] = text_data.TokenTable(tokenizer, texts)
+      else:
+        root = text.cache_dir or os.path.join(self.workdir or '.', 'text_cache')
+        directory = root if which == 'captions' else os.path.join(root, which)
+        self._tables[which] = text_cache.open_or_write(
+            text_encoders.load(self.config), texts, directory, dtype=text.cache_dtype,
+            batch_size=text.batch_size)
+    return self._tables[which]
+
+  def _captioned(self, pixels, which):
+    if self.config.input.dataset == 'fashion_mnist':
+      data = captions.CaptionedDataset(pixels, hold_out=which == 'train')
+      return text_data.TextDataset(data, self._table('captions', captions.caption_table()))
+    if not hasattr(pixels, 'caption_table'):
+      raise errors.ConfigError(
+          f"config.input.dataset='{self.config.input.dataset}' has no captions: a text model "
+          "trains on 'fashion_mnist', 'caption_folder' or 'webdataset'.")
+    return text_data.TextDataset(pixels, self._table(which, pixels.caption_table()))
+
+  def pixel_train_dataset(self):
+    return self._captioned(super().pixel_train_dataset(), 'train')
+
+  def pixel_eval_dataset(self):
+    return self._captioned(super().pixel_eval_dataset(), 'eval')
+
+  def abstract_batch(self, batch_size, image_shape):
+    text = self.config.text
+    length = text.max_length or (64 if text.encoder == 'trained' else 77)
+    batch = {'image': ((batch_size, *image_shape), jnp.float32),
+             'caption': ((batch_size,), jnp.int32), 'text_null': ((batch_size,), jnp.int32),
+             'text_mask': ((batch_size, length), jnp.int32)}
+    if text.encoder == 'trained':
+      batch['text_tokens'] = ((batch_size, length), jnp.int32)
+    else:
+      raise errors.ConfigError('--mode=compile of a text model with a frozen encoder needs the '
+                               "encoder's width: not built yet (use text.encoder=trained).")
+    return batch
+
+  def loss(self, model, batch, key):
+    condition = text_data.condition(batch)
+    batch = {k: v for k, v in batch.items()
+             if not k.startswith(text_data.PREFIX) and k not in ('caption', 'label')}
+    return super().loss(model, dict(batch, text=condition), key)
+
+  # -- sampling with prompts
+
+  def prompts(self):
+    if self._prompts is None:
+      self._prompts = text_prompts.Prompts(self.config)
+    return self._prompts
+
+  def _grid_prompts(self):
+    if self.config.sampling.prompts is None and not self.config.sampling.prompts_file:
+      return list(DEFAULT_GRID_PROMPTS)
+    return text_prompts.read_prompts(self.config)
+
+  def sample_prompts(self, sampler, prompts, guidance_scale, key, *, per_prompt=1):
+    """uint8 samples (len(prompts) · per_prompt, H, W, C) of `prompts`, CFG at w with the null
+    condition, or `sampling.negative_prompt` in its place, and the NFE per sample."""
+    repeated = [p for p in prompts for _ in range(per_prompt)]
+    condition = self.prompts().condition(repeated)
+    negative = self.config.sampling.negative_prompt
+    null = (self.prompts().negative(negative, len(repeated)) if negative
+            else text_prompts.Prompts.null(condition))
+    out, nfe, batch = [], 0, self.config.sampling.batch_size
+    for i, start in enumerate(range(0, len(repeated), batch)):
+      take = lambda tree, s=start: {k: v[s:s + batch] for k, v in tree.items()}  # noqa: E731
+      samples, nfe = sampler.sample(jax.random.fold_in(key, i), take(condition), guidance_scale,
+                                    null_labels=take(null))
+      out.append(images_lib.to_uint8(np.asarray(samples)))
+    return np.concatenate(out), nfe
+
+  def _prompt_grid(self, sampler, prompts, scales, key, per_prompt):
+    """Rows: prompts; column blocks: w; labelled with the prompts."""
+    blocks = [self.sample_prompts(sampler, prompts, w, key, per_prompt=per_prompt)[0]
+              for w in scales]
+    rows = []
+    for p in range(len(prompts)):
+      row = np.concatenate([np.concatenate(list(b[p * per_prompt:(p + 1) * per_prompt]), 1)
+                            for b in blocks], 1)
+      rows.append(row)
+    return images_lib.label_rows(rows, prompts)
+
+  def _write_grid(self, run, state, step):
+    scales = self.config.sampling.grid_guidance_scales
+    grid = self._prompt_grid(self._sampler_of(run, state), self._grid_prompts(), scales,
+                             jax.random.PRNGKey(self.config.sampling.seed),
+                             self.config.sampling.grid_samples_per_class)
+    if jax.process_index() == 0:
+      for name in (f'grid_step{step:07d}.png', 'grid_latest.png'):
+        images_lib.save_png(os.path.join(run.workdir, 'samples', name), grid)
+    self._grid_step = step
+    logging.info('Wrote sample grid at step %d (rows: prompts; column blocks: w = %s).', step,
+                 ', '.join(str(w) for w in scales))
+
+  def _sample_metrics(self, run, state):
+    del run, state  # text models' metrics (attribute accuracy) are not built yet
+    return {}
+
+  def sample(self, workdir):
+    """--mode=sample: samples.npz (uint8 `images`, `prompts`) and grid.png of the prompts."""
+    sampler = sampler_lib.Sampler.from_workdir(self.config, workdir, self.latent_space())
+    sconfig = self.config.sampling
+    prompts = text_prompts.read_prompts(self.config)
+    per_prompt = max(1, sconfig.num_samples // len(prompts))
+    generator.check_output_size(per_prompt * len(prompts), generator.output_shape(sampler),
+                                sconfig.max_output_gib)
+    key = jax.random.PRNGKey(sconfig.seed)
+    t0 = time.time()
+    images, nfe = self.sample_prompts(sampler, prompts, sconfig.guidance_scale, key,
+                                      per_prompt=per_prompt)
+    seconds = time.time() - t0
+    out_dir = os.path.join(workdir, 'samples')
+    if jax.process_index() == 0:
+      repeated = np.array([p for p in prompts for _ in range(per_prompt)])
+      generator.write_npz(out_dir, {'images': images, 'prompts': repeated})
+      grid = self._prompt_grid(sampler, prompts, (sconfig.guidance_scale,), key,
+                               min(per_prompt, 8))
+      images_lib.save_png(os.path.join(out_dir, 'grid.png'), grid)
+    result = {'num_samples': len(images), 'prompts': prompts, 'nfe': nfe,
+              'negative_prompt': sconfig.negative_prompt, 'seconds': round(seconds, 2),
+              'guidance_scale': sconfig.guidance_scale, 'step': sampler.step,
+              'output': os.path.join(out_dir, 'samples.npz'),
+              'grid': os.path.join(out_dir, 'grid.png')}
+    logging.info('Samples: %s', json.dumps(result))
+    return result
+
+  def evaluate(self, workdir):
+    raise errors.ConfigError('--mode=evaluate of a text model (FD, class and attribute accuracy '
+                             'along w) is not built yet (issue 48 item 3); --mode=sample works.')
