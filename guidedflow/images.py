@@ -72,18 +72,19 @@ def make_guidance_grid(blocks, *, num_classes, samples_per_class, gap=4):
   return np.concatenate(parts, axis=1)
 
 
-def label_rows(rows, texts, *, upscale=2, text_width=300, gap=4):
+def label_rows(rows, texts, *, upscale=2, gap=4):
   """One uint8 HWC image of `rows` (uint8 HWC images of equal width and channels), each
-  upscaled by pixel repetition, with its text from `texts` written to its left."""
+  upscaled by pixel repetition, with its text from `texts` (up to 64 characters) to its left."""
   from PIL import ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
   rows = [np.asarray(r, np.uint8).repeat(upscale, 0).repeat(upscale, 1) for r in rows]
+  text_width = 12 + 6 * max([min(len(t), 64) for t in texts] + [1])
   height = sum(r.shape[0] + gap for r in rows)
   width, channels = rows[0].shape[1] + text_width, rows[0].shape[2]
   canvas = Image.new('L' if channels == 1 else 'RGB', (width, height), 255)
   draw, font, top = ImageDraw.Draw(canvas), ImageFont.load_default(), 0
   for row, text in zip(rows, texts):
     canvas.paste(Image.fromarray(row[..., 0] if channels == 1 else row), (text_width, top))
-    draw.text((4, top + row.shape[0] // 2 - 6), text[:48], fill=0, font=font)
+    draw.text((4, top + row.shape[0] // 2 - 6), text[:64], fill=0, font=font)
     top += row.shape[0] + gap
   out = np.asarray(canvas)
   return out[..., None] if channels == 1 else out

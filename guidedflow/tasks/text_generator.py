@@ -139,9 +139,11 @@ class TextGeneratorTask(generator.GeneratorTask):
               for w in scales]
     rows = []
     for p in range(len(prompts)):
-      row = np.concatenate([np.concatenate(list(b[p * per_prompt:(p + 1) * per_prompt]), 1)
-                            for b in blocks], 1)
-      rows.append(row)
+      parts = []
+      for b in blocks:
+        tile = np.concatenate(list(b[p * per_prompt:(p + 1) * per_prompt]), 1)
+        parts += [tile, np.full((tile.shape[0], 3, tile.shape[2]), 255, np.uint8)]
+      rows.append(np.concatenate(parts[:-1], 1))  # w blocks 3 white columns apart
     return images_lib.label_rows(rows, prompts)
 
   def _write_grid(self, run, state, step):
