@@ -132,9 +132,10 @@ def test_text_config_errors_are_one_line(tmp_path):
   line(_main(tmp_path / 'b', '--config.text.encoder=clip',
              f'--config.text.weights={os.path.join(FIXTURES, "t5", "single")}'),
        'model.safetensors', 'CLIP')
-  line(_main(tmp_path / 'c', '--config.text.encoder=trained', mode='train'),
-       'text.encoder', 'issue 48', '--config.text.encoder=none')
-  assert not os.path.exists(tmp_path / 'a') and not os.path.exists(tmp_path / 'c')
+  line(_main(tmp_path / 'c', '--config.sampling.prompts=a bag', mode='train'),
+       'config.sampling.prompts', 'class labels')
+  line(_main(tmp_path / 'd', '--config.text.encoder=trained'), 'trained with the generator')
+  assert not any(os.path.exists(tmp_path / d) for d in 'acd')
 
 
 def test_encode_caches_each_split_of_an_image_caption_folder(tmp_path):

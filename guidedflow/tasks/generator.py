@@ -21,7 +21,6 @@ from guidedflow import atomic
 from guidedflow import errors
 from guidedflow import evaluate as evaluate_lib
 from guidedflow import feature_networks
-from guidedflow import captions
 from guidedflow import images as images_lib
 from guidedflow import latent_cache
 from guidedflow import latents
@@ -29,8 +28,6 @@ from guidedflow import losses
 from guidedflow import paths
 from guidedflow import sampler as sampler_lib
 from guidedflow import run_context
-from guidedflow import text_cache
-from guidedflow import text_encoders
 from guidedflow.models import precision
 from guidedflow.models import factory
 from guidedflow.tasks import base
@@ -125,9 +122,7 @@ class GeneratorTask(base.Task):
     """--mode=encode: writes the latent cache of the train and eval splits and the text cache
     of the caption set (each when absent) and returns what each holds and how fast it was
     encoded."""
-    out = {}
-    if self.config.text.encoder != 'none':
-      out['text'] = self._text_cache(workdir)
+    out = self._extra_caches(workdir)
     if self.latent_space() is not None:
       if not self.config.autoencoder.cache:
         raise errors.ConfigError('--mode=encode writes the latent cache, but '
@@ -137,31 +132,11 @@ class GeneratorTask(base.Task):
                                          ('eval', self.eval_dataset()))})
     return out or super().encode(workdir)
 
-  def _text_cache(self, workdir):
-    """The text cache of the caption set: for Fashion-MNIST the caption table (one cache),
-    for an image–caption dataset every example's caption, one cache per split."""
-    text = self.config.text
-    if text.encoder not in text_encoders.FROZEN:
-      raise errors.ConfigError(f"config.text.encoder='{text.encoder}' is trained with the "
-                               'generator: it has no frozen outputs to cache (clip or t5 have).')
-    if self.config.input.dataset == 'fashion_mnist':
-      sets = {'captions': captions.caption_table()}
-    else:
-      splits = {'train': self.pixel_train_dataset(), 'eval': self.pixel_eval_dataset()}
-      if not all(hasattr(d, 'caption_table') for d in splits.values()):
-        raise errors.ConfigError(
-            f"config.input.dataset='{self.config.input.dataset}' has no captions: the text "
-            "cache encodes those of 'fashion_mnist', 'caption_folder' or 'webdataset'.")
-      sets = {split: d.caption_table() for split, d in splits.items()}
-    encoder = text_encoders.load(self.config)
-    root = text.cache_dir or os.path.join(workdir, 'text_cache')
-    out = {}
-    for name, texts in sets.items():
-      directory = root if len(sets) == 1 else os.path.join(root, name)
-      cache = text_cache.open_or_write(encoder, texts, directory, dtype=text.cache_dtype,
-                                       batch_size=text.batch_size)
-      out[name] = dict(cache.meta, directory=os.fspath(cache.directory))
-    return out['captions'] if len(sets) == 1 else out
+  def _extra_caches(self, workdir):
+    """The caches `encode` writes besides the latent cache: none here (the text task: its
+    text cache)."""
+    del workdir  # Unused.
+    return {}
 
   def loss(self, model, batch, key):
     config = self.config.loss

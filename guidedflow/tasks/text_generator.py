@@ -80,6 +80,20 @@ class TextGeneratorTask(generator.GeneratorTask):
           "trains on 'fashion_mnist', 'caption_folder' or 'webdataset'.")
     return text_data.TextDataset(pixels, self._table(which, pixels.caption_table()))
 
+  def _extra_caches(self, workdir):
+    """--mode=encode: the text cache of the caption set (Fashion-MNIST's caption table, or each
+    split's captions of an image–caption dataset), written when absent."""
+    if self.config.text.encoder not in text_encoders.FROZEN:
+      raise errors.ConfigError(f"config.text.encoder='{self.config.text.encoder}' is trained "
+                               'with the generator: it has no frozen outputs to cache (clip or '
+                               't5 have).')
+    self.workdir = self.workdir or workdir
+    for split in (self.pixel_train_dataset, self.pixel_eval_dataset):
+      split()  # opening a split writes its caption set's cache when absent
+    out = {which: dict(table.meta, directory=os.fspath(table.directory))
+           for which, table in self._tables.items()}
+    return {'text': out.get('captions', out)}
+
   def pixel_train_dataset(self):
     return self._captioned(super().pixel_train_dataset(), 'train')
 
