@@ -34,6 +34,13 @@ def damaged(what, directory, name, why):
       'and run the same command again (or --mode=encode with this config) to encode it again.')
 
 
+def differences(meta, expected, keys):
+  """'key saved (this config: wanted)' for each of `keys` where a cache's meta.json and what
+  the config asks for differ (a cache of other contents is refused, never overwritten)."""
+  return [f'{key} {meta.get(key)!r} (this config: {expected[key]!r})' for key in keys
+          if meta.get(key) != expected[key]]
+
+
 def open_rows(directory, name, shape, dtype):
   """A writable memory map of a new `<directory>/<name>.tmp` .npy file of `shape`, its blocks
   reserved."""

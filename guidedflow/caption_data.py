@@ -83,7 +83,8 @@ class _CaptionedImages(datasets.Dataset):
       raise errors.DataError(f'cannot decode {where}: {_line(e)}. {fix}') from None
 
   def _image(self, index: int) -> np.ndarray:
-    raise NotImplementedError
+    raise NotImplementedError(f'{type(self).__name__} must define _image(index): the decoded, '
+                              'cropped image of an example.')
 
   def get_batch(self, indices):
     indices = np.asarray(indices, np.int64)

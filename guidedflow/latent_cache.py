@@ -202,8 +202,7 @@ def check(meta, expected, directory):
   """Refuses a cache whose meta differs from `expected` (`latents.describe`) in what it is."""
   if expected is None:
     return
-  wrong = [f'{key} {meta.get(key)!r} (this config: {expected[key]!r})' for key in _IDENTITY
-           if meta.get(key) != expected[key]]
+  wrong = array_files.differences(meta, expected, _IDENTITY)
   if wrong:
     raise CacheMismatchError(
         f'the latent cache in {directory} holds other latents: {"; ".join(wrong)}. It was '

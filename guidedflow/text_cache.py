@@ -139,8 +139,7 @@ _IDENTITY = ('encoder', 'fingerprint', 'captions', 'num_captions', 'max_length',
 def _check(meta, expected, directory):
   if expected is None:
     return
-  wrong = [f'{key} {meta.get(key)!r} (this config: {expected[key]!r})' for key in _IDENTITY
-           if meta.get(key) != expected[key]]
+  wrong = array_files.differences(meta, expected, _IDENTITY)
   if wrong:
     raise TextCacheMismatchError(
         f'the text cache in {directory} holds other outputs: {"; ".join(wrong)}. Point '

@@ -37,20 +37,21 @@ def read_prompts(config):
 class Prompts:
   """condition(prompts) → the model's condition (numpy, 'null' = 0); null(condition) → ∅."""
 
-  def __init__(self, config):
+  def __init__(self, config, encoder=None):
+    """`encoder`: the frozen encoder when the caller has it loaded (else loaded here)."""
     text = config.text
     self.encoder = None
     if text.encoder == 'trained':
       self.tokenizer = text_transformer.ByteTokenizer(
           text.max_length or text_transformer.TextTransformerConfig().max_length)
     else:
-      self.encoder = text_encoders.load(config)
+      self.encoder = encoder or text_encoders.load(config)
 
   def condition(self, prompts):
     prompts = list(prompts)
     if any(not p.strip() for p in prompts):
       logging.info('An empty prompt is the unconditional prompt: its samples are the model\'s '
-                   'null condition at w = 1.')
+                   'null condition, whatever w.')
     if self.encoder is None:
       tokens, mask = self.tokenizer(prompts)
       out = {'tokens': np.asarray(tokens, np.int32), 'mask': np.asarray(mask, np.int32)}

@@ -47,6 +47,7 @@ class TextGeneratorTask(generator.GeneratorTask):
     super().__init__(config, workdir)
     self._prompts = None
     self._tables = {}
+    self._encoder = None
 
   # -- data
 
@@ -66,9 +67,15 @@ class TextGeneratorTask(generator.GeneratorTask):
         root = text.cache_dir or os.path.join(self.workdir or '.', 'text_cache')
         directory = root if which == 'captions' else os.path.join(root, which)
         self._tables[which] = text_cache.open_or_write(
-            text_encoders.load(self.config), texts, directory, dtype=text.cache_dtype,
+            self._frozen_encoder(), texts, directory, dtype=text.cache_dtype,
             batch_size=text.batch_size)
     return self._tables[which]
+
+  def _frozen_encoder(self):
+    """The frozen encoder, loaded once: every split's cache and the prompts use it."""
+    if self._encoder is None and self.config.text.encoder in text_encoders.FROZEN:
+      self._encoder = text_encoders.load(self.config)
+    return self._encoder
 
   def _captioned(self, pixels, which):
     if self.config.input.dataset == 'fashion_mnist':
@@ -123,7 +130,7 @@ class TextGeneratorTask(generator.GeneratorTask):
 
   def prompts(self):
     if self._prompts is None:
-      self._prompts = text_prompts.Prompts(self.config)
+      self._prompts = text_prompts.Prompts(self.config, self._frozen_encoder())
     return self._prompts
 
   def _grid_prompts(self):
