@@ -25,7 +25,6 @@ import concurrent.futures
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import machine
 
 import grain  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
@@ -41,15 +41,6 @@ from absl import logging  # pylint: disable=g-import-not-at-top
 from guidedflow import batches as batches_lib  # pylint: disable=g-import-not-at-top
 from guidedflow import input_pipeline  # pylint: disable=g-import-not-at-top
 from guidedflow import latent_cache  # pylint: disable=g-import-not-at-top
-
-
-def cpu_model():
-  try:
-    out = subprocess.run(['grep', '-m1', 'model name', '/proc/cpuinfo'], capture_output=True,
-                         text=True, check=False).stdout
-    return out.split(':', 1)[1].strip() if ':' in out else 'unknown'
-  except OSError:
-    return 'unknown'
 
 
 def fashion_mnist(smoke):
@@ -196,7 +187,7 @@ def main():
     for batch_size in batch_sizes:
       rows += measure('fashion_mnist', fmnist, batch_size, args, consumers, [])
       rows += measure('latent_cache', cache, batch_size, args, consumers, workers)
-  report = {'cpu': cpu_model(), 'cpu_count': os.cpu_count(), 'grain': grain.__version__,
+  report = {'cpu': machine.cpu_description(), 'cpu_count': os.cpu_count(), 'grain': grain.__version__,
             'fashion_mnist': fmnist_name,
             'latent_cache': f'{args.cache_examples} x 2x{"x".join(map(str, latent_shape))} f32',
             'steps': args.steps, 'rounds': args.rounds, 'rows': rows}

@@ -49,6 +49,7 @@ from flax import nnx
 # The repository root, so that `configs` imports when run as `python benchmarks/...`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import machine
 from configs import default as default_config
 from configs import fashion_mnist as fmnist_config
 
@@ -101,20 +102,6 @@ SMOKE_CASES = {
     'dit-test': (_dit('test/4', 16, 4, 10), 8, 4),
     'unet-tiny': (_unet((8, 16), 1, 'none'), 8, 4),
 }
-
-
-def cpu_model():
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      info = f.read()
-  except OSError:
-    return platform.processor() or 'unknown'
-  name = next((line.split(':', 1)[1].strip() for line in info.splitlines()
-               if line.startswith('model name')), 'unknown')
-  flags = next((line.split(':', 1)[1].split() for line in info.splitlines()
-                if line.startswith('flags')), [])
-  units = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
-  return f"{name} ({os.cpu_count()} cores; {' '.join(units) or 'no avx2'})"
 
 
 def _time(fn, steps, rounds=3, warm_up=True):
@@ -305,7 +292,7 @@ def _dots_library(compiler_options):
 
 
 def header(allocator=''):
-  return dict(cpu=cpu_model(), allocator=allocator, device=str(jax.devices()[0].device_kind),
+  return dict(cpu=machine.cpu_description(), allocator=allocator, device=str(jax.devices()[0].device_kind),
               platform=jax.devices()[0].platform, jax=jax.__version__,
               jaxlib=jax.lib.__version__ if hasattr(jax.lib, '__version__') else '',
               python=platform.python_version(), xla_flags=os.environ.get('XLA_FLAGS', ''))

@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import machine
 from guidedflow import captions
 from guidedflow import host_allocator
 from guidedflow.models import clip_text
@@ -34,14 +35,6 @@ flags.DEFINE_integer('batch', 64, 'Captions per call.')
 flags.DEFINE_integer('repeats', 3, 'Timed calls after the compile.')
 flags.DEFINE_integer('max_length', 0, 'Tokens per caption (0: the preset\'s; Fashion-MNIST '
                      'captions fit in 24 CLIP tokens).')
-
-
-def _cpu():
-  try:
-    with open('/proc/cpuinfo') as f:
-      return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    return 'unknown'
 
 
 def _build(name):
@@ -58,7 +51,7 @@ def _build(name):
 def main(argv):
   del argv
   host_allocator.skip_tpu_probe_without_tpu()
-  print(f'CPU: {_cpu()}; jax {jax.__version__}, {jax.devices()[0].platform}')
+  print(f'CPU: {machine.cpu_description()}; jax {jax.__version__}, {jax.devices()[0].platform}')
   print('| encoder | parameters | tokens | compile s | captions/s | GFLOP/s | FMNIST cache (3,960) |')
   print('|---|---|---|---|---|---|---|')
   for name in FLAGS.encoders:

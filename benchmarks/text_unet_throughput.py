@@ -33,6 +33,7 @@ from flax import nnx
 # The repository root, so that `configs` imports when run as `python benchmarks/...`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import machine
 from configs import fashion_mnist
 from guidedflow import host_allocator
 from guidedflow.models import factory
@@ -41,15 +42,6 @@ from guidedflow.models import text_transformer
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 TEXT_DIM, TEXT_TOKENS, ENCODER_TOKENS = 128, 24, 64
-
-
-def cpu_name():
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    name = 'unknown'
-  return f'{name} ({os.cpu_count()} cores)'
 
 
 def parse_variant(text):
@@ -159,7 +151,7 @@ def main():
   args.variants = [v.strip() for v in args.variants.split(';') if v.strip()]
   host_allocator.skip_tpu_probe_without_tpu()
   allocator = host_allocator.keep_freed_memory()
-  print(f'CPU: {cpu_name()}; jax {jax.__version__}, {jax.devices()[0].platform}; {allocator}')
+  print(f'CPU: {machine.cpu_description()}; jax {jax.__version__}, {jax.devices()[0].platform}; {allocator}')
   print(f'batch {args.batch}, 28x28x1; text width {TEXT_DIM}, {TEXT_TOKENS} cached tokens, '
         f'encoder on {ENCODER_TOKENS} byte tokens; {args.rounds} rounds of {args.steps} steps')
   steps, times = [], {}

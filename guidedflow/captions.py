@@ -48,6 +48,8 @@ _PLURALS = ('trousers', 'pants', 'slacks')
 # template reads naturally too ("a photo of a sneaker", "sneaker").
 TEMPLATES = ('{art} {a}{noun}', 'a photo of {art} {a}{noun}', '{noun}{c_list}',
              'a picture of {art_noun} {noun}{c_clause}')
+# Templates never used in training: paraphrased prompts of the evaluation (text_evaluate.py).
+PARAPHRASES = ('an image showing {art} {a}{noun}', 'this is {art_noun} {noun}{c_clause}')
 # (class, attribute, level 0 = low or 2 = high): never in training (`held_out`).
 HELD_OUT = ((7, 'brightness', 0), (2, 'texture', 2), (8, 'width', 0))
 
@@ -144,15 +146,21 @@ def _phrase_parts(phrase):
 
 
 def _render(label, synonym, template, phrase):
+  return render(label, _phrase_parts(phrase), TEMPLATES[template], synonym)
+
+
+def render(label, parts, template, synonym=0):
+  """The caption of class `label` with attribute `parts` [(attribute index, 0 low / 1 high)]
+  in `template` (a `TEMPLATES` or `PARAPHRASES` string)."""
   noun = SYNONYMS[label][synonym]
-  parts = sorted(_phrase_parts(phrase), key=lambda part: _WORD_ORDER.index(part[0]))
+  parts = sorted(parts, key=lambda part: _WORD_ORDER.index(part[0]))
   words = [LEVEL_WORDS[ATTRIBUTES[a]][level] for a, level in parts]
   before = ''.join(w + ' ' for w in words)
   if noun in _PLURALS:  # "a photo of a pair of dark pants"
     article = lambda text: 'a pair of'  # noqa: E731
   else:
     article = lambda text: 'an' if text[0].lower() in 'aeiou' else 'a'  # noqa: E731
-  text = TEMPLATES[template].format(
+  text = template.format(
       art=article(before + noun), art_noun=article(noun), a=before, noun=noun,
       c_list=''.join(', ' + w for w in words),
       c_clause=(' that is ' + ' and '.join(words)) if words else '')
@@ -161,6 +169,14 @@ def _render(label, synonym, template, phrase):
 
 def caption_id(label, synonym, template, phrase):
   return ((label * 3 + synonym) * len(TEMPLATES) + template) * NUM_PHRASES + phrase
+
+
+def parse(caption):
+  """(label, synonym, template, parts) of caption id `caption` (`caption_id`'s inverse)."""
+  rest, phrase = divmod(int(caption), NUM_PHRASES)
+  rest, template = divmod(rest, len(TEMPLATES))
+  label, synonym = divmod(rest, 3)
+  return label, synonym, template, _phrase_parts(phrase)
 
 
 def caption_table(num_classes=10):

@@ -36,6 +36,7 @@ from guidedflow import train_state
 from guidedflow import trained
 from guidedflow.models import factory
 from guidedflow.models import precision
+from guidedflow.models import text_conditioning
 
 
 class Sampler:
@@ -115,6 +116,10 @@ class Sampler:
         if gathered is not None:  # once per call, not once per model evaluation (FSDP)
           params = jax.lax.with_sharding_constraint(params, gathered)
         model = self.builder.merge(params)
+        # A text model's condition is encoded once here, not at every model evaluation.
+        labels = text_conditioning.encode_condition(model, labels)
+        if null_labels is not None:
+          null_labels = text_conditioning.encode_condition(model, null_labels)
         classifier_fn = None
         if plan.use_classifier:
           classifier = nnx.merge(self.classifier.graphdef, classifier_params)

@@ -106,3 +106,14 @@ def test_a_captioned_stream_holds_out_its_compositions_and_resumes_exactly(train
   epochs = [data.get_batch([index], epochs=np.array([e]), seed=5)['caption'][0]
             for e in range(8)]
   assert len(set(epochs)) > 2
+
+
+def test_parse_inverts_caption_id_and_paraphrases_are_never_training_captions():
+  table = captions.caption_table()
+  for i in range(len(table)):
+    label, synonym, template, parts = captions.parse(i)
+    assert captions.render(label, parts, captions.TEMPLATES[template], synonym) == table[i]
+  paraphrased = {captions.render(c, [(a, level)], t) for c in range(10) for a in range(4)
+                 for level in (0, 1) for t in captions.PARAPHRASES}
+  assert len(paraphrased) == 2 * 80 and not paraphrased & set(table)
+  assert 'this is a sneaker that is dark' in paraphrased

@@ -53,6 +53,11 @@ def test_null_rows_take_the_null_condition_and_only_they(null):
   moved = model(x, t, {'tokens': other_tokens, 'mask': other_mask, 'null': y['null']})
   np.testing.assert_allclose(moved[1], out[1], atol=1e-6)  # ∅ ignores its caption
   assert not np.allclose(moved[0], out[0], atol=1e-4)
+  encoded = text_conditioning.encode_condition(model, y)  # what the Sampler does, once
+  assert set(encoded) == {'hidden', 'mask', 'pooled'}
+  np.testing.assert_array_equal(model(x, t, encoded), out)
+  labels = np.arange(3)  # a class model's labels pass through
+  assert text_conditioning.encode_condition(model, labels) is labels
   if null == 'empty':  # ∅ is the empty prompt, encoded
     empty_tokens, empty_mask = tokenizer([''])
     explicit = model(x[1:2], t[1:2], {'tokens': empty_tokens, 'mask': empty_mask,

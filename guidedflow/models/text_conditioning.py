@@ -58,7 +58,12 @@ class TextConditioned(nnx.Module):
       self.empty = nnx.Dict({k: Constant(jnp.asarray(v)) for k, v in empty.items()})
 
   def features(self, y):
-    """{'hidden', 'mask', 'pooled'} of condition `y`, ∅ rows replaced by the null condition."""
+    """{'hidden', 'mask', 'pooled'} of condition `y`, ∅ rows replaced by the null condition.
+
+    A `y` without 'null' is taken to be such features already: the Sampler encodes its
+    condition once per call (`encode_condition`), not once per model evaluation."""
+    if 'null' not in y:
+      return y
     null = jnp.asarray(y['null']).astype(bool)
     if self.encoder is not None:
       tokens, mask = y['tokens'], y['mask']
@@ -83,3 +88,11 @@ class TextConditioned(nnx.Module):
 
   def __call__(self, x: jax.Array, t: jax.Array, y) -> jax.Array:
     return self.backbone(x, t, self.features(y))
+
+
+def encode_condition(model, y):
+  """`model.features(y)` for a text model's condition (a dict), else `y` unchanged: what the
+  Sampler hands the integrator, so the text encoder runs once per sampling call."""
+  if isinstance(model, TextConditioned) and isinstance(y, dict):
+    return model.features(y)
+  return y

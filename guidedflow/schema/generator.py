@@ -164,6 +164,7 @@ def get_config():
   config.eval.classifier_scales = config_dict.placeholder(tuple)  # None: sampling.classifier_scale; several = w_c sweep (classifier guidance)
   config.eval.num_steps = config_dict.placeholder(tuple)  # steps sweep (quality vs NFE), e.g. 5,10,20,50; None: no sweep
   config.eval.methods = config_dict.placeholder(tuple)  # samplers of the steps sweep; None: (sampling.method,)
+  config.eval.samples_per_composition = 20  # text models: samples per class × attribute × level prompt (guidedflow/text_evaluate.py)
   config.eval.nearest_k = 3            # k of the k-NN precision/recall and density/coverage
   config.eval.grid_rows_per_class = 2  # guidance_grid.png: rows per class, one column per w
   config.eval.num_batches = 20         # held-out loss: batches of train.batch_size (0 = whole split)

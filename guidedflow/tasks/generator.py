@@ -275,12 +275,20 @@ class GeneratorTask(base.Task):
       sampler = sampler_lib.Sampler.from_train_state(
           self.config, builder, state, image_shape, latent_space=space,
           classifier=sampler_lib.load_classifier(self.config, image_shape, space))
-      primary, *extra = feature_networks.names(self.config)
-      result.update(evaluate_lib.run(
-          self.config, workdir, sampler, feature_networks.load(self.config, primary),
-          self.pixel_eval_dataset(), self.pixel_train_dataset(),
-          extra_networks=[feature_networks.load(self.config, name) for name in extra]))
+      result.update(self._sample_quality(workdir, sampler))
     return result
+
+  def _feature_networks(self):
+    """The primary feature network of `eval.feature_network`, then the extra ones."""
+    primary, *extra = feature_networks.names(self.config)
+    return (feature_networks.load(self.config, primary),
+            [feature_networks.load(self.config, name) for name in extra])
+
+  def _sample_quality(self, workdir, sampler):
+    """--mode=evaluate's sample metrics and sweeps (guidedflow/evaluate.py)."""
+    network, extra = self._feature_networks()
+    return evaluate_lib.run(self.config, workdir, sampler, network, self.pixel_eval_dataset(),
+                            self.pixel_train_dataset(), extra_networks=extra)
 
 
 def balanced_labels(num_samples, num_classes):

@@ -22,11 +22,14 @@ import numpy as np
 
 from guidedflow import captions
 from guidedflow import errors
+from guidedflow import evaluate as evaluate_lib
+from guidedflow import fashion_mnist
 from guidedflow import images as images_lib
 from guidedflow import sampler as sampler_lib
 from guidedflow import text_cache
 from guidedflow import text_data
 from guidedflow import text_encoders
+from guidedflow import text_evaluate
 from guidedflow import text_prompts
 from guidedflow.models import text_transformer
 from guidedflow.tasks import generator
@@ -142,17 +145,20 @@ class TextGeneratorTask(generator.GeneratorTask):
     """uint8 samples (len(prompts) · per_prompt, H, W, C) of `prompts`, CFG at w with the null
     condition, or `sampling.negative_prompt` in its place, and the NFE per sample."""
     repeated = [p for p in prompts for _ in range(per_prompt)]
+    num, batch = len(repeated), self.config.sampling.batch_size
+    if num > batch:  # every batch full: one compiled program (the padding is dropped)
+      repeated += repeated[-1:] * (-num % batch)
     condition = self.prompts().condition(repeated)
     negative = self.config.sampling.negative_prompt
     null = (self.prompts().negative(negative, len(repeated)) if negative
             else text_prompts.Prompts.null(condition))
-    out, nfe, batch = [], 0, self.config.sampling.batch_size
+    out, nfe = [], 0
     for i, start in enumerate(range(0, len(repeated), batch)):
       take = lambda tree, s=start: {k: v[s:s + batch] for k, v in tree.items()}  # noqa: E731
       samples, nfe = sampler.sample(jax.random.fold_in(key, i), take(condition), guidance_scale,
                                     null_labels=take(null))
       out.append(images_lib.to_uint8(np.asarray(samples)))
-    return np.concatenate(out), nfe
+    return np.concatenate(out)[:num], nfe
 
   def _prompt_grid(self, sampler, prompts, scales, key, per_prompt):
     """Rows: prompts; column blocks: w; labelled with the prompts."""
@@ -211,6 +217,20 @@ class TextGeneratorTask(generator.GeneratorTask):
     logging.info('Samples: %s', json.dumps(result))
     return result
 
-  def evaluate(self, workdir):
-    raise errors.ConfigError('--mode=evaluate of a text model (FD, class and attribute accuracy '
-                             'along w) is not built yet (issue 48 item 3); --mode=sample works.')
+  def _sample_quality(self, workdir, sampler):
+    """--mode=evaluate's prompt adherence along w (guidedflow/text_evaluate.py)."""
+    if self.config.input.dataset != 'fashion_mnist':
+      raise errors.ConfigError(
+          '--mode=evaluate of a text model measures the attributes of Fashion-MNIST captions; '
+          f"config.input.dataset='{self.config.input.dataset}' has none: use --mode=sample, or "
+          'config.eval.feature_network=none for the held-out loss alone.')
+    network, extra = self._feature_networks()
+    pixels = generator.GeneratorTask.pixel_eval_dataset(self)
+    evaluator = evaluate_lib.Evaluator(self.config, workdir, sampler, network, pixels,
+                                       generator.GeneratorTask.pixel_train_dataset(self), extra)
+    key = jax.random.PRNGKey(self.config.sampling.seed)
+    generate = lambda prompts, w: self.sample_prompts(sampler, prompts, w, key)[0]  # noqa: E731
+    grid = lambda prompts, scales: self._prompt_grid(sampler, prompts, scales, key, 4)  # noqa: E731
+    return text_evaluate.run(self.config, workdir, evaluator, generate, grid, pixels,
+                             class_names=fashion_mnist.CLASS_NAMES,
+                             is_writer=jax.process_index() == 0)
