@@ -24,6 +24,7 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from guidedflow import atomic
 from guidedflow import errors
@@ -31,6 +32,8 @@ from guidedflow import hlo_collectives
 from guidedflow import latents
 from guidedflow import sampler as sampler_lib
 from guidedflow import sharding
+from guidedflow import text_encoders
+from guidedflow.models import precision
 from guidedflow.tasks import registry
 from guidedflow import train_state
 from guidedflow import tree_compat
@@ -246,9 +249,38 @@ def compile_sampler(task, config, image_shape, devices, *, builder=None):
                                 image_shape=image_shape, latent_space=space if decodes else None)
   shards = sharding.batch_axes_size(builder.mesh)
   batch = -(-int(config.sampling.batch_size) // shards) * shards
-  figures = _compile('CFG sampler', lambda: sampler.lower_cfg(batch), state, False)
+  condition = task.sample_condition(batch)
+  figures = _compile('CFG sampler', lambda: sampler.lower_cfg(batch, condition), state, False)
   return {'batch_size': batch, 'num_steps': int(config.sampling.num_steps),
           'method': config.sampling.method, 'decodes': decodes, **figures}
+
+
+def compile_text_encoder(task, config, devices, *, builder):
+  """Lowers and compiles the frozen text encoder's forward pass (`text.batch_size` captions,
+  rounded up to the batch shards) with its parameters sharded over the mesh by their logical
+  axis names, as the generator's are: what a pod holds to encode captions itself beside the
+  train state, not reading them from the text cache. None without a frozen encoder."""
+  if task.name != 'generate' or config.text.encoder not in text_encoders.FROZEN:
+    return None
+  model, pool, length = text_encoders.abstract(config)
+  graphdef, params = nnx.split(model)
+  shardings = sharding.state_shardings(params, builder.mesh)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        params, shardings)
+  shards = sharding.batch_axes_size(builder.mesh)
+  batch = -(-int(config.text.batch_size) // shards) * shards
+  tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=builder.batch_sharding)
+  encode = jax.jit(lambda p, ids, mask: pool(nnx.merge(graphdef, p), ids, mask),
+                   in_shardings=(shardings, builder.batch_sharding, builder.batch_sharding))
+
+  def lower():
+    with jax.set_mesh(builder.mesh):
+      return encode.lower(params, tokens, tokens)
+
+  return {'encoder': config.text.encoder, 'weights': config.text.weights, 'batch_size': batch,
+          'tokens': length, 'parameters': int(sum(math.prod(x.shape)
+                                                  for x in jax.tree.leaves(params))),
+          **_compile('text encoder', lower, params, False)}
 
 
 def run(config, workdir):
@@ -287,6 +319,13 @@ def _latent_shape(config):
 
 
 def report(task, config, image_shape):
+  """`_report` with the models built for the TPU, not this host (`precision.building_for`:
+  bf16 compute is kept where the host CPU would compute in f32)."""
+  with precision.building_for('tpu'):
+    return _report(task, config, image_shape)
+
+
+def _report(task, config, image_shape):
   """The compile of `task`'s train step and (a generator's) CFG sampler: the table (logged)
   and the JSON-able report (the train step's figures at the top level, the sampler's under
   'sampler').
@@ -323,6 +362,12 @@ def report(task, config, image_shape):
     sampler['with_train_state_bytes'] = int(
         figures['argument_bytes'] + sampler['output_bytes'] + sampler['temp_bytes'])
     report['sampler'] = sampler
+  encoder = compile_text_encoder(task, config, devices, builder=builder)
+  if encoder is not None:
+    # On the pod beside the train state: its parameters and one encoding call's buffers.
+    encoder['total_bytes'] = int(_total(encoder))
+    encoder['with_train_state_bytes'] = int(figures['argument_bytes'] + _total(encoder))
+    report['text_encoder'] = encoder
   _log_table(report)
   if sampler is not None:
     _check_fits(report, 'the CFG sampler beside the train state',
@@ -376,5 +421,16 @@ def _log_table(r):
                                         f'{gib(r["hbm_bytes_per_device"])}'),
              ('  collectives / call', _collectives_row(s)),
              ('  lower / compile', f'{s["lower_s"]} s / {s["compile_s"]} s')]
+  e = r.get('text_encoder')
+  if e:
+    rows += [(f'frozen {e["encoder"]} encoder', f'{e["weights"]}, {e["parameters"] / 1e9:.3g}B '
+                                             f'parameters, batch {e["batch_size"]} × '
+                                             f'{e["tokens"]} tokens'),
+             ('  args / temps / outputs', f'{gib(e["argument_bytes"])} / {gib(e["temp_bytes"])}'
+                                          f' / {gib(e["output_bytes"])}'),
+             ('  with the train state', f'{gib(e["with_train_state_bytes"])} / '
+                                        f'{gib(r["hbm_bytes_per_device"])}'),
+             ('  collectives / call', _collectives_row(e)),
+             ('  lower / compile', f'{e["lower_s"]} s / {e["compile_s"]} s')]
   logging.info('Ahead-of-time compile of the train step%s:\n%s',
                ' and the CFG sampler' if s else '', '\n'.join(f'  {k:28s} {v}' for k, v in rows))

@@ -4,7 +4,7 @@ Layout of `<cache_dir>/<split>/`:
   moments-PPPPP-of-QQQQQ.npy  (n_p, 2, h, w, c): mean and log-variance of process p's examples
                               p, p + Q, p + 2Q, ... (example e = image e // 2, mirrored when
                               odd, with `autoencoder.flip`; else image e)
-  labels-PPPPP-of-QQQQQ.npy   (n_p,) int32
+  labels-PPPPP-of-QQQQQ.npy   (n_p,) int32: the class, or an image–caption dataset's caption id
   checksums-PPPPP-of-QQQQQ.json  size and CRC-32 of both (`checksums.file_record`), checked
                               when the shard is opened: a damaged file is one line naming it
   meta.json                   what was encoded (`latents.describe`: the autoencoder's

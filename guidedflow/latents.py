@@ -147,12 +147,13 @@ def flipped_indices(indices, flip):
 
 
 def images_of(dataset, indices, flip):
-  """The (mirrored where asked) images and labels of latent-dataset examples `indices`."""
+  """The (mirrored where asked) images and labels of latent-dataset examples `indices`; an
+  image–caption dataset's "labels" are its caption ids, so the latents keep their captions."""
   image_indices, mirror = flipped_indices(indices, flip)
   batch = dataset.get_batch(image_indices)
   images = np.array(batch['image'])
   images[mirror] = images[mirror][:, :, ::-1]
-  return images, batch['label']
+  return images, batch['label'] if 'label' in batch else batch['caption']
 
 
 class EncodedDataset(input_pipeline.Dataset):

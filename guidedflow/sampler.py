@@ -236,20 +236,33 @@ class Sampler:
         sigma_schedule=sigma_schedule or config.sigma_schedule,
         guidance_interval=config.guidance_interval)
 
-  def lower_cfg(self, batch_size):
+  def lower_cfg(self, batch_size, condition=None):
     """The CFG program of the `sampling.*` settings (w ≠ 1; decoding included for a latent
     generator) lowered for `batch_size` labels on abstract arguments, for ahead-of-time
-    compiles (`guidedflow.aot`): `self.params` and the decoder's may be ShapeDtypeStructs."""
+    compiles (`guidedflow.aot`): `self.params` and the decoder's may be ShapeDtypeStructs.
+    A text model's `condition` is {name: (shape, dtype)} of its batch (∅ of the same shapes)."""
     b = self.builder
     abstract = lambda shape, dtype, where: jax.ShapeDtypeStruct(shape, dtype, sharding=where)  # pylint: disable=unnecessary-lambda-assignment
-    labels = abstract((batch_size,), jnp.int32, b.batch_sharding)
+    if condition is None:
+      labels = classifier_labels = abstract((batch_size,), jnp.int32, b.batch_sharding)
+      null = None
+    else:
+      labels = null = {k: abstract(shape, dtype, b.batch_sharding)
+                       for k, (shape, dtype) in condition.items()}
+      classifier_labels = None
     scalar = abstract((), jnp.float32, b.replicated)
-    decoder = None if self.latent_space is None else jax.tree.map(
-        lambda x: abstract(x.shape, x.dtype, b.replicated), self.latent_space.params)
     program = self._program(self._plan(use_cfg=True, use_classifier=False))
     with jax.set_mesh(b.mesh):
-      return program.lower(self.params, decoder, None, abstract((2,), jnp.uint32, b.replicated),
-                           labels, labels, scalar, scalar, scalar, None)
+      return program.lower(self.params, self._abstract_decoder(), None,
+                           abstract((2,), jnp.uint32, b.replicated), labels, classifier_labels,
+                           scalar, scalar, scalar, null)
+
+  def _abstract_decoder(self):
+    if self.latent_space is None:
+      return None
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=self.builder.replicated),
+                        self.latent_space.params)
 
   def sample_images(self, key, labels, guidance_scale, *, batch_size=None, **options):
     """uint8 samples for any number of labels, in padded batches of one compiled shape.

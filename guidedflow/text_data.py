@@ -13,6 +13,17 @@ from guidedflow import datasets
 PREFIX = 'text_'
 
 
+# What the batch iterator and --mode=encode read of a dataset besides its shape: passed through
+# the wrappers below when the wrapped dataset has them.
+_FORWARDED = ('in_memory', 'decodes_files', 'process_local', 'pixel_shape', 'meta', 'directory')
+
+
+def _forward(wrapper, base):
+  for name in _FORWARDED:
+    if hasattr(base, name):
+      setattr(wrapper, name, getattr(base, name))
+
+
 class TokenTable:
   """The tokens of every caption of a caption set, for a trained encoder: `get(ids)` →
   {'text_tokens', 'text_mask'} int32 (n, L)."""
@@ -34,8 +45,7 @@ class TextDataset(datasets.Dataset):
     self.name, self.split, self.num_examples = base.name, base.split, base.num_examples
     self.image_shape, self.num_classes = base.image_shape, base.num_classes
     self.draws_per_epoch = getattr(base, 'draws_per_epoch', False)
-    self.in_memory = getattr(base, 'in_memory', False)
-    self.decodes_files = getattr(base, 'decodes_files', False)
+    _forward(self, base)
 
   def get_batch(self, indices, epochs=None, seed=0):
     if self.draws_per_epoch:
@@ -44,6 +54,24 @@ class TextDataset(datasets.Dataset):
       batch = dict(self.base.get_batch(indices))
     batch.update(self.table.get(batch['caption']))
     batch['text_null'] = np.zeros(len(batch['caption']), np.int32)
+    return batch
+
+
+class LatentCaptions(datasets.Dataset):
+  """A latent dataset of an image–caption dataset (the latent cache, or encoded on the fly),
+  whose 'label' column holds each example's caption id (`latents.images_of`), as a captioned
+  dataset: batches with 'caption' for `TextDataset` (flips and process-local shards keep their
+  captions: the id is stored with each latent row)."""
+
+  def __init__(self, base):
+    self.base = base
+    self.name, self.split, self.num_examples = base.name, base.split, base.num_examples
+    self.image_shape, self.num_classes = base.image_shape, 0
+    _forward(self, base)
+
+  def get_batch(self, indices):
+    batch = dict(self.base.get_batch(indices))
+    batch['caption'] = batch.pop('label')
     return batch
 
 

@@ -12,6 +12,7 @@ sharded safetensors with their index, or — CLIP — `pytorch_model.bin`: the `
 returns None for them.
 """
 
+import dataclasses
 import os
 
 from absl import logging
@@ -23,6 +24,7 @@ from guidedflow import checksums
 from guidedflow import errors
 from guidedflow.models import clip_text
 from guidedflow.models import clip_text_weights
+from guidedflow.models import factory
 from guidedflow.models import clip_tokenizer
 from guidedflow.models import t5_encoder
 from guidedflow.models import t5_tokenizer
@@ -120,6 +122,19 @@ def _load_t5(text):
                                        max_length=max_length)
   return FrozenEncoder('t5', model, tokenizer, _t5_pool, max_length=max_length,
                        width=model.config.d_model, source=folder, salt='')
+
+
+def abstract(config):
+  """(model, pool, max_length) of the frozen `config.text` encoder with abstract parameters
+  (carrying their logical axis names): what --mode=compile lowers, no weights read."""
+  found = factory.frozen_text_config(config)
+  _, max_length = factory.text_dims(config)
+  if config.text.encoder == 'clip':
+    model = nnx.eval_shape(lambda: clip_text.ClipTextEncoder(found, rngs=nnx.Rngs(0)))
+    return model, _clip_pool, max_length
+  found = dataclasses.replace(found, max_length=max_length)
+  model = nnx.eval_shape(lambda: t5_encoder.T5Encoder(found, rngs=nnx.Rngs(0)))
+  return model, _t5_pool, max_length
 
 
 def load(config):

@@ -83,8 +83,12 @@ def check_common(config):
   """Checks the sections every task's config has; raises ConfigError naming key and fix."""
   choices(config, _COMMON_CHOICES)
   _check_time_budget(config)
+  text_model = 'text' in config and config.text.encoder != 'none'
   integers(config, tuple(k for k in _COMMON_POSITIVE
-                         if not (k == 'train.num_steps' and time_budget.is_active(config))))
+                         if not (k == 'train.num_steps' and time_budget.is_active(config))
+                         and not (k == 'input.num_classes' and text_model)))
+  if text_model:  # captions, not classes: an image–caption dataset has none
+    integers(config, ('input.num_classes',), minimum=0)
   integers(config, ('eval.every_steps',), minimum=0)
   counts(config, ('input.num_train_examples',))
   _check_optim(config)

@@ -21,6 +21,7 @@ from guidedflow import aot
 from guidedflow import errors
 from guidedflow import hlo_collectives
 from guidedflow import sharding
+from guidedflow import text_encoders
 from guidedflow import train_state
 from guidedflow.tasks import registry
 from tests import subprocess_env
@@ -229,3 +230,29 @@ def test_the_smallest_slice_of_each_generation_is_described(name, chips):
   single-chip v5e / v6e with a one-chip host)."""
   _, _, count, devices = aot.topology_devices(name)
   assert count == chips == len(devices)
+
+
+def test_text_to_image_latent_recipe_compiles_with_its_frozen_encoder_sharded(v5e_2x2):
+  """configs/t2i_latent.py scaled down: the cross-attention DiT's step on latent moments and
+  cached text features, its CFG sampler on the text condition (∅ of the same shapes), and the
+  frozen encoder's forward pass sharded on the same mesh — from a preset's name, no weights."""
+  from configs import t2i_latent  # pylint: disable=g-import-not-at-top
+  config = t2i_latent.get_config('test/2')
+  config.text.encoder, config.text.weights, config.text.max_length = 'clip', 'test', None
+  config.text.batch_size = 6
+  config.mesh.shape = (1, 4, 1)
+  config.train.batch_size = 8
+  config.sampling.batch_size, config.sampling.num_steps = 4, 2
+  config.compile.topology = 'v5e:2x2'
+  config.compile.image_shape = (4, 4, 4)
+  registry.validate(config)
+  task = registry.get_task(config)
+  batch = task.abstract_batch(8, (4, 4, 4))
+  assert batch['text_hidden'][0] == (8, 16, 32) and 'label' not in batch  # CLIP 'test' preset
+  report = aot.report(task, config, (4, 4, 4))
+  assert report['devices'] == 4 and report['sampler']['batch_size'] == 4
+  encoder = report['text_encoder']
+  assert encoder['batch_size'] == 8 and encoder['tokens'] == 16  # 6 rounded up to the shards
+  assert encoder['parameters'] == sum(
+      math.prod(x.shape) for x in jax.tree.leaves(nnx.state(text_encoders.abstract(config)[0])))
+  assert encoder['with_train_state_bytes'] == report['argument_bytes'] + encoder['total_bytes']

@@ -202,6 +202,20 @@ def test_bf16_falls_back_to_f32_on_a_cpu_without_bf16_units(tmp_path):
   assert resolve('bfloat16', 'tpu', convolutional=True) == ('bfloat16', None)
 
 
+def test_a_model_built_for_a_tpu_on_a_cpu_host_keeps_bf16():
+  """--mode=compile builds its models inside `building_for('tpu')`: the compute dtype is the
+  target's, not the CPU host's (whose bf16 units would otherwise decide it)."""
+  from configs import imagenet256_latent  # pylint: disable=g-import-not-at-top
+  from guidedflow.models import factory  # pylint: disable=g-import-not-at-top
+  config = imagenet256_latent.get_config('test/2')
+  with precision.building_for('tpu'):
+    assert precision.target_platform() == 'tpu'
+    assert factory.compute_dtype(config) == ('bfloat16', None)
+  assert precision.target_platform() == jax.default_backend()
+  expected = 'bfloat16' if precision.cpu_bf16_units() else 'float32'
+  assert factory.compute_dtype(config)[0] == expected
+
+
 _ONEDNN = {'xla_cpu_use_onednn': True,
            'xla_cpu_experimental_onednn_fusion_type':
                'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE'}

@@ -96,6 +96,10 @@ def test_what_does_not_apply_is_one_line():
   config.sampling.classifier_workdir = '/somewhere'
   with pytest.raises(errors.ConfigError, match='CFG alone'):
     registry.validate(config)
+  config = _config()
+  config.input.space = 'latents'  # Fashion-MNIST's captions are drawn from its pixels
+  with pytest.raises(errors.ConfigError, match='image–caption dataset'):
+    registry.get_task(config).prepare()
   fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'clip',
                          'a_quick_gelu')
   config = _config(null='empty', encoder='clip', weights=fixture, max_length=None)

@@ -283,7 +283,7 @@ def from_config(config, image_shape, text_dim: int):
       the image size), with the model's message.
   """
   height, width, channels = (int(d) for d in image_shape)
-  dtype, reason = precision.resolve_compute_dtype(config.model.dtype, jax.default_backend())
+  dtype, reason = precision.resolve_compute_dtype(config.model.dtype, precision.target_platform())
   if reason:
     logging.warning('config.model.dtype=%s: %s.', config.model.dtype, reason)
 

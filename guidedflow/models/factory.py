@@ -10,7 +10,6 @@ generator ('generate': `config.model.name` 'dit' or 'unet'), the feature classif
 import os
 
 from absl import logging
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -62,7 +61,7 @@ def generator_kwargs(config, text_dim=0):
 def compute_dtype(config, backend=None):
   """(the dtype the generator computes in on `backend` (default: JAX's), why it is not the
   configured one or None): `precision.resolve_compute_dtype`."""
-  return precision.resolve_compute_dtype(config.model.dtype, backend or jax.default_backend(),
+  return precision.resolve_compute_dtype(config.model.dtype, backend or precision.target_platform(),
                                          convolutional=config.model.name == 'unet')
 
 
@@ -152,23 +151,35 @@ def noisy_image_classifier(config, image_shape):
   return checked(construct)
 
 
+def frozen_text_config(config):
+  """The `ClipTextConfig` / `T5Config` of a frozen `config.text` encoder without loading
+  weights: a preset's, when `text.weights` names one (--mode=compile needs no weights), else
+  the weights folder's transformers `config.json`."""
+  text = config.text
+  presets = clip_text.CONFIGS if text.encoder == 'clip' else t5_encoder.PRESETS
+  config_file = os.path.join(os.fspath(text.weights or ''), 'config.json')
+  if text.weights in presets:
+    return presets[text.weights]
+  if os.path.isfile(config_file):
+    return (clip_text if text.encoder == 'clip' else t5_encoder).config_from_hf(config_file)
+  raise errors.DataError(
+      f"no config.json in config.text.weights={text.weights}: the {text.encoder} encoder's "
+      f'transformers config gives its width (to compile without the weights, name a preset: '
+      f'{", ".join(p for p in presets if p != "test")}).')
+
+
 def text_dims(config):
   """(width D, tokens L) of `config.text`'s encoder without loading weights: the trained one's
-  config, a frozen one's `config.json` (its position table for CLIP; 120 for T5)."""
+  config, a frozen one's (`frozen_text_config`; its position table for CLIP; 120 for T5)."""
   text = config.text
   if text.encoder == 'trained':
     return int(text.encoder_width), int(text.max_length or 64)
   if text.encoder not in ('clip', 't5'):
     raise errors.ConfigError(f"config.text.encoder='{text.encoder}' has no text features.")
-  config_file = os.path.join(os.fspath(text.weights or ''), 'config.json')
-  if not os.path.isfile(config_file):
-    raise errors.DataError(f"no config.json in config.text.weights={text.weights}: the "
-                           f"{text.encoder} encoder's transformers config gives its width.")
+  found = frozen_text_config(config)
   if text.encoder == 'clip':
-    clip = clip_text.config_from_hf(config_file)
-    return int(clip.width), int(text.max_length or clip.max_length)
-  t5 = t5_encoder.config_from_hf(config_file)
-  return int(t5.d_model), int(text.max_length or t5_encoder.MAX_LENGTH_PIXART_ALPHA)
+    return int(found.width), int(text.max_length or found.max_length)
+  return int(found.d_model), int(text.max_length or t5_encoder.MAX_LENGTH_PIXART_ALPHA)
 
 
 def text_generator(config, image_shape, text_dim, max_length):

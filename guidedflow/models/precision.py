@@ -93,6 +93,7 @@ def _matmul_f32(lhs, rhs, dimension_numbers):
 
 
 target_platform = stash.target_platform  # the traced program's platform (stash's too)
+building_for = stash.building_for  # models built inside are for that platform (aot.py)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -11,6 +11,7 @@ residuals that way on CPU; float32 residuals, and every residual on GPU and TPU 
 updates are native), are kept as they are.
 """
 
+import contextlib
 import dataclasses
 
 import jax
@@ -39,9 +40,25 @@ def _restore_leaf(x):
   return lax.bitcast_convert_type(x.bits, x.like.dtype) if isinstance(x, _Bits) else x
 
 
+_BUILDING_FOR = []  # the platforms of the enclosing `building_for` blocks, innermost last
+
+
+@contextlib.contextmanager
+def building_for(platform):
+  """Inside, `target_platform()` is `platform`: an ahead-of-time compile for a TPU on a CPU
+  host builds its models for the TPU (bf16 compute kept), not for this host's CPU."""
+  _BUILDING_FOR.append(platform)
+  try:
+    yield
+  finally:
+    _BUILDING_FOR.pop()
+
+
 def target_platform():
-  """The platform the traced program is for: the mesh's (`jax.set_mesh`, e.g. TPU devices of an
-  ahead-of-time compile on a CPU host), else the default backend."""
+  """The platform the traced program is for: `building_for`'s, the mesh's (`jax.set_mesh`,
+  e.g. TPU devices of an ahead-of-time compile on a CPU host), else the default backend."""
+  if _BUILDING_FOR:
+    return _BUILDING_FOR[-1]
   mesh = jax.sharding.get_abstract_mesh()
   device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
   return getattr(device, 'platform', None) or jax.default_backend()

@@ -83,6 +83,12 @@ class GeneratorTask(base.Task):
     moments = ((batch_size, *image_shape), jnp.float32)
     return {'mean': moments, 'logvar': moments, 'label': ((batch_size,), jnp.int32)}
 
+  def sample_condition(self, batch_size):
+    """The condition a compiled sampler takes besides int labels ({name: (shape, dtype)}), or
+    None: class labels (the text task: its caption's condition)."""
+    del batch_size  # Unused.
+    return None
+
   def check_inputs(self):
     """Opens the pixel eval split (the held-out loss and sample metrics read it): a latent
     run encodes it only when the held-out loss first needs it, not at start-up."""
@@ -110,13 +116,6 @@ class GeneratorTask(base.Task):
         space, pixels, os.path.join(root, which), flip=flip, batch_size=config.batch_size,
         dtype=config.cache_dtype, workers=config.workers,
         process_local=which == 'train')
-
-  def prepare(self):
-    if self.config.text.encoder != 'none':
-      raise errors.ConfigError(
-          f"config.text.encoder='{self.config.text.encoder}': text-conditioned generators are "
-          'not built yet (issue 48); --mode=encode writes the text cache of a frozen encoder. '
-          "Set --config.text.encoder=none to train on class labels.")
 
   def encode(self, workdir):
     """--mode=encode: writes the latent cache of the train and eval splits and the text cache

@@ -25,12 +25,14 @@ from guidedflow import errors
 from guidedflow import evaluate as evaluate_lib
 from guidedflow import fashion_mnist
 from guidedflow import images as images_lib
+from guidedflow import latents
 from guidedflow import sampler as sampler_lib
 from guidedflow import text_cache
 from guidedflow import text_data
 from guidedflow import text_encoders
 from guidedflow import text_evaluate
 from guidedflow import text_prompts
+from guidedflow.models import factory
 from guidedflow.models import text_transformer
 from guidedflow.tasks import generator
 
@@ -55,9 +57,19 @@ class TextGeneratorTask(generator.GeneratorTask):
   # -- data
 
   def prepare(self):
-    if self.latent_space() is not None:
-      raise errors.ConfigError("config.text.encoder with config.input.space='latents' is not "
-                               'built yet: train a text model on pixels (input.space=pixels).')
+    if latents.is_latent(self.config) and self.config.input.dataset == 'fashion_mnist':
+      raise errors.ConfigError(
+          "a text model on latents reads an image–caption dataset (input.dataset="
+          "'caption_folder' or 'webdataset'); Fashion-MNIST's captions are drawn from its "
+          'pixels each epoch: train it on pixels (input.space=pixels).')
+
+  def _latent_dataset(self, pixels, which, *, flip):
+    """The latents of an image–caption dataset (`pixels`: its `TextDataset`), each row with its
+    caption id, and the same text condition as in pixel space."""
+    if self.latent_space() is None:
+      return pixels
+    latent = super()._latent_dataset(pixels.base, which, flip=flip)
+    return text_data.TextDataset(text_data.LatentCaptions(latent), pixels.table)
 
   def _table(self, which, texts):
     """The caption set's lookup: a trained encoder's tokens, or the text cache."""
@@ -111,17 +123,25 @@ class TextGeneratorTask(generator.GeneratorTask):
     return self._captioned(super().pixel_eval_dataset(), 'eval')
 
   def abstract_batch(self, batch_size, image_shape):
-    text = self.config.text
-    length = text.max_length or (64 if text.encoder == 'trained' else 77)
-    batch = {'image': ((batch_size, *image_shape), jnp.float32),
-             'caption': ((batch_size,), jnp.int32), 'text_null': ((batch_size,), jnp.int32),
-             'text_mask': ((batch_size, length), jnp.int32)}
-    if text.encoder == 'trained':
-      batch['text_tokens'] = ((batch_size, length), jnp.int32)
-    else:
-      raise errors.ConfigError('--mode=compile of a text model with a frozen encoder needs the '
-                               "encoder's width: not built yet (use text.encoder=trained).")
+    """A training batch's shapes (--mode=compile): the images (or latent moments) and the
+    caption's condition — a trained encoder's tokens, or a frozen one's cached features (its
+    width from `text_dims`: the weights folder's config.json, or a known config's name)."""
+    batch = {k: v for k, v in super().abstract_batch(batch_size, image_shape).items()
+             if k != 'label'}
+    batch['caption'] = ((batch_size,), jnp.int32)
+    batch.update({text_data.PREFIX + k: v for k, v in self.sample_condition(batch_size).items()})
     return batch
+
+  def sample_condition(self, batch_size):
+    width, length = factory.text_dims(self.config)
+    condition = {'null': ((batch_size,), jnp.int32),
+                 'mask': ((batch_size, length), jnp.int32)}
+    if self.config.text.encoder == 'trained':
+      condition['tokens'] = ((batch_size, length), jnp.int32)
+    else:
+      condition['hidden'] = ((batch_size, length, width), jnp.float32)
+      condition['pooled'] = ((batch_size, width), jnp.float32)
+    return condition
 
   def loss(self, model, batch, key):
     condition = text_data.condition(batch)
@@ -186,7 +206,7 @@ class TextGeneratorTask(generator.GeneratorTask):
                  ', '.join(str(w) for w in scales))
 
   def _sample_metrics(self, run, state):
-    del run, state  # text models' metrics (attribute accuracy) are not built yet
+    del run, state  # a text model's sample metrics are --mode=evaluate's (text_evaluate.py)
     return {}
 
   def sample(self, workdir):
