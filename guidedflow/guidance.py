@@ -1,5 +1,8 @@
 """Classifier-free and classifier guidance: combining conditional and unconditional predictions."""
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +54,13 @@ def guided_prediction(model_fn, x, t, y, *, null_label, guidance_scale, null_y=N
   Returns:
     (1 − w) model(x, t, ∅) + w model(x, t, y), shape (B, ...). Costs 2 evaluations per sample.
   """
+  cond, uncond = paired_predictions(model_fn, x, t, y, null_label=null_label, null_y=null_y)
+  return cfg_combine(cond, uncond, guidance_scale)
+
+
+def paired_predictions(model_fn, x, t, y, *, null_label, null_y=None):
+  """(model(x, t, y), model(x, t, ∅)) from ONE model call on the doubled batch (arguments as
+  `guided_prediction`'s), each of shape (B, ...)."""
   batch = x.shape[0]
   t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (batch,))
   if null_y is None:
@@ -62,8 +72,189 @@ def guided_prediction(model_fn, x, t, y, *, null_label, guidance_scale, null_y=N
   pair = lambda a, b: jnp.stack([a, b], axis=1).reshape((2 * batch,) + a.shape[1:])  # pylint: disable=unnecessary-lambda-assignment
   prediction = model_fn(pair(x, x), pair(t, t), jax.tree.map(pair, y, null_y))
   prediction = prediction.reshape((batch, 2) + prediction.shape[1:])
-  cond, uncond = prediction[:, 0], prediction[:, 1]
-  return cfg_combine(cond, uncond, guidance_scale)
+  return prediction[:, 0], prediction[:, 1]
+
+
+# ---- Guidance methods beyond CFG: static choices of the sampler's plan (`sampling_plan.Plan`).
+
+GUIDANCE_METHODS = ('cfg', 'rescale', 'cfg_zero_star', 'apg')
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceMethod:
+  """How a guided evaluation combines u_c = u(x|y) and u_∅ = u(x|∅); hashable, static.
+
+  Every method combines **velocities** (each prediction converted by
+  `path.velocity_from_prediction` first): rescale, CFG-Zero* and APG are not affine in the
+  prediction, so velocity, score and noise space would give different fields, and velocity is
+  flow matching's own. A guided score (Euler–Maruyama) is the guided velocity's
+  (`path.score_from_prediction(ũ, x, t, 'velocity')`). Plain 'cfg' keeps `cfg_combine` in the
+  model's parameterization (the same field, see there) and the sampler's program of before.
+  Every method returns u_c exactly where w = 1, so w = 1 still runs the conditional batch alone.
+  Knobs are static: each value is its own compile. The field names are the
+  `config.sampling.*` keys.
+
+  Attributes:
+    name: 'cfg' | 'rescale' | 'cfg_zero_star' | 'apg'.
+    rescale_phi: φ ∈ [0, 1] of guidance rescale (0: plain CFG).
+    zero_star_optimized_scale: CFG-Zero*'s s* (False: s* = 1, plain CFG plus the zero-init).
+    zero_star_init_steps: K ≥ 0, CFG-Zero*'s zero-init: the first K steps have zero velocity
+      (x stays the initial noise; those steps evaluate nothing).
+    apg_eta: η ≥ 0, APG's weight of Δ's part parallel to u_c (1: plain CFG).
+    apg_norm_threshold: r ≥ 0, APG clips ‖Δ‖ to r per sample (0 or inf: no clipping).
+    apg_momentum: β ∈ (−1, 1), APG's momentum Δ ← Δ + β Δ_prev carried across guided
+      evaluations (β < 0 is the paper's reverse momentum; 0: none).
+  """
+  name: str = 'cfg'
+  rescale_phi: float = 0.0
+  zero_star_optimized_scale: bool = True
+  zero_star_init_steps: int = 0
+  apg_eta: float = 1.0
+  apg_norm_threshold: float = 0.0
+  apg_momentum: float = 0.0
+
+  def __post_init__(self):
+    if self.name not in GUIDANCE_METHODS:
+      raise ValueError(f'guidance_method={self.name!r} is not one of {GUIDANCE_METHODS}.')
+    checks = (
+        ('rescale_phi', _is_number(self.rescale_phi) and 0.0 <= self.rescale_phi <= 1.0,
+         'in [0, 1] (φ of guidance rescale: 0 is plain CFG), e.g. 0.7'),
+        ('zero_star_optimized_scale', isinstance(self.zero_star_optimized_scale, bool),
+         'True (s* of CFG-Zero*) or False (s* = 1), e.g. True'),
+        ('zero_star_init_steps', isinstance(self.zero_star_init_steps, int)
+         and not isinstance(self.zero_star_init_steps, bool) and self.zero_star_init_steps >= 0,
+         'an integer >= 0 (steps of zero velocity at the start), e.g. 1'),
+        ('apg_eta', _is_number(self.apg_eta) and math.isfinite(self.apg_eta)
+         and self.apg_eta >= 0, 'a finite number >= 0 (1 is plain CFG), e.g. 0'),
+        ('apg_norm_threshold', _is_number(self.apg_norm_threshold)
+         and self.apg_norm_threshold >= 0, 'a number >= 0 (0: no clipping), e.g. 4'),
+        ('apg_momentum', _is_number(self.apg_momentum) and -1 < self.apg_momentum < 1,
+         'in (-1, 1) (0: none; < 0 reverse momentum), e.g. -0.5'))
+    for key, ok, fix in checks:
+      if not ok:
+        requirement, example = fix.rsplit(', e.g. ', 1)
+        raise ValueError(f'{key}={getattr(self, key)!r} must be {requirement}, e.g. '
+                         f'{key}={example}')
+
+  @classmethod
+  def from_config(cls, sampling_config):
+    """The method of a config's `sampling` section: `guidance_method` and the knobs, whose keys
+    are the field names."""
+    knobs = {field.name: sampling_config[field.name] for field in dataclasses.fields(cls)
+             if field.name != 'name'}
+    return cls(name=sampling_config.guidance_method, **knobs)
+
+  @property
+  def zero_init_steps(self):
+    """Steps at the start of the grid whose velocity is zero (CFG-Zero*'s K, else 0)."""
+    return self.zero_star_init_steps if self.name == 'cfg_zero_star' else 0
+
+  @property
+  def clips(self):
+    return self.name == 'apg' and 0 < self.apg_norm_threshold < math.inf
+
+  @property
+  def has_momentum(self):
+    """Whether the method carries state across evaluations (APG with β ≠ 0)."""
+    return self.name == 'apg' and self.apg_momentum != 0
+
+
+def _is_number(value):
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def as_method(method):
+  """A `GuidanceMethod` from one or from a method's name (its knobs neutral)."""
+  return method if isinstance(method, GuidanceMethod) else GuidanceMethod(name=method)
+
+
+def _sample_sum(a):
+  """Per-sample sum over every axis but the first, kept for broadcasting: (B, 1, ...)."""
+  return jnp.sum(a, axis=tuple(range(1, a.ndim)), keepdims=True)
+
+
+def _sample_std(a):
+  mean = jnp.mean(a, axis=tuple(range(1, a.ndim)), keepdims=True)
+  return jnp.sqrt(jnp.mean(jnp.square(a - mean), axis=tuple(range(1, a.ndim)), keepdims=True))
+
+
+def rescale_combine(cond, uncond, guidance_scale, phi):
+  """Guidance rescale (Lin et al. 2024): ũ_cfg's per-sample std rescaled to u_c's, mixed by φ.
+
+  ũ = φ ũ_cfg std(u_c)/std(ũ_cfg) + (1 − φ) ũ_cfg, ũ_cfg = `cfg_combine`; φ = 0 returns ũ_cfg
+  exactly. The std is over each sample's elements (a sample whose ũ_cfg is constant keeps it).
+  """
+  guided = cfg_combine(cond, uncond, guidance_scale)
+  std_guided = _sample_std(guided)
+  ratio = jnp.where(std_guided > 0, _sample_std(cond) / jnp.where(std_guided > 0, std_guided, 1),
+                    1.0)
+  return phi * (guided * ratio) + (1.0 - phi) * guided
+
+
+def cfg_zero_star_combine(cond, uncond, guidance_scale, optimized_scale=True):
+  """CFG-Zero* (Fan et al. 2025): ũ = s* u_∅ + w (u_c − s* u_∅), s* = ⟨u_c, u_∅⟩/‖u_∅‖² per sample.
+
+  s* is the least-squares scale of u_∅ onto u_c (u_c − s* u_∅ ⟂ u_∅); a sample with u_∅ = 0
+  takes s* = 1. `optimized_scale=False` fixes s* = 1 (the same field as CFG). The zero-init of
+  the first steps is the sampler's (`GuidanceMethod.zero_init_steps`).
+  """
+  w = per_sample(guidance_scale, cond)
+  if optimized_scale:
+    norm2 = _sample_sum(jnp.square(uncond))
+    scale = jnp.where(norm2 > 0, _sample_sum(cond * uncond) / jnp.where(norm2 > 0, norm2, 1), 1.0)
+    uncond = scale * uncond
+  return uncond + w * (cond - uncond)
+
+
+def apg_combine(cond, uncond, guidance_scale, *, eta=1.0, norm_threshold=0.0, momentum=0.0,
+                running=None):
+  """Adaptive projected guidance (Sadat et al. 2024), per sample.
+
+  Δ = u_c − u_∅; with momentum, Δ ← Δ + β Δ_prev (`running`, the previous result); ‖Δ‖ clipped
+  to r (`norm_threshold` > 0); Δ split into Δ_∥ = (⟨Δ, u_c⟩/‖u_c‖²) u_c and Δ_⟂ = Δ − Δ_∥;
+  ũ = u_c + (w − 1)(Δ_⟂ + η Δ_∥). η = 1, r = 0 (or ∞), β = 0 is plain CFG.
+
+  Returns:
+    (ũ, the Δ after momentum, before clipping: the next call's `running`).
+  """
+  w = per_sample(guidance_scale, cond)
+  diff = cond - uncond
+  if running is not None:
+    diff = diff + momentum * running
+  carried = diff
+  if 0 < norm_threshold < math.inf:
+    norm = jnp.sqrt(_sample_sum(jnp.square(diff)))
+    diff = diff * jnp.minimum(1.0, norm_threshold / jnp.where(norm > 0, norm, 1.0))
+  norm2 = _sample_sum(jnp.square(cond))
+  parallel = (jnp.where(norm2 > 0, _sample_sum(diff * cond) / jnp.where(norm2 > 0, norm2, 1), 0.0)
+              * cond)
+  update = (diff - parallel) + eta * parallel
+  return cond + (w - 1.0) * update, carried
+
+
+def initial_state(method, x):
+  """The guidance state carried across the sampler's evaluations: APG's momentum buffer (zeros
+  of x's shape) where `method.has_momentum`, else None (no state, nothing carried)."""
+  return jnp.zeros_like(x) if method.has_momentum else None
+
+
+def guided_velocity(method, cond, uncond, guidance_scale, state=None):
+  """`method`'s guided velocity from u_c, u_∅ (each (B, ...)): (ũ, next state).
+
+  `state` is `initial_state`'s (updated here at every guided evaluation); 'cfg' is
+  `cfg_combine`.
+  """
+  if method.name == 'rescale':
+    return rescale_combine(cond, uncond, guidance_scale, method.rescale_phi), state
+  if method.name == 'cfg_zero_star':
+    return cfg_zero_star_combine(cond, uncond, guidance_scale,
+                                 method.zero_star_optimized_scale), state
+  if method.name == 'apg':
+    guided, running = apg_combine(cond, uncond, guidance_scale, eta=method.apg_eta,
+                                  norm_threshold=method.apg_norm_threshold,
+                                  momentum=method.apg_momentum, running=state)
+    return guided, running if method.has_momentum else None
+  return cfg_combine(cond, uncond, guidance_scale), state
 
 
 def guidance_active(t, interval):

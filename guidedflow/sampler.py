@@ -12,7 +12,9 @@ checked once (`sampling_plan.make_plan`), and each plan is one compiled program 
 Guidance (`config.sampling.guidance`): 'cfg' (classifier-free, scale w), 'classifier' (the
 generator's unconditional field ∅ plus w_c b_t ∇log p_t(y|x) of the noise-aware classifier in
 `sampling.classifier_workdir`) or 'cfg+classifier' (both, w and w_c separate). A Sampler built
-without a classifier (the periodic grids of a training) samples with CFG alone.
+without a classifier (the periodic grids of a training) samples with CFG alone. How CFG combines
+its two predictions is `config.sampling.guidance_method` and its knobs
+(`guidance.GuidanceMethod.from_config`; docs/guidance_methods.md).
 """
 
 import time
@@ -24,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from guidedflow import errors
+from guidedflow import guidance
 from guidedflow import images as images_lib
 from guidedflow import input_pipeline
 from guidedflow import latents
@@ -234,7 +237,8 @@ class Sampler:
         null_label=self.null_label, method=method or config.method,
         num_steps=num_steps or config.num_steps, use_cfg=use_cfg, use_classifier=use_classifier,
         sigma_schedule=sigma_schedule or config.sigma_schedule,
-        guidance_interval=config.guidance_interval)
+        guidance_interval=config.guidance_interval,
+        guidance_method=guidance.GuidanceMethod.from_config(config))
 
   def lower_cfg(self, batch_size, condition=None):
     """The CFG program of the `sampling.*` settings (w ≠ 1; decoding included for a latent

@@ -1,5 +1,5 @@
 """ODE and SDE samplers (Euler, Heun, Euler–Maruyama) with classifier-free and classifier
-guidance, in lax.scan.
+guidance and the guidance methods beyond CFG (`guidance.GuidanceMethod`), in lax.scan.
 
 `integrate(plan, ...)` is the sampler: a pure function of the model, the keys, labels and
 scales for one static `sampling_plan.Plan` (checked once, before tracing), compiled by its
@@ -50,74 +50,105 @@ def sde_drift(velocity, score, diffusion):
 
 
 def _make_step(fields, *, path, method, sigma_schedule, sigma, num_steps):
-  """step(key, x, i, t, t_next, pattern) -> (key, x): one step with a segment's pattern.
+  """step(key, x, state, i, t, t_next, pattern) -> (key, x, state): one step with a segment's
+  pattern.
 
   `pattern` = (guided_at_t, guided_at_t_next, ends_at_last) is static; `fields(x, t, guided,
-  with_score)` gives the (guided where `guided`) velocity and, `with_score`, the score.
-  Euler–Maruyama splits the key on every step whatever the pattern, so the noise does not depend
-  on the segments.
+  with_score, state)` gives the (guided where `guided`) velocity, with `with_score` the score,
+  and the guidance state (APG's momentum; None for every other method). Euler–Maruyama splits
+  the key on every step whatever the pattern, so the noise does not depend on the segments.
   """
   last = num_steps - 1
 
-  def velocity(x, t, guided):
-    return fields(x, t, guided, False)[0]
+  def velocity(x, t, guided, state):
+    u, _, state = fields(x, t, guided, False, state)
+    return u, state
 
-  def step(key, x, i, t, t_next, pattern):
+  def step(key, x, state, i, t, t_next, pattern):
     guided_at_t, guided_at_t_next, ends_at_last = pattern
     h = t_next - t
     if method == 'euler':
-      return key, x + h * velocity(x, t, guided_at_t)
+      u, state = velocity(x, t, guided_at_t, state)
+      return key, x + h * u, state
     if method == 'heun':
-      k1 = velocity(x, t, guided_at_t)
+      k1, state = velocity(x, t, guided_at_t, state)
       x_euler = x + h * k1
       if guided_at_t_next is None:  # a lone last step
-        return key, x_euler
-      corrected = lambda: x + 0.5 * h * (k1 + velocity(x_euler, t_next, guided_at_t_next))
+        return key, x_euler, state
+
+      def corrected():
+        half_h = 0.5 * h  # (traced before k2, as it always was: the same program as before)
+        k2, next_state = velocity(x_euler, t_next, guided_at_t_next, state)
+        return x + half_h * (k1 + k2), next_state
+
       if not ends_at_last:
-        return key, corrected()
+        return (key,) + corrected()
       # The last step stays Euler (as in EDM) so the model is never evaluated at t = 1, where
       # beta = 0 makes score/noise conversions singular; the order stays 2 (one O(h²) step).
-      return key, jax.lax.cond(i < last, corrected, lambda: x_euler)
+      return (key,) + jax.lax.cond(i < last, corrected, lambda: (x_euler, state))
     key, key_noise = jax.random.split(key)
-    u, s = fields(x, t, guided_at_t, True)
+    u, s, state = fields(x, t, guided_at_t, True, state)
     # The last step is deterministic, so the sample at t = 1 carries no fresh noise.
     diffusion = jnp.where(i < last, diffusion_coefficient(
         t, path=path, sigma_schedule=sigma_schedule, sigma=sigma), 0.0)
     noise = jax.random.normal(key_noise, x.shape, x.dtype)
-    return key, x + h * sde_drift(u, s, diffusion) + diffusion * jnp.sqrt(h) * noise
+    return key, x + h * sde_drift(u, s, diffusion) + diffusion * jnp.sqrt(h) * noise, state
 
   return step
 
 
 def _make_fields(model_fn, classifier_fn, labels, classifier_labels, guidance_scale,
                  classifier_scale, *, path, parameterization, null_label, use_cfg,
-                 null_labels=None):
-  """fields(x, t, guided, with_score) -> (ũ, s̃ or None) at the scalar time t.
+                 null_labels=None, guidance_method=guidance.GuidanceMethod()):
+  """fields(x, t, guided, with_score) -> (ũ, s̃ or None) at the scalar time t, for a method
+  without state (`_make_stateful_fields` with no state)."""
+  stateful = _make_stateful_fields(
+      model_fn, classifier_fn, labels, classifier_labels, guidance_scale, classifier_scale,
+      path=path, parameterization=parameterization, null_label=null_label, use_cfg=use_cfg,
+      null_labels=null_labels, guidance_method=guidance_method)
+  return lambda x, t, guided, with_score: stateful(x, t, guided, with_score, None)[:2]
 
-  Guided evaluations run CFG's doubled batch when `use_cfg` and add the classifier term when
-  `classifier_fn` is given: ũ = u + w_c b_t ∇log p_t(y|x), s̃ = s + w_c ∇log p_t(y|x), the
-  gradient by `jax.grad` of the summed log-softmax (`guidance.grad_log_prob_from_logits`).
+
+def _make_stateful_fields(model_fn, classifier_fn, labels, classifier_labels, guidance_scale,
+                          classifier_scale, *, path, parameterization, null_label, use_cfg,
+                          null_labels, guidance_method):
+  """fields(x, t, guided, with_score, state) -> (ũ, s̃ or None, state) at the scalar time t.
+
+  Guided evaluations run CFG's doubled batch when `use_cfg`, combined by `guidance_method`
+  (plain CFG in the model's parameterization; every other method in velocity space, the guided
+  score then the guided velocity's, see `guidance.GuidanceMethod`; `state` is its
+  `guidance.initial_state`), and add the classifier term when `classifier_fn` is given:
+  ũ = u + w_c b_t ∇log p_t(y|x), s̃ = s + w_c ∇log p_t(y|x), the gradient by `jax.grad` of the
+  summed log-softmax (`guidance.grad_log_prob_from_logits`).
   """
   batch = jax.tree_util.tree_leaves(labels)[0].shape[0]
   grad_log_prob = (guidance.grad_log_prob_from_logits(classifier_fn)
                    if classifier_fn is not None else None)
 
-  def fields(x, t, guided, with_score):
+  def fields(x, t, guided, with_score, state):
     times = jnp.full((batch,), t, x.dtype)
-    if guided and use_cfg:
-      prediction = guidance.guided_prediction(model_fn, x, t, labels, null_label=null_label,
-                                              guidance_scale=guidance_scale,
-                                              null_y=null_labels)
+    if guided and use_cfg and guidance_method.name != 'cfg':
+      to_velocity = lambda p: path.velocity_from_prediction(p, x, t, parameterization)  # pylint: disable=unnecessary-lambda-assignment
+      cond, uncond = guidance.paired_predictions(model_fn, x, t, labels, null_label=null_label,
+                                                 null_y=null_labels)
+      u, state = guidance.guided_velocity(guidance_method, to_velocity(cond),
+                                          to_velocity(uncond), guidance_scale, state)
+      s = path.score_from_prediction(u, x, t, 'velocity') if with_score else None
     else:
-      prediction = model_fn(x, times, labels)
-    u = path.velocity_from_prediction(prediction, x, t, parameterization)
-    s = path.score_from_prediction(prediction, x, t, parameterization) if with_score else None
+      if guided and use_cfg:
+        prediction = guidance.guided_prediction(model_fn, x, t, labels, null_label=null_label,
+                                                guidance_scale=guidance_scale,
+                                                null_y=null_labels)
+      else:
+        prediction = model_fn(x, times, labels)
+      u = path.velocity_from_prediction(prediction, x, t, parameterization)
+      s = path.score_from_prediction(prediction, x, t, parameterization) if with_score else None
     if guided and grad_log_prob is not None:
       term = guidance.per_sample(classifier_scale, x) * grad_log_prob(x, times, classifier_labels)
       _, b = path.velocity_coefficients(t)
       u = u + b * term
       s = s + term if with_score else None
-    return u, s
+    return u, s, state
 
   return fields
 
@@ -138,10 +169,11 @@ def integrate(plan, model_fn, classifier_fn, key, labels, classifier_labels, gui
   grid = np.asarray(plan.grid, np.float32)
   key_init, key_steps = jax.random.split(key)
   x = jax.random.normal(key_init, (batch,) + plan.shape, jnp.float32)  # p_init at t = grid[0]
-  fields = _make_fields(model_fn, classifier_fn if plan.use_classifier else None, labels,
-                        classifier_labels, guidance_scale, classifier_scale, path=plan.path,
-                        parameterization=plan.parameterization, null_label=plan.null_label,
-                        use_cfg=plan.use_cfg, null_labels=null_labels)
+  fields = _make_stateful_fields(
+      model_fn, classifier_fn if plan.use_classifier else None, labels, classifier_labels,
+      guidance_scale, classifier_scale, path=plan.path, parameterization=plan.parameterization,
+      null_label=plan.null_label, use_cfg=plan.use_cfg, null_labels=null_labels,
+      guidance_method=plan.guidance_method)
   step = _make_step(fields, path=plan.path, method=plan.method,
                     sigma_schedule=plan.sigma_schedule, sigma=sigma, num_steps=num_steps)
   num_frames = plan.num_frames
@@ -150,25 +182,33 @@ def integrate(plan, model_fn, classifier_fn, key, labels, classifier_labels, gui
   slot_of_step = np.full(num_steps + 1, -1, np.int32)
   slot_of_step[frame_steps] = np.arange(len(frame_steps), dtype=np.int32)
   trajectory = jnp.zeros((len(frame_steps),) + x.shape, x.dtype)
+  # CFG-Zero*'s zero-init: steps 0..K − 1 leave x as it is and evaluate nothing (no segment).
+  zero_steps = plan.guidance_method.zero_init_steps
   if num_frames:
     trajectory = trajectory.at[0].set(x)
+    for slot in slot_of_step[1:zero_steps + 1]:
+      if slot >= 0:
+        trajectory = trajectory.at[slot].set(x)
+  if plan.method == 'euler_maruyama':  # the later steps draw the noise they draw with K = 0
+    for _ in range(zero_steps):
+      key_steps, _ = jax.random.split(key_steps)
 
   def body(pattern, carry, inputs):
-    key, x, trajectory = carry
+    key, x, state, trajectory = carry
     i, t, t_next, slot = inputs
-    key, x = step(key, x, i, t, t_next, pattern)
+    key, x, state = step(key, x, state, i, t, t_next, pattern)
     if num_frames:
       index = jnp.maximum(slot, 0)
       trajectory = trajectory.at[index].set(jnp.where(slot >= 0, x, trajectory[index]))
-    return (key, x, trajectory), None
+    return (key, x, state, trajectory), None
 
-  carry = (key_steps, x, trajectory)
+  carry = (key_steps, x, guidance.initial_state(plan.guidance_method, x), trajectory)
   for start, stop, guided_at_t, guided_at_t_next in plan.segments:
     pattern = (guided_at_t, guided_at_t_next, stop == num_steps)
     inputs = (jnp.arange(start, stop), grid[start:stop], grid[start + 1:stop + 1],
               jnp.asarray(slot_of_step[start + 1:stop + 1]))
     carry, _ = jax.lax.scan(functools.partial(body, pattern), carry, inputs)
-  _, x, trajectory = carry
+  _, x, _, trajectory = carry
   info = {'time_grid': grid}
   if num_frames:
     info['trajectory'] = trajectory
@@ -183,7 +223,7 @@ _integrate_static_model = jax.jit(integrate, static_argnames=('plan', 'model_fn'
 def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, guidance_scale,
            method, num_steps, sigma_schedule='constant', sigma=0.0, guidance_interval=None,
            return_trajectory=False, t_eps=DEFAULT_T_EPS, classifier_fn=None,
-           classifier_scale=0.0, classifier_labels=None, null_labels=None):
+           classifier_scale=0.0, classifier_labels=None, null_labels=None, guidance_method='cfg'):
   """Draws samples from the guided model by integrating from noise (t = 0) to data (t = 1).
 
   Integrates over the uniform grid `time_grid(num_steps, start_time(...))` in `lax.scan`. A
@@ -245,6 +285,10 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
     null_labels: what takes ∅'s place in CFG, a pytree like `labels`; with it `labels` may be
       any pytree of (B, ...) arrays the model takes (a text model's condition; its null
       condition or a negative prompt here). None: `labels` with every label ∅.
+    guidance_method: how guided evaluations combine u(x|y) and u(x|∅): a
+      `guidance.GuidanceMethod` (its knobs) or a name, 'cfg' | 'rescale' | 'cfg_zero_star' |
+      'apg' (neutral knobs). Every method but 'cfg' combines velocities; static (a compile per
+      method and knob values); CFG-Zero*'s zero-init steps evaluate nothing (see `info['nfe']`).
 
   Returns:
     (samples float32 (B, *shape), info) with info['nfe'] (the generator evaluations per sample
@@ -261,7 +305,8 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
       shape=shape, path=path, parameterization=parameterization, null_label=null_label,
       method=method, num_steps=num_steps, use_cfg=uses_cfg(guidance_scale),
       use_classifier=use_classifier, sigma_schedule=sigma_schedule,
-      guidance_interval=guidance_interval, return_trajectory=return_trajectory, t_eps=t_eps)
+      guidance_interval=guidance_interval, return_trajectory=return_trajectory, t_eps=t_eps,
+      guidance_method=guidance_method)
   structured = null_labels is not None  # a pytree condition, its ∅ given
   sampling_plan.check_values(
       null_label=null_label, guidance_scale=guidance_scale,

@@ -1,7 +1,8 @@
 """What a sampling call does, decided and checked once before anything is traced.
 
-`make_plan` checks the static arguments (method, steps, schedules, interval, labels' range) and
-fixes the time grid, which model evaluations are guided (`cfg_plan`) and what the call costs
+`make_plan` checks the static arguments (method, steps, schedules, interval, labels' range, the
+guidance method) and fixes the time grid, which model evaluations are guided (`cfg_plan`) and what
+the call costs
 (NFE): a `Plan`, hashable, the one static argument of the compiled sampler
 (`sampling.integrate`). `check_values` checks the traced values (w, w_c, σ, labels) where they are
 concrete. Numpy only: the plan exists before, and outside, any trace.
@@ -39,7 +40,8 @@ class Plan:
     use_cfg: guided evaluations run CFG's doubled batch [x; x] (False: w = 1 known, only the
     conditional batch runs). use_classifier: guided evaluations add the classifier term.
     grid: the (N + 1,) times, float32 values. segments: `cfg_plan`'s segments. num_frames:
-    trajectory frames returned (0: none).
+    trajectory frames returned (0: none). guidance_method: the `guidance.GuidanceMethod` of guided
+    evaluations (CFG-Zero*'s zero-init steps have no segment: they evaluate nothing).
   """
   shape: tuple
   path: paths_lib.GaussianPath
@@ -53,6 +55,7 @@ class Plan:
   grid: tuple
   segments: tuple
   num_frames: int
+  guidance_method: guidance.GuidanceMethod = guidance.GuidanceMethod()
 
   @property
   def nfe(self):
@@ -70,9 +73,10 @@ class Plan:
 
 def make_plan(*, shape, path, parameterization, null_label, method, num_steps, use_cfg,
               use_classifier=False, sigma_schedule='constant', guidance_interval=None,
-              return_trajectory=False, t_eps=DEFAULT_T_EPS):
+              return_trajectory=False, t_eps=DEFAULT_T_EPS, guidance_method='cfg'):
   """The `Plan` of a sampling call (arguments as `sampling.sample`'s; `use_cfg`, `use_classifier`
-  as `uses_cfg` and `uses_classifier` decide them from w and w_c).
+  as `uses_cfg` and `uses_classifier` decide them from w and w_c; `guidance_method` a
+  `guidance.GuidanceMethod` or a method's name).
 
   Raises:
     ValueError: naming the argument and its allowed values.
@@ -88,14 +92,20 @@ def make_plan(*, shape, path, parameterization, null_label, method, num_steps, u
   if not 0.0 < float(t_eps) < 0.5:
     raise ValueError(f't_eps must be in (0, 0.5), got {t_eps!r}.')
   interval = _checked_interval(guidance_interval)
+  method_of_guidance = guidance.as_method(guidance_method)
+  if method_of_guidance.zero_init_steps >= num_steps:
+    raise ValueError(f'zero_star_init_steps={method_of_guidance.zero_init_steps} must be less '
+                     f'than num_steps={num_steps} (the zero-init steps leave x unchanged).')
   t_start = start_time(parameterization, method, sigma_schedule, t_eps, use_classifier)
   grid = _concrete_grid(int(num_steps), t_start)
   return Plan(shape=tuple(int(d) for d in shape), path=path, parameterization=parameterization,
               null_label=int(null_label), method=method, num_steps=int(num_steps),
               sigma_schedule=sigma_schedule, use_cfg=bool(use_cfg),
               use_classifier=bool(use_classifier), grid=tuple(float(t) for t in grid),
-              segments=cfg_plan(method, grid, interval, use_cfg or use_classifier),
-              num_frames=_num_frames(return_trajectory, int(num_steps)))
+              segments=cfg_plan(method, grid, interval, use_cfg or use_classifier,
+                                first_step=method_of_guidance.zero_init_steps),
+              num_frames=_num_frames(return_trajectory, int(num_steps)),
+              guidance_method=method_of_guidance)
 
 
 def _check_null_label(null_label):
@@ -218,7 +228,7 @@ def uses_classifier(classifier_fn, classifier_scale):
   return classifier_fn is not None and not _known_to_equal(classifier_scale, 0.0)
 
 
-def cfg_plan(method, grid, guidance_interval, use_cfg):
+def cfg_plan(method, grid, guidance_interval, use_cfg, first_step=0):
   """The sampler's static guidance pattern: which model evaluations are guided.
 
   Step i evaluates the model at grid[i] and, for Heun (all steps but the last), at grid[i + 1].
@@ -233,6 +243,7 @@ def cfg_plan(method, grid, guidance_interval, use_cfg):
     grid: the concrete (N + 1,) time grid.
     guidance_interval: None or (t_lo, t_hi).
     use_cfg: False when no guidance term runs (w = 1 known in Python and no classifier).
+    first_step: the first step that runs (CFG-Zero*'s zero-init skips the steps before it).
 
   Returns:
     Tuple of segments (start, stop, guided_at_t, guided_at_t_next): steps start..stop − 1 share
@@ -248,11 +259,11 @@ def cfg_plan(method, grid, guidance_interval, use_cfg):
     active = guidance.guidance_active(grid, guidance_interval)  # numpy: the plan is static
   heun = method == 'heun'
   patterns = [(bool(active[i]), bool(active[i + 1]) if heun and i < num_steps - 1 else None)
-              for i in range(num_steps)]
-  if heun and num_steps > 1 and patterns[-1][0] == patterns[-2][0]:
+              for i in range(first_step, num_steps)]
+  if heun and len(patterns) > 1 and patterns[-1][0] == patterns[-2][0]:
     patterns[-1] = patterns[-2]  # join the previous segment; its lax.cond skips the 2nd eval
   segments = []
-  for i, pattern in enumerate(patterns):
+  for i, pattern in enumerate(patterns, start=first_step):
     if segments and segments[-1][2:] == pattern:
       segments[-1] = (segments[-1][0], i + 1) + pattern
     else:

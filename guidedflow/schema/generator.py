@@ -117,6 +117,16 @@ def get_config():
   config.sampling.classifier_scale = 1.0  # w_c of classifier guidance
   config.sampling.classifier_workdir = 'runs/fmnist_noisy_classifier'  # made by: python -m guidedflow.main --config configs/fmnist_noisy_classifier.py --workdir runs/fmnist_noisy_classifier
   config.sampling.guidance_interval = config_dict.placeholder(tuple)  # None or (t_lo, t_hi): w and w_c apply only there (w = 1, w_c = 0 outside)
+  # How CFG combines u_c = u(x|y) and u_∅ = u(x|∅), in velocity space (docs/guidance_methods.md):
+  # 'cfg' | 'rescale' (Lin et al. 2024) | 'cfg_zero_star' (Fan et al. 2025) | 'apg' (Sadat et al. 2024).
+  # Each knob's default is the neutral one, where its method is plain CFG (or adds nothing to it).
+  config.sampling.guidance_method = 'cfg'
+  config.sampling.rescale_phi = 0.0    # rescale: φ in [0, 1], mix of the std-rescaled field (0 = CFG)
+  config.sampling.zero_star_optimized_scale = True  # cfg_zero_star: s* = <u_c, u_∅>/|u_∅|² per sample (False: s* = 1)
+  config.sampling.zero_star_init_steps = 0  # cfg_zero_star: K, the first K steps have zero velocity (and no model evaluation)
+  config.sampling.apg_eta = 1.0        # apg: η, weight of Δ's part parallel to u_c (1 = CFG)
+  config.sampling.apg_norm_threshold = 0.0  # apg: r, ‖Δ‖ clipped to r per sample (0 = no clipping)
+  config.sampling.apg_momentum = 0.0   # apg: β in (-1, 1), Δ ← Δ + β Δ_prev across steps (< 0: reverse momentum; 0 = none)
   config.sampling.sigma_schedule = 'constant'  # euler_maruyama: 'constant' | 'decreasing' | 'path'
   config.sampling.sigma = 0.0          # euler_maruyama noise level σ
   config.sampling.num_samples = 1000   # --mode=sample: total samples, balanced over classes

@@ -13,6 +13,7 @@ import jaxlib
 
 from guidedflow import errors
 from guidedflow import feature_networks
+from guidedflow import guidance
 from guidedflow import latent_cache
 from guidedflow import latents
 from guidedflow import losses
@@ -42,6 +43,7 @@ _GENERATOR_CHOICES = {
     'input.space': latents.SPACES,
     'sampling.npz_keys': ('guidedflow', 'adm'),
     'sampling.guidance': sampling.GUIDANCE_MODES,
+    'sampling.guidance_method': guidance.GUIDANCE_METHODS,
     'sampling.gather_weights': (True, False),
     'sampling.cpu_dots': precision.CPU_DOTS,
     'train.cpu_dots': precision.TRAIN_CPU_DOTS,
@@ -71,6 +73,7 @@ def validate(config):
   if not math.isfinite(config.sampling.guidance_scale):
     raise errors.ConfigError('config.sampling.guidance_scale must be a finite number.')
   _check_classifier_guidance(config)
+  _check_guidance_method(config)
   _warn_outside_range(config)
   _check_text(config)
   for key in ('train.cpu_dots', 'sampling.cpu_dots'):
@@ -174,6 +177,25 @@ def _check_classifier_guidance(config):
         "config.sampling.guidance='cfg+classifier' needs a conditional generator, but "
         'config.loss.label_dropout=1 trained an unconditional one (it has no CFG): use '
         "--config.sampling.guidance=classifier.")
+
+
+def _check_guidance_method(config):
+  """The knobs of `sampling.guidance_method` (`guidance.GuidanceMethod`'s own checks)."""
+  try:
+    method = guidance.GuidanceMethod.from_config(config.sampling)
+  except ValueError as e:
+    raise errors.ConfigError('config.sampling.' + str(e).replace(
+        ', e.g. ', ', e.g. --config.sampling.')) from None
+  if method.name != 'cfg' and config.sampling.guidance == 'classifier':
+    raise errors.ConfigError(
+        f"config.sampling.guidance_method='{method.name}' changes how CFG combines u(x|y) and "
+        "u(x|∅), but sampling.guidance='classifier' runs no CFG: use guidance_method=cfg, or "
+        'sampling.guidance=cfg or cfg+classifier.')
+  if method.zero_init_steps >= config.sampling.num_steps:
+    raise errors.ConfigError(
+        f'config.sampling.zero_star_init_steps={method.zero_init_steps} must be less than '
+        f'sampling.num_steps={config.sampling.num_steps} (zero-init steps leave the noise as it '
+        'is), e.g. --config.sampling.zero_star_init_steps=1')
 
 
 def _check_latents(config):
