@@ -150,11 +150,11 @@ def _largest_arrays(abstract_state, count=3):
 def _analytic_flops(task, image_shape, config, num_devices):
   """3 × the model's analytic forward FLOPs per image × the global batch ÷ devices (None when
   the model has no count)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   model = nnx.eval_shape(task.model_constructor(tuple(image_shape)))
-  if not hasattr(model, 'flops_per_example'):
+  flops = model.flops_per_example() if hasattr(model, 'flops_per_example') else None
+  if flops is None:
     return None
-  return 3.0 * model.flops_per_example() * config.train.batch_size / num_devices
+  return 3.0 * flops * config.train.batch_size / num_devices
 
 
 def _builder(task, config, image_shape, devices):

@@ -256,3 +256,4 @@ def test_text_to_image_latent_recipe_compiles_with_its_frozen_encoder_sharded(v5
   assert encoder['parameters'] == sum(
       math.prod(x.shape) for x in jax.tree.leaves(nnx.state(text_encoders.abstract(config)[0])))
   assert encoder['with_train_state_bytes'] == report['argument_bytes'] + encoder['total_bytes']
+  assert report['analytic_flops_per_device'] > 0  # the text DiT's count, through its wrapper

@@ -49,6 +49,7 @@ class TextConditioned(nnx.Module):
     if null == 'empty' and empty is None:
       raise ValueError("null='empty' needs the empty prompt's tokens (or cached features).")
     self.backbone, self.encoder, self.null = backbone, encoder, null
+    self.max_length = int(max_length)
     if null == 'learned':
       init = partitioned(nnx.initializers.normal(0.02), (None, 'embed'))
       self.null_hidden = nnx.Param(init(rngs.params(), (max_length, text_dim), jnp.float32))
@@ -88,6 +89,12 @@ class TextConditioned(nnx.Module):
 
   def __call__(self, x: jax.Array, t: jax.Array, y) -> jax.Array:
     return self.backbone(x, t, self.features(y))
+
+  def flops_per_example(self):
+    """The backbone's forward FLOPs for one image and a caption of `max_length` tokens (a
+    trained encoder's own not counted), or None for a backbone without the count."""
+    count = getattr(self.backbone, 'flops_per_example', None)
+    return None if count is None else count(self.max_length)
 
 
 def encode_condition(model, y):
