@@ -335,13 +335,18 @@ def test_a_pytree_condition_samples_what_its_labels_sample():
     ('zero_star_init_steps', 2, r'zero_star_init_steps=2 must be less than '
                                 r'sampling.num_steps=2'),
     ('guidance', 'classifier', r"guidance_method='apg'.*sampling.guidance='classifier'"),
+    ('eval_steps', (5, 1), r'zero_star_init_steps=1 must be less than eval.num_steps=1'),
 ])
 def test_bad_values_are_one_line_config_errors(key, value, message):
   config = tiny.get_config()
   registry.validate(config)
-  if key in ('zero_star_init_steps', 'guidance'):
-    config.sampling.guidance_method = 'cfg_zero_star' if key.startswith('zero') else 'apg'
-  config.sampling[key] = value
+  config.sampling.guidance_method = {'zero_star_init_steps': 'cfg_zero_star', 'guidance': 'apg',
+                                     'eval_steps': 'cfg_zero_star'}.get(key, 'cfg')
+  if key == 'eval_steps':
+    config.sampling.zero_star_init_steps = 1
+    config.eval.num_steps = value
+  else:
+    config.sampling[key] = value
   with pytest.raises(errors.ConfigError, match=message) as raised:
     registry.validate(config)
   assert '\n' not in str(raised.value)

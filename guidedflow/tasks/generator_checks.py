@@ -191,11 +191,14 @@ def _check_guidance_method(config):
         f"config.sampling.guidance_method='{method.name}' changes how CFG combines u(x|y) and "
         "u(x|∅), but sampling.guidance='classifier' runs no CFG: use guidance_method=cfg, or "
         'sampling.guidance=cfg or cfg+classifier.')
-  if method.zero_init_steps >= config.sampling.num_steps:
-    raise errors.ConfigError(
-        f'config.sampling.zero_star_init_steps={method.zero_init_steps} must be less than '
-        f'sampling.num_steps={config.sampling.num_steps} (zero-init steps leave the noise as it '
-        'is), e.g. --config.sampling.zero_star_init_steps=1')
+  steps = [('sampling.num_steps', config.sampling.num_steps)] + [
+      ('eval.num_steps', n) for n in config.eval.num_steps or () if isinstance(n, int)]
+  for key, num_steps in steps:
+    if method.zero_init_steps >= num_steps:
+      raise errors.ConfigError(
+          f'config.sampling.zero_star_init_steps={method.zero_init_steps} must be less than '
+          f'{key}={num_steps} (zero-init steps leave the noise as it is), e.g. '
+          '--config.sampling.zero_star_init_steps=1')
 
 
 def _check_latents(config):
