@@ -1,7 +1,8 @@
 """What may change between a checkpoint's config and the config that resumes it.
 
 Keys that change what the weights mean — the task, the model, the probability path, the
-parameterization, the classes, the data and its space — are refused on resume: the weights would
+parameterization, the classes, the data and its space, a text model's encoder — are refused on
+resume: the weights would
 be trained on toward another objective (or read as another model) without a word. Every other
 key (steps, learning rate, logging, sampling, evaluation, implementation choices such as the
 compute dtype or attention kernel that give the same function) may change and is logged.
@@ -19,7 +20,11 @@ from guidedflow import schema
 # Prefixes of the keys that change the meaning of the weights.
 MEANING_KEYS = ('task', 'model.', 'path.', 'loss.parameterization', 'input.dataset',
                 'input.num_classes', 'input.space', 'input.image_size', 'autoencoder.workdir',
-                'autoencoder.weights')
+                'autoencoder.weights',
+                # a text model's condition: its encoder, the weights and tokenizer of a frozen
+                # one, the tokens per caption and the null condition
+                'text.encoder', 'text.weights', 'text.tokenizer', 'text.max_length', 'text.null',
+                'text.encoder_width', 'text.encoder_depth', 'text.encoder_heads')
 # Keys under those prefixes that only choose how the same function is computed.
 IMPLEMENTATION_KEYS = ('model.dtype', 'model.attention_impl', 'model.remat', 'model.scan_blocks',
                        'model.unroll_blocks')

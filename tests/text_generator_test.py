@@ -85,6 +85,23 @@ def test_sample_mode_writes_prompts_and_a_negative_prompt_changes_the_samples(ru
     assert not np.array_equal(f['images'], plain)
 
 
+def test_a_checkpoint_of_another_text_encoder_is_refused_in_one_line(runs, tmp_path):
+  """Sampling (or resuming) a text model with another encoder than it was trained with: one
+  line naming the key, nothing written."""
+  straight = runs[0]
+  listing = lambda: sorted(os.listdir(straight)) + sorted(  # noqa: E731
+      os.listdir(os.path.join(straight, 'samples')))
+  before = listing()
+  for change in ({'encoder_depth': 2}, {'max_length': 48}, {'null': 'empty'}):
+    config = _config(**change)
+    config.sampling.prompts = 'a bag'
+    key = next(iter(change))
+    with pytest.raises(errors.ConfigError, match=f'config.text.{key}=') as raised:
+      registry.get_task(config, straight).sample(straight)
+    assert '\n' not in str(raised.value)
+  assert listing() == before
+
+
 def test_what_does_not_apply_is_one_line():
   from configs import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
