@@ -1,5 +1,5 @@
-"""ODE and SDE samplers (Euler, Heun, Euler–Maruyama) with classifier-free and classifier
-guidance and the guidance methods beyond CFG (`guidance.GuidanceMethod`), in lax.scan.
+"""ODE and SDE samplers (Euler, Heun, Euler–Maruyama, DPM-Solver++(2M) from `solvers`) with
+classifier-free and classifier guidance and the guidance methods beyond CFG (`guidance.GuidanceMethod`), in lax.scan.
 
 `integrate(plan, ...)` is the sampler: a pure function of the model, the keys, labels and
 scales for one static `sampling_plan.Plan` (checked once, before tracing), compiled by its
@@ -16,6 +16,7 @@ import numpy as np
 from guidedflow import guidance
 from guidedflow import paths as paths_lib
 from guidedflow import sampling_plan
+from guidedflow import solvers
 # The plan's names, where callers look for them.
 from guidedflow.sampling_plan import DEFAULT_T_EPS  # noqa: F401
 from guidedflow.sampling_plan import GUIDANCE_MODES  # noqa: F401
@@ -174,16 +175,21 @@ def integrate(plan, model_fn, classifier_fn, key, labels, classifier_labels, gui
       guidance_scale, classifier_scale, path=plan.path, parameterization=plan.parameterization,
       null_label=plan.null_label, use_cfg=plan.use_cfg, null_labels=null_labels,
       guidance_method=plan.guidance_method)
-  step = _make_step(fields, path=plan.path, method=plan.method,
-                    sigma_schedule=plan.sigma_schedule, sigma=sigma, num_steps=num_steps)
+  # CFG-Zero*'s zero-init: steps 0..K − 1 leave x as it is and evaluate nothing (no segment).
+  zero_steps = plan.guidance_method.zero_init_steps
+  multistep = plan.method in solvers.MULTISTEP_METHODS
+  if multistep:  # the scan state carries the previous data prediction too
+    step = solvers.make_step(fields, path=plan.path, method=plan.method, grid=grid,
+                             first_step=zero_steps)
+  else:
+    step = _make_step(fields, path=plan.path, method=plan.method,
+                      sigma_schedule=plan.sigma_schedule, sigma=sigma, num_steps=num_steps)
   num_frames = plan.num_frames
   frame_steps = (sampling_plan.frame_steps(num_steps, num_frames) if num_frames
                  else np.zeros(0, np.int32))
   slot_of_step = np.full(num_steps + 1, -1, np.int32)
   slot_of_step[frame_steps] = np.arange(len(frame_steps), dtype=np.int32)
   trajectory = jnp.zeros((len(frame_steps),) + x.shape, x.dtype)
-  # CFG-Zero*'s zero-init: steps 0..K − 1 leave x as it is and evaluate nothing (no segment).
-  zero_steps = plan.guidance_method.zero_init_steps
   if num_frames:
     trajectory = trajectory.at[0].set(x)
     for slot in slot_of_step[1:zero_steps + 1]:
@@ -202,7 +208,10 @@ def integrate(plan, model_fn, classifier_fn, key, labels, classifier_labels, gui
       trajectory = trajectory.at[index].set(jnp.where(slot >= 0, x, trajectory[index]))
     return (key, x, state, trajectory), None
 
-  carry = (key_steps, x, guidance.initial_state(plan.guidance_method, x), trajectory)
+  state = guidance.initial_state(plan.guidance_method, x)
+  if multistep:
+    state = solvers.initial_state(state, x)
+  carry = (key_steps, x, state, trajectory)
   for start, stop, guided_at_t, guided_at_t_next in plan.segments:
     pattern = (guided_at_t, guided_at_t_next, stop == num_steps)
     inputs = (jnp.arange(start, stop), grid[start:stop], grid[start + 1:stop + 1],
@@ -231,7 +240,8 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
   combined with `guidance.cfg_combine`; the prediction is converted to velocity (and, for
   Euler–Maruyama, score) with the path's formulas. No method evaluates the model at t = 1: Euler
   and Euler–Maruyama evaluate at the left end of each step and Heun's last step is an Euler
-  step; Euler–Maruyama's last step is deterministic (sigma = 0).
+  step; Euler–Maruyama's last step is deterministic (sigma = 0); DPM-Solver++(2M) evaluates at
+  the left end too and its last step returns the data prediction there.
 
   The sampler costs exactly its NFE: where w = 1 the unconditional half is not run. A w known in
   Python (a number, NumPy or concrete array) that is exactly 1 everywhere runs only the
@@ -269,7 +279,9 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
     parameterization: what model_fn predicts: 'velocity' | 'score' | 'noise'.
     null_label: the index of ∅ (= number of classes).
     guidance_scale: w (scalar or per-sample (B,)); 1 = conditional, 0 = unconditional.
-    method: 'euler' | 'heun' | 'euler_maruyama'.
+    method: 'euler' | 'heun' | 'euler_maruyama' | 'dpmpp_2m' (DPM-Solver++(2M) on the guided
+      data prediction, one evaluation per step; its first and last steps are first order, the
+      last lands on x̂ at t_{N−1}: see `solvers.dpmpp_2m_coefficients`).
     num_steps: number of steps N >= 1.
     sigma_schedule: Euler–Maruyama sigma_t: 'constant' | 'decreasing' | 'path'.
     sigma: the sigma of 'constant' and 'decreasing' (0 gives the ODE).
