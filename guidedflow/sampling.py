@@ -1,4 +1,4 @@
-"""ODE and SDE samplers (Euler, Heun, Euler–Maruyama, DPM-Solver++(2M) from `solvers`) with
+"""ODE and SDE samplers (Euler, Heun, Euler–Maruyama; DPM-Solver++(2M), UniPC from `solvers`) with
 classifier-free and classifier guidance and the guidance methods beyond CFG (`guidance.GuidanceMethod`), in lax.scan.
 
 `integrate(plan, ...)` is the sampler: a pure function of the model, the keys, labels and
@@ -210,7 +210,7 @@ def integrate(plan, model_fn, classifier_fn, key, labels, classifier_labels, gui
 
   state = guidance.initial_state(plan.guidance_method, x)
   if multistep:
-    state = solvers.initial_state(state, x)
+    state = solvers.initial_state(state, x, plan.method)
   carry = (key_steps, x, state, trajectory)
   for start, stop, guided_at_t, guided_at_t_next in plan.segments:
     pattern = (guided_at_t, guided_at_t_next, stop == num_steps)
@@ -240,8 +240,8 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
   combined with `guidance.cfg_combine`; the prediction is converted to velocity (and, for
   Euler–Maruyama, score) with the path's formulas. No method evaluates the model at t = 1: Euler
   and Euler–Maruyama evaluate at the left end of each step and Heun's last step is an Euler
-  step; Euler–Maruyama's last step is deterministic (sigma = 0); DPM-Solver++(2M) evaluates at
-  the left end too and its last step returns the data prediction there.
+  step; Euler–Maruyama's last step is deterministic (sigma = 0); DPM-Solver++(2M) and UniPC
+  evaluate at the left end too and their last step returns the data prediction there.
 
   The sampler costs exactly its NFE: where w = 1 the unconditional half is not run. A w known in
   Python (a number, NumPy or concrete array) that is exactly 1 everywhere runs only the
@@ -279,9 +279,9 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
     parameterization: what model_fn predicts: 'velocity' | 'score' | 'noise'.
     null_label: the index of ∅ (= number of classes).
     guidance_scale: w (scalar or per-sample (B,)); 1 = conditional, 0 = unconditional.
-    method: 'euler' | 'heun' | 'euler_maruyama' | 'dpmpp_2m' (DPM-Solver++(2M) on the guided
-      data prediction, one evaluation per step; its first and last steps are first order, the
-      last lands on x̂ at t_{N−1}: see `solvers.dpmpp_2m_coefficients`).
+    method: 'euler' | 'heun' | 'euler_maruyama' | 'dpmpp_2m' | 'unipc' (DPM-Solver++(2M) and
+      UniPC(bh2, order 2) on the guided data prediction, one evaluation per step; their first
+      and last steps are first order, the last lands on x̂ at t_{N−1}: see `solvers`).
     num_steps: number of steps N >= 1.
     sigma_schedule: Euler–Maruyama sigma_t: 'constant' | 'decreasing' | 'path'.
     sigma: the sigma of 'constant' and 'decreasing' (0 gives the ODE).

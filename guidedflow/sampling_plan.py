@@ -17,7 +17,7 @@ import numpy as np
 from guidedflow import guidance
 from guidedflow import paths as paths_lib
 
-METHODS = ('euler', 'heun', 'euler_maruyama', 'dpmpp_2m')
+METHODS = ('euler', 'heun', 'euler_maruyama', 'dpmpp_2m', 'unipc')
 # How the Sampler guides (guidedflow/sampler.py): classifier-free, classifier, or both.
 GUIDANCE_MODES = ('cfg', 'classifier', 'cfg+classifier')
 SIGMA_SCHEDULES = ('constant', 'decreasing', 'path')
@@ -232,7 +232,7 @@ def cfg_plan(method, grid, guidance_interval, use_cfg, first_step=0):
   """The sampler's static guidance pattern: which model evaluations are guided.
 
   Step i evaluates the model at grid[i] and, for Heun (all steps but the last), at grid[i + 1]
-  (DPM-Solver++(2M) evaluates once per step, at grid[i], like Euler).
+  (DPM-Solver++(2M) and UniPC evaluate once per step, at grid[i], like Euler).
   An evaluation is guided when `use_cfg` (any guidance term: CFG's doubled batch [x; x],
   classifier guidance's gradient) and its time lies in the closed `guidance_interval` (None:
   everywhere); otherwise only the conditional model runs — w = 1 and w_c = 0 there, where the
@@ -240,7 +240,7 @@ def cfg_plan(method, grid, guidance_interval, use_cfg, first_step=0):
   with `guidance.effective_scale`, at fewer evaluations.
 
   Args:
-    method: 'euler' | 'heun' | 'euler_maruyama' | 'dpmpp_2m'.
+    method: one of `METHODS`.
     grid: the concrete (N + 1,) time grid.
     guidance_interval: None or (t_lo, t_hi).
     use_cfg: False when no guidance term runs (w = 1 known in Python and no classifier).

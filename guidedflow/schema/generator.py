@@ -108,7 +108,7 @@ def get_config():
 
   # ---- Sampling (training-time grids and --mode=sample).
   config.sampling = ml_collections.ConfigDict()
-  config.sampling.method = 'heun'      # 'euler' | 'heun' | 'euler_maruyama' | 'dpmpp_2m' (docs/solvers.md)
+  config.sampling.method = 'heun'      # 'euler' | 'heun' | 'euler_maruyama' | 'dpmpp_2m' | 'unipc' (docs/solvers.md)
   config.sampling.num_steps = 50
   config.sampling.guidance_scale = 2.0  # w: (1 − w)·u(x|∅) + w·u(x|y); 1 = conditional, 0 = unconditional
   # 'cfg' (classifier-free, w) | 'classifier' (the unconditional field + w_c b_t ∇log p_t(y|x) of
