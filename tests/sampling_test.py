@@ -196,13 +196,14 @@ _NFE_LABELS = jnp.array([0, 1, 0], jnp.int32)
 _INTERVAL = (0.3, 0.6)  # 7 steps: grid 0, 1/7, ..., 1; inside: t = 3/7, 4/7 only
 
 
-# Model evaluations per sample for 7 steps, counted by hand: Euler, Euler–Maruyama and
-# DPM-Solver++(2M) evaluate at t_0..t_6, Heun at t_0..t_6 and t_1..t_6 (13). With the interval only t_3, t_4 double.
+# Model evaluations per sample for 7 steps, counted by hand: Euler, Euler–Maruyama,
+# DPM-Solver++(2M) and UniPC evaluate at t_0..t_6, Heun at t_0..t_6 and t_1..t_6 (13). With the interval only t_3, t_4 double.
 @pytest.mark.parametrize('method,conditional,cfg,interval', [
     ('euler', 7, 14, 7 + 2),
     ('heun', 13, 26, 13 + 4),
     ('euler_maruyama', 7, 14, 7 + 2),
     ('dpmpp_2m', 7, 14, 7 + 2),
+    ('unipc', 7, 14, 7 + 2),
 ])
 def test_nfe_counts_the_rows_the_model_is_called_on(method, conditional, cfg, interval):
   model = CountingModel(_oracle('linear', 'velocity'))
@@ -265,6 +266,7 @@ def _doubled_batch_model(model_fn, guidance_scale, interval):
     ('heun', 'noise', (0.5, 1.0), 6),      # the last step guided, joined to the guided segment
     ('euler_maruyama', 'noise', (0.2, 0.7), 9),
     ('dpmpp_2m', 'score', (0.3, 0.6), 7),  # the previous data prediction crosses segments
+    ('unipc', 'velocity', (0.2, 0.7), 8),
 ])
 def test_guidance_interval_equals_the_doubled_batch_sampler(method, parameterization, interval,
                                                             num_steps):
@@ -371,7 +373,7 @@ def test_model_is_never_evaluated_at_a_singular_end():
       ('heun', 'score', 'constant'), ('heun', 'noise', 'constant'),
       ('euler_maruyama', 'noise', 'path'), ('euler_maruyama', 'velocity', 'constant'),
       ('heun', 'velocity', 'constant'), ('dpmpp_2m', 'noise', 'constant'),
-      ('dpmpp_2m', 'velocity', 'constant')]:
+      ('dpmpp_2m', 'velocity', 'constant'), ('unipc', 'score', 'constant')]:
     samples, info = sampling.sample(
         poisoned(parameterization != 'velocity'), jax.random.PRNGKey(2), labels, shape=(3,),
         path='vp', parameterization=parameterization, null_label=1, guidance_scale=1.0,
@@ -438,7 +440,7 @@ def test_bad_arguments_raise(override, argument):
     assert 'must be one of' in str(error.value)
 
 
-@pytest.mark.parametrize('method', ['euler', 'heun', 'euler_maruyama', 'dpmpp_2m'])
+@pytest.mark.parametrize('method', ['euler', 'heun', 'euler_maruyama', 'dpmpp_2m', 'unipc'])
 def test_a_structured_condition_with_its_own_null_samples_like_labels(method):
   """A text model's condition is a pytree whose ∅ the caller gives (`null_labels`): the mixture's
   oracle behind a dict condition ({'label', 'null'}) gives the samples of the int labels; a
