@@ -163,10 +163,11 @@ def _missing_file(spec, path):
   where = os.path.dirname(path) or '.'
   hint = ''
   if os.path.isdir(where):
-    names = sorted(n for n in os.listdir(where) if n.endswith('.py') and n != '__init__.py')
-    close = difflib.get_close_matches(os.path.basename(path), names, n=3)
+    stems = sorted(n[:-3] for n in os.listdir(where) if n.endswith('.py') and n != '__init__.py')
+    # Names compared without '.py' (its shared letters would make unrelated names look close).
+    close = difflib.get_close_matches(os.path.basename(path).removesuffix('.py'), stems, n=3)
     if close:
-      hint = f' (did you mean {" or ".join(os.path.join(where, n) for n in close)}?)'
+      hint = f' (did you mean {" or ".join(os.path.join(where, n + ".py") for n in close)}?)'
   what = 'is a directory, not a file' if os.path.isdir(path) else 'does not exist'
   return (f'--config {spec}: config file {path} {what}{hint}, relative to the working '
           f'directory {os.getcwd()}; run from the repository root or give the file\'s path, '
