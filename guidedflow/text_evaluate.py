@@ -128,6 +128,7 @@ def measure_w(evaluator, generate, sets, w):
 _COLUMNS = (('w', ('guidance_scale',)), ('FD', ('fd',)), ('recall', ('recall',)),
             ('coverage', ('coverage',)), ('class acc.', ('accuracy',)),
             ('caption attr. acc.', ('attributes', 'seen', 'mean')),
+            ('prompt class acc.', ('compositions', 'accuracy')),
             *((f'{name}', ('compositions', 'attributes', 'seen', name))
               for name in captions.ATTRIBUTES),
             ('seen', ('compositions', 'attributes', 'seen', 'mean')),
