@@ -34,7 +34,7 @@ SMOKE_CASES = {
     'unet-tiny': (dict(name='unet', input_size=16, in_channels=1, num_classes=10,
                        channels=(8, 16), num_residual_layers=1), 4),
 }
-METHODS = ('euler', 'heun', 'euler_maruyama')
+METHODS = sampling.METHODS  # every sampler the library has
 
 
 def benchmark_case(name, kwargs, batch, method, num_steps, repeats, dtype):
