@@ -258,3 +258,27 @@ def test_text_unet_throughput_smoke():
   params = {name: int(row[1].replace(',', '')) for name, row in rows.items() if name != 'model'}
   assert params['class'] < params['text levels=-1'] < params['text levels=-1 + encoder']
   assert float(rows['class'][7]) == 1.0 and float(rows['text levels=-1'][6]) > 0
+
+
+def test_guidance_methods_smoke_toy_rows_tables_and_figures(tmp_path):
+  """Every method and a solver on the Gaussian-mixture toy at smoke size: one JSON line per
+  point with its exact-target metrics, the table, both figures (numbers only, no speed)."""
+  out, curves, solvers = tmp_path / 'gm.jsonl', tmp_path / 'curves.png', tmp_path / 'solvers.png'
+  table = _run('guidance_methods.py', '--smoke', f'--out={out}', f'--plot={curves},{solvers}')
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['sweep'] for r in rows] == ['cfg', 'cfg', 'rescale', 'cfg_zero_star', 'apg',
+                                        'solvers']
+  for r in rows:
+    assert r['part'] == 'toy' and r['num_samples'] == 200 and r['ed'] >= 0
+    assert 0 <= r['precision'] <= 1 and 0 <= r['recall'] <= 1 and r['spread'] > 0
+    assert r['log_p_y'] <= 1e-5 and 0 <= r['accuracy'] <= 1
+  by = {(r['sweep'], r['w']): r for r in rows}
+  # NFE as the sampler counts it: w = 1 runs the conditional batch alone, CFG doubles it, and
+  # CFG-Zero*'s zero-init step evaluates nothing.
+  assert by['cfg', 3.0]['nfe'] == 2 * 7 and by['cfg', 1.0]['nfe'] == 7
+  assert by['cfg_zero_star', 3.0]['nfe'] < by['cfg', 3.0]['nfe']
+  # Over-guiding the exact model moves the samples away from p(x|y); rescale pulls them back.
+  assert by['cfg', 3.0]['ed'] > by['cfg', 1.0]['ed']
+  assert by['rescale', 3.0]['ed'] < by['cfg', 3.0]['ed']
+  assert '| rescale | 3 | φ=0.7 | heun 4 | 14 |' in table
+  assert curves.stat().st_size > 10_000 and solvers.stat().st_size > 5_000
