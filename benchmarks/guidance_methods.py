@@ -386,6 +386,8 @@ def plot(rows, paths_):
   fig.savefig(paths_[0], dpi=80)
   plt.close(fig)
 
+  colors = {'euler': 'tab:blue', 'heun': 'tab:orange', 'dpmpp_2m': 'tab:green',
+            'unipc': 'tab:red', 'euler_maruyama': 'tab:purple'}
   fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 3.6), squeeze=False)
   for ax, part in zip(axes[0], parts):
     group = [r for r in rows if r['part'] == part and r['sweep'] == 'solvers']
@@ -396,7 +398,7 @@ def plot(rows, paths_):
                                                   and g['steps'] == r['steps'] for g in group)]
     for sampler in dict.fromkeys(r['sampler'] for r in group):
       pts = sorted((r['nfe'], fd(r)) for r in group if r['sampler'] == sampler)
-      ax.plot(*zip(*pts), 'o-', label=sampler, ms=4)
+      ax.plot(*zip(*pts), 'o-', label=sampler, ms=4, color=colors.get(sampler, 'gray'))
     ax.set_xscale('log')
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
