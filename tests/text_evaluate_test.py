@@ -14,6 +14,7 @@ from guidedflow import input_pipeline
 from guidedflow import text_evaluate
 from guidedflow import train
 from guidedflow.tasks import registry
+from tests import evaluate_test
 
 pytestmark = pytest.mark.xdist_group('text_generator')
 
@@ -23,25 +24,6 @@ NUM_REAL = 200
 @pytest.fixture(scope='module')
 def test_split():
   return input_pipeline.create_dataset(_config().input, 'test')
-
-
-class PixelFeatures:
-  """Random projection of the pixels (16-d) + nearest-centroid logits, fit on real images."""
-
-  name = 'pixels'
-
-  def __init__(self, images, labels):
-    self.projection = np.random.default_rng(0).normal(size=(28 * 28, 16)).astype(np.float32)
-    features = self._features(images)
-    self.centroids = np.stack([features[labels == c].mean(0) for c in range(10)])
-
-  def _features(self, images):
-    return (images.reshape(len(images), -1).astype(np.float32) / 255.0) @ self.projection
-
-  def __call__(self, images):
-    features = self._features(images)
-    logits = -((features[:, None, :] - self.centroids[None]) ** 2).sum(-1)
-    return {'features': features, 'logits': logits.astype(np.float32)}
 
 
 def _config():
@@ -98,7 +80,8 @@ def evaluated(tmp_path_factory, test_split):
   config = _config()
   train.train_and_evaluate(config, workdir)
   batch = test_split.get_batch(np.arange(NUM_REAL))
-  network = PixelFeatures(evaluate.images_lib.to_uint8(batch['image']), batch['label'])
+  network = evaluate_test.PixelFeatures()  # pixels' random projection, nearest-centroid logits
+  network.fit(evaluate.images_lib.to_uint8(batch['image']), batch['label'])
   patch = pytest.MonkeyPatch()
   patch.setattr(feature_networks, 'load', lambda config, name=None: network)
   try:
