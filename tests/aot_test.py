@@ -164,28 +164,6 @@ def test_compile_mode_reports_and_writes_compile_json(tmp_path):
                                                + sampler['temp_bytes'])
 
 
-def test_latent_generator_compiles_on_latent_moments_without_its_autoencoder(v5e_2x2):
-  """The ImageNet-256 latent recipe's step (scaled down): the batch is the cache's moments,
-  z is drawn in the step, no autoencoder is loaded (its weights file does not exist here)."""
-  from configs import imagenet256_latent  # pylint: disable=g-import-not-at-top
-  config = imagenet256_latent.get_config('XL/2')
-  config.model.variant = 'test/2'
-  config.mesh.shape = (1, 4, 1)
-  config.train.batch_size = 8
-  task = registry.get_task(config)
-  assert set(task.abstract_batch(8, (32, 32, 4))) == {'mean', 'logvar', 'label'}
-  figures = aot.compile_train_step(task, config, (32, 32, 4), v5e_2x2)
-  assert figures['devices'] == 4 and figures['argument_bytes'] > 0
-  # Its sampler decodes to pixels with the SD-VAE's architecture, weights abstract (4×4
-  # latents, 32×32 pixels: the decoder's compile grows with the image, 28 s at 8×8).
-  config.sampling.batch_size, config.sampling.num_steps = 4, 2
-  sampler = aot.compile_sampler(registry.get_task(config), config, (4, 4, 4), v5e_2x2)
-  assert sampler['decodes'] and sampler['batch_size'] == 4
-  # the f32 SD-VAE decoder (49.5M parameters; jit drops the unused encoder), replicated
-  assert sampler['argument_bytes'] > 4 * 49e6
-  assert not os.path.exists(config.autoencoder.weights or '')  # nothing was loaded
-
-
 def test_latent_shape_follows_from_the_sd_vae_and_is_asked_for_otherwise(tmp_path):
   from configs import imagenet256_latent  # pylint: disable=g-import-not-at-top
   assert aot._latent_shape(imagenet256_latent.get_config('XL/2')) == (32, 32, 4)  # pylint: disable=protected-access
@@ -233,7 +211,8 @@ def test_the_smallest_slice_of_each_generation_is_described(name, chips):
 
 
 def test_text_to_image_latent_recipe_compiles_with_its_frozen_encoder_sharded(v5e_2x2):
-  """configs/t2i_latent.py scaled down: the cross-attention DiT's step on latent moments and
+  """configs/t2i_latent.py scaled down (the latent recipes' compile): the cross-attention DiT's
+  step on latent moments (no autoencoder loaded) and
   cached text features, its CFG sampler on the text condition (∅ of the same shapes), and the
   frozen encoder's forward pass sharded on the same mesh — from a preset's name, no weights."""
   from configs import t2i_latent  # pylint: disable=g-import-not-at-top
@@ -249,8 +228,13 @@ def test_text_to_image_latent_recipe_compiles_with_its_frozen_encoder_sharded(v5
   task = registry.get_task(config)
   batch = task.abstract_batch(8, (4, 4, 4))
   assert batch['text_hidden'][0] == (8, 16, 32) and 'label' not in batch  # CLIP 'test' preset
+  assert {'mean', 'logvar'} <= set(batch)  # the latent cache's moments; z is drawn in the step
   report = aot.report(task, config, (4, 4, 4))
   assert report['devices'] == 4 and report['sampler']['batch_size'] == 4
+  # Its sampler decodes to pixels with the SD-VAE's architecture, weights abstract: the f32
+  # decoder (49.5M parameters; jit drops the unused encoder), replicated; nothing was loaded.
+  assert report['sampler']['decodes'] and report['sampler']['argument_bytes'] > 4 * 49e6
+  assert not os.path.exists(config.autoencoder.weights or '')
   encoder = report['text_encoder']
   assert encoder['batch_size'] == 8 and encoder['tokens'] == 16  # 6 rounded up to the shards
   assert encoder['parameters'] == sum(
