@@ -37,8 +37,10 @@ _TOKENIZER_FILES = ('tokenizer.json', 'vocab.json', 'spiece.model')
 
 
 class FrozenEncoder:
-  """tokenize(texts) → (ids, mask) int32 (B, L); encode(ids, mask) → {'hidden' (B, L, D),
-  'pooled' (B, D)} float32 numpy; `fingerprint` names the weights, tokenizer and length."""
+  """tokenize(texts) → (ids, mask) int32 (B, max_length); encode(ids, mask) → {'hidden' (B, L,
+  D), zero at padded positions, 'pooled' (B, D)} float32 numpy for any L ≤ max_length (ids
+  trimmed of trailing padding give the same values at the real tokens); `fingerprint` names the
+  weights, tokenizer and length."""
 
   def __init__(self, name, model, tokenizer, pool, *, max_length, width, source, salt):
     self.name, self.tokenizer, self.source = name, tokenizer, source
@@ -61,13 +63,22 @@ class FrozenEncoder:
 
 def _clip_pool(model, ids, mask):
   out = model(ids, mask)
-  return out.last_hidden_state, out.pooled
+  return _zero_padding(out.last_hidden_state, mask), out.pooled
 
 
 def _t5_pool(model, ids, mask):
   hidden, mask = model(ids, mask)
   weights = mask.astype(hidden.dtype)[..., None]
-  return hidden, (hidden * weights).sum(1) / jax.numpy.maximum(weights.sum(1), 1.0)
+  return _zero_padding(hidden, mask), (hidden * weights).sum(1) / jax.numpy.maximum(
+      weights.sum(1), 1.0)
+
+
+def _zero_padding(hidden, mask):
+  """Zeros at padded positions: the generators mask them out of cross-attention, and so the
+  hidden states are the same whatever length a caption was padded to (the text cache encodes
+  each batch at its longest caption's length; CLIP is causal and T5 masks its padding, so the
+  real tokens' states do not depend on it)."""
+  return jax.numpy.where(mask.astype(bool)[..., None], hidden, 0.0)
 
 
 def find_tokenizer(folder, explicit=None):

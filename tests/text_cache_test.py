@@ -54,6 +54,59 @@ def test_the_cache_returns_the_encoders_outputs_by_caption_id(tmp_path, dtype, t
   assert meta['num_captions'] == 150 and meta['dtype'] == dtype
 
 
+class _Spy(_Encoder):
+  """The stand-in, recording the lengths it was asked to encode at."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.lengths = []
+
+  def encode(self, ids, mask):
+    self.lengths.append(ids.shape[1])
+    return super().encode(ids, mask)
+
+
+def test_batches_are_encoded_at_their_longest_captions_padded_length(tmp_path):
+  """Captions of 9 to 60 bytes, max_length 64: sorted by length, each batch trimmed to the
+  next power of two ≥ 8 of its longest; the cache is still every row's full-length encoding."""
+  encoder = _Spy(max_length=64)
+  texts = captions.caption_table()[::25]
+  cache = text_cache.open_or_write(encoder, texts, tmp_path / 'c', dtype='float32',
+                                   batch_size=16)
+  calls = encoder.lengths
+  tokens, mask = encoder.tokenize(texts)
+  assert calls == sorted(calls) and set(calls) == {16, 32, 64} and mask.sum(1).max() > 32
+  got = cache.get(np.arange(len(texts)))
+  np.testing.assert_array_equal(got['text_hidden'], encoder.encode(tokens, mask)['hidden'])
+  np.testing.assert_array_equal(got['text_mask'], mask)
+  meta = json.loads((tmp_path / 'c' / 'meta.json').read_text())
+  last = len(texts) - 16 * (len(calls) - 1)  # the last batch's real rows
+  assert meta['tokens_encoded_per_caption'] == round(
+      (16 * sum(calls[:-1]) + last * calls[-1]) / len(texts), 1)
+
+
+@pytest.mark.parametrize('encoder,folder', [('clip', 'clip/b_gelu'), ('t5', 't5/single')])
+def test_a_real_encoders_cache_equals_its_full_length_encoding(tmp_path, encoder, folder):
+  """The parity fixtures' CLIP (causal) and T5 (masked, relative positions): encoded trimmed
+  to each batch's length, every real token's state and the pooled vector are those of the
+  full-length encode; padded positions are zero."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from guidedflow import text_encoders  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.text.encoder, config.text.weights = encoder, os.path.join(FIXTURES, folder)
+  frozen = text_encoders.load(config)
+  texts = captions.caption_table()[::40] + ['bag', 'a bag', 'coat', 'a coat', 'shirt', 'dress',
+                                            'a shirt', 'a dress']  # CLIP's: < 8 tiny-BPE tokens
+  cache = text_cache.write(frozen, texts, tmp_path / 'c', dtype='float32', batch_size=8)
+  assert cache['tokens_encoded_per_caption'] < frozen.max_length
+  got = text_cache.TextCache(tmp_path / 'c').get(np.arange(len(texts)))
+  ids, mask = frozen.tokenize(texts)
+  want = frozen.encode(ids, mask)
+  np.testing.assert_allclose(got['text_hidden'], want['hidden'], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got['text_pooled'], want['pooled'], rtol=1e-5, atol=1e-5)
+  assert not got['text_hidden'][mask == 0].any() and got['text_hidden'][mask == 1].all(-1).all()
+
+
 def test_a_foreign_cache_is_refused_and_kept(tmp_path):
   text_cache.open_or_write(_Encoder(), TEXTS, tmp_path / 'c')
   before = (tmp_path / 'c' / 'hidden.npy').read_bytes()
