@@ -6,6 +6,9 @@
     python benchmarks/guidance_methods.py --config configs/fashion_mnist.py --workdir runs/fmnist \
         [--samples_per_class 500] --out runs/guidance_methods.jsonl \
         --plot docs/guidance_methods_curves.png,docs/guidance_methods_solvers.png
+    # the decisive points only, at N = 5,000 (issue 49's targets)
+    python benchmarks/guidance_methods.py --config configs/fashion_mnist.py --workdir runs/fmnist \
+        --parts fmnist --fmnist_grid focus --samples_per_class 500 --out runs/focus.jsonl
     # redraw the figures and tables of an existing JSON-lines file (measures nothing)
     python benchmarks/guidance_methods.py --replot runs/guidance_methods.jsonl --plot a.png,b.png
     python benchmarks/guidance_methods.py --smoke   # tiny, toy only, seconds
@@ -61,6 +64,9 @@ flags.DEFINE_integer('toy_steps', 10, 'Toy sampler steps (Heun) for the guidance
 flags.DEFINE_list('parts', ['toy', 'fmnist'], 'Which parts to run (fmnist needs --workdir).')
 flags.DEFINE_list('methods', ['cfg', 'rescale', 'cfg_zero_star', 'apg', 'solvers'],
                   'Which sweeps to run.')
+flags.DEFINE_enum('fmnist_grid', 'sweep', ['sweep', 'focus'], 'Fashion-MNIST points: every '
+                  'method\'s sweep, or the few decisive ones (`grid(\'fmnist_focus\')`) for a '
+                  'large --samples_per_class.')
 flags.DEFINE_bool('smoke', False, 'Tiny toy-only run (seconds): a few points, few samples.')
 flags.DEFINE_string('out', None, 'Append one JSON line per point here.')
 flags.DEFINE_string('replot', None, 'Measure nothing: read this JSON-lines file, print its '
@@ -107,6 +113,16 @@ def grid(part, smoke=False):
                for w in ws]
     points += [_point('solvers', TOY_W, sampler=s, steps=n)
                for s in ('euler', 'heun', 'dpmpp_2m', 'unipc') for n in (4, 8, 16, 32)]
+    return points
+  if part == 'fmnist_focus':
+    # The decisive points at large N (issue 49's targets): CFG around its FD optimum against
+    # the pilot's best APG setting, both at NFE 38; and the solvers at w = 1 against Heun-25.
+    points = [_point('cfg', w) for w in (1.5, 2.0)]
+    points += [_point('apg', w, 'apg', apg_eta=0.0, apg_norm_threshold=4.0, apg_momentum=-0.5)
+               for w in (2.0, 2.5)]
+    points += [_point('solvers', 1.0, sampler=s, steps=n)
+               for s, n in (('heun', 25), ('heun', 10), ('dpmpp_2m', 10), ('unipc', 10),
+                            ('unipc', 5))]
     return points
   # Fashion-MNIST: a handful of points per method (each costs one compile and N samples).
   points = [_point('cfg', w) for w in (1.0, 1.5, 2.5, 4.0)]
@@ -438,7 +454,8 @@ def main(argv):
     if 'fmnist' in FLAGS.parts and not FLAGS.smoke and FLAGS.workdir:
       if FLAGS.config is None:
         raise app.UsageError('--workdir needs --config (the config it was trained with).')
-      points = [p for p in grid('fmnist') if p['sweep'] in sweeps]
+      part = 'fmnist' if FLAGS.fmnist_grid == 'sweep' else 'fmnist_focus'
+      points = [p for p in grid(part) if p['sweep'] in sweeps]
       run_fmnist(FLAGS.config, FLAGS.workdir, points, FLAGS.samples_per_class, emit)
   print(table(rows))
   if FLAGS.plot:
