@@ -259,8 +259,8 @@ def cfg_pp_scale(guidance_scale, path, t, t_next):
       w = λ α(t') β(t) / (α(t') β(t) − α(t) β(t')),
 
   (the denominator is > 0 for t < t'). It grows as 1/h with the step h = t' − t (≈ λ αβ/(h W_t),
-  W = α̇β − αβ̇): CFG++'s λ ∈ [0, 1] is a strong CFG, and its strength depends on the grid. w = λ
-  on a step from t = 0 or to t' = 1.
+  W = α̇β − αβ̇; λ t'(1 − t)/h on the linear path, up to ≈ λ/(4h) at t = 1/2), so the strength of
+  a λ depends on the grid. w = λ on a step from t = 0 or to t' = 1.
   """
   alpha, beta = path.alpha(t), path.beta(t)
   alpha_next, beta_next = path.alpha(t_next), path.beta(t_next)
