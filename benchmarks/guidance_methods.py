@@ -15,7 +15,9 @@
 
 Methods (`config.sampling.guidance_method`, docs/guidance_methods.md) and what is swept:
 CFG: w; rescale: φ at a few w; CFG-Zero*: K and the optimized scale at a few w; APG: η and r
-(and the reverse momentum β) at a few w. Solvers (`config.sampling.method`, docs/solvers.md):
+(and the reverse momentum β) at a few w; CFG++: λ (the w column; Euler and DPM-Solver++(2M));
+autoguidance (toy only): w, the weak model the exact field of the mixture with every component's
+std × `TOY_WEAK_STD_SCALE` (a blurrier p(x|y), as an under-trained model's). Solvers (`config.sampling.method`, docs/solvers.md):
 steps at the config's w with plain CFG.
 
 1. **Toy** (tests/gaussian_mixture.py, linear path, velocity, the exact model; Heun with
@@ -62,7 +64,8 @@ flags.DEFINE_integer('samples_per_class', 500, 'Fashion-MNIST samples per class 
 flags.DEFINE_integer('toy_samples_per_class', 2000, 'Toy samples per class and point.')
 flags.DEFINE_integer('toy_steps', 10, 'Toy sampler steps (Heun) for the guidance-method points.')
 flags.DEFINE_list('parts', ['toy', 'fmnist'], 'Which parts to run (fmnist needs --workdir).')
-flags.DEFINE_list('methods', ['cfg', 'rescale', 'cfg_zero_star', 'apg', 'solvers'],
+flags.DEFINE_list('methods', ['cfg', 'rescale', 'cfg_zero_star', 'apg', 'cfg_pp', 'autoguidance',
+                             'solvers'],
                   'Which sweeps to run.')
 flags.DEFINE_enum('fmnist_grid', 'sweep', ['sweep', 'focus'], 'Fashion-MNIST points: every '
                   'method\'s sweep, or the few decisive ones (`grid(\'fmnist_focus\')`) for a '
@@ -79,6 +82,7 @@ flags.DEFINE_list('plot', None, 'Two PNG paths: every method\'s fidelity-diversi
 
 TOY_W = 1.0  # the toy's w for the solver points: the target is then p(x|y) itself, and the
 # energy distance measures the solver's error (plus the sampling floor)
+TOY_WEAK_STD_SCALE = 1.5  # autoguidance's weak model on the toy: components' std × this
 
 
 def _neutral():
@@ -98,6 +102,8 @@ def grid(part, smoke=False):
         _point('rescale', 3.0, 'rescale', rescale_phi=0.7),
         _point('cfg_zero_star', 3.0, 'cfg_zero_star', zero_star_init_steps=1),
         _point('apg', 3.0, 'apg', apg_eta=0.0, apg_norm_threshold=1.0),
+        _point('cfg_pp', 0.5, 'cfg_pp', sampler='euler'),
+        _point('autoguidance', 3.0, 'autoguidance'),
         _point('solvers', TOY_W, sampler='dpmpp_2m', steps=4)]
   if part == 'toy':
     ws = (2.0, 4.0, 6.0)
@@ -111,6 +117,9 @@ def grid(part, smoke=False):
                for w in ws for eta in (0.0, 0.5) for r in (0.0, 0.5, 1.0)]
     points += [_point('apg', w, 'apg', apg_eta=0.0, apg_norm_threshold=1.0, apg_momentum=-0.5)
                for w in ws]
+    points += [_point('cfg_pp', lam, 'cfg_pp', sampler=s)
+               for s in ('euler', 'dpmpp_2m') for lam in (0.0, 0.2, 0.4, 0.6, 1.0)]
+    points += [_point('autoguidance', w, 'autoguidance') for w in (1.5, 2.0, 3.0, 4.0)]
     points += [_point('solvers', TOY_W, sampler=s, steps=n)
                for s in ('euler', 'heun', 'dpmpp_2m', 'unipc') for n in (4, 8, 16, 32)]
     return points
@@ -133,6 +142,8 @@ def grid(part, smoke=False):
   points += [_point('apg', 4.0, 'apg', apg_eta=0.0),
              _point('apg', 4.0, 'apg', apg_eta=0.0, apg_norm_threshold=4.0),
              _point('apg', 2.5, 'apg', apg_eta=0.0, apg_norm_threshold=4.0, apg_momentum=-0.5)]
+  # (autoguidance needs a weak checkpoint, sampling.autoguidance_step: not in this sweep)
+  points += [_point('cfg_pp', lam, 'cfg_pp', sampler='euler') for lam in (0.2, 0.4)]
   points += [_point('solvers', None, sampler=s, steps=n)
              for s, n in (('euler', 10), ('dpmpp_2m', 5), ('dpmpp_2m', 10), ('unipc', 10))]
   return points
@@ -150,6 +161,10 @@ def knob_label(row):
   if s['guidance_method'] == 'apg':
     label = f"η={s['apg_eta']:g} r={s['apg_norm_threshold']:g}"
     return label + (f" β={s['apg_momentum']:g}" if s['apg_momentum'] else '')
+  if s['guidance_method'] == 'cfg_pp':
+    return 'w is λ'
+  if s['guidance_method'] == 'autoguidance':
+    return f'weak σ×{TOY_WEAK_STD_SCALE:g}' if row['part'] == 'toy' else 'weak'
   return '–'
 
 
@@ -167,6 +182,7 @@ def run_toy(points, samples_per_class, steps, emit):
 
   path = paths.get_path('linear')
   model = gm.model(path, 'velocity')
+  weak_model = gm.model(path, 'velocity', std_scale=TOY_WEAK_STD_SCALE)
   classes = np.arange(gm.NUM_CLASSES, dtype=np.int32)
   labels = jnp.asarray(np.repeat(classes, samples_per_class))
   exact = np.asarray(gm.sample_data(jax.random.PRNGKey(1), labels))
@@ -190,7 +206,8 @@ def run_toy(points, samples_per_class, steps, emit):
     x, info = sampling.sample(model, jax.random.PRNGKey(0), labels, shape=(2,), path=path,
                               parameterization='velocity', null_label=gm.NULL,
                               guidance_scale=w, method=sampler, num_steps=num_steps,
-                              sigma=0.5, guidance_method=method)
+                              sigma=0.5, guidance_method=method,
+                              weak_model_fn=weak_model if method.uses_weak_model else None)
     x = np.asarray(jax.block_until_ready(x))
     seconds = time.time() - t0
     log_p_y = np.asarray(gm.classifier_log_prob(path, jnp.asarray(x), 1.0, labels))
@@ -345,6 +362,10 @@ def _curves(rows):
       opt = s['zero_star_optimized_scale']
       key = f"CFG-Zero* w={w:g}{' s*' if opt else ''} (along K)"
       start = None if opt else cfg.get(w)
+    elif r['sweep'] == 'cfg_pp':
+      key, start = f"CFG++ {r['sampler']} (along λ)", None
+    elif r['sweep'] == 'autoguidance':
+      key, start = 'autoguidance (along w)', None
     else:
       key = f"APG w={w:g} η={s['apg_eta']:g}" + (
           f" β={s['apg_momentum']:g}" if s['apg_momentum'] else '') + ' (along r)'
@@ -368,13 +389,14 @@ def plot(rows, paths_):
     return r[key] if r['part'] == 'toy' else r[r['primary']][key]
 
   styles = {'cfg': ('k', 'o'), 'rescale': ('tab:blue', 's'), 'cfg_zero_star': ('tab:orange', '^'),
-            'apg': ('tab:green', 'D')}
+            'apg': ('tab:green', 'D'), 'cfg_pp': ('tab:purple', 'v'),
+            'autoguidance': ('tab:brown', 'P')}
   fig, axes = plt.subplots(len(parts), 2, figsize=(10, 3.8 * len(parts)), squeeze=False)
   for row_axes, part in zip(axes, parts):
     curves = _curves([r for r in rows if r['part'] == part])
     if part == 'toy':
       curves = {k: g for k, g in curves.items()
-                if k.startswith('CFG (') or g[-1]['w'] == FLAGS.figure_toy_w}
+                if k.endswith(('(along w)', '(along λ)')) or g[-1]['w'] == FLAGS.figure_toy_w}
     # The toy's classes are separated at t = 1: its class accuracy is 1 at every point, so its
     # fidelity axis is the mean exact log-density log p(x|y) of the samples instead.
     fidelity = 'log_p_x' if part == 'toy' else 'accuracy'

@@ -77,7 +77,7 @@ def paired_predictions(model_fn, x, t, y, *, null_label, null_y=None):
 
 # ---- Guidance methods beyond CFG: static choices of the sampler's plan (`sampling_plan.Plan`).
 
-GUIDANCE_METHODS = ('cfg', 'rescale', 'cfg_zero_star', 'apg')
+GUIDANCE_METHODS = ('cfg', 'rescale', 'cfg_zero_star', 'apg', 'cfg_pp', 'autoguidance')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +90,22 @@ class GuidanceMethod:
   flow matching's own. A guided score (Euler–Maruyama) is the guided velocity's
   (`path.score_from_prediction(ũ, x, t, 'velocity')`). Plain 'cfg' keeps `cfg_combine` in the
   model's parameterization (the same field, see there) and the sampler's program of before.
-  Every method returns u_c exactly where w = 1, so w = 1 still runs the conditional batch alone.
+  Every method but CFG++ returns u_c exactly where w = 1, so w = 1 still runs the conditional
+  batch alone. Two methods are not a combination of u_c and u_∅ at one time:
+
+  - 'cfg_pp' (CFG++) reads w as its λ and guides a whole step t → t': the step's data prediction
+    is the λ-guided one, its re-noising the unconditional noise prediction
+    (`cfg_pp_velocity`), so it needs t' and both predictions at every λ (`sampling_plan`
+    refuses it for Heun's second evaluation and for Euler–Maruyama).
+  - 'autoguidance' replaces u_∅ by a weaker model's u_weak(x|y) (a second parameter set, passed
+    to the sampler as `weak_model_fn`): u_weak + w (u_c − u_weak), in the model's
+    parameterization (affine, like CFG: `autoguidance_combine`).
+
   Knobs are static: each value is its own compile. The field names are the
   `config.sampling.*` keys.
 
   Attributes:
-    name: 'cfg' | 'rescale' | 'cfg_zero_star' | 'apg'.
+    name: 'cfg' | 'rescale' | 'cfg_zero_star' | 'apg' | 'cfg_pp' | 'autoguidance'.
     rescale_phi: φ ∈ [0, 1] of guidance rescale (0: plain CFG).
     zero_star_optimized_scale: CFG-Zero*'s s* (False: s* = 1, plain CFG plus the zero-init).
     zero_star_init_steps: K ≥ 0, CFG-Zero*'s zero-init: the first K steps have zero velocity
@@ -152,6 +162,16 @@ class GuidanceMethod:
   @property
   def clips(self):
     return self.name == 'apg' and 0 < self.apg_norm_threshold < math.inf
+
+  @property
+  def guides_a_step(self):
+    """Whether the guided field depends on the step's end t' too (CFG++)."""
+    return self.name == 'cfg_pp'
+
+  @property
+  def uses_weak_model(self):
+    """Whether guided evaluations run a weaker model in ∅'s place (autoguidance)."""
+    return self.name == 'autoguidance'
 
   @property
   def has_momentum(self):
@@ -232,6 +252,69 @@ def apg_combine(cond, uncond, guidance_scale, *, eta=1.0, norm_threshold=0.0, mo
   return cond + (w - 1.0) * update, carried
 
 
+def cfg_pp_scale(guidance_scale, path, t, t_next):
+  """The CFG scale w of CFG++'s step t → t' at its λ (`guidance_scale`): in DDIM form
+  (`cfg_pp_velocity`) the CFG++ step at λ is the CFG step at
+
+      w = λ α(t') β(t) / (α(t') β(t) − α(t) β(t')),
+
+  (the denominator is > 0 for t < t'). It grows as 1/h with the step h = t' − t (≈ λ αβ/(h W_t),
+  W = α̇β − αβ̇; λ t'(1 − t)/h on the linear path, up to ≈ λ/(4h) at t = 1/2), so the strength of
+  a λ depends on the grid. w = λ on a step from t = 0 or to t' = 1.
+  """
+  alpha, beta = path.alpha(t), path.beta(t)
+  alpha_next, beta_next = path.alpha(t_next), path.beta(t_next)
+  return guidance_scale * (alpha_next * beta) / (alpha_next * beta - alpha * beta_next)
+
+
+def cfg_pp_velocity(cond, uncond, x, t, t_next, guidance_scale, path, *, data_form=False):
+  """CFG++ (Chung et al. 2024) in flow form, for the step t → t' (scalars) from x (B, ...).
+
+  The step is DDIM's with the data prediction of the λ-guided velocity and the unconditional
+  noise prediction, each from the path's own conversions (`x_hat_from_velocity`,
+  `noise_from_velocity`):
+
+      x' = α(t') x̂1(ũ_λ) + β(t') x̂0(u_∅),   ũ_λ = `cfg_combine`(u_c, u_∅, λ).
+
+  Returned as the velocity that gives that x' to the sampler's own step: with `data_form=False`,
+  v = (x' − x)/(t' − t), for Euler's x + h v (written with x = α x̂1(u_∅) + β x̂0(u_∅), so no
+  O(1) term is divided by h); with `data_form=True`, the CFG velocity at
+  `cfg_pp_scale`'s w, whose data prediction D makes the first-order data-prediction step
+  (β'/β) x + (α' − α β'/β) D (DPM-Solver++, UniPC) that same x' (their second-order terms then
+  extrapolate those D). λ = 0 is the unconditional model's DDIM step (plain CFG at w = 0: on
+  the linear path, where DDIM is Euler, exactly that); no λ gives the conditional model.
+
+  Args:
+    cond, uncond: u_c and u_∅, velocities (B, ...).
+    x: the states at t. t, t_next: the step's times, 0 <= t < t_next <= 1.
+    guidance_scale: λ, a scalar or per-sample (B,).
+    path: the `paths.GaussianPath`.
+    data_form: which step the velocity is for (above).
+  """
+  lam = per_sample(guidance_scale, cond)
+  if data_form:
+    return cfg_combine(cond, uncond, cfg_pp_scale(lam, path, t, t_next))
+  data_uncond = path.x_hat_from_velocity(uncond, x, t)
+  data_guided = path.x_hat_from_velocity(cfg_combine(cond, uncond, lam), x, t)
+  noise_uncond = path.noise_from_velocity(uncond, x, t)
+  alpha_next = path.alpha(t_next)
+  return ((alpha_next - path.alpha(t)) * data_uncond
+          + (path.beta(t_next) - path.beta(t)) * noise_uncond
+          + alpha_next * (data_guided - data_uncond)) / (t_next - t)
+
+
+def autoguidance_combine(cond, weak, guidance_scale):
+  """Autoguidance (Karras et al. 2024): D_weak + w (D − D_weak), D_weak a weaker model's
+  prediction with the same labels.
+
+  Affine with weights summing to 1, so valid in any parameterization (as `cfg_combine`).
+  Written as a difference so that a weak model equal to the strong one gives `cond` bit for
+  bit at every w; at w = 1 the sampler runs the strong model alone (its plan), so that is
+  `cond` exactly too.
+  """
+  return weak + per_sample(guidance_scale, cond) * (cond - weak)
+
+
 def initial_state(method, x):
   """The guidance state carried across the sampler's evaluations: APG's momentum buffer (zeros
   of x's shape) where `method.has_momentum`, else None (no state, nothing carried)."""
@@ -242,8 +325,12 @@ def guided_velocity(method, cond, uncond, guidance_scale, state=None):
   """`method`'s guided velocity from u_c, u_∅ (each (B, ...)): (ũ, next state).
 
   `state` is `initial_state`'s (updated here at every guided evaluation); 'cfg' is
-  `cfg_combine`.
+  `cfg_combine`. CFG++ and autoguidance are not combinations of u_c and u_∅ at one time: see
+  `cfg_pp_velocity` and `autoguidance_combine`.
   """
+  if method.guides_a_step or method.uses_weak_model:
+    raise ValueError(f'guidance_method={method.name!r} is not a combination of u_c and u_∅: '
+                     'use cfg_pp_velocity or autoguidance_combine.')
   if method.name == 'rescale':
     return rescale_combine(cond, uncond, guidance_scale, method.rescale_phi), state
   if method.name == 'cfg_zero_star':

@@ -75,6 +75,13 @@ def _completed(config):
   return _as_json(tree)
 
 
+def meaning_changes(saved, config, changed=None):
+  """{dotted key: (saved value, new value)} of the `differences` that change what the weights
+  mean (the keys a resume refuses; `changed`: the differences, when already computed)."""
+  changed = differences(saved, config) if changed is None else changed
+  return {k: v for k, v in changed.items() if _changes_meaning(k)}
+
+
 def check(config, saved, step, directory):
   """Refuses (ConfigError) a resume that changes the meaning of the weights; logs the rest.
 
@@ -86,7 +93,7 @@ def check(config, saved, step, directory):
   if saved is None:
     return
   changed = differences(saved, config)
-  refused = {k: v for k, v in changed.items() if _changes_meaning(k)}
+  refused = meaning_changes(saved, config, changed)
   allowed = {k: v for k, v in changed.items() if k not in refused}
   for key, (a, b) in allowed.items():
     logging.info('Step %d restored with a changed config.%s: %r -> %r.', step, key, a, b)

@@ -14,9 +14,12 @@ generator's unconditional field ∅ plus w_c b_t ∇log p_t(y|x) of the noise-aw
 `sampling.classifier_workdir`) or 'cfg+classifier' (both, w and w_c separate). A Sampler built
 without a classifier (the periodic grids of a training) samples with CFG alone. How CFG combines
 its two predictions is `config.sampling.guidance_method` and its knobs
-(`guidance.GuidanceMethod.from_config`; docs/guidance_methods.md).
+(`guidance.GuidanceMethod.from_config`; docs/guidance_methods.md). Autoguidance's weaker model
+(`load_weak_model`) is a second parameter set, an argument of the same compiled program; a
+Sampler built without one (the periodic grids of a training) samples with CFG instead.
 """
 
+import dataclasses
 import time
 
 from absl import logging
@@ -37,6 +40,7 @@ from guidedflow import sampling_plan
 from guidedflow import sharding
 from guidedflow import train_state
 from guidedflow import trained
+from guidedflow import tree_compat
 from guidedflow.models import factory
 from guidedflow.models import precision
 from guidedflow.models import text_conditioning
@@ -51,13 +55,14 @@ class Sampler:
   Attributes:
     params: the weights sampled from (the EMA weights of a train state).
     step: the training step of those weights.
+    weak_params: autoguidance's weaker model (same architecture), or None.
     image_shape: what the generator generates (latents of a latent generator).
     output_shape: what `sample` returns (pixels).
     num_classes, config, latent_space.
   """
 
   def __init__(self, config, builder, params, *, image_shape, step=None, latent_space=None,
-               classifier=None):
+               classifier=None, weak_params=None):
     self.config = config
     self.classifier = classifier  # a `GuidanceClassifier` for classifier guidance, or None
     if classifier is not None:  # replicated on the generator's mesh, where the program runs
@@ -67,6 +72,10 @@ class Sampler:
     self.builder = builder
     self.params = params
     self.step = step
+    self.weak_params = weak_params
+    if config.sampling.guidance_method == 'autoguidance' and weak_params is None:
+      logging.info('Autoguidance needs its weaker model (Sampler.from_workdir loads it): this '
+                   'Sampler guides with CFG.')
     self.image_shape = tuple(image_shape)
     self.latent_space = latent_space
     self.output_shape = self.image_shape
@@ -89,20 +98,32 @@ class Sampler:
 
   @classmethod
   def from_train_state(cls, config, builder, state, image_shape, latent_space=None,
-                       classifier=None):
+                       classifier=None, weak_params=None):
     return cls(config, builder, sampled_weights(state), image_shape=image_shape,
-               step=int(state['step']), latent_space=latent_space, classifier=classifier)
+               step=int(state['step']), latent_space=latent_space, classifier=classifier,
+               weak_params=weak_params)
 
   @classmethod
   def from_workdir(cls, config, workdir, latent_space=None):
     """The newest checkpoint's EMA weights (CheckpointNotFoundError without one); a latent
     generator's autoencoder is `latent_space` or, when None, the config's; the noise-aware
-    classifier of `sampling.classifier_workdir` when `sampling.guidance` uses one."""
+    classifier of `sampling.classifier_workdir` when `sampling.guidance` uses one; autoguidance's
+    weaker model (`load_weak_model`)."""
     if latent_space is None:
       latent_space = latents.load(config)
     builder, state, image_shape = load(config, workdir, latent_space)
     classifier = load_classifier(config, image_shape, latent_space)
-    return cls.from_train_state(config, builder, state, image_shape, latent_space, classifier)
+    return cls.from_train_state(config, builder, state, image_shape, latent_space, classifier,
+                                load_weak_model(config, builder, workdir, int(state['step'])))
+
+  @property
+  def guidance_method(self):
+    """The `guidance.GuidanceMethod` of `config.sampling` (read at every call, so a changed
+    config is the next call's plan); 'cfg' in autoguidance's place without `weak_params`."""
+    method = guidance.GuidanceMethod.from_config(self.config.sampling)
+    if method.uses_weak_model and self.weak_params is None:
+      return dataclasses.replace(method, name='cfg')
+    return method
 
   def update(self, state):
     """Samples from `state`'s weights from now on (same compiled programs)."""
@@ -115,10 +136,17 @@ class Sampler:
                   if self.config.sampling.gather_weights else None)
 
       def run(params, decoder_params, classifier_params, key, labels, classifier_labels,
-              guidance_scale, classifier_scale, sigma, null_labels):
+              guidance_scale, classifier_scale, sigma, null_labels, weak_params):
         if gathered is not None:  # once per call, not once per model evaluation (FSDP)
           params = jax.lax.with_sharding_constraint(params, gathered)
+          if weak_params is not None:
+            weak_params = jax.lax.with_sharding_constraint(weak_params, gathered)
         model = self.builder.merge(params)
+        weak_fn = None
+        if weak_params is not None:  # a text condition encoded by the weak model's own encoder
+          weak = self.builder.merge(weak_params)
+          weak_labels = text_conditioning.encode_condition(weak, labels)
+          weak_fn = lambda x, t, _: weak(x, t, weak_labels)  # pylint: disable=unnecessary-lambda-assignment
         # A text model's condition is encoded once here, not at every model evaluation.
         labels = text_conditioning.encode_condition(model, labels)
         if null_labels is not None:
@@ -129,7 +157,7 @@ class Sampler:
           classifier_fn = lambda x, t: classifier(x, t)  # pylint: disable=unnecessary-lambda
         samples, _ = sampling.integrate(
             plan, lambda x, t, y: model(x, t, y), classifier_fn, key, labels, classifier_labels,
-            guidance_scale, classifier_scale, sigma, null_labels)
+            guidance_scale, classifier_scale, sigma, null_labels, weak_fn)
         if self.latent_space is not None:
           samples = self.latent_space.decode(decoder_params, samples)
         return samples
@@ -137,12 +165,17 @@ class Sampler:
       # The batch is split over (data, fsdp) like a training batch; the noise is drawn with
       # the partitionable threefry, so the samples do not depend on the mesh.
       b = self.builder
+      weak_shardings = b.param_shardings if self._runs_weak(plan) else b.replicated
       self._compiled[plan] = jax.jit(
           run, in_shardings=(b.param_shardings, b.replicated, b.replicated, b.replicated,
                              b.batch_sharding, b.batch_sharding, b.replicated, b.replicated,
-                             b.replicated, b.batch_sharding),
+                             b.replicated, b.batch_sharding, weak_shardings),
           out_shardings=b.batch_sharding, compiler_options=self.compiler_options)
     return self._compiled[plan]
+
+  def _runs_weak(self, plan):
+    """Whether `plan`'s program runs the weak model (autoguidance where w is not 1)."""
+    return plan.guidance_method.uses_weak_model and plan.use_cfg
 
   def _guidance_inputs(self, labels, guidance_scale, classifier_scale):
     """(generator labels, classifier labels, w, w_c, use_cfg, use_classifier) of a call."""
@@ -154,11 +187,13 @@ class Sampler:
     elif self.guidance == 'classifier':  # the generator's unconditional field
       guidance_scale = 1.0
       labels = np.full_like(labels, self.null_label)
-    if self.unconditional:  # only ∅ was trained; w is meaningless (CFG of ∅ with itself)
-      labels, guidance_scale = np.full_like(labels, self.null_label), 1.0
+    if self.unconditional:  # only ∅ was trained; CFG's w is meaningless (∅ with itself)
+      labels = np.full_like(labels, self.null_label)
+      if not self.guidance_method.uses_weak_model:  # (autoguidance guides ∅ by the weak ∅)
+        guidance_scale = 1.0
     use_classifier = self.classifier is not None and float(classifier_scale) != 0.0
     return (labels, classifier_labels, float(guidance_scale), float(classifier_scale),
-            sampling.uses_cfg(guidance_scale), use_classifier)
+            sampling.uses_cfg(guidance_scale, self.guidance_method), use_classifier)
 
   def sample(self, key, labels, guidance_scale, *, classifier_scale=None, num_steps=None,
              method=None, sigma_schedule=None, sigma=None, null_labels=None):
@@ -198,8 +233,8 @@ class Sampler:
           f"config.sampling.guidance='{self.config.sampling.guidance}': classifier guidance "
           'needs class labels; a text model is guided by CFG alone (sampling.guidance=cfg).')
     sigma = self.config.sampling.sigma if sigma is None else sigma
-    plan = self._plan(sampling.uses_cfg(guidance_scale), False, num_steps, method,
-                      sigma_schedule)
+    plan = self._plan(sampling.uses_cfg(guidance_scale, self.guidance_method), False, num_steps,
+                      method, sigma_schedule)
     sampling_plan.check_values(null_label=self.null_label, guidance_scale=guidance_scale,
                                sigma=sigma)
     samples = self._run(plan, key, condition, None, float(guidance_scale), 0.0, sigma,
@@ -226,7 +261,8 @@ class Sampler:
           self.params, decoder_params, classifier_params, key, put(labels),
           put(labels if classifier_labels is None else classifier_labels),
           jnp.float32(guidance_scale), jnp.float32(classifier_scale), jnp.float32(sigma),
-          None if null_labels is None else put(null_labels))
+          None if null_labels is None else put(null_labels),
+          self.weak_params if self._runs_weak(plan) else None)
       return samples[:num] if pad else samples
 
   def _plan(self, use_cfg, use_classifier, num_steps=None, method=None, sigma_schedule=None):
@@ -238,7 +274,7 @@ class Sampler:
         num_steps=num_steps or config.num_steps, use_cfg=use_cfg, use_classifier=use_classifier,
         sigma_schedule=sigma_schedule or config.sigma_schedule,
         guidance_interval=config.guidance_interval,
-        guidance_method=guidance.GuidanceMethod.from_config(config))
+        guidance_method=self.guidance_method)
 
   def lower_cfg(self, batch_size, condition=None):
     """The CFG program of the `sampling.*` settings (w ≠ 1; decoding included for a latent
@@ -255,11 +291,13 @@ class Sampler:
                        for k, (shape, dtype) in condition.items()}
       classifier_labels = None
     scalar = abstract((), jnp.float32, b.replicated)
-    program = self._program(self._plan(use_cfg=True, use_classifier=False))
+    plan = self._plan(use_cfg=True, use_classifier=False)
+    program = self._program(plan)
     with jax.set_mesh(b.mesh):
       return program.lower(self.params, self._abstract_decoder(), None,
                            abstract((2,), jnp.uint32, b.replicated), labels, classifier_labels,
-                           scalar, scalar, scalar, null)
+                           scalar, scalar, scalar, null,
+                           self.weak_params if self._runs_weak(plan) else None)
 
   def _abstract_decoder(self):
     if self.latent_space is None:
@@ -328,6 +366,56 @@ def load(config, workdir, latent_space=None):
   builder = train_state.builder(config, image_shape)
   state = train_state.load_latest(builder, config, workdir, check_config=resume_config.check)
   return builder, state, tuple(image_shape)
+
+
+def load_weak_model(config, builder, workdir, step=None):
+  """Autoguidance's weaker model: the EMA weights of checkpoint `sampling.autoguidance_step` of
+  `sampling.autoguidance_workdir` (None: `workdir`, the generator's own run; step None: that
+  run's newest), restored into the generator's layout. None unless `sampling.guidance_method`
+  is 'autoguidance'. `step` is the generator's own step (a weak model that is the generator
+  itself is logged: it samples the conditional model at every w).
+
+  Raises:
+    CheckpointNotFoundError: no checkpoint of that step there (the message lists the steps).
+    ConfigError: the weak run was trained as another model (its saved config differs in a key
+      that changes what the weights mean, e.g. `model.variant`), or its weights have other
+      shapes.
+  """
+  sampling_config = config.sampling
+  if sampling_config.guidance_method != 'autoguidance':
+    return None
+  weak_workdir = sampling_config.autoguidance_workdir or workdir
+  with train_state.open_checkpointer(config, weak_workdir, handle_sigterm=False) as ckpt:
+    steps = sorted(ckpt.all_steps())
+    weak_step = steps[-1] if sampling_config.autoguidance_step is None and steps else (
+        sampling_config.autoguidance_step)
+    where = f'the weak model of autoguidance ({ckpt.directory}, step {weak_step})'
+    if weak_step not in steps:
+      raise errors.CheckpointNotFoundError(
+          f'No checkpoint for {where}; the steps there: {steps or "none"}. Set '
+          '--config.sampling.autoguidance_step to one of them (keep earlier steps of a run with '
+          '--config.checkpoint.max_to_keep), or --config.sampling.autoguidance_workdir to '
+          'another run of the same model.')
+    saved = ckpt.restore_config(weak_step)
+    changed = resume_config.meaning_changes(saved, config) if saved is not None else {}
+    if changed:
+      key, (was, wanted) = next(iter(changed.items()))
+      raise errors.ConfigError(
+          f'{where[0].upper()}{where[1:]} was trained with config.{key}={was!r}, the generator '
+          f'with {wanted!r}: the weak model must be the same model on the same path, e.g. an '
+          'earlier checkpoint of this run (--config.sampling.autoguidance_step=STEP).')
+    try:
+      state, _ = ckpt.restore(builder.abstract_state(), weak_step)
+    except tree_compat.CheckpointMismatchError as e:
+      raise errors.ConfigError(
+          f'{where[0].upper()}{where[1:]} has other shapes than the generator '
+          f'({errors.one_line(e).split(". ")[0]}): it must be the same model, e.g. an earlier '
+          'checkpoint of this run (--config.sampling.autoguidance_step=STEP).') from None
+  if weak_workdir == workdir and weak_step == step:
+    logging.warning('Autoguidance with the generator itself as the weak model (%s): the '
+                    'samples are the conditional model\'s at every w.', where)
+  logging.info('Autoguidance with %s.', where)
+  return sampled_weights(state)
 
 
 class GuidanceClassifier:

@@ -18,6 +18,7 @@ from guidedflow import paths as paths_lib
 from guidedflow import sampling_plan
 from guidedflow import solvers
 # The plan's names, where callers look for them.
+from guidedflow.sampling_plan import CFG_PP_METHODS  # noqa: F401
 from guidedflow.sampling_plan import DEFAULT_T_EPS  # noqa: F401
 from guidedflow.sampling_plan import GUIDANCE_MODES  # noqa: F401
 from guidedflow.sampling_plan import METHODS  # noqa: F401
@@ -55,21 +56,21 @@ def _make_step(fields, *, path, method, sigma_schedule, sigma, num_steps):
   pattern.
 
   `pattern` = (guided_at_t, guided_at_t_next, ends_at_last) is static; `fields(x, t, guided,
-  with_score, state)` gives the (guided where `guided`) velocity, with `with_score` the score,
+  with_score, state, t_next)` gives the (guided where `guided`) velocity, with `with_score` the score,
   and the guidance state (APG's momentum; None for every other method). Euler–Maruyama splits
   the key on every step whatever the pattern, so the noise does not depend on the segments.
   """
   last = num_steps - 1
 
-  def velocity(x, t, guided, state):
-    u, _, state = fields(x, t, guided, False, state)
+  def velocity(x, t, guided, state, t_next=None):
+    u, _, state = fields(x, t, guided, False, state, t_next=t_next)
     return u, state
 
   def step(key, x, state, i, t, t_next, pattern):
     guided_at_t, guided_at_t_next, ends_at_last = pattern
     h = t_next - t
-    if method == 'euler':
-      u, state = velocity(x, t, guided_at_t, state)
+    if method == 'euler':  # (CFG++'s velocity is that of this step, t → t_next)
+      u, state = velocity(x, t, guided_at_t, state, t_next)
       return key, x + h * u, state
     if method == 'heun':
       k1, state = velocity(x, t, guided_at_t, state)
@@ -112,38 +113,54 @@ def _make_fields(model_fn, classifier_fn, labels, classifier_labels, guidance_sc
 
 def _make_stateful_fields(model_fn, classifier_fn, labels, classifier_labels, guidance_scale,
                           classifier_scale, *, path, parameterization, null_label, use_cfg,
-                          null_labels, guidance_method):
-  """fields(x, t, guided, with_score, state) -> (ũ, s̃ or None, state) at the scalar time t.
+                          null_labels, guidance_method, weak_model_fn=None, data_form=False):
+  """fields(x, t, guided, with_score, state, t_next=None) -> (ũ, s̃ or None, state) at the scalar
+  time t.
 
   Guided evaluations run CFG's doubled batch when `use_cfg`, combined by `guidance_method`
   (plain CFG in the model's parameterization; every other method in velocity space, the guided
   score then the guided velocity's, see `guidance.GuidanceMethod`; `state` is its
   `guidance.initial_state`), and add the classifier term when `classifier_fn` is given:
   ũ = u + w_c b_t ∇log p_t(y|x), s̃ = s + w_c ∇log p_t(y|x), the gradient by `jax.grad` of the
-  summed log-softmax (`guidance.grad_log_prob_from_logits`).
+  summed log-softmax (`guidance.grad_log_prob_from_logits`). Autoguidance runs `model_fn` and
+  `weak_model_fn` on the batch (two calls) and combines them in the model's parameterization;
+  CFG++ needs the step's end `t_next` and gives the velocity of the step `data_form` says
+  (`guidance.cfg_pp_velocity`).
   """
   batch = jax.tree_util.tree_leaves(labels)[0].shape[0]
   grad_log_prob = (guidance.grad_log_prob_from_logits(classifier_fn)
                    if classifier_fn is not None else None)
 
-  def fields(x, t, guided, with_score, state):
+  def combined_velocity(x, t, t_next, state):
+    """The guided velocity of a method that combines velocities (not CFG, not autoguidance)."""
+    to_velocity = lambda p: path.velocity_from_prediction(p, x, t, parameterization)  # pylint: disable=unnecessary-lambda-assignment
+    cond, uncond = guidance.paired_predictions(model_fn, x, t, labels, null_label=null_label,
+                                               null_y=null_labels)
+    cond, uncond = to_velocity(cond), to_velocity(uncond)
+    if guidance_method.guides_a_step:
+      return guidance.cfg_pp_velocity(cond, uncond, x, t, t_next, guidance_scale, path,
+                                      data_form=data_form), state
+    return guidance.guided_velocity(guidance_method, cond, uncond, guidance_scale, state)
+
+  def fields(x, t, guided, with_score, state, t_next=None):
     times = jnp.full((batch,), t, x.dtype)
-    if guided and use_cfg and guidance_method.name != 'cfg':
-      to_velocity = lambda p: path.velocity_from_prediction(p, x, t, parameterization)  # pylint: disable=unnecessary-lambda-assignment
-      cond, uncond = guidance.paired_predictions(model_fn, x, t, labels, null_label=null_label,
-                                                 null_y=null_labels)
-      u, state = guidance.guided_velocity(guidance_method, to_velocity(cond),
-                                          to_velocity(uncond), guidance_scale, state)
-      s = path.score_from_prediction(u, x, t, 'velocity') if with_score else None
+    velocity = None
+    if not (guided and use_cfg):
+      prediction = model_fn(x, times, labels)
+    elif guidance_method.name == 'cfg':
+      prediction = guidance.guided_prediction(model_fn, x, t, labels, null_label=null_label,
+                                              guidance_scale=guidance_scale, null_y=null_labels)
+    elif guidance_method.uses_weak_model:
+      prediction = guidance.autoguidance_combine(
+          model_fn(x, times, labels), weak_model_fn(x, times, labels), guidance_scale)
     else:
-      if guided and use_cfg:
-        prediction = guidance.guided_prediction(model_fn, x, t, labels, null_label=null_label,
-                                                guidance_scale=guidance_scale,
-                                                null_y=null_labels)
-      else:
-        prediction = model_fn(x, times, labels)
+      velocity, state = combined_velocity(x, t, t_next, state)
+    if velocity is None:
       u = path.velocity_from_prediction(prediction, x, t, parameterization)
       s = path.score_from_prediction(prediction, x, t, parameterization) if with_score else None
+    else:
+      u = velocity
+      s = path.score_from_prediction(u, x, t, 'velocity') if with_score else None
     if guided and grad_log_prob is not None:
       term = guidance.per_sample(classifier_scale, x) * grad_log_prob(x, times, classifier_labels)
       _, b = path.velocity_coefficients(t)
@@ -155,12 +172,13 @@ def _make_stateful_fields(model_fn, classifier_fn, labels, classifier_labels, gu
 
 
 def integrate(plan, model_fn, classifier_fn, key, labels, classifier_labels, guidance_scale,
-              classifier_scale, sigma, null_labels=None):
+              classifier_scale, sigma, null_labels=None, weak_model_fn=None):
   """The sampler for `plan`: integrates from noise (t = grid[0]) to data (t = 1), one
   `lax.scan` per segment of the plan. Pure and not compiled: the caller jits it (with `plan`
   static). No argument is checked here: `sampling_plan.make_plan` and `check_values` did.
 
-  Args: as `sample`'s; `classifier_fn` None unless `plan.use_classifier`.
+  Args: as `sample`'s; `classifier_fn` None unless `plan.use_classifier`; `weak_model_fn` None
+    unless the plan's method is autoguidance.
 
   Returns:
     (samples float32 (B, *shape), info) with info['time_grid'] and, with frames,
@@ -170,14 +188,14 @@ def integrate(plan, model_fn, classifier_fn, key, labels, classifier_labels, gui
   grid = np.asarray(plan.grid, np.float32)
   key_init, key_steps = jax.random.split(key)
   x = jax.random.normal(key_init, (batch,) + plan.shape, jnp.float32)  # p_init at t = grid[0]
+  multistep = plan.method in solvers.MULTISTEP_METHODS
   fields = _make_stateful_fields(
       model_fn, classifier_fn if plan.use_classifier else None, labels, classifier_labels,
       guidance_scale, classifier_scale, path=plan.path, parameterization=plan.parameterization,
       null_label=plan.null_label, use_cfg=plan.use_cfg, null_labels=null_labels,
-      guidance_method=plan.guidance_method)
+      guidance_method=plan.guidance_method, weak_model_fn=weak_model_fn, data_form=multistep)
   # CFG-Zero*'s zero-init: steps 0..K − 1 leave x as it is and evaluate nothing (no segment).
   zero_steps = plan.guidance_method.zero_init_steps
-  multistep = plan.method in solvers.MULTISTEP_METHODS
   if multistep:  # the scan state carries the previous data prediction too
     step = solvers.make_step(fields, path=plan.path, method=plan.method, grid=grid,
                              first_step=zero_steps)
@@ -225,6 +243,12 @@ def integrate(plan, model_fn, classifier_fn, key, labels, classifier_labels, gui
   return x, info
 
 
+def _is_plain_callable(fn):
+  """A callable that is its own one pytree leaf (not a `jax.tree_util.Partial` of arrays)."""
+  leaves = jax.tree_util.tree_leaves(fn)
+  return len(leaves) == 1 and leaves[0] is fn
+
+
 _integrate_traced_model = jax.jit(integrate, static_argnames=('plan',))
 _integrate_static_model = jax.jit(integrate, static_argnames=('plan', 'model_fn'))
 
@@ -232,7 +256,8 @@ _integrate_static_model = jax.jit(integrate, static_argnames=('plan', 'model_fn'
 def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, guidance_scale,
            method, num_steps, sigma_schedule='constant', sigma=0.0, guidance_interval=None,
            return_trajectory=False, t_eps=DEFAULT_T_EPS, classifier_fn=None,
-           classifier_scale=0.0, classifier_labels=None, null_labels=None, guidance_method='cfg'):
+           classifier_scale=0.0, classifier_labels=None, null_labels=None, guidance_method='cfg',
+           weak_model_fn=None):
   """Draws samples from the guided model by integrating from noise (t = 0) to data (t = 1).
 
   Integrates over the uniform grid `time_grid(num_steps, start_time(...))` in `lax.scan`. A
@@ -299,8 +324,15 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
       condition or a negative prompt here). None: `labels` with every label ∅.
     guidance_method: how guided evaluations combine u(x|y) and u(x|∅): a
       `guidance.GuidanceMethod` (its knobs) or a name, 'cfg' | 'rescale' | 'cfg_zero_star' |
-      'apg' (neutral knobs). Every method but 'cfg' combines velocities; static (a compile per
-      method and knob values); CFG-Zero*'s zero-init steps evaluate nothing (see `info['nfe']`).
+      'apg' | 'cfg_pp' | 'autoguidance' (neutral knobs). Every method but 'cfg' and
+      'autoguidance' combines velocities; static (a compile per method and knob values);
+      CFG-Zero*'s zero-init steps evaluate nothing (see `info['nfe']`). 'cfg_pp' reads
+      `guidance_scale` as CFG++'s λ (`guidance.cfg_pp_velocity`; Euler, DPM-Solver++(2M) and
+      UniPC only) and evaluates u(x|∅) at every λ.
+    weak_model_fn: autoguidance's weaker model, (x, t, y) -> prediction like `model_fn`'s (the
+      same parameterization), run on the batch beside `model_fn` at every guided evaluation
+      (NFE 2, as CFG); a pytree callable (`jax.tree_util.Partial(apply, weak_params)`) is
+      traced, so its weights are an argument of the compiled program, a plain callable static.
 
   Returns:
     (samples float32 (B, *shape), info) with info['nfe'] (the generator evaluations per sample
@@ -315,7 +347,7 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
     classifier_labels = labels
   plan = sampling_plan.make_plan(
       shape=shape, path=path, parameterization=parameterization, null_label=null_label,
-      method=method, num_steps=num_steps, use_cfg=uses_cfg(guidance_scale),
+      method=method, num_steps=num_steps, use_cfg=uses_cfg(guidance_scale, guidance_method),
       use_classifier=use_classifier, sigma_schedule=sigma_schedule,
       guidance_interval=guidance_interval, return_trajectory=return_trajectory, t_eps=t_eps,
       guidance_method=guidance_method)
@@ -324,10 +356,16 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
       null_label=null_label, guidance_scale=guidance_scale,
       labels=None if structured else labels, classifier_scale=classifier_scale,
       classifier_labels=classifier_labels if use_classifier else None, sigma=sigma)
+  if plan.guidance_method.uses_weak_model and plan.use_cfg and weak_model_fn is None:
+    raise ValueError("guidance_method='autoguidance' needs weak_model_fn, the weaker model that "
+                     "takes u(x|∅)'s place.")
+  if not (plan.guidance_method.uses_weak_model and plan.use_cfg):
+    weak_model_fn = None
+  elif _is_plain_callable(weak_model_fn):  # static, hashed by identity
+    weak_model_fn = jax.tree_util.Partial(weak_model_fn)
   labels = jax.tree.map(jnp.asarray, labels)
   if use_classifier:
-    leaves = jax.tree_util.tree_leaves(classifier_fn)
-    if len(leaves) == 1 and leaves[0] is classifier_fn:  # a plain callable: static
+    if _is_plain_callable(classifier_fn):  # static
       classifier_fn = jax.tree_util.Partial(classifier_fn)
     classifier_labels = jnp.asarray(classifier_labels)
   else:
@@ -336,7 +374,8 @@ def sample(model_fn, key, labels, *, shape, path, parameterization, null_label, 
                 guidance_scale=jnp.asarray(guidance_scale, jnp.float32),
                 classifier_scale=jnp.asarray(classifier_scale, jnp.float32),
                 sigma=jnp.asarray(sigma, jnp.float32),
-                null_labels=jax.tree.map(jnp.asarray, null_labels) if structured else None)
+                null_labels=jax.tree.map(jnp.asarray, null_labels) if structured else None,
+                weak_model_fn=weak_model_fn)
   leaves = jax.tree_util.tree_leaves(model_fn)
   if not sampling_plan.is_concrete((model_fn, classifier_fn, arrays)):
     samples, info = integrate(plan, model_fn, classifier_fn, **arrays)  # inside the caller's jit

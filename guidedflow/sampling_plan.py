@@ -21,6 +21,9 @@ METHODS = ('euler', 'heun', 'euler_maruyama', 'dpmpp_2m', 'unipc')
 # How the Sampler guides (guidedflow/sampler.py): classifier-free, classifier, or both.
 GUIDANCE_MODES = ('cfg', 'classifier', 'cfg+classifier')
 SIGMA_SCHEDULES = ('constant', 'decreasing', 'path')
+# The samplers CFG++ guides: one evaluation per step t → t', whose end its re-noising needs
+# (Heun's second evaluation and Euler–Maruyama's noise have no such step).
+CFG_PP_METHODS = ('euler', 'dpmpp_2m', 'unipc')
 DEFAULT_T_EPS = 1e-3
 TRAJECTORY_FRAMES = 9
 
@@ -93,6 +96,9 @@ def make_plan(*, shape, path, parameterization, null_label, method, num_steps, u
     raise ValueError(f't_eps must be in (0, 0.5), got {t_eps!r}.')
   interval = _checked_interval(guidance_interval)
   method_of_guidance = guidance.as_method(guidance_method)
+  if method_of_guidance.guides_a_step and method not in CFG_PP_METHODS:
+    raise ValueError(f"guidance_method='cfg_pp' runs with method in {CFG_PP_METHODS} (its step "
+                     f"t → t' re-noises with u(x|∅)), got method={method!r}.")
   if method_of_guidance.zero_init_steps >= num_steps:
     raise ValueError(f'zero_star_init_steps={method_of_guidance.zero_init_steps} must be less '
                      f'than num_steps={num_steps} (the zero-init steps leave x unchanged).')
@@ -192,13 +198,17 @@ def time_grid(num_steps, t_start):
 
 
 
-def uses_cfg(guidance_scale):
-  """Whether `guidance_scale` needs the unconditional branch, i.e. the doubled batch [x; x].
+def uses_cfg(guidance_scale, guidance_method='cfg'):
+  """Whether `guidance_scale` needs the unconditional branch, i.e. the doubled batch [x; x]
+  (autoguidance: the weak model beside the strong one).
 
   False only when w is known while tracing — a Python or NumPy number, or a concrete array — and
   is exactly 1 everywhere (plain conditional sampling, where CFG returns the conditional
-  prediction exactly); a traced w (inside an outer jit) always runs the doubled batch.
+  prediction exactly); a traced w (inside an outer jit) always runs the doubled batch. CFG++
+  (`guidance_method` 'cfg_pp', its w is λ) always runs it: no λ gives the conditional model.
   """
+  if guidance.as_method(guidance_method).guides_a_step:
+    return True
   return not _known_to_equal(guidance_scale, 1.0)
 
 

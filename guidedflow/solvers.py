@@ -122,7 +122,8 @@ def make_step(fields, *, path, method, grid, first_step=0):
   """step(key, x, state, i, t, t_next, pattern) -> (key, x, state) of a multistep `method`, the
   signature of `sampling._make_step`'s steps; `state` as `initial_state`'s. One guided
   evaluation per step, at t_i (`pattern[0]` says whether it is guided), converted to the data
-  prediction by `path.x_hat_from_velocity`."""
+  prediction by `path.x_hat_from_velocity` (CFG++'s velocity is that of the step to t_{i+1} in
+  this data form, `guidance.cfg_pp_velocity`)."""
   if method not in MULTISTEP_METHODS:
     raise ValueError(f'method must be one of {MULTISTEP_METHODS}, got {method!r}.')
   if method == 'unipc':
@@ -131,10 +132,9 @@ def make_step(fields, *, path, method, grid, first_step=0):
     table = dpmpp_2m_coefficients(path, grid, first_step)
 
   def step(key, x, state, i, t, t_next, pattern):
-    del t_next  # in the table
     row = [jnp.asarray(table)[i, k] for k in range(table.shape[1])]
     guidance_state = state[0]
-    velocity, _, guidance_state = fields(x, t, pattern[0], False, guidance_state)
+    velocity, _, guidance_state = fields(x, t, pattern[0], False, guidance_state, t_next=t_next)
     data = path.x_hat_from_velocity(velocity, x, t)
     if method == 'dpmpp_2m':
       previous = state[1]

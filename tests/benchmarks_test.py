@@ -267,7 +267,7 @@ def test_guidance_methods_smoke_toy_rows_tables_and_figures(tmp_path):
   table = _run('guidance_methods.py', '--smoke', f'--out={out}', f'--plot={curves},{solvers}')
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r['sweep'] for r in rows] == ['cfg', 'cfg', 'rescale', 'cfg_zero_star', 'apg',
-                                        'solvers']
+                                        'cfg_pp', 'autoguidance', 'solvers']
   for r in rows:
     assert r['part'] == 'toy' and r['num_samples'] == 200 and r['ed'] >= 0
     assert 0 <= r['precision'] <= 1 and 0 <= r['recall'] <= 1 and r['spread'] > 0
@@ -277,8 +277,11 @@ def test_guidance_methods_smoke_toy_rows_tables_and_figures(tmp_path):
   # CFG-Zero*'s zero-init step evaluates nothing.
   assert by['cfg', 3.0]['nfe'] == 2 * 7 and by['cfg', 1.0]['nfe'] == 7
   assert by['cfg_zero_star', 3.0]['nfe'] < by['cfg', 3.0]['nfe']
+  # CFG++ (Euler, 4 steps) and autoguidance (the weak model beside the strong one) count 2.
+  assert by['cfg_pp', 0.5]['nfe'] == 2 * 4 and by['autoguidance', 3.0]['nfe'] == 2 * 7
   # Over-guiding the exact model moves the samples away from p(x|y); rescale pulls them back.
   assert by['cfg', 3.0]['ed'] > by['cfg', 1.0]['ed']
   assert by['rescale', 3.0]['ed'] < by['cfg', 3.0]['ed']
   assert '| rescale | 3 | φ=0.7 | heun 4 | 14 |' in table
+  assert '| cfg_pp | 0.5 | w is λ | euler 4 | 8 |' in table
   assert curves.stat().st_size > 10_000 and solvers.stat().st_size > 5_000

@@ -1,8 +1,9 @@
-"""Classifier guidance through the program: Sampler, load_classifier, --mode=evaluate, config.
+"""Classifier guidance and autoguidance through the program: Sampler, load_classifier,
+load_weak_model, --mode=evaluate, config.
 
 A tiny generator (tiny.py, 2 steps) and a tiny noise-aware classifier (40 steps) are trained
-through the one training loop once per module; `classifier_guidance_test.py` checks the math
-of the guided sampler against closed forms.
+through the one training loop once per module; `classifier_guidance_test.py` and
+`cfg_pp_autoguidance_test.py` check the math of the guided sampler against closed forms.
 """
 
 import json
@@ -22,6 +23,7 @@ from guidedflow import feature_networks
 from guidedflow import input_pipeline
 from guidedflow import sampler as sampler_lib
 from guidedflow import train
+from guidedflow import train_state
 from guidedflow import trained
 from guidedflow.tasks import registry
 from tests.evaluate_test import PixelFeatures
@@ -59,13 +61,19 @@ def _generator_config(guidance='cfg', workdir=None, **sampling):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  """(generator workdir, noisy-classifier workdir), both trained through the loop."""
+def generator_run(tmp_path_factory):
+  """The tiny generator's workdir (one checkpoint, step 2), trained through the loop."""
   generator = str(tmp_path_factory.mktemp('generator'))
-  classifier = str(tmp_path_factory.mktemp('noisy_classifier'))
   train.train_and_evaluate(_generator_config(), generator)
+  return generator
+
+
+@pytest.fixture(scope='module')
+def runs(generator_run, tmp_path_factory):
+  """(generator workdir, noisy-classifier workdir), both trained through the loop."""
+  classifier = str(tmp_path_factory.mktemp('noisy_classifier'))
   train.train_and_evaluate(_classifier_config(), classifier)
-  return generator, classifier
+  return generator_run, classifier
 
 
 @pytest.fixture(scope='module')
@@ -234,3 +242,55 @@ def test_unconditional_config_validates_and_is_unconditional():
   config = fashion_mnist_unconditional.get_config()
   registry.validate(config)
   assert config.loss.label_dropout == 1.0 and config.sampling.guidance == 'classifier'
+
+
+def test_autoguidance_runs_two_parameter_sets_in_one_program(generator_run):
+  """The weak model of `sampling.autoguidance_step` through Sampler.from_workdir: here the run's
+  only checkpoint, the generator itself, so every w samples the conditional model; then two
+  different parameter sets in the same compiled programs, where w = 0 is the weak model alone."""
+  config = _generator_config(guidance_method='autoguidance', autoguidance_step=2)
+  sampler = sampler_lib.Sampler.from_workdir(config, generator_run)
+  labels, key = np.array([0, 3, 7, 9], np.int32), jax.random.key(5)
+  conditional, conditional_nfe = sampler.sample(key, labels, 1.0)
+  itself, nfe = sampler.sample(key, labels, 3.0)
+  assert (conditional_nfe, nfe) == (3, 6)  # Euler, 3 steps: the weak model once per step
+  np.testing.assert_allclose(itself, conditional, rtol=1e-6, atol=1e-6)
+  strong = sampler.params
+  weak = jax.tree.map(lambda p: 1.1 * p + 0.01, strong)
+  sampler.weak_params = weak
+  weak_alone, _ = sampler.sample(key, labels, 0.0)
+  guided, _ = sampler.sample(key, labels, 3.0)
+  sampler.params, sampler.weak_params = weak, strong
+  weak_conditional, _ = sampler.sample(key, labels, 1.0)
+  assert len(sampler._compiled) == 2  # pylint: disable=protected-access
+  np.testing.assert_allclose(weak_alone, weak_conditional, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(weak_conditional - conditional).max()) > 1e-2
+  assert float(jnp.abs(guided - conditional).max()) > 1e-2
+  assert float(jnp.abs(guided - weak_alone).max()) > 1e-2
+
+
+def test_missing_or_mismatched_weak_model_is_one_clear_error(generator_run, tmp_path):
+  missing = _generator_config(guidance_method='autoguidance', autoguidance_step=1)
+  with pytest.raises(errors.CheckpointNotFoundError, match=r'No checkpoint for the weak model of '
+                     r'autoguidance \(.*, step 1\); the steps there: \[2\]\. Set '
+                     r'--config.sampling.autoguidance_step') as info:
+    sampler_lib.Sampler.from_workdir(missing, generator_run)
+  assert '\n' not in str(info.value)
+  # Another architecture (patch 4, not 7): step 2 saved with its config, step 4 without one.
+  other = tiny.get_config()
+  other.model.variant = 'test/4'
+  with train_state.open_checkpointer(other, str(tmp_path), handle_sigterm=False) as ckpt:
+    state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),  # its shapes; no init compile
+                         train_state.builder(other, (28, 28, 1)).abstract_state())
+    ckpt.save(2, state, data_state={}, config=other, force=True)
+    ckpt.save(4, state, data_state={}, force=True)
+    ckpt.wait_until_finished()
+  builder = train_state.builder(_generator_config(), (28, 28, 1))  # the generator's layout
+  for step, message in ((2, r"was trained with config.model.variant='test/4', the generator "
+                            r"with 'test/7': the weak model must be the same model"),
+                        (4, r'step 4\) has other shapes than the generator \(.*parameter')):
+    config = _generator_config(guidance_method='autoguidance', autoguidance_step=step,
+                               autoguidance_workdir=str(tmp_path))
+    with pytest.raises(errors.ConfigError, match=message) as info:
+      sampler_lib.load_weak_model(config, builder, generator_run)
+    assert '\n' not in str(info.value)

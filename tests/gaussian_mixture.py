@@ -28,11 +28,11 @@ def log_component_weights(y):
   return jnp.where((y == NULL)[:, None], marginal, conditional)
 
 
-def _components(path, x, t):
+def _components(path, x, t, std_scale=1.0):
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])[:, None, None]  # (B, 1, 1)
   alpha, beta = path.alpha(t), path.beta(t)
   alpha_dot, beta_dot = path.alpha_dot(t), path.beta_dot(t)
-  var = STDS[None] ** 2
+  var = (std_scale * STDS[None]) ** 2
   mean = alpha * MEANS[None]                                    # (B, 4, 2)
   cov = alpha**2 * var + beta**2                                # (B, 4, 2)
   diff = x[:, None, :] - mean
@@ -48,18 +48,20 @@ def log_prob(path, x, t, y):
   return jax.nn.logsumexp(log_component_weights(y) + log_density, axis=-1)
 
 
-def fields(path, x, t, y):
-  """(velocity, score) of p_t(· | y), each (B, 2)."""
-  log_density, score, velocity = _components(path, x, t)
+def fields(path, x, t, y, std_scale=1.0):
+  """(velocity, score) of p_t(· | y), each (B, 2); `std_scale` widens every component (a
+  blurrier p, the toy's 'weaker model' for autoguidance)."""
+  log_density, score, velocity = _components(path, x, t, std_scale)
   resp = jax.nn.softmax(log_component_weights(y) + log_density, axis=-1)[..., None]
   return jnp.sum(resp * velocity, axis=1), jnp.sum(resp * score, axis=1)
 
 
-def model(path, parameterization):
-  """The exact model (x, t, y) -> prediction in `parameterization`."""
+def model(path, parameterization, std_scale=1.0):
+  """The exact model (x, t, y) -> prediction in `parameterization` (of the data with every
+  component's std scaled by `std_scale`)."""
 
   def model_fn(x, t, y):
-    velocity, score = fields(path, x, t, y)
+    velocity, score = fields(path, x, t, y, std_scale)
     if parameterization == 'velocity':
       return velocity
     if parameterization == 'score':

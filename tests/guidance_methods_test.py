@@ -336,12 +336,19 @@ def test_a_pytree_condition_samples_what_its_labels_sample():
                                 r'sampling.num_steps=2'),
     ('guidance', 'classifier', r"guidance_method='apg'.*sampling.guidance='classifier'"),
     ('eval_steps', (5, 1), r'zero_star_init_steps=1 must be less than eval.num_steps=1'),
+    ('method', 'euler_maruyama', r"guidance_method='cfg_pp' runs with the samplers \('euler', "
+                                 r"'dpmpp_2m', 'unipc'\).*config.sampling.method has "
+                                 r"'euler_maruyama'"),
+    ('autoguidance_step', None, r"guidance_method='autoguidance' needs its weaker model: "
+                                r'--config.sampling.autoguidance_step=STEP'),
+    ('autoguidance_step', -1, r'autoguidance_step=-1 must be None or a checkpoint step >= 0'),
 ])
 def test_bad_values_are_one_line_config_errors(key, value, message):
   config = tiny.get_config()
   registry.validate(config)
   config.sampling.guidance_method = {'zero_star_init_steps': 'cfg_zero_star', 'guidance': 'apg',
-                                     'eval_steps': 'cfg_zero_star'}.get(key, 'cfg')
+                                     'eval_steps': 'cfg_zero_star', 'method': 'cfg_pp',
+                                     'autoguidance_step': 'autoguidance'}.get(key, 'cfg')
   if key == 'eval_steps':
     config.sampling.zero_star_init_steps = 1
     config.eval.num_steps = value

@@ -118,7 +118,9 @@ def get_config():
   config.sampling.classifier_workdir = 'runs/fmnist_noisy_classifier'  # made by: python -m guidedflow.main --config configs/fmnist_noisy_classifier.py --workdir runs/fmnist_noisy_classifier
   config.sampling.guidance_interval = config_dict.placeholder(tuple)  # None or (t_lo, t_hi): w and w_c apply only there (w = 1, w_c = 0 outside)
   # How CFG combines u_c = u(x|y) and u_∅ = u(x|∅), in velocity space (docs/guidance_methods.md):
-  # 'cfg' | 'rescale' (Lin et al. 2024) | 'cfg_zero_star' (Fan et al. 2025) | 'apg' (Sadat et al. 2024).
+  # 'cfg' | 'rescale' (Lin et al. 2024) | 'cfg_zero_star' (Fan et al. 2025) | 'apg' (Sadat et al. 2024)
+  # | 'cfg_pp' (Chung et al. 2024: guidance_scale is its λ, typically in [0, 1]; euler, dpmpp_2m, unipc)
+  # | 'autoguidance' (Karras et al. 2024: a weaker checkpoint of the same model in u(x|∅)'s place).
   # Each knob's default is the neutral one, where its method is plain CFG (or adds nothing to it).
   config.sampling.guidance_method = 'cfg'
   config.sampling.rescale_phi = 0.0    # rescale: φ in [0, 1], mix of the std-rescaled field (0 = CFG)
@@ -127,6 +129,8 @@ def get_config():
   config.sampling.apg_eta = 1.0        # apg: η, weight of Δ's part parallel to u_c (1 = CFG)
   config.sampling.apg_norm_threshold = 0.0  # apg: r, ‖Δ‖ clipped to r per sample (0 = no clipping)
   config.sampling.apg_momentum = 0.0   # apg: β in (-1, 1), Δ ← Δ + β Δ_prev across steps (< 0: reverse momentum; 0 = none)
+  config.sampling.autoguidance_step = config_dict.placeholder(int)  # autoguidance: the weak model's checkpoint step (None: the newest of autoguidance_workdir), e.g. an early step of this run
+  config.sampling.autoguidance_workdir = config_dict.placeholder(str)  # autoguidance: the weak model's run, the same model (None: this run's workdir)
   config.sampling.sigma_schedule = 'constant'  # euler_maruyama: 'constant' | 'decreasing' | 'path'
   config.sampling.sigma = 0.0          # euler_maruyama noise level σ
   config.sampling.num_samples = 1000   # --mode=sample: total samples, balanced over classes

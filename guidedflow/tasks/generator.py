@@ -273,7 +273,9 @@ class GeneratorTask(base.Task):
     if self.config.eval.feature_network != 'none':
       sampler = sampler_lib.Sampler.from_train_state(
           self.config, builder, state, image_shape, latent_space=space,
-          classifier=sampler_lib.load_classifier(self.config, image_shape, space))
+          classifier=sampler_lib.load_classifier(self.config, image_shape, space),
+          weak_params=sampler_lib.load_weak_model(self.config, builder, workdir,
+                                                  int(state['step'])))
       result.update(self._sample_quality(workdir, sampler))
     return result
 

@@ -191,6 +191,7 @@ def _check_guidance_method(config):
         f"config.sampling.guidance_method='{method.name}' changes how CFG combines u(x|y) and "
         "u(x|∅), but sampling.guidance='classifier' runs no CFG: use guidance_method=cfg, or "
         'sampling.guidance=cfg or cfg+classifier.')
+  _check_step_methods(config, method)
   steps = [('sampling.num_steps', config.sampling.num_steps)] + [
       ('eval.num_steps', n) for n in config.eval.num_steps or () if isinstance(n, int)]
   for key, num_steps in steps:
@@ -199,6 +200,29 @@ def _check_guidance_method(config):
           f'config.sampling.zero_star_init_steps={method.zero_init_steps} must be less than '
           f'{key}={num_steps} (zero-init steps leave the noise as it is), e.g. '
           '--config.sampling.zero_star_init_steps=1')
+
+
+def _check_step_methods(config, method):
+  """CFG++'s samplers and autoguidance's weak model."""
+  if method.guides_a_step:
+    for key, names in (('sampling.method', (config.sampling.method,)),
+                       ('eval.methods', config.eval.methods or ())):
+      for name in names:
+        if name not in sampling.CFG_PP_METHODS:
+          raise errors.ConfigError(
+              f"config.sampling.guidance_method='cfg_pp' runs with the samplers "
+              f'{sampling.CFG_PP_METHODS} (its step re-noises with u(x|∅)), but config.{key} has '
+              f"{name!r}: e.g. --config.{key}=euler")
+  step = config.sampling.autoguidance_step
+  if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+    raise errors.ConfigError(f'config.sampling.autoguidance_step={step!r} must be None or a '
+                             'checkpoint step >= 0, e.g. --config.sampling.autoguidance_step=2000')
+  if (method.uses_weak_model and step is None
+      and not config.sampling.autoguidance_workdir):
+    raise errors.ConfigError(
+        "config.sampling.guidance_method='autoguidance' needs its weaker model: "
+        '--config.sampling.autoguidance_step=STEP (an earlier checkpoint of this run) or '
+        '--config.sampling.autoguidance_workdir=DIR (a shorter run of the same model).')
 
 
 def _check_latents(config):
