@@ -8,7 +8,8 @@
         --plot docs/guidance_methods_curves.png,docs/guidance_methods_solvers.png
     # the decisive points only, at N = 5,000 (issue 49's targets)
     python benchmarks/guidance_methods.py --config configs/fashion_mnist.py --workdir runs/fmnist \
-        --parts fmnist --fmnist_grid focus --samples_per_class 500 --out runs/focus.jsonl
+        --parts fmnist --fmnist_grid focus --samples_per_class 500 --autoguidance_step 4800 \
+        --out runs/focus.jsonl
     # redraw the figures and tables of an existing JSON-lines file (measures nothing)
     python benchmarks/guidance_methods.py --replot runs/guidance_methods.jsonl --plot a.png,b.png
     python benchmarks/guidance_methods.py --smoke   # tiny, toy only, seconds
@@ -70,6 +71,8 @@ flags.DEFINE_list('methods', ['cfg', 'rescale', 'cfg_zero_star', 'apg', 'cfg_pp'
 flags.DEFINE_enum('fmnist_grid', 'sweep', ['sweep', 'focus'], 'Fashion-MNIST points: every '
                   'method\'s sweep, or the few decisive ones (`grid(\'fmnist_focus\')`) for a '
                   'large --samples_per_class.')
+flags.DEFINE_integer('autoguidance_step', None, 'Fashion-MNIST autoguidance points: the step '
+                     'of --workdir whose checkpoint is the weak model.')
 flags.DEFINE_bool('smoke', False, 'Tiny toy-only run (seconds): a few points, few samples.')
 flags.DEFINE_string('out', None, 'Append one JSON line per point here.')
 flags.DEFINE_string('replot', None, 'Measure nothing: read this JSON-lines file, print its '
@@ -124,14 +127,19 @@ def grid(part, smoke=False):
                for s in ('euler', 'heun', 'dpmpp_2m', 'unipc') for n in (4, 8, 16, 32)]
     return points
   if part == 'fmnist_focus':
-    # The decisive points at large N (issue 49's targets): CFG around its FD optimum against
-    # the pilot's best APG setting, both at NFE 38; and the solvers at w = 1 against Heun-25.
-    points = [_point('cfg', w) for w in (1.5, 2.0)]
-    points += [_point('apg', w, 'apg', apg_eta=0.0, apg_norm_threshold=4.0, apg_momentum=-0.5)
-               for w in (2.0, 2.5)]
+    # The decisive points at large N (issue 49's targets), most decisive first: CFG at its FD
+    # optimum against the pilot's best APG setting (NFE 38); the solvers at w = 1 against
+    # Heun-25; then autoguidance (weak model: --autoguidance_step) and CFG++ (DPM-Solver++(2M)
+    # 19 steps, NFE 38).
+    apg = dict(apg_eta=0.0, apg_norm_threshold=4.0, apg_momentum=-0.5)
+    points = [_point('cfg', 1.5), _point('apg', 2.5, 'apg', **apg)]
     points += [_point('solvers', 1.0, sampler=s, steps=n)
-               for s, n in (('heun', 25), ('heun', 10), ('dpmpp_2m', 10), ('unipc', 10),
-                            ('unipc', 5))]
+               for s, n in (('heun', 25), ('unipc', 10), ('dpmpp_2m', 10))]
+    points += [_point('cfg', 2.0), _point('autoguidance', 2.0, 'autoguidance'),
+               _point('cfg_pp', 0.4, 'cfg_pp', sampler='dpmpp_2m', steps=19),
+               _point('autoguidance', 3.0, 'autoguidance'), _point('apg', 2.0, 'apg', **apg),
+               _point('solvers', 1.0, sampler='unipc', steps=5),
+               _point('solvers', 1.0, sampler='heun', steps=10)]
     return points
   # Fashion-MNIST: a handful of points per method (each costs one compile and N samples).
   points = [_point('cfg', w) for w in (1.0, 1.5, 2.5, 4.0)]
@@ -253,6 +261,14 @@ def run_fmnist(config, workdir, points, samples_per_class, emit):
   eval_set = input_pipeline.create_dataset(config.input, config.input.eval_split)
   evaluator = evaluate.Evaluator(config, workdir, sampler, networks[0], eval_set,
                                  extra_networks=networks[1:])
+  if any(p['settings']['guidance_method'] == 'autoguidance' for p in points):
+    if FLAGS.autoguidance_step is None:
+      raise app.UsageError('autoguidance points need --autoguidance_step (an earlier checkpoint '
+                           'of --workdir, the weak model).')
+    config.sampling.guidance_method = 'autoguidance'
+    config.sampling.autoguidance_step = FLAGS.autoguidance_step
+    sampler.weak_params = sampler_lib.load_weak_model(config, sampler.builder, workdir,
+                                                      sampler.step)
   default_w = config.sampling.guidance_scale
   for p in points:
     # The sampler reads its method and knobs from config.sampling at every call (the plan):
