@@ -120,6 +120,11 @@ def test_unknown_words_are_unk_and_cut_texts_keep_eos_with_one_warning_each(capl
   np.testing.assert_array_equal(ids, [[1, 4, 6, 5, 2], [1, 4, 3, 5, 2], [1, 6, 6, 6, 2],
                                       [1, 5, 2, 0, 0]])
   assert tokenizer.decode(ids, mask) == ['a dark bag', 'a <unk> bag', 'dark dark dark', 'bag']
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    tokenizer(['a shiny bag'])  # named already (a grid tokenizes its samples' prompts again)
+    tokenizer(['red bag'])
+  assert [r.getMessage().split(': ')[-1] for r in caplog.records] == ["'red'."]
   with pytest.raises(errors.ConfigError, match='vocabulary'):
     tt.WordTokenizer(('bag', 'a'))  # unsorted: ids would depend on the order of the captions
 

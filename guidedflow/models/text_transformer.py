@@ -12,7 +12,7 @@ take any of them:
   `[bos, bytes..., eos]` followed by pad ids under mask 0. A text longer than L is cut to its
   first whole UTF-8 characters (or words) that fit, its eos kept, and each call that cuts logs
   one warning naming the limit and how many texts were cut; a word outside a `WordTokenizer`'s
-  vocabulary is unk, and each call that meets some logs one warning naming them.
+  vocabulary is unk, and each call that meets new ones logs one warning naming them.
 * `encoder(ids, mask) → {'hidden': (B, L, D) float32, 'pooled': (B, D) float32}`: the last hidden
   states after the final LayerNorm (rows of padded tokens are not zeroed: consumers use the
   mask), and their mean over the unmasked tokens (bos and eos included).
@@ -145,7 +145,8 @@ def vocabulary(texts: Sequence[str]) -> tuple[str, ...]:
 
 class WordTokenizer:
   """Texts → (ids, mask): the ids of their words in `words`, between bos and eos, padded to
-  `max_length`; a word outside `words` is unk (one warning per call naming such words).
+  `max_length`; a word outside `words` is unk (one warning per call naming such words not
+  named before).
 
   Args:
     words: the vocabulary, sorted and unique (`vocabulary(texts)`); word i has id i + 4.
@@ -163,6 +164,7 @@ class WordTokenizer:
     self.words, self.max_length = words, int(max_length)
     self.ids = {word: i + WORD_OFFSET for i, word in enumerate(words)}
     self.vocab_size = len(words) + WORD_OFFSET
+    self._warned = set()  # unknown words already named in a warning
 
   def encode(self, text: str) -> tuple[list[int], bool, list[str]]:
     """(ids of one text, bos and eos included, at most `max_length`; whether it was cut; its
@@ -180,7 +182,8 @@ class WordTokenizer:
     encoded = [self.encode(text) for text in texts]
     _warn_cut('WordTokenizer', sum(cut for _, cut, _ in encoded), len(texts), self.max_length,
               'words')
-    unknown = sorted({w for _, _, words in encoded for w in words})
+    unknown = sorted({w for _, _, words in encoded for w in words} - self._warned)
+    self._warned.update(unknown)  # a grid and its samples tokenize the same prompts twice
     if unknown:
       shown = ', '.join(repr(w) for w in unknown[:20]) + (' ...' if len(unknown) > 20 else '')
       logging.warning('WordTokenizer: %d word(s) outside the %d-word caption vocabulary are unk: '
