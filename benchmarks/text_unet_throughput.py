@@ -11,8 +11,10 @@ of configs/fashion_mnist.py's U-Net on 28×28×1 images, a velocity-MSE loss on 
     features of L=24 tokens (`{'hidden', 'mask', 'pooled'}`, 8–24 real tokens a row), one row
     per `--variants` entry (levels = model.unet_text_attention_levels, heads =
     model.unet_text_heads);
-  * text+encoder: the first text variant behind `TextTransformer(width 128, depth 3)` on (B, 64)
-    byte tokens, trained in the same step (the offline default: the encoder's own cost too).
+  * text+encoder: the first text variant behind `TextTransformer(width 128, depth 3)` trained in
+    the same step (the offline default: the encoder's own cost too), on (B, 64) byte tokens
+    (config.text.tokenizer_kind='bytes'; 8–24 real a row) and on (B, 16) word tokens of the
+    Fashion-MNIST caption vocabulary ('words': 53 ids; 3–14 real a row).
 Rows run interleaved, `--rounds` rounds of `--steps` steps each, so that a shared machine's load
 falls on all of them alike; the table gives the median round (and the best) and the ratio of
 each row's img/s to the class row's. Prints the CPU's name; asserts nothing about speed.
@@ -35,13 +37,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import machine
 from configs import fashion_mnist
+from guidedflow import captions
 from guidedflow import host_allocator
 from guidedflow.models import factory
 from guidedflow.models import layers
 from guidedflow.models import text_transformer
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-TEXT_DIM, TEXT_TOKENS, ENCODER_TOKENS = 128, 24, 64
+TEXT_DIM, TEXT_TOKENS = 128, 24
+# tokenizer kind → (L, fewest and most real tokens a row: Fashion-MNIST captions with bos and eos)
+ENCODER_TOKENS = {'bytes': (64, 8, 24), 'words': (16, 3, 14)}
 
 
 def parse_variant(text):
@@ -75,12 +80,14 @@ def _text_batch(key, batch, length):
           'pooled': jax.random.normal(k2, (batch, TEXT_DIM))}
 
 
-def _token_batch(key, batch, length):
-  """Byte-token ids and a mask of 8..24 real tokens (bos, bytes, eos) in rows of `length`."""
+def _token_batch(key, batch, kind, vocab_size):
+  """Token ids of `kind` ('bytes' | 'words') below `vocab_size` and a mask of its real tokens
+  (`ENCODER_TOKENS`) in rows of its length."""
+  length, fewest, most = ENCODER_TOKENS[kind]
   k1, k2 = jax.random.split(key)
-  real = jax.random.randint(k2, (batch, 1), 8, min(TEXT_TOKENS, length) + 1)
+  real = jax.random.randint(k2, (batch, 1), fewest, most + 1)
   mask = (jnp.arange(length)[None] < real).astype(jnp.int32)
-  ids = jnp.where(mask > 0, jax.random.randint(k1, (batch, length), 3, 259), 0)
+  ids = jnp.where(mask > 0, jax.random.randint(k1, (batch, length), 3, vocab_size), 0)
   return {'tokens': ids, 'mask': mask}
 
 
@@ -129,12 +136,18 @@ def build_rows(args):
     variant_config = _config(args.smoke, parse_variant(variant))
     rows.append((f'text {variant}',
                  factory.constructor(variant_config, image_shape, text_dim=TEXT_DIM)(), text))
-  encoder = text_transformer.TextTransformer(
-      width=TEXT_DIM, depth=1 if args.smoke else 3, max_length=ENCODER_TOKENS, rngs=nnx.Rngs(1))
-  backbone = factory.constructor(_config(args.smoke, parse_variant(args.variants[0])),
-                                 image_shape, text_dim=TEXT_DIM)()
-  rows.append((f'text {args.variants[0]} + encoder', WithEncoder(backbone, encoder),
-               _token_batch(key, args.batch, ENCODER_TOKENS)))
+  words = text_transformer.vocabulary(captions.caption_table())
+  for kind in ENCODER_TOKENS:
+    length = ENCODER_TOKENS[kind][0]
+    tokenizer = text_transformer.tokenizer(kind, length, words)
+    encoder = text_transformer.TextTransformer(
+        width=TEXT_DIM, depth=1 if args.smoke else 3, max_length=length,
+        vocab_size=tokenizer.vocab_size, rngs=nnx.Rngs(1))
+    backbone = factory.constructor(_config(args.smoke, parse_variant(args.variants[0])),
+                                   image_shape, text_dim=TEXT_DIM)()
+    rows.append((f'text {args.variants[0]} + encoder, {length} {kind}',
+                 WithEncoder(backbone, encoder),
+                 _token_batch(key, args.batch, kind, tokenizer.vocab_size)))
   return [(name, layers.param_count(model), model, cond) for name, model, cond in rows]
 
 
@@ -153,7 +166,7 @@ def main():
   allocator = host_allocator.keep_freed_memory()
   print(f'CPU: {machine.cpu_description()}; jax {jax.__version__}, {jax.devices()[0].platform}; {allocator}')
   print(f'batch {args.batch}, 28x28x1; text width {TEXT_DIM}, {TEXT_TOKENS} cached tokens, '
-        f'encoder on {ENCODER_TOKENS} byte tokens; {args.rounds} rounds of {args.steps} steps')
+        f'encoder on 64 byte or 16 word tokens; {args.rounds} rounds of {args.steps} steps')
   steps, times = [], {}
   for name, count, model, cond in build_rows(args):
     step, params, opt_state = make_step(model, args.batch, cond)

@@ -22,9 +22,11 @@ MEANING_KEYS = ('task', 'model.', 'path.', 'loss.parameterization', 'input.datas
                 'input.num_classes', 'input.space', 'input.image_size', 'autoencoder.workdir',
                 'autoencoder.weights',
                 # a text model's condition: its encoder, the weights and tokenizer of a frozen
-                # one, the tokens per caption and the null condition
+                # one, the trained one's tokenizer (its vocabulary: text_vocabulary.py), the
+                # tokens per caption and the null condition
                 'text.encoder', 'text.weights', 'text.tokenizer', 'text.max_length', 'text.null',
-                'text.encoder_width', 'text.encoder_depth', 'text.encoder_heads')
+                'text.encoder_width', 'text.encoder_depth', 'text.encoder_heads',
+                'text.tokenizer_kind')
 # Keys under those prefixes that only choose how the same function is computed.
 IMPLEMENTATION_KEYS = ('model.dtype', 'model.attention_impl', 'model.remat', 'model.scan_blocks',
                        'model.unroll_blocks')

@@ -104,14 +104,14 @@ class Sampler:
                weak_params=weak_params)
 
   @classmethod
-  def from_workdir(cls, config, workdir, latent_space=None):
+  def from_workdir(cls, config, workdir, latent_space=None, constructor=None):
     """The newest checkpoint's EMA weights (CheckpointNotFoundError without one); a latent
     generator's autoencoder is `latent_space` or, when None, the config's; the noise-aware
     classifier of `sampling.classifier_workdir` when `sampling.guidance` uses one; autoguidance's
-    weaker model (`load_weak_model`)."""
+    weaker model (`load_weak_model`); `constructor`: the task's `model_constructor` (`load`)."""
     if latent_space is None:
       latent_space = latents.load(config)
-    builder, state, image_shape = load(config, workdir, latent_space)
+    builder, state, image_shape = load(config, workdir, latent_space, constructor)
     classifier = load_classifier(config, image_shape, latent_space)
     return cls.from_train_state(config, builder, state, image_shape, latent_space, classifier,
                                 load_weak_model(config, builder, workdir, int(state['step'])))
@@ -350,10 +350,12 @@ def sampled_weights(state):
   return state['ema_params'] if 'ema_params' in state else state['params']
 
 
-def load(config, workdir, latent_space=None):
+def load(config, workdir, latent_space=None, constructor=None):
   """(StateBuilder, newest train state, generated shape) of a generator workdir. The shape is
   the one the run saved (run.json), so no data is opened; for a run of a version before it,
-  the train split's image shape (the latents' of `latent_space` when given).
+  the train split's image shape (the latents' of `latent_space` when given). `constructor`:
+  the task's `model_constructor` (a text model's tokenizer sizes its encoder), default
+  `factory.constructor`.
 
   Raises:
     CheckpointNotFoundError: the workdir holds no checkpoint.
@@ -363,7 +365,7 @@ def load(config, workdir, latent_space=None):
     image_shape = input_pipeline.create_dataset(config.input, config.input.train_split).image_shape
     if latent_space is not None:
       image_shape = latent_space.latent_shape(image_shape)
-  builder = train_state.builder(config, image_shape)
+  builder = train_state.builder(config, image_shape, constructor=constructor)
   state = train_state.load_latest(builder, config, workdir, check_config=resume_config.check)
   return builder, state, tuple(image_shape)
 

@@ -37,13 +37,14 @@ def read_prompts(config):
 class Prompts:
   """condition(prompts) → the model's condition (numpy, 'null' = 0); null(condition) → ∅."""
 
-  def __init__(self, config, encoder=None):
-    """`encoder`: the frozen encoder when the caller has it loaded (else loaded here)."""
+  def __init__(self, config, encoder=None, tokenizer=None):
+    """`encoder`: the frozen encoder when the caller has it loaded (else loaded here);
+    `tokenizer`: the trained encoder's (`text_vocabulary.tokenizer`; 'words' needs it)."""
     text = config.text
     self.encoder = None
     if text.encoder == 'trained':
-      self.tokenizer = text_transformer.ByteTokenizer(
-          text.max_length or text_transformer.TextTransformerConfig().max_length)
+      self.tokenizer = tokenizer or text_transformer.tokenizer(text.tokenizer_kind,
+                                                               text.max_length)
     else:
       self.encoder = encoder or text_encoders.load(config)
 

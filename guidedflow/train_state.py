@@ -224,10 +224,12 @@ class StateBuilder:
 # ----------------------------------------------------------------------------- mesh & checkpoints
 
 
-def builder(config, image_shape, mesh=None):
-  """The `StateBuilder` of `config`'s network (`factory.constructor`: the task's) for
-  `image_shape`, on `mesh` (default: `config.mesh`)."""
-  return StateBuilder(factory.constructor(config, image_shape), config,
+def builder(config, image_shape, mesh=None, constructor=None):
+  """The `StateBuilder` of `config`'s network for `image_shape`, on `mesh` (default:
+  `config.mesh`); `constructor(image_shape)`: the task's `model_constructor` (default
+  `factory.constructor`)."""
+  constructor = constructor or (lambda shape: factory.constructor(config, shape))
+  return StateBuilder(constructor(image_shape), config,
                       mesh if mesh is not None else make_mesh(config))
 
 

@@ -254,9 +254,12 @@ def test_text_unet_throughput_smoke():
   assert 'CPU:' in out
   rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip('|').split('|')]
                                         for line in out.splitlines() if line.startswith('| '))}
-  assert set(rows) >= {'class', 'text levels=-1', 'text levels=-1 + encoder'}
+  bytes_row, words_row = 'text levels=-1 + encoder, 64 bytes', 'text levels=-1 + encoder, 16 words'
+  assert set(rows) >= {'class', 'text levels=-1', bytes_row, words_row}
   params = {name: int(row[1].replace(',', '')) for name, row in rows.items() if name != 'model'}
-  assert params['class'] < params['text levels=-1'] < params['text levels=-1 + encoder']
+  assert params['class'] < params['text levels=-1'] < params[words_row] < params[bytes_row]
+  # 206 fewer embedding rows (53 word ids, not 259) and 48 fewer positions, width 128
+  assert params[bytes_row] - params[words_row] == (206 + 48) * 128
   assert float(rows['class'][7]) == 1.0 and float(rows['text levels=-1'][6]) > 0
 
 

@@ -80,6 +80,55 @@ def test_every_caption_fits_the_default_length():
   assert tokenizer.decode(ids[::97], mask[::97]) == table[::97]
 
 
+def test_caption_vocabulary_is_sorted_deterministic_and_covers_every_caption_word():
+  table = captions.caption_table()
+  words = tt.vocabulary(table)
+  assert words == tt.vocabulary(table[::-1])  # the set of captions, not their order
+  assert list(words) == sorted(set(words)) and len(words) == 49
+  assert {'t-shirt', 'button-up', ',', 'patterned', 'trousers'} <= set(words)
+  tokenizer = tt.WordTokenizer(words)
+  assert tokenizer.vocab_size == 53 and tokenizer.max_length == 16
+  ids, mask = tokenizer(['a t-shirt, dark', 'bag'])
+  # pad 0, bos 1, eos 2, unk 3, then word i of the sorted vocabulary at i + 4 (',' sorts first)
+  index = {w: i + 4 for i, w in enumerate(words)}
+  np.testing.assert_array_equal(ids[0, :6], [1, index['a'], index['t-shirt'], 4, index['dark'], 2])
+  np.testing.assert_array_equal(ids[1], [1, index['bag'], 2] + [0] * 13)
+  np.testing.assert_array_equal(mask.sum(1), [6, 3])
+
+
+def test_word_tokenizer_round_trips_every_caption_and_fits_16_tokens(caplog):
+  table = captions.caption_table()
+  tokenizer = tt.WordTokenizer(tt.vocabulary(table))
+  with caplog.at_level(logging.WARNING):
+    ids, mask = tokenizer(table)
+  assert not caplog.records  # no caption is cut, no word is unk
+  assert ids.min() >= 0 and ids.max() < tokenizer.vocab_size
+  assert mask.sum(axis=1).max() == 14  # 12 words + bos + eos
+  assert tokenizer.decode(ids, mask) == [c.lower() for c in table]
+
+
+def test_unknown_words_are_unk_and_cut_texts_keep_eos_with_one_warning_each(caplog):
+  tokenizer = tt.WordTokenizer(('a', 'bag', 'dark'), max_length=5)
+  with caplog.at_level(logging.WARNING):
+    ids, mask = tokenizer(['A dark bag!', 'a shiny bag', 'dark dark dark dark', 'bag'])
+  messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(messages) == 2
+  cut, = [m for m in messages if 'truncated' in m]
+  assert 'max_length=5' in cut and '2 of 4' in cut
+  unknown, = [m for m in messages if 'unk' in m]
+  assert "'shiny'" in unknown and "'!'" not in unknown  # '!' was cut off, never looked up
+  np.testing.assert_array_equal(ids, [[1, 4, 6, 5, 2], [1, 4, 3, 5, 2], [1, 6, 6, 6, 2],
+                                      [1, 5, 2, 0, 0]])
+  assert tokenizer.decode(ids, mask) == ['a dark bag', 'a <unk> bag', 'dark dark dark', 'bag']
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    tokenizer(['a shiny bag'])  # named already (a grid tokenizes its samples' prompts again)
+    tokenizer(['red bag'])
+  assert [r.getMessage().split(': ')[-1] for r in caplog.records] == ["'red'."]
+  with pytest.raises(errors.ConfigError, match='vocabulary'):
+    tt.WordTokenizer(('bag', 'a'))  # unsorted: ids would depend on the order of the captions
+
+
 # ----------------------------------------------------------------------------- encoder
 
 

@@ -173,7 +173,8 @@ def text_dims(config):
   config, a frozen one's (`frozen_text_config`; its position table for CLIP; 120 for T5)."""
   text = config.text
   if text.encoder == 'trained':
-    return int(text.encoder_width), int(text.max_length or 64)
+    return int(text.encoder_width), int(
+        text.max_length or text_transformer.TOKENIZER_KINDS[text.tokenizer_kind])
   if text.encoder not in ('clip', 't5'):
     raise errors.ConfigError(f"config.text.encoder='{text.encoder}' has no text features.")
   found = frozen_text_config(config)
@@ -182,12 +183,15 @@ def text_dims(config):
   return int(found.d_model), int(text.max_length or t5_encoder.MAX_LENGTH_PIXART_ALPHA)
 
 
-def text_generator(config, image_shape, text_dim, max_length):
+def text_generator(config, image_shape, text_dim, max_length, tokenizer=None):
   """A zero-argument function building the text-conditioned generator of `config.text` for
   `image_shape`: its backbone (`model.name` 'unet': the text U-Net; 'dit': `dit_text.TextDiT`)
-  behind the trained encoder (text.encoder='trained') or cached features of width `text_dim`,
-  and the null condition `text.null` (`text_conditioning.TextConditioned`)."""
+  behind the trained encoder (text.encoder='trained'; its embedding rows and empty prompt from
+  `tokenizer`, which 'words' needs: the run's vocabulary) or cached features of width
+  `text_dim`, and the null condition `text.null` (`text_conditioning.TextConditioned`)."""
   text = config.text
+  if text.encoder == 'trained' and tokenizer is None:
+    tokenizer = text_transformer.tokenizer(text.tokenizer_kind, max_length)
   if config.model.name == 'dit':
     backbone = dit_text.from_config(config, image_shape, text_dim)
   else:
@@ -197,7 +201,7 @@ def text_generator(config, image_shape, text_dim, max_length):
     if text.encoder != 'trained':
       raise errors.ConfigError("config.text.null='empty' is built for the trained encoder; a "
                                "frozen encoder's cached features take text.null='learned'.")
-    tokens, mask = text_transformer.ByteTokenizer(max_length)([''])
+    tokens, mask = tokenizer([''])
     empty = {'tokens': tokens[0], 'mask': mask[0]}
 
   def construct():
@@ -206,7 +210,8 @@ def text_generator(config, image_shape, text_dim, max_length):
     if text.encoder == 'trained':
       encoder = text_transformer.TextTransformer(
           rngs=rngs, width=text_dim, depth=int(text.encoder_depth),
-          heads=int(text.encoder_heads), max_length=max_length)
+          heads=int(text.encoder_heads), max_length=max_length,
+          vocab_size=tokenizer.vocab_size)
     return text_conditioning.TextConditioned(backbone(), text_dim=text_dim,
                                              max_length=max_length, encoder=encoder,
                                              null=text.null, empty=empty, rngs=rngs)
@@ -218,13 +223,13 @@ BY_TASK = {'generate': generator, 'classifier': feature_classifier,
            'autoencoder': autoencoder_kl, 'noisy_classifier': noisy_image_classifier}
 
 
-def constructor(config, image_shape, text_dim=0):
+def constructor(config, image_shape, text_dim=0, *, tokenizer=None):
   """The network of `config.task` ('generate' when the config has no such key) for
   `image_shape`, as a zero-argument function; `text_dim` > 0 (the generator only): conditioned
-  on text features of that width."""
+  on text features of that width; `tokenizer`: a trained text encoder's (`text_generator`)."""
   task = schema.task_of(config)
   if task == 'generate' and 'text' in config and config.text.encoder != 'none':
-    return text_generator(config, image_shape, *text_dims(config))
+    return text_generator(config, image_shape, *text_dims(config), tokenizer=tokenizer)
   if text_dim:
     if task != 'generate':
       raise errors.ConfigError(f'config.task={task!r} has no text-conditioned network.')

@@ -83,7 +83,7 @@ def get_config():
   config.text.encoder = 'none'         # 'none' | 'clip' | 't5' | 'trained' (small, trained with the generator)
   config.text.weights = config_dict.placeholder(str)  # clip / t5: a Hugging Face model folder
   config.text.tokenizer = config_dict.placeholder(str)  # None: found in or beside text.weights
-  config.text.max_length = config_dict.placeholder(int)  # None: the encoder's (77 CLIP, 120 T5, 64 trained)
+  config.text.max_length = config_dict.placeholder(int)  # None: the encoder's (77 CLIP, 120 T5, trained: 64 bytes or 16 words)
   config.text.cache_dir = config_dict.placeholder(str)  # None: <workdir>/text_cache
   config.text.cache_dtype = 'float16'  # 'float16' | 'bfloat16' | 'float32' (hidden states on disk)
   config.text.batch_size = 64          # encoding batch
@@ -91,6 +91,7 @@ def get_config():
   config.text.encoder_width = 128      # trained: the small encoder's width, blocks and heads
   config.text.encoder_depth = 3
   config.text.encoder_heads = 4
+  config.text.tokenizer_kind = 'bytes'  # trained: 'bytes' (UTF-8, no vocabulary) | 'words' (the training captions' words, kept in <workdir>/text_vocabulary.json)
 
   # ---- Training loop.
   config.train = common.train(

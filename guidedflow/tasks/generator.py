@@ -225,7 +225,8 @@ class GeneratorTask(base.Task):
     """--mode=sample: <workdir>/samples/samples.npz (uint8 `images`, int32 `labels`; `arr_0`,
     `arr_1` with sampling.npz_keys='adm') and grid.png from the EMA weights (decoded pixels for
     a latent generator); returns the settings, NFE, seconds and images/s."""
-    sampler = sampler_lib.Sampler.from_workdir(self.config, workdir, self.latent_space())
+    sampler = sampler_lib.Sampler.from_workdir(self.config, workdir, self.latent_space(),
+                                               self.model_constructor)
     sconfig = self.config.sampling
     num, num_classes = sconfig.num_samples, sampler.num_classes
     check_output_size(num, output_shape(sampler), sconfig.max_output_gib)
@@ -261,7 +262,8 @@ class GeneratorTask(base.Task):
     """--mode=evaluate: held-out loss of the raw and EMA weights, then sample quality and
     sweeps (guidedflow/evaluate.py) unless `config.eval.feature_network='none'`."""
     space = self.latent_space()
-    builder, state, image_shape = sampler_lib.load(self.config, workdir, space)
+    builder, state, image_shape = sampler_lib.load(self.config, workdir, space,
+                                                   self.model_constructor)
     run = run_context.Run(self.config, workdir, builder, None, image_shape, 0, self)
     dataset = self.eval_dataset()
     heldout = {name: run.heldout(state[key], dataset, batch_size=self.config.train.batch_size,

@@ -25,6 +25,7 @@ from guidedflow import text_encoders
 from guidedflow import validation
 from guidedflow.models import dit
 from guidedflow.models import precision
+from guidedflow.models import text_transformer
 from guidedflow.models import unet
 
 _GENERATOR_CHOICES = {
@@ -50,6 +51,7 @@ _GENERATOR_CHOICES = {
     'text.encoder': text_encoders.ENCODERS,
     'text.cache_dtype': text_cache.DTYPES,
     'text.null': ('learned', 'empty'),
+    'text.tokenizer_kind': tuple(text_transformer.TOKENIZER_KINDS),
 }
 # The documented range of w and w_c (docs/evaluation.md): beyond it samples saturate (w = 1e9
 # gives all-black and all-white images); outside it is allowed, with a warning.

@@ -32,8 +32,8 @@ from guidedflow import text_data
 from guidedflow import text_encoders
 from guidedflow import text_evaluate
 from guidedflow import text_prompts
+from guidedflow import text_vocabulary
 from guidedflow.models import factory
-from guidedflow.models import text_transformer
 from guidedflow.tasks import generator
 
 # The training-time grid's prompts when sampling.prompts is unset: one per class, then the same
@@ -53,6 +53,7 @@ class TextGeneratorTask(generator.GeneratorTask):
     self._prompts = None
     self._tables = {}
     self._encoder = None
+    self._tokenizer = None
 
   # -- data
 
@@ -71,13 +72,35 @@ class TextGeneratorTask(generator.GeneratorTask):
     latent = super()._latent_dataset(pixels.base, which, flip=flip)
     return text_data.TextDataset(text_data.LatentCaptions(latent), pixels.table)
 
+  def tokenizer(self, training_captions=None):
+    """The trained encoder's tokenizer (`text_vocabulary`: bytes, or the run's words, else
+    those of `training_captions()`, default `_training_captions`)."""
+    if self._tokenizer is None:
+      self._tokenizer = text_vocabulary.tokenizer(
+          self.config, self.workdir, training_captions or self._training_captions)
+    return self._tokenizer
+
+  def _training_captions(self):
+    """The texts of the training caption set (a 'words' tokenizer's vocabulary)."""
+    if self.config.input.dataset == 'fashion_mnist':
+      return captions.caption_table()
+    return generator.GeneratorTask.pixel_train_dataset(self).caption_table()
+
+  def model_constructor(self, image_shape):
+    """The generator behind the trained encoder sized by `tokenizer()`, or a frozen one's
+    features."""
+    tokenizer = self.tokenizer() if self.config.text.encoder == 'trained' else None
+    return factory.constructor(self.config, image_shape, tokenizer=tokenizer)
+
   def _table(self, which, texts):
-    """The caption set's lookup: a trained encoder's tokens, or the text cache."""
+    """The caption set's lookup: a trained encoder's tokens, or the text cache. The training
+    caption set ('captions' or 'train') checks, or keeps, the run's word vocabulary."""
     if which not in self._tables:
       text = self.config.text
       if text.encoder == 'trained':
-        tokenizer = text_transformer.ByteTokenizer(text.max_length or 64)
-        self._tables[which] = text_data.TokenTable(tokenizer, texts)
+        if which in ('captions', 'train'):
+          text_vocabulary.keep(self.workdir, self.tokenizer(lambda: texts), texts)
+        self._tables[which] = text_data.TokenTable(self.tokenizer(), texts)
       else:
         root = text.cache_dir or os.path.join(self.workdir or '.', 'text_cache')
         directory = root if which == 'captions' else os.path.join(root, which)
@@ -153,7 +176,8 @@ class TextGeneratorTask(generator.GeneratorTask):
 
   def prompts(self):
     if self._prompts is None:
-      self._prompts = text_prompts.Prompts(self.config, self._frozen_encoder())
+      tokenizer = self.tokenizer() if self.config.text.encoder == 'trained' else None
+      self._prompts = text_prompts.Prompts(self.config, self._frozen_encoder(), tokenizer)
     return self._prompts
 
   def _grid_prompts(self):
@@ -211,7 +235,9 @@ class TextGeneratorTask(generator.GeneratorTask):
 
   def sample(self, workdir):
     """--mode=sample: samples.npz (uint8 `images`, `prompts`) and grid.png of the prompts."""
-    sampler = sampler_lib.Sampler.from_workdir(self.config, workdir, self.latent_space())
+    self.workdir = self.workdir or workdir
+    sampler = sampler_lib.Sampler.from_workdir(self.config, workdir, self.latent_space(),
+                                               self.model_constructor)
     sconfig = self.config.sampling
     prompts = text_prompts.read_prompts(self.config)
     per_prompt = max(1, sconfig.num_samples // len(prompts))
