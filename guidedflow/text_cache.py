@@ -80,8 +80,7 @@ def length_sorted_batches(encoder, texts, batch_size):
   mask are the tokenizer's, full length."""
   for first in range(0, len(texts), _CHUNK):
     ids, mask = (np.asarray(a) for a in encoder.tokenize(list(texts[first:first + _CHUNK])))
-    used = np.where(mask.any(0), np.arange(mask.shape[1]) + 1, 0)  # 1 + a real token's position
-    ends = (mask * used).max(1)  # per caption: 1 + its last real token's position
+    ends = (mask * np.arange(1, mask.shape[1] + 1)).max(1)  # 1 + the last real token's position
     order = np.argsort(ends, kind='stable')
     for start in range(0, len(order), batch_size):
       rows = order[start:start + batch_size]
