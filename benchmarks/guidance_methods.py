@@ -68,9 +68,11 @@ flags.DEFINE_list('parts', ['toy', 'fmnist'], 'Which parts to run (fmnist needs 
 flags.DEFINE_list('methods', ['cfg', 'rescale', 'cfg_zero_star', 'apg', 'cfg_pp', 'autoguidance',
                              'solvers'],
                   'Which sweeps to run.')
-flags.DEFINE_enum('fmnist_grid', 'sweep', ['sweep', 'focus'], 'Fashion-MNIST points: every '
-                  'method\'s sweep, or the few decisive ones (`grid(\'fmnist_focus\')`) for a '
-                  'large --samples_per_class.')
+flags.DEFINE_enum('fmnist_grid', 'sweep', ['sweep', 'focus', 'followup', 'pair'],
+                  'Fashion-MNIST points: every method\'s sweep; the few decisive ones '
+                  '(`grid(\'fmnist_focus\')`) for a large --samples_per_class; the default '
+                  'switch\'s follow-up (`fmnist_followup`: CFG at w = 1.25, CFG++ along λ); or '
+                  'the two candidates only (`fmnist_pair`, for a second --config.seed).')
 flags.DEFINE_integer('autoguidance_step', None, 'Fashion-MNIST autoguidance points: the step '
                      'of --workdir whose checkpoint is the weak model.')
 flags.DEFINE_bool('smoke', False, 'Tiny toy-only run (seconds): a few points, few samples.')
@@ -141,6 +143,14 @@ def grid(part, smoke=False):
                _point('solvers', 1.0, sampler='unipc', steps=5),
                _point('solvers', 1.0, sampler='heun', steps=10)]
     return points
+  if part == 'fmnist_followup':
+    # Before CFG++ becomes the default: CFG between its measured w = 1 and 1.5; CFG++ around
+    # λ = 0.4 at NFE 38, and at NFE 20 (10 steps; λ doubled, as its w grows with the steps).
+    return [_point('cfg', 1.25)] + [
+        _point('cfg_pp', lam, 'cfg_pp', sampler='dpmpp_2m', steps=n)
+        for lam, n in ((0.3, 19), (0.5, 19), (0.8, 10))]
+  if part == 'fmnist_pair':  # today's default and the candidate (run again at another seed)
+    return [_point('cfg', 1.5), _point('cfg_pp', 0.4, 'cfg_pp', sampler='dpmpp_2m', steps=19)]
   # Fashion-MNIST: a handful of points per method (each costs one compile and N samples).
   points = [_point('cfg', w) for w in (1.0, 1.5, 2.5, 4.0)]
   points += [_point('rescale', w, 'rescale', rescale_phi=0.7) for w in (2.5, 4.0)]
@@ -158,7 +168,12 @@ def grid(part, smoke=False):
 
 
 def knob_label(row):
-  """The non-neutral knobs of a row, short: 'φ=0.7', 'K=1 s*', 'η=0 r=4 β=-0.5', 'heun 10'."""
+  """The non-neutral knobs of a row, short ('φ=0.7', 'K=1 s*', 'η=0 r=4 β=-0.5'), and its
+  seed unless 0."""
+  return _knobs(row) + (f" seed {row['seed']}" if row.get('seed') else '')
+
+
+def _knobs(row):
   s = row['settings']
   if row['sweep'] == 'solvers':
     return '–'
@@ -282,7 +297,7 @@ def run_fmnist(config, workdir, points, samples_per_class, emit):
                 w=float(w), sampler=row['method'], steps=row['num_steps'],
                 settings=p['settings'], nfe=row['nfe'], num_samples=row['num_samples'],
                 seconds=row['sample_seconds'], images_per_s=row['images_per_s'],
-                black_fraction=row.get('black_fraction'), step=sampler.step,
+                black_fraction=row.get('black_fraction'), step=sampler.step, seed=int(config.seed),
                 workdir=workdir, primary=names[0])
     for space, metrics in judges.spaces_of(row, names[0]).items():
       line[space] = {k: metrics.get(k) for k in ('fd', 'precision', 'recall', 'accuracy',
@@ -492,7 +507,7 @@ def main(argv):
     if 'fmnist' in FLAGS.parts and not FLAGS.smoke and FLAGS.workdir:
       if FLAGS.config is None:
         raise app.UsageError('--workdir needs --config (the config it was trained with).')
-      part = 'fmnist' if FLAGS.fmnist_grid == 'sweep' else 'fmnist_focus'
+      part = 'fmnist' if FLAGS.fmnist_grid == 'sweep' else f'fmnist_{FLAGS.fmnist_grid}'
       points = [p for p in grid(part) if p['sweep'] in sweeps]
       run_fmnist(FLAGS.config, FLAGS.workdir, points, FLAGS.samples_per_class, emit)
   print(table(rows))
