@@ -72,7 +72,7 @@ flags.DEFINE_enum('fmnist_grid', 'sweep', ['sweep', 'focus', 'followup', 'pair']
                   'Fashion-MNIST points: every method\'s sweep; the few decisive ones '
                   '(`grid(\'fmnist_focus\')`) for a large --samples_per_class; the default '
                   'switch\'s follow-up (`fmnist_followup`: CFG at w = 1.25, CFG++ along λ); or '
-                  'the two candidates only (`fmnist_pair`, for a second --config.seed).')
+                  'the two candidates only (`fmnist_pair`, for a second --config.sampling.seed).')
 flags.DEFINE_integer('autoguidance_step', None, 'Fashion-MNIST autoguidance points: the step '
                      'of --workdir whose checkpoint is the weak model.')
 flags.DEFINE_bool('smoke', False, 'Tiny toy-only run (seconds): a few points, few samples.')
@@ -297,7 +297,7 @@ def run_fmnist(config, workdir, points, samples_per_class, emit):
                 w=float(w), sampler=row['method'], steps=row['num_steps'],
                 settings=p['settings'], nfe=row['nfe'], num_samples=row['num_samples'],
                 seconds=row['sample_seconds'], images_per_s=row['images_per_s'],
-                black_fraction=row.get('black_fraction'), step=sampler.step, seed=int(config.seed),
+                black_fraction=row.get('black_fraction'), step=sampler.step, seed=row['seed'],
                 workdir=workdir, primary=names[0])
     for space, metrics in judges.spaces_of(row, names[0]).items():
       line[space] = {k: metrics.get(k) for k in ('fd', 'precision', 'recall', 'accuracy',
