@@ -6,8 +6,9 @@ image–caption dataset's train split), a run-level fact like run.json's input s
 writes it to <workdir>/text_vocabulary.json when it first tokenizes its training captions, and a
 resumed run, `--mode=sample` and `--mode=evaluate` rebuild the same ids from that file (the
 embedding rows of the checkpoint follow them). A resumed run whose training captions give
-another vocabulary is refused (the ids would move under the trained embedding); prompts with
-words outside it are tokenized as unk, with a warning naming the words.
+another vocabulary is refused (the ids would move under the trained embedding), and so is a run
+with checkpoints whose file is gone (rebuilding it from today's captions could give its ids to
+other words); prompts with words outside it are tokenized as unk, with a warning naming the words.
 """
 
 import json
@@ -46,8 +47,21 @@ def tokenizer(config, workdir, training_captions):
   if text.tokenizer_kind == 'words':
     words = load(workdir)
     if words is None:
+      _check_not_trained(workdir)
       words = text_transformer.vocabulary(training_captions())
   return text_transformer.tokenizer(text.tokenizer_kind, text.max_length, words)
+
+
+def _check_not_trained(workdir):
+  """Raises DataError when `workdir` holds checkpoints: their embedding rows follow the ids of
+  the vocabulary file the run wrote before its first step, which is gone."""
+  checkpoints = epath.Path(workdir) / 'checkpoints' if workdir else None
+  if checkpoints is not None and checkpoints.is_dir() and any(
+      p.name.isdigit() for p in checkpoints.iterdir()):
+    raise errors.DataError(
+        f"{_path(workdir)} is missing, but the run has checkpoints whose word embeddings follow "
+        "its ids (config.text.tokenizer_kind='words'); restore the file from a copy of the run, "
+        'or train in a new --workdir.')
 
 
 def keep(workdir, tokenizer_, texts):

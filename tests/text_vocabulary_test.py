@@ -68,3 +68,19 @@ def test_another_tokenizer_kind_is_refused_on_resume_and_words_need_the_vocabula
   assert '\n' not in str(raised.value)
   model = nnx.eval_shape(factory.constructor(_config('bytes'), (28, 28, 1)))
   assert model.encoder.token_embed.embedding.shape == (259, 32)
+
+
+def test_a_trained_run_whose_vocabulary_file_is_gone_is_refused(tmp_path):
+  """The file is the only record of the ids the checkpoints' embedding rows follow: with a
+  checkpoint in the workdir a missing file is one line, never a vocabulary rebuilt from today's
+  captions; without one (a run that stopped before its first save) it is rebuilt."""
+  workdir = str(tmp_path)
+  registry.get_task(_config(), workdir)._table(  # pylint: disable=protected-access
+      'captions', captions.caption_table())
+  os.remove(os.path.join(workdir, text_vocabulary.FILE))
+  assert len(registry.get_task(_config(), workdir).tokenizer().words) == 49
+  (tmp_path / 'checkpoints' / '1600').mkdir(parents=True)
+  with pytest.raises(errors.DataError, match=text_vocabulary.FILE) as raised:
+    registry.get_task(_config(), workdir).tokenizer()
+  assert '\n' not in str(raised.value) and '--workdir' in str(raised.value)
+  assert not os.path.exists(os.path.join(workdir, text_vocabulary.FILE))
