@@ -37,3 +37,23 @@ def fake_bin(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   return bin_dir
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """Puts the `xdist_group` name back into each marked test's node id under `--dist loadgroup`.
+
+  pytest-xdist (3.8) groups tests by an `@group` suffix it writes to `item._nodeid`; pytest 9
+  keeps the node id in `item._id`, so that write is lost and every group is split over the
+  workers: each worker then builds the group's module fixtures (training runs, subprocesses)
+  again. Nothing to do where xdist's own suffix took effect (pytest 8).
+  """
+  if not getattr(config.option, 'loadgroup', False):
+    return
+  for item in items:
+    groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get('name', 'default'))
+                     for mark in item.iter_markers('xdist_group')})
+    suffix = '@' + '_'.join(groups)
+    node_id = getattr(item, '_id', None)
+    if groups and node_id is not None and not item.nodeid.endswith(suffix):
+      item._id = type(node_id).parse(item.nodeid + suffix)  # pylint: disable=protected-access
