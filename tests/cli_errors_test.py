@@ -21,6 +21,10 @@ from guidedflow import input_pipeline
 from guidedflow.tasks import registry
 from tests import subprocess_env
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (a trained tiny
+# run) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('cli_errors')
+
 REPO = subprocess_env.REPO
 _FASHION_MNIST = input_pipeline.FASHION_MNIST_DIR
 

@@ -29,6 +29,10 @@ from guidedflow import checkpointing
 from guidedflow import checksums
 from tests import subprocess_env
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (a finished tiny
+# run, trained by a subprocess) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('reliability')
+
 REPO = subprocess_env.REPO
 
 
