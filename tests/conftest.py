@@ -31,6 +31,18 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+@pytest.fixture(scope='session')
+def latent_autoencoder_dir(tmp_path_factory):
+  """A tiny Fashion-MNIST autoencoder run (tests/latents_test.py's config), trained once for the
+  tests of the xdist_group 'latents' (tests/latents_test.py and the latent cache test of
+  tests/multiprocess_test.py, which only read it)."""
+  from guidedflow import train  # pylint: disable=g-import-not-at-top
+  from tests import latents_test  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('autoencoder'))
+  train.train_and_evaluate(latents_test._autoencoder_config(), workdir)  # pylint: disable=protected-access
+  return workdir
+
+
 @pytest.fixture
 def fake_bin(tmp_path):
   """An empty directory for fake executables (tests/launch_scripts.py puts it first on PATH)."""
