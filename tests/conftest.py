@@ -38,8 +38,25 @@ def latent_autoencoder_dir(tmp_path_factory):
   tests/multiprocess_test.py, which only read it)."""
   from guidedflow import train  # pylint: disable=g-import-not-at-top
   from tests import latents_test  # pylint: disable=g-import-not-at-top
+  config = latents_test._autoencoder_config()  # pylint: disable=protected-access
   workdir = str(tmp_path_factory.mktemp('autoencoder'))
-  train.train_and_evaluate(latents_test._autoencoder_config(), workdir)  # pylint: disable=protected-access
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope='session')
+def tiny_run_dir(tmp_path_factory):
+  """`python -m guidedflow.main --config configs/tiny.py` run to its end (checkpoints at steps 2
+  and 4), once for the tests of the xdist_group 'tiny_run' (tests/reliability_test.py,
+  tests/cli_errors_test.py); each takes a copy before it changes anything."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests import subprocess_env  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('tiny_run') / 'run'
+  proc = subprocess.run([sys.executable, '-m', 'guidedflow.main', '--config', 'configs/tiny.py',
+                         f'--workdir={workdir}', '--mode=train'], cwd=subprocess_env.REPO,
+                        env=subprocess_env.env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
 
