@@ -28,6 +28,10 @@ from guidedflow import trained
 from guidedflow.tasks import registry
 from tests.evaluate_test import PixelFeatures
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (a generator and
+# two classifiers trained here) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('classifier_guidance_sampler')
+
 NULL = 10  # the null label of the 10 Fashion-MNIST classes
 
 

@@ -26,6 +26,10 @@ from guidedflow.tasks import classifier as classifier_task
 from guidedflow.models import factory
 from tests import subprocess_env
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (a short training
+# run) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('classifier')
+
 REPO = subprocess_env.REPO
 
 

@@ -21,6 +21,10 @@ from guidedflow import input_pipeline
 from guidedflow.tasks import registry
 from tests import subprocess_env
 
+# One worker runs this module and tests/reliability_test.py (`--dist loadgroup` in .ci/run): the
+# tiny run both start from (conftest.py's tiny_run_dir, a subprocess) is then trained once.
+pytestmark = pytest.mark.xdist_group('tiny_run')
+
 REPO = subprocess_env.REPO
 _FASHION_MNIST = input_pipeline.FASHION_MNIST_DIR
 
@@ -159,10 +163,10 @@ def test_missing_eval_split_fails_before_training(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory):
+def trained_workdir(tiny_run_dir, tmp_path_factory):
+  """A copy of the finished tiny run (tests/conftest.py), which these tests sample into."""
   workdir = tmp_path_factory.mktemp('tiny') / 'run'
-  proc = _main('--config', 'configs/tiny.py', workdir=workdir)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  shutil.copytree(tiny_run_dir, workdir)
   return workdir
 
 

@@ -31,9 +31,58 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+@pytest.fixture(scope='session')
+def latent_autoencoder_dir(tmp_path_factory):
+  """A tiny Fashion-MNIST autoencoder run (tests/latents_test.py's config), trained once for the
+  tests of the xdist_group 'latents' (tests/latents_test.py and the latent cache test of
+  tests/multiprocess_test.py, which only read it)."""
+  from guidedflow import train  # pylint: disable=g-import-not-at-top
+  from tests import latents_test  # pylint: disable=g-import-not-at-top
+  config = latents_test._autoencoder_config()  # pylint: disable=protected-access
+  workdir = str(tmp_path_factory.mktemp('autoencoder'))
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope='session')
+def tiny_run_dir(tmp_path_factory):
+  """`python -m guidedflow.main --config configs/tiny.py` run to its end (checkpoints at steps 2
+  and 4), once for the tests of the xdist_group 'tiny_run' (tests/reliability_test.py,
+  tests/cli_errors_test.py); each takes a copy before it changes anything."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests import subprocess_env  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('tiny_run') / 'run'
+  proc = subprocess.run([sys.executable, '-m', 'guidedflow.main', '--config', 'configs/tiny.py',
+                         f'--workdir={workdir}', '--mode=train'], cwd=subprocess_env.REPO,
+                        env=subprocess_env.env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
 @pytest.fixture
 def fake_bin(tmp_path):
   """An empty directory for fake executables (tests/launch_scripts.py puts it first on PATH)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   return bin_dir
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """Puts the `xdist_group` name back into each marked test's node id under `--dist loadgroup`.
+
+  pytest-xdist (3.8) groups tests by an `@group` suffix it writes to `item._nodeid`; pytest 9
+  keeps the node id in `item._id`, so that write is lost and every group is split over the
+  workers: each worker then builds the group's module fixtures (training runs, subprocesses)
+  again. Nothing to do where xdist's own suffix took effect (pytest 8).
+  """
+  if not getattr(config.option, 'loadgroup', False):
+    return
+  for item in items:
+    groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get('name', 'default'))
+                     for mark in item.iter_markers('xdist_group')})
+    suffix = '@' + '_'.join(groups)
+    node_id = getattr(item, '_id', None)
+    if groups and node_id is not None and not item.nodeid.endswith(suffix):
+      item._id = type(node_id).parse(item.nodeid + suffix)  # pylint: disable=protected-access

@@ -17,6 +17,10 @@ from flax import nnx
 from guidedflow import errors
 from guidedflow.models import dit_text, layers
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (an 8-device
+# subprocess) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('dit_text')
+
 TEXT_DIM = 12
 TOKENS = 5
 SIZE, CHANNELS = 8, 3

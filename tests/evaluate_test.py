@@ -25,6 +25,10 @@ from guidedflow import sampler as sampler_lib
 from guidedflow import train
 from guidedflow.tasks import registry
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (a trained tiny
+# run) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('evaluate')
+
 NUM_REAL = 200
 
 

@@ -20,6 +20,11 @@ from guidedflow.models import inception
 from guidedflow.models import sd_vae_weights
 from guidedflow.tasks import registry
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): the stand-in (a random SD-VAE and
+# Inception written to disk) is slow setup that each xdist worker would otherwise repeat, and the
+# two end-to-end tests compile the same SD-VAE encoder and train step.
+pytestmark = pytest.mark.xdist_group('imagenet')
+
 SIZE = 32  # the crop; 256 on ImageNet (the code path is the same)
 
 

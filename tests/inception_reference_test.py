@@ -24,6 +24,10 @@ from guidedflow import feature_networks
 from guidedflow.models import inception
 from tests import inception_reference as ref
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (a random
+# Inception and its features) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('inception_reference')
+
 BATCH_SIZE = 2
 # max |guidedflow − reference| / max |reference| per image. guidedflow runs in float32 (HIGHEST
 # precision) through 94 conv+BN layers, the reference in float64; measured on CPU: 4.3e-7.

@@ -19,6 +19,10 @@ from guidedflow import feature_networks
 from guidedflow.models import inception
 from guidedflow.models.layers import param_count
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (random weights
+# written to disk and their extractor) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('inception')
+
 BATCH_SIZE = 2
 
 

@@ -41,10 +41,10 @@ def _autoencoder_config():
 
 
 @pytest.fixture(scope='module')
-def autoencoder_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('autoencoder'))
-  train.train_and_evaluate(_autoencoder_config(), workdir)
-  return workdir
+def autoencoder_dir(latent_autoencoder_dir):
+  """A run of `_autoencoder_config()` (tests/conftest.py: trained once, shared with
+  tests/multiprocess_test.py)."""
+  return latent_autoencoder_dir
 
 
 def _generator_config(autoencoder_dir, **autoencoder):

@@ -14,6 +14,10 @@ from guidedflow.models import precision
 from guidedflow import train_state
 from tests import subprocess_env
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (the benchmark run
+# once) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('memory_benchmark')
+
 _spec = importlib.util.spec_from_file_location(
     'memory_benchmark', os.path.join(subprocess_env.REPO, 'benchmarks', 'memory.py'))
 memory = importlib.util.module_from_spec(_spec)

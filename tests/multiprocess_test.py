@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from configs import tiny
 from guidedflow import train_state
@@ -112,13 +113,13 @@ def test_sigterm_to_one_process_saves_the_same_step_and_resumes(tmp_path):
   assert int(state['step']) == step + 2 and step + 2 in steps
 
 
-def test_two_processes_write_and_train_on_their_own_latent_cache_shards(tmp_path):
+# In tests/latents_test.py's group: the autoencoder run it reads is trained once for both.
+@pytest.mark.xdist_group('latents')
+def test_two_processes_write_and_train_on_their_own_latent_cache_shards(tmp_path,
+                                                                       latent_autoencoder_dir):
   """A latent generator over 2 processes: each encodes every other example into its own shard
   (meta.json once, by process 0), then trains on its shard alone (process-local reading)."""
-  from guidedflow import train  # pylint: disable=g-import-not-at-top
-  from tests import latents_test  # pylint: disable=g-import-not-at-top
-  autoencoder_dir = str(tmp_path / 'autoencoder')
-  train.train_and_evaluate(latents_test._autoencoder_config(), autoencoder_dir)  # pylint: disable=protected-access
+  autoencoder_dir = latent_autoencoder_dir
   launcher = _launch(tmp_path / 'logs', tmp_path / 'run', '--config.train.num_steps=3',
                      '--config.model.variant=test/1', '--config.input.space=latents',
                      f'--config.autoencoder.workdir={autoencoder_dir}',

@@ -22,6 +22,10 @@ from guidedflow.tasks import noisy_classifier as task_lib
 from guidedflow.tasks import registry
 from guidedflow.models import factory
 
+# One worker runs this module (`--dist loadgroup` in .ci/run): its module fixture (a short training
+# run) is slow setup that each xdist worker would otherwise repeat.
+pytestmark = pytest.mark.xdist_group('noisy_classifier')
+
 TIME_BINS = 5
 
 

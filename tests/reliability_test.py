@@ -29,6 +29,10 @@ from guidedflow import checkpointing
 from guidedflow import checksums
 from tests import subprocess_env
 
+# One worker runs this module and tests/cli_errors_test.py (`--dist loadgroup` in .ci/run): the
+# tiny run both start from (conftest.py's tiny_run_dir, a subprocess) is then trained once.
+pytestmark = pytest.mark.xdist_group('tiny_run')
+
 REPO = subprocess_env.REPO
 
 
@@ -61,12 +65,9 @@ def _result(out):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A finished tiny run: checkpoints at steps 2 and 4."""
-  workdir = tmp_path_factory.mktemp('trained') / 'run'
-  out = _main(workdir)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return workdir
+def trained(tiny_run_dir):
+  """A finished tiny run: checkpoints at steps 2 and 4 (tests/conftest.py; only copied here)."""
+  return tiny_run_dir
 
 
 @pytest.fixture
