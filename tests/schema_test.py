@@ -148,3 +148,19 @@ def test_guidance_scales_beyond_the_documented_range_are_warned_of(caplog):
   assert 'config.sampling.guidance_scale=1e+09' in warned[0]
   assert 'config.eval.guidance_scales=12 ' in warned[1]
   assert 'config.sampling.classifier_scale=-1 ' in warned[2]
+
+
+def test_cfg_pp_scales_are_lambdas_and_warned_of_beyond_one(caplog):
+  """With guidance_method='cfg_pp' the guidance scales are λ: a CFG-sized w (3) is warned of
+  in λ's range and named as λ, with the key that gives CFG's w; w_c keeps w's range."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.sampling.guidance_method, config.sampling.method = 'cfg_pp', 'euler'
+  config.sampling.guidance_scale, config.sampling.grid_guidance_scales = 0.4, (0.2, 0.8)
+  registry.validate(config)
+  assert not [r for r in caplog.records if 'documented range' in r.getMessage()]
+  config.sampling.guidance_scale, config.sampling.classifier_scale = 3.0, 5.0
+  registry.validate(config)
+  warned = [r.getMessage() for r in caplog.records if 'documented range' in r.getMessage()]
+  assert len(warned) == 1 and "config.sampling.guidance_scale=3 is CFG++'s λ" in warned[0]
+  assert '[0, 1]' in warned[0] and 'guidance_method=cfg ' in warned[0]

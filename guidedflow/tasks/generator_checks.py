@@ -56,6 +56,9 @@ _GENERATOR_CHOICES = {
 # The documented range of w and w_c (docs/evaluation.md): beyond it samples saturate (w = 1e9
 # gives all-black and all-white images); outside it is allowed, with a warning.
 GUIDANCE_RANGE = (0.0, 10.0)
+# CFG++'s λ (sampling.guidance_method='cfg_pp' reads the guidance scales as λ): its documented
+# range (docs/guidance_methods.md); λ = 1 with 19 steps is CFG at w ≈ 5 in mid-trajectory.
+CFG_PP_RANGE = (0.0, 1.0)
 _GENERATOR_POSITIVE = (
     'sampling.num_steps', 'sampling.num_samples', 'sampling.batch_size',
     'sampling.grid_samples_per_class', 'eval.samples_per_class', 'eval.num_real_images',
@@ -143,19 +146,30 @@ def _check_text(config):
 
 def _warn_outside_range(config):
   """Warns (once per run: checks run when a run's config is prepared) of every w and w_c
-  outside `GUIDANCE_RANGE`; values of the wrong type are left to their checks."""
-  low, high = GUIDANCE_RANGE
+  outside `GUIDANCE_RANGE`, and of every λ outside `CFG_PP_RANGE` where
+  `sampling.guidance_method` is 'cfg_pp'; values of the wrong type are left to their checks."""
+  cfg_pp = config.sampling.guidance_method == 'cfg_pp'
   for key in ('sampling.guidance_scale', 'sampling.grid_guidance_scales',
               'eval.guidance_scales', 'sampling.classifier_scale', 'eval.classifier_scales'):
+    is_lambda = cfg_pp and 'classifier' not in key
+    low, high = CFG_PP_RANGE if is_lambda else GUIDANCE_RANGE
     values = validation.value(config, key)
     values = values if isinstance(values, (tuple, list)) else (values,)
     outside = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)
                and not low <= v <= high]
-    if outside:
+    if not outside:
+      continue
+    shown = ','.join(f'{v:g}' for v in outside)
+    if is_lambda:
+      logging.warning("config.%s=%s is CFG++'s λ (sampling.guidance_method=cfg_pp), outside its "
+                      'documented range [%g, %g]: samples saturate beyond it; for CFG\'s w set '
+                      '--config.sampling.guidance_method=cfg (docs/guidance_methods.md).', key,
+                      shown, low, high)
+    else:
       logging.warning('config.%s=%s is outside the documented range [%g, %g] of guidance '
                       'scales: samples saturate beyond it (w = 1 samples the conditional '
-                      'model, 0 the unconditional one; docs/evaluation.md).', key,
-                      ','.join(f'{v:g}' for v in outside), low, high)
+                      'model, 0 the unconditional one; docs/evaluation.md).', key, shown, low,
+                      high)
 
 
 def _check_classifier_guidance(config):
