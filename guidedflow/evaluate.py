@@ -186,6 +186,8 @@ class Evaluator:
     row = {'guidance': self.sampler.guidance}
     if self.sampler.guidance != 'classifier':
       row['guidance_scale'] = float(guidance_scale)
+      if self.sampler.guidance_method.name != 'cfg':  # e.g. 'cfg_pp', whose w is λ
+        row['guidance_method'] = self.sampler.guidance_method.name
     if self.sampler.guidance != 'cfg':
       row['classifier_scale'] = float(
           self.config.sampling.classifier_scale if classifier_scale is None
@@ -205,7 +207,8 @@ class Evaluator:
 # ----------------------------------------------------------------------------- sweeps + files
 
 
-_COLUMNS = (('guidance_scale', 'w'), ('classifier_scale', 'w_c'), ('guidance', 'guidance'),
+_COLUMNS = (('guidance_scale', 'w'), ('guidance_method', 'w of'), ('classifier_scale', 'w_c'),
+            ('guidance', 'guidance'),
             ('method', 'method'), ('num_steps', 'steps'), ('nfe', 'NFE'),
             ('classifier_nfe', 'classifier NFE'), ('fd', 'FD'), ('precision', 'precision'),
             ('recall', 'recall'), ('density', 'density'), ('coverage', 'coverage'),

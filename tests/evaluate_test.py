@@ -281,3 +281,13 @@ def test_float_dataset_round_trips_with_one_convention(trained, network, tmp_pat
                                 batch_size=4)[0]
   np.testing.assert_array_equal(files, images_lib.to_uint8(np.asarray(samples)))
   np.testing.assert_array_equal(images_lib.to_uint8(images_lib.to_model(real)), real)
+
+
+def test_sweep_tables_say_which_method_reads_w():
+  """A CFG++ row's w is λ: the table names the method beside it; plain CFG rows keep w alone."""
+  cfg_pp = evaluate.markdown_table([
+      {'guidance_scale': 0.4, 'guidance_method': 'cfg_pp', 'guidance': 'cfg', 'fd': 4.29}])
+  assert cfg_pp.splitlines()[0] == '| w | w of | guidance | FD |'
+  assert cfg_pp.splitlines()[2] == '| 0.4 | cfg_pp | cfg | 4.29 |'
+  cfg = evaluate.markdown_table([{'guidance_scale': 1.5, 'guidance': 'cfg', 'fd': 6.43}])
+  assert cfg.splitlines()[0] == '| w | guidance | FD |'
