@@ -10,6 +10,12 @@
     python benchmarks/guidance_methods.py --config configs/fashion_mnist.py --workdir runs/fmnist \
         --parts fmnist --fmnist_grid focus --samples_per_class 500 --autoguidance_step 4800 \
         --out runs/focus.jsonl
+    # before the default switch: CFG at w = 1.25, CFG++ along λ; the two candidates at seed 1
+    python benchmarks/guidance_methods.py --config configs/fashion_mnist.py --workdir runs/fmnist \
+        --parts fmnist --fmnist_grid followup --samples_per_class 500 --out runs/followup.jsonl
+    python benchmarks/guidance_methods.py --config configs/fashion_mnist.py --workdir runs/fmnist \
+        --config.sampling.seed=1 --parts fmnist --fmnist_grid pair --samples_per_class 500 \
+        --out runs/followup.jsonl
     # redraw the figures and tables of an existing JSON-lines file (measures nothing)
     python benchmarks/guidance_methods.py --replot runs/guidance_methods.jsonl --plot a.png,b.png
     python benchmarks/guidance_methods.py --smoke   # tiny, toy only, seconds
@@ -17,9 +23,11 @@
 Methods (`config.sampling.guidance_method`, docs/guidance_methods.md) and what is swept:
 CFG: w; rescale: φ at a few w; CFG-Zero*: K and the optimized scale at a few w; APG: η and r
 (and the reverse momentum β) at a few w; CFG++: λ (the w column; Euler and DPM-Solver++(2M));
-autoguidance (toy only): w, the weak model the exact field of the mixture with every component's
-std × `TOY_WEAK_STD_SCALE` (a blurrier p(x|y), as an under-trained model's). Solvers (`config.sampling.method`, docs/solvers.md):
-steps at the config's w with plain CFG.
+autoguidance: w, the weak model on the toy the exact field of the mixture with every component's
+std × `TOY_WEAK_STD_SCALE` (a blurrier p(x|y), as an under-trained model's), on Fashion-MNIST
+the checkpoint of `--autoguidance_step`. Solvers (`config.sampling.method`, docs/solvers.md):
+steps with plain CFG. A Fashion-MNIST point that names no sampler or w runs
+`FMNIST_REFERENCE_SAMPLER` (Heun 10) at `FMNIST_REFERENCE_W` (1.5), not the config's sampler.
 
 1. **Toy** (tests/gaussian_mixture.py, linear path, velocity, the exact model; Heun with
    `--toy_steps` unless a solver point says otherwise): per class, energy distance of the
@@ -68,11 +76,12 @@ flags.DEFINE_list('parts', ['toy', 'fmnist'], 'Which parts to run (fmnist needs 
 flags.DEFINE_list('methods', ['cfg', 'rescale', 'cfg_zero_star', 'apg', 'cfg_pp', 'autoguidance',
                              'solvers'],
                   'Which sweeps to run.')
-flags.DEFINE_enum('fmnist_grid', 'sweep', ['sweep', 'focus', 'followup', 'pair'],
+flags.DEFINE_enum('fmnist_grid', 'sweep', ['sweep', 'focus', 'followup', 'pair', 'solvers'],
                   'Fashion-MNIST points: every method\'s sweep; the few decisive ones '
                   '(`grid(\'fmnist_focus\')`) for a large --samples_per_class; the default '
                   'switch\'s follow-up (`fmnist_followup`: CFG at w = 1.25, CFG++ along λ); or '
-                  'the two candidates only (`fmnist_pair`, for a second --config.sampling.seed).')
+                  'the two candidates only (`fmnist_pair`, for a second --config.sampling.seed); '
+                  'or the solvers at w = 1 below NFE 20 (`fmnist_solvers`).')
 flags.DEFINE_integer('autoguidance_step', None, 'Fashion-MNIST autoguidance points: the step '
                      'of --workdir whose checkpoint is the weak model.')
 flags.DEFINE_bool('smoke', False, 'Tiny toy-only run (seconds): a few points, few samples.')
@@ -88,6 +97,9 @@ flags.DEFINE_list('plot', None, 'Two PNG paths: every method\'s fidelity-diversi
 TOY_W = 1.0  # the toy's w for the solver points: the target is then p(x|y) itself, and the
 # energy distance measures the solver's error (plus the sampling floor)
 TOY_WEAK_STD_SCALE = 1.5  # autoguidance's weak model on the toy: components' std × this
+# Fashion-MNIST points that name no sampler or w: CFG's reference, the measured points' (Heun 10
+# steps, w = 1.5: configs/fashion_mnist.py's sampler before CFG++ became its default).
+FMNIST_REFERENCE_SAMPLER, FMNIST_REFERENCE_W = ('heun', 10), 1.5
 
 
 def _neutral():
@@ -149,6 +161,9 @@ def grid(part, smoke=False):
     return [_point('cfg', 1.25)] + [
         _point('cfg_pp', lam, 'cfg_pp', sampler='dpmpp_2m', steps=n)
         for lam, n in ((0.3, 19), (0.5, 19), (0.8, 10))]
+  if part == 'fmnist_solvers':  # FD against NFE at w = 1 (the figure's low-NFE end)
+    return [_point('solvers', 1.0, sampler=s, steps=n)
+            for s, n in (('heun', 10), ('unipc', 5), ('dpmpp_2m', 5))]
   if part == 'fmnist_pair':  # today's default and the candidate (run again at another seed)
     return [_point('cfg', 1.5), _point('cfg_pp', 0.4, 'cfg_pp', sampler='dpmpp_2m', steps=19)]
   # Fashion-MNIST: a handful of points per method (each costs one compile and N samples).
@@ -284,7 +299,9 @@ def run_fmnist(config, workdir, points, samples_per_class, emit):
     config.sampling.autoguidance_step = FLAGS.autoguidance_step
     sampler.weak_params = sampler_lib.load_weak_model(config, sampler.builder, workdir,
                                                       sampler.step)
-  default_w = config.sampling.guidance_scale
+  # A point without its own sampler or w runs CFG's reference: Heun 10 at w = 1.5 (the
+  # config's sampler before CFG++ became its default), whatever the config samples with now.
+  default_w = FMNIST_REFERENCE_W
   for p in points:
     # The sampler reads its method and knobs from config.sampling at every call (the plan):
     # set every knob (neutral where the point does not name it).
@@ -292,7 +309,8 @@ def run_fmnist(config, workdir, points, samples_per_class, emit):
       config.sampling[key] = value
     w = default_w if p['w'] is None else p['w']
     row, _, _ = evaluator.evaluate(samples_per_class=samples_per_class, guidance_scale=w,
-                                   method=p['method'], num_steps=p['steps'])
+                                   method=p['method'] or FMNIST_REFERENCE_SAMPLER[0],
+                                   num_steps=p['steps'] or FMNIST_REFERENCE_SAMPLER[1])
     line = dict(part='fmnist', sweep=p['sweep'], guidance_method=p['settings']['guidance_method'],
                 w=float(w), sampler=row['method'], steps=row['num_steps'],
                 settings=p['settings'], nfe=row['nfe'], num_samples=row['num_samples'],
@@ -394,7 +412,7 @@ def _curves(rows):
       key = f"CFG-Zero* w={w:g}{' s*' if opt else ''} (along K)"
       start = None if opt else cfg.get(w)
     elif r['sweep'] == 'cfg_pp':
-      key, start = f"CFG++ {r['sampler']} (along λ)", None
+      key, start = f"CFG++ {r['sampler']} {r['steps']} (along λ)", None
     elif r['sweep'] == 'autoguidance':
       key, start = 'autoguidance (along w)', None
     else:
@@ -403,6 +421,9 @@ def _curves(rows):
       start = None
     group = curves.setdefault(key, [start] if start is not None else [])
     group.append(r)
+  for key, group in curves.items():  # rows come in measuring order; a curve runs along w
+    if key.endswith(('(along w)', '(along λ)')):
+      group.sort(key=lambda r: r['w'])
   return curves
 
 
@@ -460,7 +481,7 @@ def plot(rows, paths_):
   fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 3.6), squeeze=False)
   for ax, part in zip(axes[0], parts):
     group = [r for r in rows if r['part'] == part and r['sweep'] == 'solvers']
-    # Heun at the config's w is also a CFG-sweep point (the default sampler).
+    # Heun at the reference w is also a CFG-sweep point (the reference sampler).
     w_solvers = {r['w'] for r in group}
     group += [r for r in rows if r['part'] == part and r['sweep'] == 'cfg'
               and r['w'] in w_solvers and not any(g['sampler'] == r['sampler']
