@@ -19,7 +19,7 @@ from configs import fashion_mnist
 
 
 def get_config():
-  config = fashion_mnist.get_config('unet')
+  config = fashion_mnist.get_config('unet', sampler='cfg')
   config.text.encoder = 'trained'
   config.text.encoder_width = 128
   config.text.encoder_depth = 3

@@ -24,7 +24,7 @@ from configs import fashion_mnist
 
 
 def get_config():
-  config = fashion_mnist.get_config('unet')
+  config = fashion_mnist.get_config('unet', sampler='cfg')
   config.loss.label_dropout = 1.0  # unconditional: the label embedding sees only ∅
   # The length CFG and CG were compared at (docs/classifier_guidance.md); the conditional default now trains longer
   # (configs/fashion_mnist.py), its 3,600-step twin is --config.train.num_steps=3600.

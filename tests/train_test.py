@@ -19,6 +19,7 @@ from guidedflow import checkpointing
 from guidedflow import errors
 from guidedflow import input_pipeline
 from guidedflow import sampler as sampler_lib
+from guidedflow import sampling_plan
 from guidedflow import schema
 from guidedflow import train
 from guidedflow import train_state
@@ -96,6 +97,19 @@ def test_fashion_mnist_default_builds_its_model_and_evaluates_at_5000_per_w():
   assert not [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
               if 'norm' in '/'.join(map(str, path))]
   assert config.eval.samples_per_class * config.input.num_classes >= 5_000
+  # Its sampler (docs/guidance_methods.md): CFG++ at λ = 0.4 with DPM-Solver++(2M), at the old
+  # default's NFE (CFG with Heun 10: 38); the configs built on it that guide otherwise use CFG.
+  plans = [sampling_plan.make_plan(
+      shape=(28, 28, 1), path='linear', parameterization='velocity', null_label=10,
+      method=c.sampling.method, num_steps=c.sampling.num_steps, use_cfg=True,
+      guidance_method=c.sampling.guidance_method)
+           for c in (config, fashion_mnist.get_config('unet', sampler='cfg'))]
+  assert config.sampling.guidance_method == 'cfg_pp' and config.sampling.guidance_scale == 0.4
+  assert plans[0].nfe == plans[1].nfe == 38 and plans[1].method == 'heun'
+  from configs import fashion_mnist_text, fashion_mnist_unconditional  # pylint: disable=g-import-not-at-top
+  for other in (fashion_mnist_text, fashion_mnist_unconditional, fashion_mnist):
+    arg = ('dit',) if other is fashion_mnist else ()
+    assert other.get_config(*arg).sampling.guidance_method == 'cfg'
   config.model.unet_norm = 'batch'
   with pytest.raises(errors.ConfigError, match="config.model.unet_norm='batch'"):
     registry.validate(config)
