@@ -171,8 +171,9 @@ class GeneratorTask(base.Task):
         images_lib.save_png(os.path.join(run.workdir, 'samples', name), grid, upscale=2)
     run.writer.image(step, 'samples/guidance_grid', grid)
     self._grid_step = step
-    logging.info('Wrote sample grid at step %d (rows: classes; column blocks: w = %s).', step,
-                 ', '.join(str(w) for w in scales))
+    scale = 'λ of CFG++' if self.config.sampling.guidance_method == 'cfg_pp' else 'w'
+    logging.info('Wrote sample grid at step %d (rows: classes; column blocks: %s = %s).', step,
+                 scale, ', '.join(str(w) for w in scales))
 
   def _heldout_loss(self, run, state):
     return run.heldout(state['ema_params'], self.eval_dataset(),
@@ -246,6 +247,7 @@ class GeneratorTask(base.Task):
         'num_samples': num, 'nfe': nfe, 'seconds': round(seconds, 2),
         'images_per_s': round(num / max(seconds, 1e-9), 2),
         'method': sconfig.method, 'num_steps': sconfig.num_steps, 'guidance': sampler.guidance,
+        'guidance_method': sampler.guidance_method.name,  # 'cfg_pp': guidance_scale is λ
         'guidance_scale': sconfig.guidance_scale, 'sigma_schedule': sconfig.sigma_schedule,
         'sigma': sconfig.sigma, 'seed': sconfig.seed, 'step': sampler.step,
         'output': os.path.join(out_dir, 'samples.npz'),

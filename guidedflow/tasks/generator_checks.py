@@ -228,7 +228,8 @@ def _check_step_methods(config, method):
           raise errors.ConfigError(
               f"config.sampling.guidance_method='cfg_pp' runs with the samplers "
               f'{sampling.CFG_PP_METHODS} (its step re-noises with u(x|∅)), but config.{key} has '
-              f"{name!r}: e.g. --config.{key}=euler")
+              f"{name!r}: e.g. --config.{key}=dpmpp_2m, or guide with CFG "
+              "(--config.sampling.guidance_method=cfg; configs/fashion_mnist.py:cfg).")
   step = config.sampling.autoguidance_step
   if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
     raise errors.ConfigError(f'config.sampling.autoguidance_step={step!r} must be None or a '
