@@ -76,12 +76,14 @@ flags.DEFINE_list('parts', ['toy', 'fmnist'], 'Which parts to run (fmnist needs 
 flags.DEFINE_list('methods', ['cfg', 'rescale', 'cfg_zero_star', 'apg', 'cfg_pp', 'autoguidance',
                              'solvers'],
                   'Which sweeps to run.')
-flags.DEFINE_enum('fmnist_grid', 'sweep', ['sweep', 'focus', 'followup', 'pair', 'solvers'],
+flags.DEFINE_enum('fmnist_grid', 'sweep',
+                  ['sweep', 'focus', 'followup', 'pair', 'solvers', 'others'],
                   'Fashion-MNIST points: every method\'s sweep; the few decisive ones '
                   '(`grid(\'fmnist_focus\')`) for a large --samples_per_class; the default '
                   'switch\'s follow-up (`fmnist_followup`: CFG at w = 1.25, CFG++ along λ); or '
                   'the two candidates only (`fmnist_pair`, for a second --config.sampling.seed); '
-                  'or the solvers at w = 1 below NFE 20 (`fmnist_solvers`).')
+                  'the solvers at w = 1 below NFE 20 (`fmnist_solvers`); or rescale and '
+                  'CFG-Zero* where CFG is best (`fmnist_others`).')
 flags.DEFINE_integer('autoguidance_step', None, 'Fashion-MNIST autoguidance points: the step '
                      'of --workdir whose checkpoint is the weak model.')
 flags.DEFINE_bool('smoke', False, 'Tiny toy-only run (seconds): a few points, few samples.')
@@ -164,6 +166,10 @@ def grid(part, smoke=False):
   if part == 'fmnist_solvers':  # FD against NFE at w = 1 (the figure's low-NFE end)
     return [_point('solvers', 1.0, sampler=s, steps=n)
             for s, n in (('heun', 10), ('unipc', 5), ('dpmpp_2m', 5))]
+  if part == 'fmnist_others':  # rescale and CFG-Zero* at N = 5,000, at w = 2 (NFE 38; 34)
+    return [_point('rescale', 2.0, 'rescale', rescale_phi=0.7),
+            _point('cfg_zero_star', 2.0, 'cfg_zero_star', zero_star_init_steps=0),
+            _point('cfg_zero_star', 2.0, 'cfg_zero_star', zero_star_init_steps=1)]
   if part == 'fmnist_pair':  # today's default and the candidate (run again at another seed)
     return [_point('cfg', 1.5), _point('cfg_pp', 0.4, 'cfg_pp', sampler='dpmpp_2m', steps=19)]
   # Fashion-MNIST: a handful of points per method (each costs one compile and N samples).
