@@ -1,6 +1,6 @@
 """Quality against NFE: the steps sweep of an existing checkpoint, per sampler.
 
-    python benchmarks/quality_vs_nfe.py --config configs/fashion_mnist.py --workdir runs/fmnist \
+    python benchmarks/quality_vs_nfe.py --config configs/fashion_mnist.py:cfg --workdir runs/fmnist \
         [--steps 5,10,20,50,100] [--methods euler,heun,euler_maruyama] [--samples_per_class 100] \
         [--sigma 0.5 --sigma_schedule decreasing] [--guidance_scale 2] [--json]
 

@@ -76,7 +76,7 @@ def _dit(variant, size, channels, classes):
 def _unet(channels=None, layers=None, norm=None):
   """The Fashion-MNIST default U-Net; the arguments given replace the config's."""
   def make():
-    config = fmnist_config.get_config('unet')
+    config = fmnist_config.get_config('unet', sampler='cfg')  # CFG's doubled batch; w = 1 alone
     if channels is not None:
       config.model.unet_channels, config.model.unet_num_residual_layers = channels, layers
     if norm is not None:
